@@ -1,0 +1,51 @@
+# zblock: the two commands a new user needs are `make demo` and `make test`.
+# Both install what is missing first: Debian packages through apt-get (only those dpkg -s
+# reports missing) and Python packages into .venv.
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+# fuse3 and libfuse2 side by side (never the `fuse` package: it conflicts with fuse3);
+# liblzo2-dev because python-lzo builds from source; the rest are the real clients tests drive.
+DEB_PKGS := fuse3 libfuse2 liblzo2-dev fio e2fsprogs util-linux
+DEB_BENCH_PKGS := nbdkit libnbd-bin
+
+.PHONY: all deps sysdeps venv test test-fast demo bench install uninstall clean
+
+all: test
+
+sysdeps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: sysdeps $(VENV)/.installed
+
+deps: venv
+
+test: deps
+	$(PY) -m pytest -q tests
+
+test-fast: deps
+	$(PY) -m pytest -q tests -m 'not mount and not slow'
+
+demo: deps
+	$(PY) -m zblock.demo
+
+bench: deps
+	@missing=""; for p in $(DEB_BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(PIP) install -q -e '.[test,bench]'
+	$(PY) -m pytest -q -s tests/perf -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,10 @@
+"""zblock: a compressed, swap-like block store in user space.
+
+A zswap-style compressed page cache (zblock.cache) in front of a raw disk image
+(zblock.backing), exposed as one file through FUSE (zblock.fuse_ops).
+"""
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+__version__ = "0.1.0"

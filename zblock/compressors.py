@@ -1,0 +1,160 @@
+"""Compressor registry: lz4, lzo, zstd (with level), deflate, as raw streams.
+
+Streams carry no size header and no checksum (the cache entry keeps the length), so the ratios
+compare with the kernel's: lz4 is an LZ4 block, lzo is LZO1X-1, deflate is raw deflate (as the
+kernel's `deflate`), zstd is a frame without content size, checksum or dictionary id (as the
+kernel's crypto zstd, which also writes frames).
+
+A Compressor instance is not thread-safe (zstd keeps a context): each acomp context owns one,
+made by `get_compressor`. Decompression fails with CompressionError on corrupt input or a
+result that is not exactly `out_len` bytes.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from . import PAGE_SIZE
+from .errors import UnknownCompressor
+
+ALGORITHMS = ("lz4", "lzo", "zstd", "deflate")
+
+
+class CompressionError(Exception):
+    """The library failed to compress or decompress (corrupt input, wrong length)."""
+
+
+class Compressor:
+    """One small interface: compress(bytes-like) -> bytes, decompress(bytes, out_len) -> bytes."""
+
+    name = ""
+    level = None
+
+    def compress(self, src) -> bytes:
+        raise NotImplementedError
+
+    def decompress(self, src, out_len: int = PAGE_SIZE) -> bytes:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return self.name if self.level is None else f"{self.name}-{self.level}"
+
+
+class LZ4(Compressor):
+    name = "lz4"
+
+    def __init__(self, level=None):
+        import lz4.block
+        self._block = lz4.block
+
+    def compress(self, src) -> bytes:
+        return self._block.compress(src, store_size=False)
+
+    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
+        try:
+            out = self._block.decompress(src, uncompressed_size=out_len)
+        except Exception as e:
+            raise CompressionError(f"lz4: {e}") from None
+        if len(out) != out_len:
+            raise CompressionError(f"lz4: got {len(out)} bytes, expected {out_len}")
+        return out
+
+
+class LZO(Compressor):
+    name = "lzo"
+
+    def __init__(self, level=None):
+        import lzo
+        self._lzo = lzo
+
+    def compress(self, src) -> bytes:
+        return self._lzo.compress(bytes(src), 1, False)
+
+    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
+        try:
+            out = self._lzo.decompress(bytes(src), False, out_len)
+        except Exception as e:
+            raise CompressionError(f"lzo: {e}") from None
+        if len(out) != out_len:
+            raise CompressionError(f"lzo: got {len(out)} bytes, expected {out_len}")
+        return out
+
+
+class Zstd(Compressor):
+    name = "zstd"
+
+    def __init__(self, level=1):
+        import zstandard
+        self.level = int(level or 1)
+        self._c = zstandard.ZstdCompressor(level=self.level, write_content_size=False,
+                                           write_checksum=False, write_dict_id=False)
+        self._d = zstandard.ZstdDecompressor()
+
+    def compress(self, src) -> bytes:
+        return self._c.compress(src)
+
+    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
+        try:
+            out = self._d.decompress(src, max_output_size=out_len)
+        except Exception as e:
+            raise CompressionError(f"zstd: {e}") from None
+        if len(out) != out_len:
+            raise CompressionError(f"zstd: got {len(out)} bytes, expected {out_len}")
+        return out
+
+
+class Deflate(Compressor):
+    name = "deflate"
+
+    def __init__(self, level=None):
+        pass
+
+    def compress(self, src) -> bytes:
+        # wbits=-15: raw deflate, as the kernel's deflate; level 1 as zswap favours speed
+        c = zlib.compressobj(1, zlib.DEFLATED, -15)
+        return c.compress(src) + c.flush()
+
+    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
+        try:
+            d = zlib.decompressobj(-15)
+            out = d.decompress(src, out_len)
+        except zlib.error as e:
+            raise CompressionError(f"deflate: {e}") from None
+        if len(out) != out_len:
+            raise CompressionError(f"deflate: got {len(out)} bytes, expected {out_len}")
+        return out
+
+
+COMPRESSOR_TABLE: dict[str, type[Compressor]] = {
+    "lz4": LZ4, "lzo": LZO, "zstd": Zstd, "deflate": Deflate,
+}
+
+
+def available() -> list[str]:
+    """Names whose library imports on this machine."""
+    names = []
+    for name, cls in COMPRESSOR_TABLE.items():
+        try:
+            cls()
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def check_available(name: str) -> None:
+    cls = COMPRESSOR_TABLE.get(name)
+    if cls is None:
+        raise UnknownCompressor(f"unknown compressor {name!r}; available: {', '.join(available())}")
+    try:
+        cls()
+    except ImportError as e:
+        raise UnknownCompressor(f"compressor {name!r} is not installed ({e.name} missing); "
+                                f"available: {', '.join(available())}") from None
+
+
+def get_compressor(name: str, level: int | None = None) -> Compressor:
+    """A new instance of the named compressor; fails loudly on unknown or missing ones."""
+    check_available(name)
+    return COMPRESSOR_TABLE[name](level)

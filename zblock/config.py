@@ -1,0 +1,213 @@
+"""Tunables: one table for mount options, `-o` options and the files under params/.
+
+Every value is parsed and validated here, once, naming the parameter (ConfigError).
+`Config` holds the parsed values; `PARAMS` says how each is parsed, shown and whether it can
+change at run time. Reading a param gives `format(value)`; writing one goes through `parse`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import PAGE_SIZE
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# value parsers
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """Bytes with an optional binary K/M/G/T suffix (also KiB, KB, k...)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", str(text))
+    if not m:
+        raise ConfigError(f"{name}: {text!r} is not a size (a number with an optional K/M/G/T suffix)")
+    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+
+
+def parse_disk_size(text: str) -> int:
+    size = parse_size(text, "--size")
+    if size <= 0 or size % PAGE_SIZE:
+        raise ConfigError(f"--size: {text!r} must be a positive multiple of {PAGE_SIZE} bytes")
+    return size
+
+
+def total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_pool_limit(text: str) -> int:
+    """`N%` of RAM (zswap's max_pool_percent) or bytes with a suffix."""
+    t = str(text).strip()
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            raise ConfigError(f"pool_limit: {text!r} is not a percentage") from None
+        if not 0 < pct <= 100:
+            raise ConfigError(f"pool_limit: {text!r} must be between 0% and 100%")
+        return int(total_ram() * pct / 100)
+    limit = parse_size(t, "pool_limit")
+    if limit < PAGE_SIZE:
+        raise ConfigError(f"pool_limit: {text!r} is smaller than one page")
+    return limit
+
+
+def _int_range(name: str, lo: int, hi: int | None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{name}: {v} is out of range ({bound})")
+        return v
+    return parse
+
+
+def _float_range(name: str, lo: float, hi: float | None, lo_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(str(text).strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} is not a number") from None
+        if v != v or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            raise ConfigError(f"{name}: {text!r} is out of range")
+        return v
+    return parse
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        v = str(text).strip()
+        if v not in choices:
+            raise ConfigError(f"{name}: {text!r} is not one of {', '.join(choices)}")
+        return v
+    return parse
+
+
+def _bool(name: str) -> Callable[[str], bool]:
+    def parse(text: str | bool) -> bool:
+        if isinstance(text, bool):
+            return text
+        v = str(text).strip().upper()
+        if v in ("Y", "1", "YES", "TRUE", "ON"):
+            return True
+        if v in ("N", "0", "NO", "FALSE", "OFF"):
+            return False
+        raise ConfigError(f"{name}: {text!r} is not Y or N")
+    return parse
+
+
+def _parse_compressor(text: str) -> str:
+    from .compressors import check_available
+    name = str(text).strip()
+    check_available(name)
+    return name
+
+
+def _fmt_bool(v: bool) -> str:
+    return "Y" if v else "N"
+
+
+def _fmt_float(v: float) -> str:
+    return repr(float(v)).rstrip("0").rstrip(".") if "." in repr(float(v)) else repr(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    parse: Callable[[str], Any]
+    format: Callable[[Any], str] = str
+    runtime: bool = True          # has a writable file under params/
+    help: str = ""
+
+
+PARAMS: dict[str, Param] = {p.name: p for p in [
+    Param("compressor", _parse_compressor, help="lz4, lzo, zstd or deflate: algorithm of the current pool"),
+    Param("zstd_level", _int_range("zstd_level", 1, 19), help="zstd level, 1..19"),
+    Param("pool_limit", parse_pool_limit, help="pool limit: bytes with suffix, or N%% of RAM"),
+    Param("accept_threshold", _int_range("accept_threshold", 0, 100),
+          help="%% of the limit to fall below before accepting again (zswap policy)"),
+    Param("limit_policy", _choice("limit_policy", ("evict", "zswap")),
+          help="full pool: evict the coldest (evict) or reject until below the threshold (zswap)"),
+    Param("incompressible_policy", _choice("incompressible_policy", ("store_raw", "reject")),
+          help="incompressible pages: store raw (6.18) or send to disk"),
+    Param("same_filled_pages_enabled", _bool("same_filled_pages_enabled"), _fmt_bool,
+          help="keep same-filled pages as a fill value"),
+    Param("shrinker_enabled", _bool("shrinker_enabled"), _fmt_bool,
+          help="proactive writeback of cold pages below the limit"),
+    Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
+    Param("hw_queues", _int_range("hw_queues", 1, 64), help="engine work queues"),
+    Param("hw_depth", _int_range("hw_depth", 1, 4096), help="entries per engine queue"),
+    Param("hw_latency_us", _float_range("hw_latency_us", 0, 1e6), _fmt_float, help="per-request latency"),
+    Param("hw_throughput_mbps", _float_range("hw_throughput_mbps", 0, 1e6, lo_open=True), _fmt_float,
+          help="per-queue throughput, MB/s"),
+    Param("hw_mode", _choice("hw_mode", ("sync", "async")), help="sync (submitter polls) or async (callback)"),
+    Param("hw_batch", _int_range("hw_batch", 1, 256), help="pages submitted together"),
+    Param("hw_fault_rate", _float_range("hw_fault_rate", 0, 1), _fmt_float, help="injected engine error rate"),
+    Param("hw_seed", _int_range("hw_seed", 0, None), help="seed of the engine's faults"),
+    Param("contexts", _int_range("contexts", 1, 256), help="acomp contexts per pool (default: CPUs)"),
+    Param("kernel_cache", _bool("kernel_cache"), _fmt_bool, runtime=False,
+          help="let the kernel cache the file's pages"),
+    Param("swap", _bool("swap"), _fmt_bool, runtime=False, help="serve swap (hardening, ephemeral backing)"),
+]}
+
+
+@dataclass
+class Config:
+    compressor: str = "lz4"
+    zstd_level: int = 1
+    pool_limit: int = field(default_factory=lambda: parse_pool_limit("20%"))
+    accept_threshold: int = 90
+    limit_policy: str = "evict"
+    incompressible_policy: str = "store_raw"
+    same_filled_pages_enabled: bool = True
+    shrinker_enabled: bool = True
+    accelerator: str = "none"
+    hw_queues: int = 4
+    hw_depth: int = 128
+    hw_latency_us: float = 3.0
+    hw_throughput_mbps: float = 2000.0
+    hw_mode: str = "sync"
+    hw_batch: int = 8
+    hw_fault_rate: float = 0.0
+    hw_seed: int = 0
+    contexts: int = field(default_factory=lambda: os.cpu_count() or 1)
+    kernel_cache: bool = False
+    swap: bool = False
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> "Config":
+        """Build from option strings (CLI or `-o`), validating each by its param's parser."""
+        cfg = cls()
+        for name, text in values.items():
+            cfg.set(name, text)
+        cfg.check()
+        return cfg
+
+    def set(self, name: str, text: Any) -> None:
+        param = PARAMS.get(name)
+        if param is None:
+            raise ConfigError(f"unknown parameter {name!r}")
+        setattr(self, name, param.parse(text))
+
+    def get(self, name: str) -> str:
+        return PARAMS[name].format(getattr(self, name))
+
+    def check(self) -> None:
+        if self.swap and self.kernel_cache:
+            raise ConfigError("--kernel-cache cannot be used with --swap (swap pages would be cached twice)")
+
+    def copy(self) -> "Config":
+        return dataclasses.replace(self)
