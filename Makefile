@@ -33,7 +33,7 @@ venv: sysdeps $(VENV)/.installed
 deps: venv
 
 test: deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/perf
 
 test-fast: deps
 	$(PY) -m pytest -q tests -m 'not mount and not slow'

@@ -1,0 +1,1 @@
+"""Benchmarks (make bench); a package so its conftest never shadows tests/conftest.py."""

@@ -1,0 +1,204 @@
+"""The simulated engine on its own clock: queues, backlog, ordering, batching, faults.
+
+Tier: engine with fakes (a FakeClock whose completions the test releases). Engine-clock numbers
+are deterministic, so the assertions on them are exact; nothing here asserts on wall time.
+"""
+
+import errno
+import os
+import random
+import threading
+
+import pytest
+
+from zblock import PAGE_SIZE
+from zblock.accel import Engine, FakeClock, HwBatch, HwJob
+from zblock.acomp import ContextSet, ENOSPC
+
+pytestmark = pytest.mark.timeout(30)
+
+CODEC = ("lz4", None)
+
+
+def text_page(i: int) -> bytes:
+    r = random.Random(i)
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"page", b"swap", b"zblock", b"kernel"]
+    out = bytearray()
+    while len(out) < PAGE_SIZE:
+        out += r.choice(words) + b" " + str(r.randrange(1000)).encode() + b"\n"
+    return bytes(out[:PAGE_SIZE])
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def make_engine():
+    engines = []
+
+    def make(**kw):
+        e = Engine(**kw)
+        engines.append(e)
+        return e
+    yield make
+    for e in engines:
+        e.close()
+
+
+def recorder(log):
+    def on_done(job, err):
+        log.append(("done", job.cookie, err))
+
+    def on_notice(job, err):
+        log.append(("notice", job.cookie, err))
+    return on_done, on_notice
+
+
+def test_depth_bound_backlog_notice_then_result(clock, make_engine):
+    eng = make_engine(queues=2, depth=4, latency_us=10, throughput_mbps=1e9, clock=clock)
+    log = []
+    done, notice = recorder(log)
+    jobs = [HwJob("compress", text_page(i), CODEC, on_done=done, on_notice=notice, cookie=i)
+            for i in range(12)]
+    rets = [eng.submit(j, may_backlog=True) for j in jobs]
+    assert rets == [-errno.EINPROGRESS] * 8 + [-errno.EBUSY] * 4
+    st = eng.stats()
+    assert st["inflight_max"] == 2 * 4 and st["backlogged"] == 4 and st["submitted"] == 12
+    assert log == []                          # nothing completes until the clock moves
+    for _ in range(6):
+        clock.advance(10)
+    clock.advance(0.01)                       # 4096 B at 1e9 MB/s add 4 ps per job
+    assert sorted(c for k, c, _ in log if k == "done") == list(range(12))
+    assert all(err == 0 for k, _, err in log if k == "done")
+    for i in range(8, 12):                    # backlogged: notice (-EINPROGRESS) before result
+        events = [(k, err) for k, c, err in log if c == i]
+        assert events == [("notice", -errno.EINPROGRESS), ("done", 0)]
+    st = eng.stats()
+    assert st["inflight_max"] == 8 and st["completed"] == 12 and st["inflight"] == 0
+    # the model is exact: 4 jobs per queue at 10 us, backlog entering freed slots at t=10
+    assert st["latency_us"]["max"] == pytest.approx(60.0, abs=1e-3) and st["busy_us"] == pytest.approx(120.0, abs=0.01)
+
+
+def test_full_without_backlog_is_enospc(clock, make_engine):
+    eng = make_engine(queues=1, depth=2, latency_us=5, clock=clock)
+    rets = [eng.submit(HwJob("compress", text_page(i), CODEC), may_backlog=False) for i in range(3)]
+    assert rets == [-errno.EINPROGRESS, -errno.EINPROGRESS, -errno.ENOSPC]
+    assert eng.stats()["rejected_full"] == 1 and eng.stats()["submitted"] == 2
+
+
+def test_completions_out_of_order_across_queues(clock, make_engine):
+    # 1 byte/us: a 4096-byte job on queue 0 takes 4097 us, a 10-byte one on queue 1 takes 11 us
+    eng = make_engine(queues=2, depth=8, latency_us=1, throughput_mbps=1.0, clock=clock)
+    log = []
+    done, _ = recorder(log)
+    eng.submit(HwJob("compress", text_page(0), CODEC, on_done=done, cookie="big"))
+    eng.submit(HwJob("compress", b"x" * 10, CODEC, cap=64, on_done=done, cookie="small"))
+    clock.advance(20)
+    assert [c for _, c, _ in log] == ["small"]
+    clock.advance(5000)
+    assert [c for _, c, _ in log] == ["small", "big"]
+
+
+def test_batch_wakes_its_waiter_once(clock, make_engine):
+    eng = make_engine(queues=4, depth=8, latency_us=10, throughput_mbps=1e9, clock=clock)
+    batch = HwBatch(16)
+    jobs = [HwJob("compress", text_page(i), CODEC, on_done=batch.job_done) for i in range(16)]
+    assert eng.submit_batch(jobs) == [-errno.EINPROGRESS] * 16
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(batch.wait(10)))
+    waiter.start()
+    try:
+        for _ in range(3):
+            clock.advance(10.01)
+            assert not woke and batch.wakeups == 0   # 12 of 16 done: still asleep
+        clock.advance(10.01)
+    finally:
+        waiter.join(10)
+    assert woke == [True] and batch.wakeups == 1
+    assert batch.t_done_max == pytest.approx(40.0, abs=1e-3)
+
+
+def test_faults_are_seeded_and_fall_back(make_engine):
+    pages = [text_page(i) for i in range(64)] + [os.urandom(PAGE_SIZE)]
+    errors = []
+    for _ in range(2):
+        eng = make_engine(queues=4, latency_us=0, fault_rate=0.3, seed=7)
+        with ContextSet("lz4", n=2, engine=eng) as cs:
+            comp = cs.compress_pages(pages)
+            assert comp[-1] == -ENOSPC            # incompressible is a result, not a fault
+            assert all(isinstance(c, bytes) and len(c) < PAGE_SIZE for c in comp[:-1])
+            back = cs.decompress_pages(comp[:-1])
+            assert back == pages[:-1]             # engine and software output interchangeable
+            assert cs.decompress_page(comp[3]) == pages[3]
+            st = eng.stats()
+            assert st["errors"] > 0 and st["fallbacks"] == st["errors"] == cs.fallbacks
+            errors.append(st["errors"])
+    assert errors[0] == errors[1]                 # same seed, same faults
+
+
+def test_hang_dead_and_close_fall_back(make_engine):
+    pages = [text_page(i) for i in range(16)]
+    eng = make_engine(queues=2, latency_us=0)
+    with ContextSet("lz4", n=2, engine=eng, hw_timeout=0.2) as cs:
+        eng.set_fault("hang")                     # accepted, never completes: deadline, software
+        comp = cs.compress_pages(pages)
+        assert cs.decompress_pages(comp) == pages
+        assert cs.fallbacks == 32 and eng.stats()["errors"] >= 16
+        eng.set_fault(None)                       # the stuck jobs complete late, harmlessly
+        eng.set_fault("dead")
+        assert eng.submit(HwJob("compress", pages[0], CODEC)) == -errno.ENODEV
+        comp = cs.compress_pages(pages)
+        assert cs.decompress_pages(comp) == pages
+    # close() fails pending jobs with -ENODEV through their callbacks
+    clock = FakeClock()
+    eng2 = make_engine(queues=1, depth=4, latency_us=10, clock=clock)
+    log = []
+    done, _ = recorder(log)
+    for i in range(6):
+        eng2.submit(HwJob("compress", pages[i], CODEC, on_done=done, cookie=i))
+    eng2.close()
+    assert sorted(c for _, c, _ in log) == list(range(6))
+    assert {err for _, _, err in log} == {-errno.ENODEV}
+
+
+def test_batch_speedup_on_engine_clock(make_engine):
+    """8 serial queues, 50 us per page: a 128 KiB write batched vs page at a time."""
+    pages = [text_page(i) for i in range(32)]
+    waits = {}
+    for mode in ("page", "batch"):
+        eng = make_engine(queues=8, depth=128, latency_us=50, throughput_mbps=1e12, batch=8)
+        with ContextSet("lz4", n=2, engine=eng) as cs:
+            comp = cs.compress_pages(pages, wait_each=(mode == "page"))
+            waits[mode] = eng.stats()["model_wait_us"]
+            assert cs.decompress_pages(comp) == pages
+    ideal = 8
+    speedup = waits["page"] / waits["batch"]
+    assert waits["page"] == pytest.approx(32 * 50, rel=1e-6)
+    assert speedup >= 0.75 * ideal, waits
+    print(f"engine clock: page-at-a-time {waits['page']:.0f} us, batch {waits['batch']:.0f} us, "
+          f"speed-up {speedup:.2f} (ideal {ideal})")
+
+
+def test_async_mode_charges_irq_and_latency_reservoir_is_bounded(make_engine):
+    eng = make_engine(queues=1, latency_us=3, throughput_mbps=2000, mode="async")
+    with ContextSet("lz4", n=1, engine=eng) as cs:
+        cs.compress_pages([text_page(0)], wait_each=True)
+    lat = eng.stats()["latency_us"]
+    assert lat["max"] == pytest.approx(3 + 4096 / 2000 + 3.6, abs=1e-3)
+    eng2 = make_engine(queues=4, latency_us=0)
+    with ContextSet("lz4", n=1, engine=eng2) as cs:
+        page = text_page(1)
+        for _ in range(40):
+            cs.compress_pages([page] * 256)
+    st = eng2.stats()
+    assert st["completed"] == 40 * 256 and len(eng2._lat) <= 8192
+    assert st["host_cpu_us_per_page"] > 0
+
+
+def test_engine_validates_arguments():
+    for kw in ({"queues": 0}, {"depth": 0}, {"mode": "irq"}, {"batch": 0}, {"fault_rate": 2},
+               {"throughput_mbps": 0}):
+        with pytest.raises(ValueError):
+            Engine(**kw)

@@ -1,0 +1,296 @@
+"""The crypto acomp API model and the context sets: semantics, bounds, real concurrency.
+
+Tier: engine with fakes (a FakeClock engine; compressor wrappers that wait on a Barrier).
+"""
+
+import errno
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from zblock import PAGE_SIZE
+from zblock.accel import Engine, FakeClock
+from zblock.acomp import (CRYPTO_TFM_REQ_MAY_BACKLOG, EBUSY, EINPROGRESS, ENOSPC, ETIMEDOUT,
+                          AcompTimeout, AcompTransform, ContextSet, CryptoWait, crypto_req_done,
+                          crypto_wait_req)
+from zblock.compressors import CompressionError, get_compressor
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def text_page(i: int) -> bytes:
+    r = random.Random(i)
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"page", b"swap", b"zblock", b"kernel"]
+    out = bytearray()
+    while len(out) < PAGE_SIZE:
+        out += r.choice(words) + b" " + str(r.randrange(1000)).encode() + b"\n"
+    return bytes(out[:PAGE_SIZE])
+
+
+@pytest.fixture
+def closing():
+    things = []
+    yield things.append
+    for t in reversed(things):
+        t.close()
+
+
+# ---- crypto API semantics ----------------------------------------------------------------------
+
+
+def test_software_tfm_is_synchronous_scomp():
+    tfm = AcompTransform("lz4")
+    assert not tfm.is_async
+    req = tfm.alloc_request()
+    calls = []
+    req.set_callback(CRYPTO_TFM_REQ_MAY_BACKLOG, lambda d, e: calls.append(e), None)
+    req.set_params(text_page(1), PAGE_SIZE)
+    assert tfm.compress(req) == 0 and req.err == 0 and 0 < req.dlen < PAGE_SIZE
+    comp = req.result
+    req.set_params(os.urandom(PAGE_SIZE), PAGE_SIZE)
+    assert tfm.compress(req) == -ENOSPC and req.result is None    # dlen >= PAGE_SIZE: poor
+    req.set_params(comp, PAGE_SIZE, PAGE_SIZE)
+    assert tfm.decompress(req) == 0 and req.result == text_page(1)
+    req.set_params(b"\xff" * 50, PAGE_SIZE, PAGE_SIZE)
+    assert tfm.decompress(req) == -errno.EINVAL
+    assert calls == []                       # scomp never calls the callback
+    wait = CryptoWait()
+    assert crypto_wait_req(0, wait) == 0 and crypto_wait_req(-ENOSPC, wait) == -ENOSPC
+
+
+def test_crypto_req_done_ignores_the_backlog_notice():
+    wait = CryptoWait()
+    crypto_req_done(wait, -EINPROGRESS)
+    assert not wait.wait(0.01)
+    crypto_req_done(wait, 0)
+    assert crypto_wait_req(-EBUSY, wait, 1.0) == 0
+
+
+def test_async_engine_inprogress_backlog_and_full(closing):
+    clock = FakeClock()
+    eng = Engine(queues=1, depth=1, latency_us=10, throughput_mbps=1e9, mode="async", clock=clock)
+    closing(eng)
+    tfm = AcompTransform("lz4", engine=eng)
+    assert tfm.is_async
+    events = {0: [], 1: [], 2: []}
+    reqs = []
+    for i in range(3):
+        r = tfm.alloc_request()
+        flags = CRYPTO_TFM_REQ_MAY_BACKLOG if i < 2 else 0
+        r.set_callback(flags, lambda d, e: events[d].append(e), i)
+        r.set_params(text_page(i), PAGE_SIZE)
+        reqs.append(r)
+    assert tfm.compress(reqs[0]) == -EINPROGRESS
+    assert tfm.compress(reqs[1]) == -EBUSY          # queue full, MAY_BACKLOG: backlogged
+    assert tfm.compress(reqs[2]) == -ENOSPC         # queue full, no MAY_BACKLOG: rejected
+    assert events == {0: [], 1: [], 2: []}
+    clock.advance(20)
+    clock.advance(20)
+    assert events[0] == [0]
+    assert events[1] == [-EINPROGRESS, 0]           # notice first, then the result
+    assert events[2] == []
+    st = eng.stats()
+    assert (st["backlogged"], st["rejected_full"], st["completed"]) == (1, 1, 2)
+    tfm2 = AcompTransform("lz4")
+    for i in (0, 1):
+        r = tfm2.alloc_request()
+        r.set_params(reqs[i].result, PAGE_SIZE, PAGE_SIZE)
+        assert tfm2.decompress(r) == 0 and r.result == text_page(i)
+
+
+def test_crypto_wait_req_waits_for_the_engine(closing):
+    clock = FakeClock()
+    eng = Engine(queues=2, latency_us=5, mode="async", clock=clock)
+    closing(eng)
+    cs = ContextSet("lz4", n=1, engine=eng)
+    closing(cs)
+    ctx = cs.get()
+    got = []
+    t = threading.Thread(target=lambda: got.append(ctx.compress(text_page(5), timeout=10)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while eng.stats()["submitted"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)                   # the submitter is another thread
+        assert not got
+        clock.advance(100)
+    finally:
+        t.join(10)
+    cs.put(ctx)
+    ret, data = got[0]
+    assert ret == 0 and get_compressor("lz4").decompress(data) == text_page(5)
+
+
+def test_sync_engine_polls_inside_compress(closing):
+    eng = Engine(queues=2, latency_us=3, mode="sync")
+    closing(eng)
+    tfm = AcompTransform("zstd", 3, engine=eng)
+    assert not tfm.is_async
+    req = tfm.alloc_request()
+    req.set_params(text_page(9), PAGE_SIZE)
+    assert tfm.compress(req) == 0                # IAA sync: the result, not -EINPROGRESS
+    assert get_compressor("zstd", 3).decompress(req.result) == text_page(9)
+
+
+def test_late_completion_does_not_corrupt_a_reused_context(closing):
+    clock = FakeClock()
+    eng = Engine(queues=1, depth=8, latency_us=10, throughput_mbps=1e9, mode="async", clock=clock)
+    closing(eng)
+    cs = ContextSet("lz4", n=1, engine=eng)
+    closing(cs)
+    with cs.context() as ctx:
+        ret, data = ctx.compress(text_page(1), timeout=0.05)     # nobody advances: timeout
+        assert ret == -ETIMEDOUT and data is None
+        gen_a = ctx.req.gen
+        # reuse the context for page 2 while page 1's completion is still in the engine
+        got = []
+        t = threading.Thread(target=lambda: got.append(ctx.compress(text_page(2), timeout=10)))
+        t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while eng.stats()["submitted"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            clock.advance(15)               # page 1 completes first (10 us + 3.6 us irq): stale
+            assert ctx.tfm.stale_completions == 1 and not got
+            clock.advance(10)
+        finally:
+            t.join(10)
+        ret, data = got[0]
+        assert ret == 0 and ctx.req.gen > gen_a
+        assert get_compressor("lz4").decompress(data) == text_page(2)
+        assert ctx.req.result == data and ctx.wait.err == 0
+
+
+# ---- context sets ------------------------------------------------------------------------------
+
+
+def test_get_put_is_bounded(closing):
+    cs = ContextSet("lz4", n=2)
+    closing(cs)
+    assert cs.live == 2
+    a, b = cs.get(), cs.get()
+    assert a is not b
+    with pytest.raises(AcompTimeout):
+        cs.get(timeout=0.05)
+    got = []
+    t = threading.Thread(target=lambda: got.append(cs.get(timeout=10)))
+    t.start()
+    try:
+        t.join(0.1)
+        assert not got                      # the third get blocks ...
+        cs.put(a)
+    finally:
+        t.join(10)
+    assert got == [a]                       # ... until a put
+    cs.put(b)
+    cs.put(got[0])
+    cs.close()
+    assert cs.live == 0
+
+
+class BarrierCompressor:
+    """A compressor fake: each compress() waits for another thread's compress() to arrive."""
+
+    def __init__(self, barrier):
+        self.inner = get_compressor("lz4")
+        self.barrier = barrier
+        self.tids = set()
+
+    def compress(self, src):
+        self.tids.add(threading.get_ident())
+        self.barrier.wait()                 # raises BrokenBarrierError after its timeout
+        return self.inner.compress(src)
+
+    def decompress(self, src, out_len=PAGE_SIZE):
+        return self.inner.decompress(src, out_len)
+
+
+def test_two_threads_compress_at_the_same_time(closing):
+    cs = ContextSet("lz4", n=2)
+    closing(cs)
+    barrier = threading.Barrier(2, timeout=5)
+    results = []
+
+    def one(i):
+        with cs.context() as ctx:
+            ctx.comp = BarrierCompressor(barrier)
+            with ctx.mutex:
+                results.append(ctx.comp.compress(text_page(i)))
+            ctx.comp = ctx.tfm.compressor
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert len(results) == 2 and not barrier.broken
+
+
+def test_one_compress_pages_call_uses_two_threads(closing):
+    cs = ContextSet("lz4", n=2, split_min=8)
+    closing(cs)
+    barrier = threading.Barrier(2, timeout=5)
+    fakes = []
+    for ctx in cs._contexts:
+        ctx.comp = BarrierCompressor(barrier)
+        fakes.append(ctx.comp)
+    pages = [text_page(i) for i in range(32)]
+    comp = cs.compress_pages(pages)          # each page meets one page of the other chunk
+    assert all(isinstance(c, bytes) for c in comp), comp
+    assert len(set().union(*(f.tids for f in fakes))) == 2
+    assert cs.decompress_pages(comp) == pages
+    # below the split threshold the caller's thread does it all (no barrier partner: use lz4)
+    for ctx in cs._contexts:
+        ctx.comp = ctx.tfm.compressor
+    cs.worker_tids.clear()
+    assert cs.decompress_pages(cs.compress_pages(pages[:4])) == pages[:4]
+    assert cs.worker_tids == set()
+
+
+def test_compress_pages_results_and_errors(closing):
+    cs = ContextSet("lz4", n=2)
+    closing(cs)
+    pages = [text_page(i) for i in range(200)] + [os.urandom(PAGE_SIZE), bytes(PAGE_SIZE)]
+    comp = cs.compress_pages(pages)
+    assert comp[200] == -ENOSPC
+    assert all(isinstance(c, bytes) and len(c) < PAGE_SIZE for i, c in enumerate(comp) if i != 200)
+    srcs = [c for c in comp if isinstance(c, bytes)] + [b"\x00garbage"]
+    back = cs.decompress_pages(srcs)
+    assert back[:-1] == [p for i, p in enumerate(pages) if i != 200]
+    assert isinstance(back[-1], CompressionError)
+    with pytest.raises(CompressionError):
+        cs.decompress_page(b"\x00garbage")
+    assert cs.decompress_page(comp[0]) == pages[0]
+
+
+class BrokenCompressor:
+    """Returns a non-bytes object: a bug that must reach the caller, not vanish in a worker."""
+
+    def compress(self, src):
+        return None
+
+
+def test_worker_exception_reaches_the_caller(closing):
+    cs = ContextSet("lz4", n=2, split_min=4)
+    closing(cs)
+    cs._contexts[0].comp = cs._contexts[1].comp = BrokenCompressor()
+    with pytest.raises(TypeError):
+        cs.compress_pages([text_page(i) for i in range(16)])
+    assert len(cs._free) == 2                # every context came back
+
+
+def test_lzo_is_not_split_and_close_is_bounded(closing):
+    cs = ContextSet("lzo", n=2)
+    pages = [text_page(i) for i in range(64)]
+    assert cs.decompress_pages(cs.compress_pages(pages)) == pages
+    assert cs._workers is None               # python-lzo holds the GIL: never split
+    cs.close()
+    cs.close()                               # idempotent
+    cs2 = ContextSet("zstd", 3, n=2)
+    cs2.compress_pages(pages)
+    workers = cs2._workers._threads
+    t0 = time.monotonic()
+    cs2.close()
+    assert time.monotonic() - t0 < 5 and not any(t.is_alive() for t in workers)

@@ -1,0 +1,457 @@
+"""Engine tier: the store against a bytearray model, writeback, LRU, pools, memory, checksums.
+
+No mount. Counters are the oracle (as the kernel's test_zswap.c): a writeback test asserts that
+written_back_pages moved, and the bytes still read back right.
+"""
+
+import os
+import random
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from zblock import PAGE_SIZE
+from zblock.cache import COMP, DISK, RAW, SAME
+from zblock.config import Config
+from zblock.errors import DataError, OutOfRange
+from zblock.store import Store
+
+MiB = 1 << 20
+
+
+def text_page(rng: random.Random) -> bytes:
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"swap", b"page", b"zblock", b"\n"]
+    out = bytearray()
+    while len(out) < PAGE_SIZE:
+        out += rng.choice(words) + b" " + str(rng.randrange(1000)).encode()
+    return bytes(out[:PAGE_SIZE])
+
+
+def mixed_bytes(rng: random.Random, n: int) -> bytes:
+    """Whole pages of mixed kinds: zero, same-filled, random (incompressible), text."""
+    out = bytearray()
+    while len(out) < n:
+        kind = rng.randrange(4)
+        if kind == 0:
+            out += bytes(PAGE_SIZE)
+        elif kind == 1:
+            out += rng.randrange(1 << 64).to_bytes(8, "little") * (PAGE_SIZE // 8)
+        elif kind == 2:
+            out += rng.randbytes(PAGE_SIZE)
+        else:
+            out += text_page(rng)
+    return bytes(out[:n])
+
+
+def wait_for(cond, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def backing_path(tmp_path):
+    return str(tmp_path / "disk.img")
+
+
+def make_config(**kw) -> Config:
+    cfg = Config()
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def check_consistency(store: Store) -> None:
+    """fsck for the cache: gauges agree with the entry table (s3ql ends tests with fsck)."""
+    c = store.cache
+    with c.tree_lock:
+        st = c.state
+        pools = [p for p in c.pools if p is not None]
+        assert sum(p.stored_pages for p in pools) == int(np.count_nonzero((st == COMP) | (st == RAW)))
+        assert c.same_filled_pages == int(np.count_nonzero(st == SAME))
+        assert c.stored_incompressible_pages == int(np.count_nonzero(st == RAW))
+        assert c.pool_total_size == sum(p.total_size for p in pools)
+        for p in pools:
+            mine = (c.pool_id == p.id) & ((st == COMP) | (st == RAW))
+            assert p.stored_pages == int(np.count_nonzero(mine))
+        # a page under writeback is always a cached one (the worker may be mid-batch)
+        assert ((st[c.under_wb] == COMP) | (st[c.under_wb] == RAW)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the model test
+
+
+@pytest.mark.parametrize("policy", ["evict", "zswap"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_store_matches_bytearray_model(backing_path, policy, seed):
+    rng = random.Random(seed)
+    size = 2 * MiB
+    cfg = make_config(pool_limit=96 * 1024, limit_policy=policy, accept_threshold=70,
+                      incompressible_policy=rng.choice(["store_raw", "reject"]))
+    model = bytearray(size)
+    store = Store.open(backing_path, size, cfg)
+    try:
+        for step in range(250):
+            op = rng.random()
+            if op < 0.45:
+                if rng.random() < 0.5:   # page-aligned run
+                    npages = rng.randrange(1, 80)
+                    off = rng.randrange(0, size // PAGE_SIZE - npages + 1) * PAGE_SIZE
+                    data = mixed_bytes(rng, npages * PAGE_SIZE)
+                else:                    # any offset, any length
+                    length = rng.randrange(1, 3 * PAGE_SIZE)
+                    off = rng.randrange(0, size - length + 1)
+                    data = mixed_bytes(rng, length + PAGE_SIZE)[rng.randrange(PAGE_SIZE):][:length]
+                assert store.write(off, data) == len(data)
+                model[off:off + len(data)] = data
+            elif op < 0.75:
+                length = rng.randrange(1, 300 * 1024)
+                off = rng.randrange(0, size)
+                assert store.read(off, length) == bytes(model[off:off + length])
+            elif op < 0.82:
+                length = rng.randrange(1, 64 * 1024)
+                off = rng.randrange(0, size - length + 1)
+                store.discard(off, length)
+                model[off:off + length] = bytes(length)
+            elif op < 0.87:
+                store.fsync()
+            elif op < 0.93:
+                store.set_param("compressor", rng.choice(["lz4", "lzo", "zstd", "deflate"]))
+            elif op < 0.96:
+                store.set_param("same_filled_pages_enabled", rng.choice("YN"))
+            else:
+                check_consistency(store)
+                store.close()
+                store = Store.open(backing_path, None, cfg)
+                assert store.size == size
+        check_consistency(store)
+        assert store.read(0, size) == bytes(model)
+        st = store.stats()
+        assert st["stored_pages"] == sum(p["stored_pages"] for p in st["pools"]) + st["same_filled_pages"]
+        store.close()
+        store = Store.open(backing_path, None, cfg)
+        assert store.read(0, size) == bytes(model)
+    finally:
+        store.close()
+    # after a clean close the backing file is the plain raw image
+    with open(backing_path, "rb") as f:
+        assert f.read() == bytes(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# block-device semantics
+
+
+def test_bounds(backing_path):
+    store = Store.open(backing_path, 64 * 1024, make_config())
+    try:
+        assert store.read(64 * 1024, 10) == b""
+        assert store.read(64 * 1024 - 3, 10) == bytes(3)
+        with pytest.raises(OutOfRange):
+            store.write(64 * 1024 - 2, b"abc")
+        assert store.write(64 * 1024 - 3, b"abc") == 3
+        assert store.read(0, 0) == b""
+        assert store.write(5, b"") == 0
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# writeback, LRU, limits
+
+
+def test_writeback_without_fsync(backing_path):
+    rng = random.Random(7)
+    cfg = make_config(pool_limit=256 * 1024, shrinker_enabled=False)
+    store = Store.open(backing_path, 8 * MiB, cfg)
+    try:
+        data = b"".join(text_page(rng) for _ in range(1024))     # 4 MiB of text, > 10x the pool
+        store.write(0, data)
+        wait_for(lambda: store.stats()["pool_total_size"] <= cfg.pool_limit, what="pool under limit")
+        st = store.stats()
+        assert st["written_back_pages"] > 0 and st["zswpwb"] == st["written_back_pages"]
+        assert st["flushed_pages"] == 0 and st["pool_limit_hit"] > 0
+        assert store.read(0, len(data)) == data
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+def test_lru_second_chance(backing_path):
+    rng = random.Random(8)
+    cfg = make_config(pool_limit=1 << 30, shrinker_enabled=False)
+    store = Store.open(backing_path, 1 * MiB, cfg)
+    try:
+        for p in range(20):                     # one store per page: stamps increase with p
+            store.write(p * PAGE_SIZE, text_page(rng))
+        for p in range(5):                      # pages 0..4 read since stored
+            store.read(p * PAGE_SIZE, PAGE_SIZE)
+        c = store.cache
+        with c.tree_lock:
+            victims, gens = c._select_victims(10)
+        assert victims.tolist() == list(range(5, 10))   # the referenced ones got a second chance
+        assert c._writeback(victims, gens)
+        st = store.stats()
+        assert st["written_back_pages"] == 5
+        assert (c.state[0:5] == COMP).all() and (c.state[5:10] == DISK).all()
+        assert not c.referenced[0:5].any()              # ... but only one
+        with c.tree_lock:
+            victims, _ = c._select_victims(5)
+            c.under_wb[victims] = False
+        assert victims.tolist() == list(range(10, 15))  # rotated pages are now the youngest
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+def test_zswap_policy_rejects_until_threshold(backing_path):
+    rng = random.Random(9)
+    cfg = make_config(pool_limit=128 * 1024, limit_policy="zswap", accept_threshold=50,
+                      shrinker_enabled=False)
+    store = Store.open(backing_path, 4 * MiB, cfg)
+    try:
+        data = b"".join(text_page(rng) for _ in range(512))
+        for i in range(0, len(data), 16 * PAGE_SIZE):
+            store.write(i, data[i:i + 16 * PAGE_SIZE])
+        st = store.stats()
+        assert st["pool_limit_hit"] > 0
+        assert st["bd_writes"] > 0
+        wait_for(lambda: store.stats()["pool_total_size"] <= cfg.pool_limit * 50 // 100,
+                 what="shrink worker down to the accept threshold")
+        assert store.read(0, len(data)) == data
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+def test_same_filled_and_incompressible(backing_path):
+    cfg = make_config()
+    store = Store.open(backing_path, 1 * MiB, cfg)
+    try:
+        store.write(0, bytes(PAGE_SIZE) + b"\xab" * PAGE_SIZE + os.urandom(PAGE_SIZE))
+        st = store.stats()
+        assert st["same_filled_pages"] == 2
+        assert st["stored_incompressible_pages"] == 1
+        assert st["stored_pages"] == 3
+        store.set_param("incompressible_policy", "reject")
+        store.write(3 * PAGE_SIZE, os.urandom(PAGE_SIZE))
+        st = store.stats()
+        assert st["reject_compress_poor"] == 1 and st["bd_writes"] == 1
+        store.set_param("same_filled_pages_enabled", "N")
+        store.write(4 * PAGE_SIZE, bytes(PAGE_SIZE))
+        assert store.stats()["same_filled_pages"] == 2
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+def test_compressor_switch_pools(backing_path):
+    rng = random.Random(10)
+    store = Store.open(backing_path, 1 * MiB, make_config())
+    try:
+        a = b"".join(text_page(rng) for _ in range(8))
+        store.write(0, a)
+        store.set_param("compressor", "zstd")
+        store.write(8 * PAGE_SIZE, a)
+        st = store.stats()
+        assert [p["compressor"] for p in st["pools"]] == ["lz4", "zstd-1"]
+        assert st["pools"][0]["refs"] == 8 and st["pools"][1]["refs"] == 9
+        assert store.read(0, 16 * PAGE_SIZE) == a + a        # the old pool still serves its pages
+        store.set_param("compressor", "lz4")                 # A -> B -> A reuses A
+        st = store.stats()
+        assert len(st["pools"]) == 2 and st["pools"][0]["refs"] == 9
+        store.set_param("compressor", "deflate")
+        store.write(0, a)                                    # rewrite lz4's pages: lz4 pool dies
+        store.write(8 * PAGE_SIZE, a)                        # ... and zstd's
+        st = store.stats()
+        assert [p["compressor"] for p in st["pools"]] == ["deflate"]
+        assert st["acomp_contexts"] == store.config.contexts
+        assert store.read(0, 16 * PAGE_SIZE) == a + a
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def test_pool_size_matches_process_memory(backing_path):
+    rng = random.Random(11)
+    cfg = make_config(pool_limit=1 << 30, same_filled_pages_enabled=False)
+    npages = 16384                                     # 64 MiB of data
+    store = Store.open(backing_path, npages * PAGE_SIZE, cfg)
+    proc = psutil.Process()
+    try:
+        chunk = b"".join(text_page(rng) for _ in range(256))
+        store.write(0, chunk)                          # warm up contexts, arenas, arrays
+        store.discard(0, len(chunk))
+        store.cache.trimmer.trim(force=True)
+        rss0 = proc.memory_info().rss
+        base = store.stats()["pool_total_size"]
+        for i in range(0, npages, 256):
+            store.write(i * PAGE_SIZE, chunk if i % 512 else os.urandom(len(chunk)))
+        grown = proc.memory_info().rss - rss0
+        pool = store.stats()["pool_total_size"] - base
+        assert pool > 16 * MiB
+        assert abs(grown - pool) <= 0.10 * pool, (grown, pool)
+        # overwrite with much more compressible data, then discard everything: memory comes back
+        small = b"".join((b"x%d" % rng.randrange(10)) * 2000 for _ in range(256))
+        for i in range(0, npages, 256):
+            store.write(i * PAGE_SIZE, small[:256 * PAGE_SIZE])
+        store.discard(0, npages * PAGE_SIZE)
+        store.cache.trimmer.trim(force=True)
+        assert store.stats()["pool_total_size"] == 0
+        returned = rss0 + grown - proc.memory_info().rss
+        assert returned >= 0.8 * grown, (returned, grown)
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums
+
+
+def test_corruption_detected_after_reopen(backing_path):
+    rng = random.Random(12)
+    store = Store.open(backing_path, 1 * MiB, make_config())
+    data = b"".join(text_page(rng) for _ in range(4))
+    store.write(0, data)
+    store.close()
+    with open(backing_path, "r+b") as f:
+        f.seek(PAGE_SIZE + 100)
+        f.write(b"corrupt!")
+    store = Store.open(backing_path, None, make_config())
+    try:
+        assert store.read(0, PAGE_SIZE) == data[:PAGE_SIZE]
+        with pytest.raises(DataError):
+            store.read(PAGE_SIZE, PAGE_SIZE)
+        assert store.stats()["checksum_errors"] == 1
+        assert store.read(2 * PAGE_SIZE, 2 * PAGE_SIZE) == data[2 * PAGE_SIZE:]
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrency
+
+
+@pytest.mark.timeout(60)
+def test_many_threads_overlapping_pages(backing_path):
+    """Whole-page writers on a shared range, partial writers on disjoint bytes of shared pages,
+    readers, fsync and writeback all at once: no torn page, no lost partial write, no deadlock."""
+    npages = 64
+    cfg = make_config(pool_limit=PAGE_SIZE, shrinker_enabled=False)
+    store = Store.open(backing_path, 2 * npages * PAGE_SIZE, cfg)
+    errors: list = []
+    stop = time.monotonic() + 4
+
+    def page_of(writer, seq):
+        head = f"{writer}:{seq}:".encode()
+        return (head * (PAGE_SIZE // len(head) + 1))[:PAGE_SIZE]
+
+    def whole_writer(w):
+        rng = random.Random(w)
+        seq = 0
+        while time.monotonic() < stop:
+            p = rng.randrange(npages)
+            store.write(p * PAGE_SIZE, page_of(w, seq))
+            seq += 1
+
+    def partial_writer(w):
+        # writer w owns bytes [w*512, w*512+512) of every page in the upper half
+        seq = 0
+        while time.monotonic() < stop:
+            for p in range(npages, 2 * npages, 7):
+                store.write(p * PAGE_SIZE + w * 512, bytes([w + 1]) * 512)
+            seq += 1
+
+    def reader():
+        rng = random.Random(99)
+        while time.monotonic() < stop:
+            p = rng.randrange(npages)
+            page = store.read(p * PAGE_SIZE, PAGE_SIZE)
+            if page != bytes(PAGE_SIZE):
+                head = page.split(b":")
+                w, seq = int(head[0]), int(head[1])
+                if page != page_of(w, seq):
+                    errors.append(f"torn page {p}")
+            if rng.random() < 0.05:
+                store.fsync()
+
+    threads = [threading.Thread(target=whole_writer, args=(w,)) for w in range(3)]
+    threads += [threading.Thread(target=partial_writer, args=(w,)) for w in range(4)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+
+    def run(t):
+        try:
+            t._target(*t._args)
+        except BaseException as e:
+            errors.append(e)
+    runners = [threading.Thread(target=run, args=(t,), daemon=True) for t in threads]
+    try:
+        for t in runners:
+            t.start()
+        for t in runners:
+            t.join(timeout=30)
+            assert not t.is_alive(), "deadlock"
+        assert not errors, errors[:3]
+        for p in range(npages, 2 * npages, 7):
+            page = store.read(p * PAGE_SIZE, PAGE_SIZE)
+            assert page[:2048] == b"".join(bytes([w + 1]) * 512 for w in range(4))
+        assert store.stats()["written_back_pages"] > 0
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+class BarrierBacking:
+    """Wraps a Backing: every write_pages waits at a 2-party barrier, so two writes must be in
+    flight at once or the barrier times out."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.barrier = threading.Barrier(2, timeout=10)
+        self.armed = True
+
+    def write_pages(self, idxs, pages):
+        if self.armed:
+            self.barrier.wait()
+        return self.inner.write_pages(idxs, pages)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.timeout(30)
+def test_backing_writes_overlap(backing_path):
+    """Two stores that go to disk (incompressible, policy reject) write the disk at the same
+    time: no lock is held across disk I/O except the pages' own."""
+    from zblock.backing import Backing
+    backing = BarrierBacking(Backing.open(backing_path, 1 * MiB))
+    store = Store(backing, make_config(incompressible_policy="reject"))
+    try:
+        results = []
+
+        def writer(p):
+            try:
+                store.write(p * PAGE_SIZE, os.urandom(PAGE_SIZE))
+                results.append(p)
+            except BaseException as e:
+                results.append(e)
+        ts = [threading.Thread(target=writer, args=(p,)) for p in (1, 2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(15)
+        assert sorted(results) == [1, 2]
+        backing.armed = False
+    finally:
+        backing.armed = False
+        store.close()

@@ -1,0 +1,767 @@
+"""Backing store: the raw disk image, its `.zbmeta` checksum sidecar, and the file lock.
+
+The backing file is a raw image at the same offsets as the FUSE `disk` file (after a clean
+unmount it is usable directly with losetup). Beside it, `PATH.zbmeta` holds
+
+    block 0      header: magic, version, page size, size, flags (bit 0: clean shutdown),
+                 entry size, and at clean shutdown the data file's mtime_ns and inode; crc32c
+    block 1...   per page two uint32 values, (durable, latest), little-endian, 512 pages per
+                 4 KiB block, exactly the in-memory numpy table `_crc` (npages rounded up to
+                 512 rows), so a touched block is written straight from the table.
+
+Entry values: CRC32C of the page, "folded" so that 0 and 1 stay free as sentinels:
+    ZERO (0)       the page reads as zeros without touching the disk (never written, discarded)
+    UNCHECKED (1)  the content predates the sidecar (a raw image imported without one):
+                   accepted as it is until written
+A page verifies when its data matches `durable` or `latest`. `durable` is the value as of the
+last sync, or of the last completed write since (see write_pages below); `latest` is the value
+of the last write started.
+A file modified after a clean unmount (mtime differs from the header) keeps its checksums: a
+stray write and bit rot look alike and both must read as EIO; the warning (open_state "changed")
+says to remove the sidecar if the edit was on purpose.
+
+Crash rules (DESIGN "Data semantics"): a page not written since the last completed sync() reads
+exactly; a page written since reads as its synced bytes, as a version written since, or EIO.
+Without a crash every page reads exactly, failed writes included. How the ordering gives that:
+  write_pages   pair := (what the disk holds now, crc(new)) in memory -- "what it holds" is the
+                last completed write, which right after a sync is the durable value -- then
+                write the touched sidecar blocks, then the data. The pair covers the page
+                whatever part of the write lands. (After two writes since a sync a power cut
+                may bring back the synced bytes, which then read as EIO: allowed, and it keeps
+                the running case exact with only two values per page.)
+  sync          (1) fsync the sidecar: every pair written so far is durable before (2) fsync of
+                the data (correctness does not need (1); it narrows the EIO window of pages
+                written just before a cut, for one cheap fsync of a small file); (3) collapse durable := latest for pages whose writes had completed
+                before (2) began and were not rewritten since, write their blocks, fsync the
+                sidecar. A power cut anywhere leaves each synced page covered: its pair has been
+                (D, D) in every sidecar version written since its last sync.
+  sidecar       Versions of one sidecar block are written in the order their snapshots were
+                taken (a stripe lock held across snapshot + pwrite): a stale snapshot landing
+                late could otherwise drop a synced page's checksum.
+  failed write  the page keeps (old, new): both stay valid (what landed is unknown), sync does
+                not collapse it, and the next write keeps `old` as its first value, until a
+                write of the page succeeds.
+The sidecar is written buffered (fsync orders it); the data file bypasses the page cache
+(zblock.disk.FileDisk, O_DIRECT on this machine).
+
+Ephemeral mode (swap): no sidecar, CRCs kept in memory only, the file preallocated and its
+contents discarded at open; discard only marks pages zero (a punch would give back the space the
+preallocation reserved); sync and close write nothing.
+
+Lock protocol. Lock order: _sync_lock -> stripe lock -> _lock.
+  _lock        (small, never held across I/O) guards _crc, _unsynced, _inflight, _failed and the
+               counters bd_reads, bd_writes, checksum_errors.
+  _stripes[b % N]  serialises snapshot + pwrite of sidecar block b (held across one 4 KiB
+               buffered pwrite: the ordering above needs it).
+  _sync_lock   one sync() at a time.
+The caller (the cache) serialises operations on the same page; different pages may be read and
+written from several threads, and sync() may run while other pages are written.
+
+Not here: caching, compression, byte ranges (zblock.store), retries (the cache keeps a page whose
+writeback failed).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import crc32c as _crc32c
+import numpy as np
+
+from . import PAGE_SIZE
+from .disk import FileDisk
+from .errors import BackingError, BackingLocked, DataError, DiskError, OutOfRange
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# on-disk format
+
+META_SUFFIX = ".zbmeta"
+META_MAGIC = b"ZBLKMETA"
+META_VERSION = 1
+HEADER_SIZE = 4096
+ENTRY_SIZE = 8  # two uint32: durable, latest
+ENTRIES_PER_BLOCK = PAGE_SIZE // ENTRY_SIZE  # 512
+FLAG_CLEAN = 1
+# magic, version, page_size, size, flags, entry_size, data_mtime_ns, data_ino; then crc32c
+_HEADER = struct.Struct("<8sIIQIIqQ")
+
+ZERO = 0
+UNCHECKED = 1
+_crc = _crc32c.crc32c
+
+
+def _fold(crcs: np.ndarray) -> np.ndarray:
+    """Keep 0 and 1 free for the sentinels (costs one bit of strength for two values)."""
+    crcs[crcs < 2] += 2
+    return crcs
+
+
+ZERO_PAGE_CRC = int(_fold(np.array([_crc(bytes(PAGE_SIZE))], np.uint32))[0])
+
+# A page-read run in fsck; reads in Backing follow the caller's runs.
+_FSCK_RUN = 256
+
+DiskFactory = Callable[[str, str], object]  # (path, role "data" | "meta") -> disk
+
+
+def meta_path(path: str) -> str:
+    return path + META_SUFFIX
+
+
+def _page_crcs(data, count: int) -> np.ndarray:
+    mv = memoryview(data)
+    crcs = np.fromiter((_crc(mv[o:o + PAGE_SIZE]) for o in range(0, count * PAGE_SIZE, PAGE_SIZE)),
+                       np.uint32, count)
+    return _fold(crcs)
+
+
+def _verify(crcs: np.ndarray, pair: np.ndarray) -> np.ndarray:
+    """Bool per page: the data matches one of its two values (ZERO means the zero page)."""
+    d, l = pair[:, 0], pair[:, 1]
+    return ((crcs == d) | (crcs == l) | (d == UNCHECKED) | (l == UNCHECKED)
+            | (((d == ZERO) | (l == ZERO)) & (crcs == ZERO_PAGE_CRC)))
+
+
+def _pack_header(size: int, clean: bool, mtime_ns: int = 0, ino: int = 0) -> bytes:
+    head = _HEADER.pack(META_MAGIC, META_VERSION, PAGE_SIZE, size, FLAG_CLEAN if clean else 0,
+                        ENTRY_SIZE, mtime_ns, ino)
+    head += struct.pack("<I", _crc(head))
+    return head + bytes(HEADER_SIZE - len(head))
+
+
+@dataclass
+class _Header:
+    version: int
+    page_size: int
+    size: int
+    clean: bool
+    entry_size: int
+    mtime_ns: int
+    ino: int
+
+
+def _parse_header(raw: bytes, where: str) -> _Header:
+    """BackingError naming the problem unless `raw` is a valid header of this version."""
+    n = _HEADER.size
+    if len(raw) < n + 4:
+        raise BackingError(f"{where}: sidecar too short for a header")
+    magic, version, page_size, size, flags, entry_size, mtime_ns, ino = _HEADER.unpack(raw[:n])
+    if magic != META_MAGIC:
+        raise BackingError(f"{where}: not a zblock sidecar (bad magic)")
+    if struct.unpack("<I", raw[n:n + 4])[0] != _crc(raw[:n]):
+        raise BackingError(f"{where}: sidecar header checksum mismatch")
+    if version != META_VERSION:
+        raise BackingError(f"{where}: sidecar version {version} is not supported (want {META_VERSION})")
+    if page_size != PAGE_SIZE or entry_size != ENTRY_SIZE:
+        raise BackingError(f"{where}: sidecar page size {page_size} / entry size {entry_size} "
+                           f"not supported (want {PAGE_SIZE} / {ENTRY_SIZE})")
+    return _Header(version, page_size, size, bool(flags & FLAG_CLEAN), entry_size, mtime_ns, ino)
+
+
+def _table_rows(npages: int) -> int:
+    return -(-npages // ENTRIES_PER_BLOCK) * ENTRIES_PER_BLOCK
+
+
+def _stat_backing(path: str) -> os.stat_result | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BackingError(f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BackingError(f"{path} is a directory, not a backing file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BackingError(f"{path} is not a regular file")
+    return st
+
+
+def _default_factory(path: str, role: str):
+    # The data file bypasses the page cache; the sidecar is small and ordered by fsync.
+    return FileDisk(path, direct=(role == "data"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backing
+
+
+class Backing:
+    """An open backing file. Make one with `Backing.open`."""
+
+    _NSTRIPES = 64
+
+    def __init__(self, path: str, size: int, lock_fd: int, data, meta, table: np.ndarray,
+                 ephemeral: bool, open_state: str):
+        self.path = path
+        self.size = size
+        self.npages = size // PAGE_SIZE
+        self.ephemeral = ephemeral
+        self.open_state = open_state  # new | clean | recovered | imported | changed | ephemeral
+        self.io_mode = getattr(data, "mode", type(data).__name__)
+        self._lock_fd = lock_fd
+        self._data = data
+        self._meta = meta
+        self._crc = table  # (rows, 2) uint32: durable, latest
+        n = self.npages
+        self._unsynced = np.zeros(n, bool)  # written/discarded since the last sync
+        self._inflight = np.zeros(n, bool)  # disk write or punch in progress
+        self._failed = np.zeros(n, bool)  # last write failed: keep both values across sync
+        self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(self._NSTRIPES)]
+        self._sync_lock = threading.Lock()
+        self._closed = False
+        self.bd_reads = 0
+        self.bd_writes = 0
+        self.checksum_errors = 0
+
+    # -- open --------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, size: int | None = None, *, ephemeral: bool = False,
+             disk_factory: DiskFactory | None = None) -> "Backing":
+        """Create (needs `size`) or open the backing file at `path`, locked while open.
+
+        An existing file keeps its contents and its size: `size` None uses it, a different
+        `size` is refused (no silent resize). An empty existing file counts as new.
+        Raises BackingError with a one-line message, BackingLocked if another Backing has it.
+        """
+        path = os.path.abspath(os.fspath(path))
+        factory = disk_factory or _default_factory
+        if size is not None and (not isinstance(size, int) or size <= 0 or size % PAGE_SIZE):
+            raise BackingError(f"{path}: size {size!r} must be a positive multiple of {PAGE_SIZE}")
+        st = _stat_backing(path)
+        if st is None and size is None:
+            raise BackingError(f"{path} does not exist (a new backing file needs --size)")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise BackingError(f"{path}: cannot open: {e.strerror}") from None
+        created = st is None
+        data = meta = None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BackingLocked(f"{path} is in use (locked by another zblock)") from None
+            cur = os.fstat(fd).st_size
+            new = cur == 0
+            if new:
+                if size is None:
+                    raise BackingError(f"{path} is empty (a new backing file needs --size)")
+                os.ftruncate(fd, size)
+            else:
+                if cur % PAGE_SIZE:
+                    raise BackingError(f"{path}: size {cur} is not a multiple of {PAGE_SIZE}")
+                if size is not None and size != cur:
+                    raise BackingError(f"{path} is {cur} bytes, not {size}: no silent resize")
+                size = cur
+            npages = size // PAGE_SIZE
+            table = np.zeros((_table_rows(npages), 2), np.uint32)
+            data = factory(path, "data")
+            if ephemeral:
+                state = "ephemeral"
+                # Discard the old contents and reserve every block: swap must not meet ENOSPC.
+                try:
+                    data.punch(0, size)
+                except OSError as e:  # the table marks every page zero anyway
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+                try:
+                    data.prealloc(0, size)
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise  # ENOSPC: BackingError below, at mount time, not during reclaim
+                    log.warning("%s: cannot preallocate (%s): swap may meet ENOSPC", path, e.strerror)
+                try:
+                    os.unlink(meta_path(path))  # checksums of discarded contents
+                except FileNotFoundError:
+                    pass
+            else:
+                state = cls._load_table(path, size, new, fd, table)
+                meta = factory(meta_path(path), "meta")
+                if state == "imported":
+                    meta.pwrite(HEADER_SIZE, table.tobytes())
+                meta.pwrite(0, _pack_header(size, clean=False))  # dirty until a clean close
+                meta.fsync()
+                if new:
+                    data.fsync()
+            if state == "imported":
+                log.warning("%s: no checksum sidecar; its pages are accepted unchecked until "
+                            "written", path)
+            elif state == "changed":
+                log.warning("%s: modified since its last clean unmount; pages changed outside "
+                            "zblock will fail their checksums (remove %s to accept them)",
+                            path, meta_path(path))
+            return cls(path, size, fd, data, meta, table, ephemeral, state)
+        except BaseException as e:
+            for d in (meta, data):
+                if d is not None:
+                    d.close()
+            os.close(fd)
+            if created and not isinstance(e, BackingLocked):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            if isinstance(e, OSError):
+                raise BackingError(f"{path}: {e.strerror}") from None
+            raise
+
+    @staticmethod
+    def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray) -> str:
+        """Fill `table` from the sidecar (creating it if needed); return how the file was found."""
+        mpath = meta_path(path)
+        nbytes = HEADER_SIZE + table.nbytes
+        if new:
+            mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(mfd, nbytes)  # sparse zeros: every entry ZERO
+            finally:
+                os.close(mfd)
+            return "new"
+        try:
+            mfd = os.open(mpath, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(mfd, nbytes)
+            finally:
+                os.close(mfd)
+            table[:] = UNCHECKED
+            return "imported"
+        try:
+            head = _parse_header(os.pread(mfd, HEADER_SIZE, 0), mpath)
+            if head.size != size:
+                raise BackingError(f"{mpath}: sidecar is for a {head.size}-byte file, the backing "
+                                   f"file is {size} bytes (remove the sidecar to import it unchecked)")
+            raw = os.pread(mfd, table.nbytes, HEADER_SIZE)
+            if len(raw) != table.nbytes:
+                raise BackingError(f"{mpath}: sidecar is truncated")
+        finally:
+            os.close(mfd)
+        table[:] = np.frombuffer(raw, "<u4").reshape(table.shape)
+        if not head.clean:
+            return "recovered"  # after a crash: trust both values of every pair
+        st = os.fstat(data_fd)
+        if st.st_mtime_ns != head.mtime_ns:  # not the inode: `cp -p` of both files is fine
+            # Written outside zblock (losetup, dd) since the clean unmount. The checksums stay
+            # in force: bit rot and a stray dd look alike, and both must read as EIO. A user
+            # who edited the image on purpose removes the sidecar to import it unchecked.
+            return "changed"
+        return "clean"
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_range(self, start: int, count: int) -> None:
+        if self._closed:
+            raise BackingError(f"{self.path}: backing is closed")
+        if start < 0 or count < 0 or start + count > self.npages:
+            raise OutOfRange(f"{self.path}: pages {start}+{count} outside 0..{self.npages}")
+
+    def _on_disk(self, pages) -> np.ndarray:
+        """Caller holds _lock. The value of what the disk holds for `pages` now, barring a
+        crash: latest when the last write completed (it equals durable right after a sync),
+        durable when it failed (what landed is unknown; durable at least is covered)."""
+        return np.where(self._failed[pages], self._crc[pages, 0], self._crc[pages, 1])
+
+    def _put_meta_blocks(self, blocks) -> None:
+        """Write sidecar blocks from the table. Each block's snapshot is taken and written under
+        its stripe lock, so versions of a block reach the file in snapshot order."""
+        for b in blocks:
+            b = int(b)
+            with self._stripes[b % self._NSTRIPES]:
+                with self._lock:
+                    buf = self._crc[b * ENTRIES_PER_BLOCK:(b + 1) * ENTRIES_PER_BLOCK].tobytes()
+                self._meta.pwrite(HEADER_SIZE + b * PAGE_SIZE, buf)
+
+    def _disk_error(self, what: str, e: OSError) -> DiskError:
+        return DiskError(f"{self.path}: {what} failed: {e.strerror or e}", e.errno or errno.EIO)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def read_pages(self, start: int, count: int) -> bytes:
+        """`count` pages from page `start`, each verified. DataError (EIO) naming the first bad
+        page if any does not match its checksums; DiskError on an I/O error."""
+        self._check_range(start, count)
+        if count == 1:
+            return self._read_one(start)
+        end = start + count
+        with self._lock:
+            pair = self._crc[start:end].copy()
+        zero = (pair[:, 0] == ZERO) & (pair[:, 1] == ZERO)
+        if zero.all():
+            return bytes(count * PAGE_SIZE)
+        try:
+            data = self._data.pread(start * PAGE_SIZE, count * PAGE_SIZE)
+        except OSError as e:
+            raise self._disk_error(f"read of pages {start}..{end - 1}", e) from None
+        ok = _verify(_page_crcs(data, count), pair)
+        if zero.any():
+            # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard
+            # only marks them); they need no check.
+            ok |= zero
+            if ok.all():
+                data = self._zero_fill(data, zero)
+        if not ok.all():
+            bad = (np.flatnonzero(~ok) + start).tolist()
+            with self._lock:
+                self.checksum_errors += len(bad)
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            err = DataError(f"{self.path}: page {bad[0]}{more}: checksum mismatch")
+            err.pages = bad
+            raise err
+        with self._lock:
+            self.bd_reads += count
+        return data
+
+    def _read_one(self, i: int) -> bytes:
+        """read_pages for a single page, same checks, scalar bookkeeping."""
+        with self._lock:
+            d, l = int(self._crc[i, 0]), int(self._crc[i, 1])
+        if d == ZERO and l == ZERO:
+            return bytes(PAGE_SIZE)
+        try:
+            data = self._data.pread(i * PAGE_SIZE, PAGE_SIZE)
+        except OSError as e:
+            raise self._disk_error(f"read of page {i}", e) from None
+        c = _crc(data)
+        if c < 2:
+            c += 2
+        if not (c == d or c == l or d == UNCHECKED or l == UNCHECKED
+                or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))):
+            with self._lock:
+                self.checksum_errors += 1
+            err = DataError(f"{self.path}: page {i}: checksum mismatch")
+            err.pages = [i]
+            raise err
+        with self._lock:
+            self.bd_reads += 1
+        return data
+
+    @staticmethod
+    def _zero_fill(data: bytes, zero: np.ndarray) -> bytes:
+        idx = np.flatnonzero(zero)
+        buf = bytearray(data)
+        z = bytes(PAGE_SIZE)
+        for i in idx.tolist():
+            o = i * PAGE_SIZE
+            if buf[o:o + PAGE_SIZE] != z:
+                buf[o:o + PAGE_SIZE] = z
+        return bytes(buf)
+
+    def read_page(self, idx: int) -> bytes:
+        return self.read_pages(idx, 1)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def write_pages(self, idxs: list[int], pages: list[bytes]) -> None:
+        """Write whole pages (any order; contiguous runs go out in one syscall each).
+        DiskError(err) on failure: the pages then read as their old or new bytes."""
+        n = len(idxs)
+        if n != len(pages):
+            raise ValueError("write_pages: idxs and pages differ in length")
+        if n == 0:
+            return
+        if self._closed:
+            raise BackingError(f"{self.path}: backing is closed")
+        if n == 1:  # scalar path: numpy's per-call overhead dominates one page
+            i = int(idxs[0])
+            if not 0 <= i < self.npages:
+                raise OutOfRange(f"{self.path}: page {i} outside 0..{self.npages - 1}")
+            if len(pages[0]) != PAGE_SIZE:
+                raise ValueError(f"write_pages: every page must be {PAGE_SIZE} bytes")
+            self._write_one(i, pages[0])
+            return
+        idx = np.fromiter(idxs, np.int64, n)
+        if idx.min() < 0 or idx.max() >= self.npages:
+            raise OutOfRange(f"{self.path}: page index outside 0..{self.npages - 1}")
+        if sum(map(len, pages)) != n * PAGE_SIZE:
+            raise ValueError(f"write_pages: every page must be {PAGE_SIZE} bytes")
+        crcs = _fold(np.fromiter(map(_crc, pages), np.uint32, n))
+        if not (np.diff(idx) > 0).all():
+            order = np.argsort(idx, kind="stable")
+            sidx = idx[order]
+            spages = [pages[i] for i in order.tolist()]
+        else:
+            sidx, spages = idx, pages
+        with self._lock:
+            self._crc[idx, 0] = self._on_disk(idx)
+            self._crc[idx, 1] = crcs
+            self._inflight[idx] = True
+            self._unsynced[idx] = True
+        done = 0
+        try:
+            if not self.ephemeral:
+                self._put_meta_blocks(np.unique(sidx // ENTRIES_PER_BLOCK))  # pairs first
+            cuts = (np.flatnonzero(np.diff(sidx) != 1) + 1).tolist() if n > 1 else []
+            for a, b in zip([0] + cuts, cuts + [n]):
+                self._data.pwritev(int(sidx[a]) * PAGE_SIZE, spages[a:b])
+                done = b
+        except OSError as e:
+            with self._lock:
+                self._failed[sidx[done:]] = True
+                self._inflight[idx] = False
+            raise self._disk_error(f"write of {n - done} page(s) from page {int(sidx[done])}", e) from None
+        except BaseException:
+            with self._lock:
+                self._inflight[idx] = False
+            raise
+        with self._lock:
+            self._inflight[idx] = False
+            self._failed[idx] = False
+            self.bd_writes += n
+
+    def _write_one(self, i: int, data) -> None:
+        """write_pages for a single page, same protocol, scalar bookkeeping."""
+        c = _crc(data)
+        if c < 2:
+            c += 2
+        crc = self._crc
+        with self._lock:
+            if not self._failed[i]:
+                crc[i, 0] = crc[i, 1]
+            crc[i, 1] = c
+            self._inflight[i] = True
+            self._unsynced[i] = True
+        try:
+            if not self.ephemeral:
+                self._put_meta_blocks((i // ENTRIES_PER_BLOCK,))
+            self._data.pwrite(i * PAGE_SIZE, data)
+        except OSError as e:
+            with self._lock:
+                self._failed[i] = True
+                self._inflight[i] = False
+            raise self._disk_error(f"write of page {i}", e) from None
+        except BaseException:
+            with self._lock:
+                self._inflight[i] = False
+            raise
+        with self._lock:
+            self._inflight[i] = False
+            self._failed[i] = False
+            self.bd_writes += 1
+
+    def discard(self, start: int, count: int) -> None:
+        """Drop pages: they read as zeros. Punches the file (except in swap mode, where the
+        preallocated space is kept and only the table changes)."""
+        self._check_range(start, count)
+        if count == 0:
+            return
+        end = start + count
+        if self.ephemeral:
+            with self._lock:
+                self._crc[start:end] = ZERO
+            return
+        with self._lock:
+            self._crc[start:end, 0] = self._on_disk(slice(start, end))
+            self._crc[start:end, 1] = ZERO
+            self._inflight[start:end] = True
+            self._unsynced[start:end] = True
+        try:
+            self._put_meta_blocks(range(start // ENTRIES_PER_BLOCK, (end - 1) // ENTRIES_PER_BLOCK + 1))
+            self._punch(start, count)
+        except OSError as e:
+            with self._lock:
+                self._failed[start:end] = True
+                self._inflight[start:end] = False
+            raise self._disk_error(f"discard of pages {start}..{end - 1}", e) from None
+        except BaseException:
+            with self._lock:
+                self._inflight[start:end] = False
+            raise
+        with self._lock:
+            self._inflight[start:end] = False
+            self._failed[start:end] = False
+
+    def _punch(self, start: int, count: int) -> None:
+        try:
+            self._data.punch(start * PAGE_SIZE, count * PAGE_SIZE)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):  # no hole punching here
+                raise
+            zeros = bytes(PAGE_SIZE)
+            for o in range(start, start + count, 256):
+                k = min(256, start + count - o)
+                self._data.pwritev(o * PAGE_SIZE, [zeros] * k)
+
+    # -- durability --------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make every page written so far durable (see the module docstring for the order).
+        DiskError on failure; the pages then keep both their values."""
+        if self._closed:
+            raise BackingError(f"{self.path}: backing is closed")
+        with self._sync_lock:
+            with self._lock:
+                cand = np.flatnonzero(self._unsynced & ~self._inflight & ~self._failed)
+                snap = self._crc[cand, 1].copy()
+            if self.ephemeral:
+                with self._lock:
+                    self._crc[cand, 0] = snap
+                    self._unsynced[cand] = False
+                return
+            try:
+                self._meta.fsync()  # (1) the pairs covering the data about to be made durable
+                self._data.fsync()  # (2)
+            except OSError as e:
+                raise self._disk_error("fsync", e) from None
+            with self._lock:  # (3) collapse what (2) covered and nobody rewrote since
+                still = self._crc[cand, 1] == snap
+                keep = cand[still]
+                self._crc[keep, 0] = snap[still]
+                self._unsynced[keep] = False
+            try:
+                self._put_meta_blocks(np.unique(keep // ENTRIES_PER_BLOCK))
+                self._meta.fsync()
+            except OSError as e:
+                raise self._disk_error("sidecar update", e) from None
+
+    def close(self, clean: bool = True) -> None:
+        """Release the file. `clean=True` syncs and marks the sidecar clean (an error then
+        propagates, still releasing everything); `clean=False` writes nothing (a crash, or a
+        caller that has given up). Idempotent."""
+        if self._closed:
+            return
+        try:
+            if clean and not self.ephemeral:
+                self.sync()
+                st = os.fstat(self._lock_fd)
+                self._meta.pwrite(0, _pack_header(self.size, True, st.st_mtime_ns, st.st_ino))
+                self._meta.fsync()
+        except OSError as e:
+            raise self._disk_error("clean close", e) from None
+        finally:
+            self._closed = True
+            for d in (self._meta, self._data):
+                if d is not None:
+                    try:
+                        d.close()
+                    except OSError as e:
+                        log.warning("%s: close: %s", self.path, e)
+            os.close(self._lock_fd)  # releases the flock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(clean=exc_type is None)
+
+
+# ---------------------------------------------------------------------------------------------
+# fsck
+
+
+@dataclass
+class FsckReport:
+    """What `fsck` found. `ok` is False when the header is bad or any page fails its check."""
+
+    path: str
+    size: int = 0
+    npages: int = 0
+    version: int | None = None
+    clean: bool = False
+    checked_pages: int = 0  # pages read and compared with their checksums
+    zero_pages: int = 0  # marked zero (never written or discarded)
+    unchecked_pages: int = 0  # no checksum to compare with
+    inflight_pages: int = 0  # durable != latest (written since the last sync)
+    bad_pages: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.bad_pages
+
+    def summary(self) -> str:
+        lines = [f"{self.path}: {self.size} bytes, {self.npages} pages, "
+                 f"{'clean' if self.clean else 'not cleanly closed'}"]
+        lines.append(f"checked {self.checked_pages}, zero {self.zero_pages}, unchecked "
+                     f"{self.unchecked_pages}, written since last sync {self.inflight_pages}")
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"error: {e}" for e in self.errors]
+        if self.bad_pages:
+            shown = ", ".join(map(str, self.bad_pages[:20]))
+            more = f" (+{len(self.bad_pages) - 20} more)" if len(self.bad_pages) > 20 else ""
+            lines.append(f"error: {len(self.bad_pages)} bad page(s): {shown}{more}")
+        lines.append("OK" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def fsck(path: str) -> FsckReport:
+    """Check an unmounted backing file: sidecar header, size, and every page against its
+    checksums (zero-marked pages must read as zeros). BackingError if the file is missing or
+    not a file, BackingLocked if it is in use. Reads through the page cache and drops it."""
+    path = os.path.abspath(os.fspath(path))
+    st = _stat_backing(path)
+    if st is None:
+        raise BackingError(f"{path} does not exist")
+    rep = FsckReport(path=path, size=st.st_size, npages=st.st_size // PAGE_SIZE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BackingError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackingLocked(f"{path} is in use (mounted?)") from None
+        if st.st_size % PAGE_SIZE:
+            rep.errors.append(f"size {st.st_size} is not a multiple of {PAGE_SIZE}")
+            return rep
+        mpath = meta_path(path)
+        try:
+            with open(mpath, "rb") as f:
+                raw_head = f.read(HEADER_SIZE)
+                head = _parse_header(raw_head, mpath)
+                rep.version, rep.clean = head.version, head.clean
+                rows = _table_rows(rep.npages)
+                raw = f.read(rows * ENTRY_SIZE)
+        except FileNotFoundError:
+            rep.errors.append(f"no sidecar {mpath}: pages cannot be checked")
+            return rep
+        except BackingError as e:
+            rep.errors.append(str(e))
+            return rep
+        if head.size != st.st_size:
+            rep.errors.append(f"sidecar is for {head.size} bytes, file has {st.st_size}")
+            return rep
+        if len(raw) != rows * ENTRY_SIZE:
+            rep.errors.append("sidecar is truncated")
+            return rep
+        table = np.frombuffer(raw, "<u4").reshape(rows, 2)[:rep.npages]
+        if head.clean and st.st_mtime_ns != head.mtime_ns:
+            rep.notes.append("file modified since its last clean unmount (mtime); if that was "
+                             "on purpose, remove the sidecar to import the image unchecked")
+        if not head.clean:
+            rep.notes.append("not cleanly closed (crash?): pages written since the last sync "
+                             "may read as EIO")
+        d, l = table[:, 0], table[:, 1]
+        rep.zero_pages = int(((d == ZERO) & (l == ZERO)).sum())
+        rep.unchecked_pages = int(((d == UNCHECKED) | (l == UNCHECKED)).sum())
+        rep.inflight_pages = int((d != l).sum())
+        for start in range(0, rep.npages, _FSCK_RUN):
+            count = min(_FSCK_RUN, rep.npages - start)
+            data = os.pread(fd, count * PAGE_SIZE, start * PAGE_SIZE)
+            if len(data) < count * PAGE_SIZE:
+                data += bytes(count * PAGE_SIZE - len(data))
+            os.posix_fadvise(fd, start * PAGE_SIZE, count * PAGE_SIZE, os.POSIX_FADV_DONTNEED)
+            ok = _verify(_page_crcs(data, count), table[start:start + count])
+            rep.bad_pages += (np.flatnonzero(~ok) + start).tolist()
+        rep.checked_pages = rep.npages - rep.unchecked_pages
+        return rep
+    finally:
+        os.close(fd)

@@ -1,0 +1,766 @@
+"""The compressed front cache (zswap): entries, LRU with second chance, limits, writeback.
+
+Every page of the disk has one slot in a set of numpy arrays (the entry table, zswap's xarray):
+its state, compressed length, pool, fill value, flags and an LRU stamp; `objs` holds the stored
+object of a compressed or raw page. Per-page Python work decides speed here, so stores and loads
+work on whole requests (up to 256 pages) with vectorised numpy and one pass of Python per page.
+
+Page states:
+    NONE  never written or discarded: reads as zeros, nothing on disk
+    SAME  same-filled page: a fill value, no pool memory, not on the LRU (zswap 4.14-6.9)
+    COMP  compressed object in a pool, on the LRU
+    RAW   incompressible page stored as-is in a pool, on the LRU (zswap 6.18)
+    DISK  not cached: the backing file holds it
+A cached page (SAME/COMP/RAW) is `dirty` until the backing file holds the same bytes durably.
+
+Invariants:
+    * `gen[p]` changes whenever page p's entry changes; slow work (decompression, disk I/O) is done
+      with the tree lock dropped and re-validated by comparing gen afterwards (zswap_reclaim_entry).
+    * A page's disk write happens under that page's lock, and its entry stays in the cache, marked
+      `under_wb`, until the write completes (zram ZRAM_UNDER_WB). A store that goes to disk first
+      erases the older cached entry afterwards.
+    * stored_pages == sum(pool.stored_pages) + same_filled_pages under the tree lock.
+
+Lock protocol (order: page lock -> tree lock; never a page lock while holding the tree lock):
+    tree_lock  guards every array, `objs`, pool counters, the pool table and the stat counters.
+               Held only for bookkeeping: never across compression or disk I/O.
+    page locks striped RLocks (page % NSTRIPES). Held across a page's disk I/O (writeback, flush,
+               disk reads, store-to-disk) and a partial page's read-modify-write. Several are
+               taken in ascending stripe order.
+    _wb_cond   (on tree_lock) wakes the writeback worker and writers waiting for pool space.
+
+The cache does not know about byte ranges (store.py) or files (backing.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import psutil
+
+from . import PAGE_SIZE
+from .acomp import ContextSet
+from .compressors import CompressionError
+from .config import Config
+from .errors import DataError, DiskError
+from .pool import RAW_CHARGE, Pool, Trimmer
+
+log = logging.getLogger(__name__)
+
+NONE, SAME, COMP, RAW, DISK = 0, 1, 2, 3, 4
+WORDS = PAGE_SIZE // 8
+NSTRIPES = 1024
+BATCH = 256                 # pages per writeback/flush disk batch (1 MiB)
+MAX_POOLS = 255             # pool ids are uint8
+# A writer under the `evict` policy waits for the writeback worker once the pool is this far over
+# its limit (back-pressure), but never longer than SPACE_WAIT: a failing disk must not hang writes.
+OVERSHOOT = 8 << 20
+SPACE_WAIT = 5.0
+SHRINK_INTERVAL = 1.0       # seconds between shrinker passes when idle
+
+
+def _charges(lengths: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """pool.charge() vectorised: RAW entries cost a full page object."""
+    ln = np.where(states == RAW, PAGE_SIZE, lengths.astype(np.int64))
+    return (ln + 56) & ~15
+
+
+class Counters:
+    """zswap/zram event counters; each moved by exactly its trigger, under the tree lock."""
+
+    NAMES = ("pool_limit_hit", "written_back_pages", "flushed_pages", "reject_compress_poor",
+             "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail", "decompress_fail",
+             "zswpout", "zswpin", "zswpwb", "discarded_pages")
+
+    def __init__(self):
+        for name in self.NAMES:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+
+class PageLocks:
+    """Striped per-page locks; RLock so a read-modify-write may load the page it holds."""
+
+    def __init__(self, nstripes: int = NSTRIPES):
+        self.n = nstripes
+        self._locks = [threading.RLock() for _ in range(nstripes)]
+
+    @contextlib.contextmanager
+    def hold(self, pages):
+        """Hold the locks of `pages` (any iterable of ints), taken in ascending stripe order."""
+        stripes = sorted({p % self.n for p in pages})
+        taken = []
+        try:
+            for s in stripes:
+                self._locks[s].acquire()
+                taken.append(s)
+            yield
+        finally:
+            for s in reversed(taken):
+                self._locks[s].release()
+
+    @contextlib.contextmanager
+    def hold_range(self, start: int, count: int):
+        if count >= self.n:
+            with self.hold(range(self.n)):
+                yield
+        else:
+            with self.hold(range(start, start + count)):
+                yield
+
+
+class Cache:
+    """zswap over a page-indexed table. `backing` needs read_pages/write_pages/discard/sync."""
+
+    def __init__(self, npages: int, config: Config, backing, *, on_disk: np.ndarray | None = None,
+                 memory_pressure: Callable[[], bool] | None = None, engine_factory=None):
+        self.npages = npages
+        self.config = config
+        self.backing = backing
+        self.tree_lock = threading.Lock()
+        self.page_locks = PageLocks()
+        self._wb_cond = threading.Condition(self.tree_lock)
+
+        # --- the entry table
+        self.state = np.zeros(npages, np.uint8)
+        if on_disk is not None:
+            self.state[on_disk] = DISK
+        self.length = np.zeros(npages, np.uint16)
+        self.pool_id = np.zeros(npages, np.uint8)
+        self.fill = np.zeros(npages, np.uint64)
+        self.dirty = np.zeros(npages, np.bool_)
+        self.referenced = np.zeros(npages, np.bool_)
+        self.under_wb = np.zeros(npages, np.bool_)
+        self.stamp = np.zeros(npages, np.int64)
+        self.gen = np.zeros(npages, np.uint32)
+        self.objs: list = [None] * npages
+        self._seq = 1
+
+        # --- gauges and counters
+        self.c = Counters()
+        self.same_filled_pages = 0
+        self.stored_incompressible_pages = 0
+        self.pool_total_size = 0
+        self.mem_used_max = 0
+        self.reached_full = False   # zswap policy: rejecting until below the accept threshold
+        self.request_sizes: dict[str, int] = {}
+
+        # --- pools (zswap_pools); the current one is self.pool
+        self.pools: list[Pool | None] = [None] * MAX_POOLS
+        self._engine_factory = engine_factory
+        self._engines: dict[tuple, object] = {}
+        self.pool = self._pool_find_get()
+        self.trimmer = Trimmer()
+        self.memory_pressure = memory_pressure or _system_memory_pressure
+
+        self._closing = False
+        self._wb_wanted = False
+        self._worker = threading.Thread(target=self._writeback_worker, name="zblock-writeback",
+                                        daemon=True)
+        self._worker_error: BaseException | None = None
+        self._worker.start()
+
+    # =========================================================================================
+    # pools
+
+    def _pool_key(self) -> tuple:
+        cfg = self.config
+        level = cfg.zstd_level if cfg.compressor == "zstd" else None
+        if cfg.accelerator == "none":
+            return (cfg.compressor, level, "none")
+        hw = (cfg.hw_queues, cfg.hw_depth, cfg.hw_latency_us, cfg.hw_throughput_mbps, cfg.hw_mode,
+              cfg.hw_batch, cfg.hw_fault_rate, cfg.hw_seed)
+        return (cfg.compressor, level, "sim", hw)
+
+    def _engine_get(self, hw: tuple):
+        engine = self._engines.get(hw)
+        if engine is None:
+            if self._engine_factory is not None:
+                engine = self._engine_factory(hw)
+            else:
+                from .accel import Engine
+                q, d, lat, thr, mode, batch, rate, seed = hw
+                engine = Engine(queues=q, depth=d, latency_us=lat, throughput_mbps=thr, mode=mode,
+                                batch=batch, fault_rate=rate, seed=seed)
+            self._engines[hw] = engine
+        return engine
+
+    def _pool_find_get(self) -> Pool:
+        """Make the pool for the current config current, reusing a live one (zswap find-get).
+
+        Caller holds the tree lock (or is the constructor)."""
+        key = self._pool_key()
+        for pool in self.pools:
+            if pool is not None and pool.key == key:
+                pool.current = True
+                return pool
+        free_id = next((i for i, p in enumerate(self.pools) if p is None), None)
+        if free_id is None:
+            raise DataError("too many live pools: wait for old pools' pages to be rewritten")
+        engine = self._engine_get(key[3]) if key[2] == "sim" else None
+        contexts = ContextSet(key[0], key[1], self.config.contexts, engine=engine)
+        pool = Pool(free_id, key, contexts)
+        self.pools[free_id] = pool
+        return pool
+
+    def switch_pool(self) -> None:
+        """After a compressor/engine param change: a new current pool; the old one lives on
+        while entries reference it."""
+        with self.tree_lock:
+            if self.pool.key == self._pool_key():
+                return
+            old = self.pool
+            old.current = False
+            self.pool = self._pool_find_get()
+            self._pool_put_if_dead(old)
+
+    def _pool_put_if_dead(self, pool: Pool) -> None:
+        """Free a pool nobody references. Caller holds the tree lock."""
+        if pool.refs == 0 and self.pools[pool.id] is pool:
+            self.pools[pool.id] = None
+            pool.close()
+            self._engines_put_unused()
+
+    def _engines_put_unused(self) -> None:
+        used = {p.key[3] for p in self.pools if p is not None and p.key[2] == "sim"}
+        for hw in [hw for hw in self._engines if hw not in used]:
+            self._engines.pop(hw).close()
+
+    # =========================================================================================
+    # helpers (caller holds the tree lock)
+
+    def _free_entries(self, idx) -> None:
+        """Drop the cached entries of pages `idx` (a slice or index array) from pools and gauges.
+
+        The caller sets the new state; this only undoes the old entries' accounting."""
+        st = self.state[idx]
+        cached = (st == COMP) | (st == RAW)
+        if cached.any():
+            ids = self.pool_id[idx][cached]
+            ch = _charges(self.length[idx][cached], st[cached])
+            counts = np.bincount(ids, minlength=MAX_POOLS)
+            sizes = np.bincount(ids, weights=ch, minlength=MAX_POOLS)
+            for pid in np.flatnonzero(counts):
+                pool = self.pools[pid]
+                pool.stored_pages -= int(counts[pid])
+                pool.total_size -= int(sizes[pid])
+                self._pool_put_if_dead(pool)
+            freed = int(ch.sum())
+            self.pool_total_size -= freed
+            self.trimmer.freed(freed)
+            self.stored_incompressible_pages -= int(np.count_nonzero(st == RAW))
+        self.same_filled_pages -= int(np.count_nonzero(st == SAME))
+        if isinstance(idx, slice):
+            self.objs[idx] = [None] * (idx.stop - idx.start)
+        else:
+            for p in idx.tolist():
+                self.objs[p] = None
+        self.gen[idx] += 1
+        self.dirty[idx] = False
+        self.referenced[idx] = False
+        self.under_wb[idx] = False
+
+    def _over_limit(self) -> bool:
+        return self.pool_total_size >= self.config.pool_limit
+
+    def _accept_level(self) -> int:
+        return self.config.pool_limit * self.config.accept_threshold // 100
+
+    def _check_limits(self) -> bool:
+        """zswap_check_limits(): True if this store must be rejected. Caller holds the tree lock."""
+        if self._over_limit():
+            self.c.pool_limit_hit += 1
+            self._wake_writeback()
+            if self.config.limit_policy == "zswap":
+                self.reached_full = True
+        if self.reached_full:
+            if self.config.limit_policy != "zswap" or self.pool_total_size <= self._accept_level():
+                self.reached_full = False
+        return self.reached_full
+
+    def _wake_writeback(self) -> None:
+        self._wb_wanted = True
+        self._wb_cond.notify_all()
+
+    # =========================================================================================
+    # store
+
+    def store_pages(self, start: int, buf) -> None:
+        """Store whole pages `start ..` from `buf` (bytes-like, a multiple of PAGE_SIZE long)."""
+        mv = memoryview(buf).cast("B")
+        n = len(mv) // PAGE_SIZE
+        cfg = self.config
+        with self.tree_lock:
+            reject = self._check_limits()
+            if not reject and cfg.limit_policy == "evict":
+                self._wait_for_space()
+            pool = self.pool
+            pool.users += 1             # holds the pool while compressing (zswap_pool_get)
+        try:
+            if reject:
+                self._store_to_disk(start, [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
+                                    list(range(start, start + n)))
+                return
+            self._store_cached(start, mv, n, pool)
+        finally:
+            with self.tree_lock:
+                pool.users -= 1
+                self._pool_put_if_dead(pool)
+
+    def _wait_for_space(self) -> None:
+        """Back-pressure for the evict policy. Caller holds the tree lock."""
+        if self.pool_total_size < self.config.pool_limit + OVERSHOOT:
+            return
+        deadline = time.monotonic() + SPACE_WAIT
+        while self.pool_total_size >= self.config.pool_limit + OVERSHOOT and not self._closing:
+            self._wake_writeback()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return      # the disk is failing (reject_reclaim_fail): keep data, exceed the limit
+            self._wb_cond.wait(left)
+
+    def _store_cached(self, start: int, mv: memoryview, n: int, pool: Pool) -> None:
+        cfg = self.config
+        words = np.frombuffer(mv, dtype=np.uint64).reshape(n, WORDS)
+        new_state = np.full(n, COMP, np.uint8)
+        if cfg.same_filled_pages_enabled:
+            # first word == last word filters nearly every non-same page before the full compare
+            cand = np.flatnonzero(words[:, 0] == words[:, -1])
+            if len(cand):
+                same = cand[(words[cand] == words[cand, :1]).all(axis=1)]
+                new_state[same] = SAME
+        comp_idx = np.flatnonzero(new_state == COMP).tolist()
+        pages = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in comp_idx]
+        results = pool.contexts.compress_pages(pages) if pages else []
+
+        if len(comp_idx) == n:
+            new_objs = list(results)
+        else:
+            new_objs = [None] * n
+            for i, r in zip(comp_idx, results):
+                new_objs[i] = r
+        new_len = np.zeros(n, np.uint16)
+        new_len[comp_idx] = [len(r) if type(r) is bytes else 0 for r in results]
+        to_disk: list[int] = []
+        poor = fail = 0
+        store_raw = cfg.incompressible_policy == "store_raw"
+        for i in [i for i, r in zip(comp_idx, results) if type(r) is not bytes]:
+            if new_objs[i] == -errno.ENOSPC:      # did not fit in a page: incompressible
+                if not store_raw:
+                    poor += 1
+                    to_disk.append(i)
+                    new_state[i] = NONE
+                    new_objs[i] = None
+                    continue
+            else:                                 # compressor error: 6.18 stores the page as-is
+                fail += 1
+            new_objs[i] = bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+            new_state[i] = RAW
+            new_len[i] = PAGE_SIZE
+
+        keep = new_state != NONE
+        with self.tree_lock:
+            self.c.reject_compress_poor += poor
+            self.c.reject_compress_fail += fail
+            if to_disk:
+                # rejected pages keep their old entry until their disk write lands (below)
+                stored = np.flatnonzero(keep)
+                idx = stored + start
+                self._free_entries(idx)
+                self.state[idx] = new_state[stored]
+                self.length[idx] = new_len[stored]
+                self.fill[idx] = words[stored, 0]
+                for i in stored.tolist():
+                    self.objs[start + i] = new_objs[i]
+                sel = idx
+            else:
+                sel = slice(start, start + n)
+                self._free_entries(sel)
+                self.state[sel] = new_state
+                self.length[sel] = new_len
+                self.fill[sel] = words[:, 0]
+                self.objs[sel] = new_objs
+                stored = None
+            st = self.state[sel]
+            cached = (st == COMP) | (st == RAW)
+            self.pool_id[sel] = np.where(cached, pool.id, 0)
+            self.dirty[sel] = True
+            self.stamp[sel] = self._seq
+            self._seq += 1
+            ncached = int(np.count_nonzero(cached))
+            nsame = int(np.count_nonzero(st == SAME))
+            nraw = int(np.count_nonzero(st == RAW))
+            size = int(_charges(self.length[sel][cached], st[cached]).sum())
+            pool.stored_pages += ncached
+            pool.total_size += size
+            self.pool_total_size += size
+            self.same_filled_pages += nsame
+            self.stored_incompressible_pages += nraw
+            self.c.zswpout += ncached + nsame
+            if self.pool_total_size > self.mem_used_max:
+                self.mem_used_max = self.pool_total_size
+            if self._over_limit():
+                self._wake_writeback()
+        if to_disk:
+            self._store_to_disk(start, [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in to_disk],
+                                [start + i for i in to_disk])
+
+    def _store_to_disk(self, start: int, pages: list, idxs: list[int]) -> None:
+        """A store that goes to disk first: write under the pages' locks, then erase the older
+        cached entries (unless a newer store replaced them meanwhile)."""
+        with self.page_locks.hold(idxs):
+            with self.tree_lock:
+                gens = self.gen[idxs].copy()
+            self.backing.write_pages(idxs, [bytes(p) for p in pages])
+            with self.tree_lock:
+                arr = np.asarray(idxs)
+                same = arr[self.gen[arr] == gens]
+                self._free_entries(same)
+                self.state[same] = DISK
+
+    # =========================================================================================
+    # load
+
+    def load_pages(self, start: int, n: int) -> bytearray:
+        """The bytes of pages start .. start+n. Raises DataError (EIO) if one cannot be read."""
+        sel = slice(start, start + n)
+        with self.tree_lock:
+            st = self.state[sel].copy()
+            objs = self.objs[sel]
+            pids = self.pool_id[sel].copy()
+            fills = self.fill[sel].copy()
+            cached = (st == COMP) | (st == RAW)
+            self.referenced[sel] |= cached
+            self.c.zswpin += int(np.count_nonzero(cached | (st == SAME)))
+            pools = {int(p): self.pools[int(p)] for p in np.unique(pids[st == COMP])}
+        out = bytearray(n * PAGE_SIZE)
+        ov = memoryview(out)
+        comp = np.flatnonzero(st == COMP)
+        if len(comp):
+            by_pool: dict[int, list[int]] = {}
+            for i in comp.tolist():
+                by_pool.setdefault(int(pids[i]), []).append(i)
+            for pid, items in by_pool.items():
+                results = pools[pid].contexts.decompress_pages([objs[i] for i in items])
+                for i, r in zip(items, results):
+                    if type(r) is not bytes:
+                        with self.tree_lock:
+                            self.c.decompress_fail += 1
+                        raise DataError(f"page {start + i}: decompression failed ({r})")
+                    ov[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = r
+        for i in np.flatnonzero(st == RAW).tolist():
+            ov[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = objs[i]
+        for i in np.flatnonzero((st == SAME) & (fills != 0)).tolist():
+            ov[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = np.full(WORDS, fills[i], np.uint64).tobytes()
+        disk = np.flatnonzero(st == DISK)
+        if len(disk):
+            self._load_from_disk(start, disk, ov)
+        return out
+
+    def _load_from_disk(self, start: int, disk: np.ndarray, ov: memoryview) -> None:
+        """Read runs of on-disk pages under their locks, re-reading any page a store or discard
+        changed while we waited for the lock."""
+        runs = np.split(disk, np.flatnonzero(np.diff(disk) != 1) + 1)
+        for run in runs:
+            first, count = int(run[0]), len(run)
+            with self.page_locks.hold_range(start + first, count):
+                with self.tree_lock:
+                    moved = self.state[start + first:start + first + count] != DISK
+                if moved.any():
+                    # cached again (or discarded) since our snapshot: take the current bytes
+                    again = self.load_pages(start + first, count)
+                    ov[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = again
+                    continue
+                data = self.backing.read_pages(start + first, count)
+                ov[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = data
+
+    # =========================================================================================
+    # invalidate (discard)
+
+    def invalidate_pages(self, start: int, n: int) -> None:
+        """Drop whole pages (discard): cached entries freed, backing punched, reads give zeros."""
+        with self.page_locks.hold_range(start, n):
+            with self.tree_lock:
+                sel = slice(start, start + n)
+                self._free_entries(sel)
+                self.state[sel] = NONE
+                self.c.discarded_pages += n
+            self.backing.discard(start, n)
+
+    # =========================================================================================
+    # writeback
+
+    def _select_victims(self, want: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `want` coldest LRU pages; referenced ones get their second chance (rotated to the
+        tail, flag cleared) instead. Caller holds the tree lock. Returns (pages, gens)."""
+        while True:
+            lru = np.flatnonzero(((self.state == COMP) | (self.state == RAW)) & ~self.under_wb)
+            if not len(lru):
+                return lru, lru
+            if len(lru) > want:
+                lru = lru[np.argpartition(self.stamp[lru], want)[:want]]
+            ref = self.referenced[lru]
+            if ref.any():
+                second = lru[ref]
+                self.referenced[second] = False
+                self.stamp[second] = self._seq
+                self._seq += 1
+                lru = lru[~ref]
+                if not len(lru):
+                    continue
+            lru.sort()
+            self.under_wb[lru] = True
+            return lru, self.gen[lru].copy()
+
+    def _materialize(self, pages: np.ndarray) -> tuple[list[int], list[bytes], list[int]]:
+        """Uncompressed bytes of cached pages (caller holds their page locks, not the tree lock).
+        Returns (pages, data, failed): pages whose decompression failed are left out."""
+        with self.tree_lock:
+            st = self.state[pages].copy()
+            objs = [self.objs[p] for p in pages.tolist()]
+            pids = self.pool_id[pages].copy()
+            fills = self.fill[pages].copy()
+            pools = {int(p): self.pools[int(p)] for p in np.unique(pids[st == COMP])}
+        out_pages, out_data, failed = [], [], []
+        comp = [i for i in range(len(pages)) if st[i] == COMP]
+        decomp: dict[int, bytes] = {}
+        by_pool: dict[int, list[int]] = {}
+        for i in comp:
+            by_pool.setdefault(int(pids[i]), []).append(i)
+        for pid, items in by_pool.items():
+            for i, r in zip(items, pools[pid].contexts.decompress_pages([objs[i] for i in items])):
+                if type(r) is bytes:
+                    decomp[i] = r
+                else:
+                    failed.append(int(pages[i]))
+        for i, p in enumerate(pages.tolist()):
+            s = st[i]
+            if s == COMP:
+                if i in decomp:
+                    out_pages.append(p)
+                    out_data.append(decomp[i])
+            elif s == RAW:
+                out_pages.append(p)
+                out_data.append(objs[i])
+            elif s == SAME:
+                out_pages.append(p)
+                out_data.append(np.full(WORDS, fills[i], np.uint64).tobytes())
+        if failed:
+            with self.tree_lock:
+                self.c.decompress_fail += len(failed)
+        return out_pages, out_data, failed
+
+    def _writeback(self, victims: np.ndarray, gens: np.ndarray) -> bool:
+        """Write victims to disk and drop them from the cache. False if the disk failed: the
+        victims not written stay cached, dirty, off writeback."""
+        try:
+            for lo in range(0, len(victims), BATCH):
+                if not self._writeback_batch(victims[lo:lo + BATCH], gens[lo:lo + BATCH]):
+                    return False
+            return True
+        finally:
+            with self.tree_lock:
+                left = victims[self.gen[victims] == gens]
+                self.under_wb[left] = False
+                self._wb_cond.notify_all()
+
+    def _writeback_batch(self, pages: np.ndarray, pgens: np.ndarray) -> bool:
+        with self.page_locks.hold(pages.tolist()):
+            with self.tree_lock:
+                valid = self.gen[pages] == pgens
+                pages, pgens = pages[valid], pgens[valid]
+                dirty = self.dirty[pages].copy()
+            wpages, wdata, _ = self._materialize(pages[dirty])
+            try:
+                if wpages:
+                    self.backing.write_pages(wpages, wdata)
+            except DiskError as e:
+                log.warning("writeback failed: %s", e)
+                with self.tree_lock:
+                    self.c.reject_reclaim_fail += 1
+                return False
+            written = np.isin(pages, wpages)
+            with self.tree_lock:
+                still = self.gen[pages] == pgens
+                # clean pages were already on disk; dirty ones only if their write happened
+                drop = pages[still & (~dirty | written)]
+                self._free_entries(drop)
+                self.state[drop] = DISK
+                self.c.written_back_pages += len(wpages)
+                self.c.zswpwb += len(wpages)
+        return True
+
+    def shrink(self, target: int) -> bool:
+        """Write back cold pages until the pool holds at most `target` bytes (shrink_worker).
+        Returns False if a disk error stopped it."""
+        while True:
+            with self.tree_lock:
+                excess = self.pool_total_size - target
+                if excess <= 0 or self._closing:
+                    return True
+                avg = max(self.pool_total_size // max(self._lru_count(), 1), 64)
+                want = int(min(max(excess // avg + 1, 64), 8192))
+                victims, gens = self._select_victims(want)
+            if not len(victims):
+                return True
+            if not self._writeback(victims, gens):
+                return False
+
+    def _lru_count(self) -> int:
+        return sum(p.stored_pages for p in self.pools if p is not None)
+
+    def _writeback_worker(self) -> None:
+        """One worker: limit-driven writeback down to the accept threshold, and the shrinker."""
+        try:
+            while True:
+                with self.tree_lock:
+                    if not self._wb_wanted and not self._closing:
+                        self._wb_cond.wait(SHRINK_INTERVAL)
+                    if self._closing:
+                        return
+                    wanted, self._wb_wanted = self._wb_wanted, False
+                    over = self._over_limit() or (self.reached_full and
+                                                  self.pool_total_size > self._accept_level())
+                    shrinker = self.config.shrinker_enabled
+                if wanted or over:
+                    if not self.shrink(self._accept_level()):
+                        self._pause_after_failure()
+                elif shrinker and self._lru_count() and self.memory_pressure():
+                    # shrinker: under memory pressure give back a quarter of the pool per pass
+                    with self.tree_lock:
+                        target = self.pool_total_size * 3 // 4
+                    if not self.shrink(target):
+                        self._pause_after_failure()
+                self.trimmer.trim()
+        except BaseException as e:  # no worker exception is lost: the store re-raises it
+            log.critical("writeback worker died: %s", e, exc_info=True)
+            self._worker_error = e
+            with self.tree_lock:
+                self._wb_cond.notify_all()
+
+    def _pause_after_failure(self) -> None:
+        with self.tree_lock:
+            if not self._closing:
+                self._wb_cond.wait(0.5)
+
+    # =========================================================================================
+    # flush (fsync) and close
+
+    def flush(self) -> int:
+        """Write every dirty page to disk and make the backing durable; entries stay, now clean.
+        Returns the number of pages flushed. Raises DiskError (pages stay dirty)."""
+        with self.tree_lock:
+            dirty = np.flatnonzero(self.dirty & ~self.under_wb)
+        flushed: list[tuple[np.ndarray, np.ndarray]] = []
+        for lo in range(0, len(dirty), BATCH):
+            pages = dirty[lo:lo + BATCH]
+            with self.page_locks.hold(pages.tolist()):
+                with self.tree_lock:
+                    gens = self.gen[pages].copy()
+                    pages = pages[self.dirty[pages]]
+                    gens = self.gen[pages].copy()
+                wpages, wdata, failed = self._materialize(pages)
+                if wpages:
+                    self.backing.write_pages(wpages, wdata)
+                ok = ~np.isin(pages, failed)
+                flushed.append((pages[ok], gens[ok]))
+        # pages under writeback are being written by the worker; wait for it to finish them
+        self._wait_under_wb()
+        self.backing.sync()
+        n = 0
+        with self.tree_lock:
+            for pages, gens in flushed:
+                same = pages[self.gen[pages] == gens]
+                self.dirty[same] = False
+                n += len(same)
+            self.c.flushed_pages += n
+        return n
+
+    def _wait_under_wb(self) -> None:
+        deadline = time.monotonic() + 30
+        with self.tree_lock:
+            while self.under_wb.any() and time.monotonic() < deadline:
+                self._wb_cond.wait(0.05)
+
+    def close(self, write_back: bool = True) -> None:
+        """Stop the worker, write everything back (unless `write_back` is False), free pools."""
+        if self._closing:
+            return
+        with self.tree_lock:
+            self._closing = True
+            self._wb_cond.notify_all()
+        self._worker.join(timeout=30)
+        if self._worker.is_alive():
+            log.warning("writeback worker did not stop within 30 s")
+        try:
+            if write_back:
+                self.flush()
+        finally:
+            with self.tree_lock:
+                for pool in self.pools:
+                    if pool is not None:
+                        pool.close()
+                for engine in self._engines.values():
+                    engine.close()
+                self._engines.clear()
+
+    def check_worker(self) -> None:
+        if self._worker_error is not None:
+            raise DataError(f"writeback worker failed: {self._worker_error}")
+
+    # =========================================================================================
+    # stats
+
+    def snapshot(self) -> dict:
+        with self.tree_lock:
+            pools = [p for p in self.pools if p is not None]
+            d = {
+                "stored_pages": sum(p.stored_pages for p in pools) + self.same_filled_pages,
+                "same_filled_pages": self.same_filled_pages,
+                "stored_incompressible_pages": self.stored_incompressible_pages,
+                "pool_total_size": self.pool_total_size,
+                **self.c.as_dict(),
+                "mem_used_max": self.mem_used_max,
+                "acomp_contexts": sum(p.contexts.live for p in pools),
+                "pools": [{"compressor": p.label, "stored_pages": p.stored_pages, "refs": p.refs}
+                          for p in pools],
+                "compr_data_size": int(self.length[(self.state == COMP) | (self.state == RAW)]
+                                       .astype(np.int64).sum()),
+                "engines": [e for e in self._engines.values()],
+            }
+            cached = d["stored_pages"]
+            d["orig_data_size"] = cached * PAGE_SIZE
+            d["dirty_pages"] = int(np.count_nonzero(self.dirty))
+        engines = d.pop("engines")
+        d["hw"] = _merge_hw([e.stats() for e in engines])
+        return d
+
+
+def _merge_hw(stats: list[dict]) -> dict:
+    """The `hw` object: the engine of the current configuration's stats, or zeros."""
+    empty = {"submitted": 0, "completed": 0, "backlogged": 0, "rejected_full": 0, "errors": 0,
+             "fallbacks": 0, "inflight_max": 0,
+             "latency_us": {"p50": 0, "p90": 0, "p99": 0, "max": 0}}
+    if not stats:
+        return empty
+    if len(stats) == 1:
+        return stats[0]
+    merged = dict(stats[-1])
+    for key in ("submitted", "completed", "backlogged", "rejected_full", "errors", "fallbacks"):
+        merged[key] = sum(s.get(key, 0) for s in stats)
+    merged["inflight_max"] = max(s.get("inflight_max", 0) for s in stats)
+    return merged
+
+
+def _system_memory_pressure() -> bool:
+    """The shrinker's trigger: less than 10% of RAM available (kernel shrinkers run on reclaim)."""
+    vm = psutil.virtual_memory()
+    return vm.available < vm.total // 10

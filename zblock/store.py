@@ -1,0 +1,199 @@
+"""The store: byte ranges over the page cache and the backing file, with block-device semantics.
+
+Turns any offset and length into whole-page operations on the cache. Partial pages are
+read-modify-write under the page's lock, so concurrent writers to different bytes of one page do
+not lose each other's bytes; a whole-page store needs no page lock (the cache installs it
+atomically and writeback re-validates). Requests are cut into 1 MiB pieces: the largest the
+kernel sends, and the batch the acomp layer spreads across the cores.
+
+What it does not do: FUSE (fuse_ops.py), policy (cache.py), files (backing.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+from . import PAGE_SIZE, PAGE_SHIFT
+from .backing import Backing
+from .cache import Cache
+from .config import PARAMS, Config
+from .errors import ConfigError, OutOfRange
+
+CHUNK_PAGES = 256
+# Params whose change makes a new current pool (zswap: a new compressor is a new pool).
+POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth", "hw_latency_us",
+               "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed"}
+
+
+class Store:
+    """A disk of `size` bytes: read, write, discard, fsync, close. Thread-safe."""
+
+    def __init__(self, backing, config: Config, *, memory_pressure=None, engine_factory=None):
+        self.backing = backing
+        self.config = config
+        self.size = backing.size
+        self.npages = self.size >> PAGE_SHIFT
+        on_disk = backing.written_mask() if hasattr(backing, "written_mask") else \
+            (backing._crc[:backing.npages] != 0).any(axis=1)   # TODO: until Backing.written_mask lands
+        self.cache = Cache(self.npages, config, backing, on_disk=on_disk,
+                           memory_pressure=memory_pressure, engine_factory=engine_factory)
+        self._param_lock = threading.Lock()
+        self._closed = False
+        self._request_sizes: dict[str, int] = {}
+        self._proc = psutil.Process()
+
+    @classmethod
+    def open(cls, backing_path: str, size: int | None, config: Config, *, disk_factory=None,
+             **kw) -> "Store":
+        backing = Backing.open(backing_path, size, ephemeral=config.swap, disk_factory=disk_factory)
+        try:
+            return cls(backing, config, **kw)
+        except BaseException:
+            backing.close(clean=False)
+            raise
+
+    # =========================================================================================
+    # I/O
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"read at {offset} of {length} bytes")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        p0, p1 = offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT
+        parts = []
+        for lo in range(p0, p1, CHUNK_PAGES):
+            parts.append(self.cache.load_pages(lo, min(CHUNK_PAGES, p1 - lo)))
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        skip = offset - (p0 << PAGE_SHIFT)
+        return bytes(memoryview(data)[skip:skip + end - offset])
+
+    def write(self, offset: int, data) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if offset < 0 or offset + n > self.size:
+            raise OutOfRange(f"write of {n} bytes at {offset} goes past the end of the disk "
+                             f"({self.size} bytes)")
+        self.cache.check_worker()
+        pos, end = offset, offset + n
+        # head: partial first page
+        if pos & (PAGE_SIZE - 1):
+            stop = min(end, (pos | (PAGE_SIZE - 1)) + 1)
+            self._write_partial(pos, mv[:stop - pos])
+            pos = stop
+        # middle: whole pages, 1 MiB at a time
+        full_end = end & ~(PAGE_SIZE - 1)
+        while pos < full_end:
+            stop = min(full_end, pos + CHUNK_PAGES * PAGE_SIZE)
+            self.cache.store_pages(pos >> PAGE_SHIFT, mv[pos - offset:stop - offset])
+            pos = stop
+        # tail: partial last page
+        if pos < end:
+            self._write_partial(pos, mv[pos - offset:])
+        return n
+
+    def _write_partial(self, pos: int, piece: memoryview) -> None:
+        """Read-modify-write of part of one page under that page's lock."""
+        page = pos >> PAGE_SHIFT
+        at = pos & (PAGE_SIZE - 1)
+        with self.cache.page_locks.hold((page,)):
+            buf = self.cache.load_pages(page, 1)
+            buf[at:at + len(piece)] = piece
+            self.cache.store_pages(page, buf)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop whole pages, zero partial ones (punch-hole / zero-range / blkdiscard)."""
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"discard at {offset} of {length} bytes")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return
+        first_full = (offset + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        last_full = end & ~(PAGE_SIZE - 1)
+        if first_full >= last_full:
+            self._write_partial_zeros(offset, end)
+            return
+        if offset < first_full:
+            self._write_partial_zeros(offset, first_full)
+        p0, p1 = first_full >> PAGE_SHIFT, last_full >> PAGE_SHIFT
+        for lo in range(p0, p1, 1 << 18):      # 1 GiB of pages per step bounds the arrays touched
+            self.cache.invalidate_pages(lo, min(1 << 18, p1 - lo))
+        if last_full < end:
+            self._write_partial_zeros(last_full, end)
+
+    def _write_partial_zeros(self, start: int, end: int) -> None:
+        while start < end:
+            stop = min(end, (start | (PAGE_SIZE - 1)) + 1)
+            self._write_partial(start, memoryview(bytes(stop - start)))
+            start = stop
+
+    def fsync(self) -> None:
+        self.cache.check_worker()
+        self.cache.flush()
+
+    def close(self) -> None:
+        """Write everything back (swap mode: nothing, the data belongs to a swap area that is
+        gone), mark the backing file clean and release it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        swap = self.config.swap
+        try:
+            self.cache.close(write_back=not swap)
+            clean = True
+        except BaseException:
+            clean = False
+            raise
+        finally:
+            self.backing.close(clean=clean and not swap)
+
+    # =========================================================================================
+    # params and stats
+
+    def param_names(self) -> list[str]:
+        return [name for name, p in PARAMS.items() if p.runtime]
+
+    def get_param(self, name: str) -> str:
+        if name not in PARAMS:
+            raise ConfigError(f"unknown parameter {name!r}")
+        return self.config.get(name)
+
+    def set_param(self, name: str, text: str) -> None:
+        param = PARAMS.get(name)
+        if param is None or not param.runtime:
+            raise ConfigError(f"{name!r} is not a run-time parameter")
+        value = param.parse(text)        # ConfigError leaves everything unchanged
+        with self._param_lock, self.cache.tree_lock:
+            setattr(self.config, name, value)
+            if name == "limit_policy":
+                self.cache.reached_full = False
+            self.cache._wake_writeback()     # a lower limit or a policy change may need writeback
+        if name in POOL_PARAMS:
+            self.cache.switch_pool()
+
+    def note_request(self, op: str, nbytes: int) -> None:
+        """Count a FUSE request size, bucketed to the next power of two (approximate under races)."""
+        bucket = 1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0
+        key = f"{op}:{bucket}"
+        self._request_sizes[key] = self._request_sizes.get(key, 0) + 1
+
+    def stats(self) -> dict:
+        d = {"schema": 1}
+        d.update(self.cache.snapshot())
+        d["bd_reads"] = self.backing.bd_reads
+        d["bd_writes"] = self.backing.bd_writes
+        d["checksum_errors"] = self.backing.checksum_errors
+        hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}
+        for key, count in sorted(self._request_sizes.items(), key=lambda kv: int(kv[0].split(":")[1])):
+            op, size = key.split(":")
+            hist.setdefault(op, {})[size] = count
+        d["request_sizes"] = hist
+        d["disk_size"] = self.size
+        d["pool_limit"] = self.config.pool_limit
+        d["process_rss_bytes"] = self._proc.memory_info().rss
+        d["time"] = time.time()
+        return d
