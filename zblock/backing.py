@@ -389,6 +389,13 @@ class Backing:
 
     # -- reads -------------------------------------------------------------------------------
 
+    def written_mask(self) -> np.ndarray:
+        """Bool per page: the file may hold data for it (not marked zero). The cache starts
+        with these pages on disk and serves the others as zeros without a read."""
+        with self._lock:
+            pair = self._crc[:self.npages]
+            return (pair[:, 0] != ZERO) | (pair[:, 1] != ZERO)
+
     def read_pages(self, start: int, count: int) -> bytes:
         """`count` pages from page `start`, each verified. DataError (EIO) naming the first bad
         page if any does not match its checksums; DiskError on an I/O error."""

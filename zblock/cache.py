@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 NONE, SAME, COMP, RAW, DISK = 0, 1, 2, 3, 4
 WORDS = PAGE_SIZE // 8
+ZERO_PAGE = bytes(PAGE_SIZE)
 NSTRIPES = 1024
 BATCH = 256                 # pages per writeback/flush disk batch (1 MiB)
 MAX_POOLS = 255             # pool ids are uint8
@@ -429,43 +430,49 @@ class Cache:
     # =========================================================================================
     # load
 
-    def load_pages(self, start: int, n: int) -> bytearray:
+    def load_pages(self, start: int, n: int) -> bytes:
         """The bytes of pages start .. start+n. Raises DataError (EIO) if one cannot be read."""
         sel = slice(start, start + n)
         with self.tree_lock:
             st = self.state[sel].copy()
-            objs = self.objs[sel]
-            pids = self.pool_id[sel].copy()
-            fills = self.fill[sel].copy()
+            parts = self.objs[sel]          # RAW pages are their own bytes; the rest is replaced
             cached = (st == COMP) | (st == RAW)
             self.referenced[sel] |= cached
             self.c.zswpin += int(np.count_nonzero(cached | (st == SAME)))
-            pools = {int(p): self.pools[int(p)] for p in np.unique(pids[st == COMP])}
-        out = bytearray(n * PAGE_SIZE)
-        ov = memoryview(out)
-        comp = np.flatnonzero(st == COMP)
+            comp = np.flatnonzero(st == COMP)
+            if len(comp):
+                pids = self.pool_id[sel][comp]
+                pools = {int(p): self.pools[int(p)] for p in np.unique(pids)}
+            same = np.flatnonzero(st == SAME)
+            fills = self.fill[sel][same].tolist() if len(same) else []
         if len(comp):
-            by_pool: dict[int, list[int]] = {}
-            for i in comp.tolist():
-                by_pool.setdefault(int(pids[i]), []).append(i)
-            for pid, items in by_pool.items():
-                results = pools[pid].contexts.decompress_pages([objs[i] for i in items])
-                for i, r in zip(items, results):
-                    if type(r) is not bytes:
-                        with self.tree_lock:
-                            self.c.decompress_fail += 1
-                        raise DataError(f"page {start + i}: decompression failed ({r})")
-                    ov[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = r
-        for i in np.flatnonzero(st == RAW).tolist():
-            ov[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = objs[i]
-        for i in np.flatnonzero((st == SAME) & (fills != 0)).tolist():
-            ov[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = np.full(WORDS, fills[i], np.uint64).tobytes()
+            self._decompress_into(parts, comp, pids, pools, start)
+        for i in np.flatnonzero((st == NONE) | (st == DISK)).tolist():
+            parts[i] = ZERO_PAGE            # DISK ones are overwritten below
+        for i, f in zip(same.tolist(), fills):
+            parts[i] = ZERO_PAGE if f == 0 else np.full(WORDS, f, np.uint64).tobytes()
         disk = np.flatnonzero(st == DISK)
         if len(disk):
-            self._load_from_disk(start, disk, ov)
-        return out
+            self._load_from_disk(start, disk, parts)
+        if n == 1 and type(parts[0]) is bytes:
+            return parts[0]
+        return b"".join(parts)
 
-    def _load_from_disk(self, start: int, disk: np.ndarray, ov: memoryview) -> None:
+    def _decompress_into(self, parts: list, comp: np.ndarray, pids: np.ndarray, pools: dict,
+                         start: int) -> None:
+        """parts[i] = decompressed parts[i] for i in comp, each with its own pool's contexts."""
+        groups = [(pools[int(pids[0])], comp.tolist())] if len(pools) == 1 else \
+            [(pool, comp[pids == pid].tolist()) for pid, pool in pools.items()]
+        for pool, items in groups:
+            results = pool.contexts.decompress_pages([parts[i] for i in items])
+            for i, r in zip(items, results):
+                if type(r) is not bytes:
+                    with self.tree_lock:
+                        self.c.decompress_fail += 1
+                    raise DataError(f"page {start + i}: decompression failed ({r})")
+                parts[i] = r
+
+    def _load_from_disk(self, start: int, disk: np.ndarray, parts: list) -> None:
         """Read runs of on-disk pages under their locks, re-reading any page a store or discard
         changed while we waited for the lock."""
         runs = np.split(disk, np.flatnonzero(np.diff(disk) != 1) + 1)
@@ -476,11 +483,12 @@ class Cache:
                     moved = self.state[start + first:start + first + count] != DISK
                 if moved.any():
                     # cached again (or discarded) since our snapshot: take the current bytes
-                    again = self.load_pages(start + first, count)
-                    ov[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = again
-                    continue
-                data = self.backing.read_pages(start + first, count)
-                ov[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = data
+                    data = self.load_pages(start + first, count)
+                else:
+                    data = self.backing.read_pages(start + first, count)
+            mv = memoryview(data)
+            for k in range(count):
+                parts[first + k] = mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
 
     # =========================================================================================
     # invalidate (discard)

@@ -36,8 +36,7 @@ class Store:
         self.config = config
         self.size = backing.size
         self.npages = self.size >> PAGE_SHIFT
-        on_disk = backing.written_mask() if hasattr(backing, "written_mask") else \
-            (backing._crc[:backing.npages] != 0).any(axis=1)   # TODO: until Backing.written_mask lands
+        on_disk = backing.written_mask()
         self.cache = Cache(self.npages, config, backing, on_disk=on_disk,
                            memory_pressure=memory_pressure, engine_factory=engine_factory)
         self._param_lock = threading.Lock()
@@ -70,6 +69,8 @@ class Store:
             parts.append(self.cache.load_pages(lo, min(CHUNK_PAGES, p1 - lo)))
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         skip = offset - (p0 << PAGE_SHIFT)
+        if skip == 0 and len(data) == end - offset:
+            return data
         return bytes(memoryview(data)[skip:skip + end - offset])
 
     def write(self, offset: int, data) -> int:
@@ -101,7 +102,7 @@ class Store:
         page = pos >> PAGE_SHIFT
         at = pos & (PAGE_SIZE - 1)
         with self.cache.page_locks.hold((page,)):
-            buf = self.cache.load_pages(page, 1)
+            buf = bytearray(self.cache.load_pages(page, 1))
             buf[at:at + len(piece)] = piece
             self.cache.store_pages(page, buf)
 
