@@ -1,0 +1,56 @@
+import pytest
+
+from zblock.config import PARAMS, Config, parse_disk_size, parse_pool_limit, parse_size, total_ram
+from zblock.errors import ConfigError, UnknownCompressor
+
+
+def test_sizes():
+    assert parse_size("4096") == 4096
+    assert parse_size("4K") == 4096 and parse_size("2M") == 2 << 20 and parse_size("1G") == 1 << 30
+    assert parse_size("1T") == 1 << 40 and parse_size("3g") == 3 << 30 and parse_size("8KiB") == 8192
+    assert parse_disk_size("4G") == 4 << 30
+    for bad in ("", "x", "-4K", "1.5G", "4Q"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+    for bad in ("4095", "0", "6000"):
+        with pytest.raises(ConfigError, match="multiple of 4096"):
+            parse_disk_size(bad)
+
+
+def test_pool_limit_percent_reads_back_in_bytes():
+    assert parse_pool_limit("20%") == int(total_ram() * 0.2)
+    assert parse_pool_limit("64M") == 64 << 20
+    cfg = Config()
+    cfg.set("pool_limit", "1M")
+    assert cfg.get("pool_limit") == str(1 << 20)
+    for bad in ("0%", "101%", "abc%", "100"):
+        with pytest.raises(ConfigError):
+            parse_pool_limit(bad)
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("compressor", "brotli"), ("zstd_level", "0"), ("zstd_level", "20"), ("accept_threshold", "101"),
+    ("limit_policy", "drop"), ("incompressible_policy", "x"), ("same_filled_pages_enabled", "maybe"),
+    ("accelerator", "gpu"), ("hw_queues", "0"), ("hw_mode", "poll"), ("hw_batch", "257"),
+    ("hw_fault_rate", "1.5"), ("hw_fault_rate", "nan"), ("hw_throughput_mbps", "0"), ("hw_seed", "-1"),
+])
+def test_invalid_values_change_nothing(name, bad):
+    cfg = Config()
+    before = cfg.get(name)
+    with pytest.raises(ConfigError) as e:
+        cfg.set(name, bad)
+    assert name in str(e.value)
+    assert cfg.get(name) == before
+
+
+def test_formats_and_table():
+    cfg = Config.from_strings({"compressor": "zstd\n", "zstd_level": "3", "shrinker_enabled": "n",
+                               "hw_latency_us": "2.5"})
+    assert (cfg.get("compressor"), cfg.get("zstd_level"), cfg.get("shrinker_enabled")) == ("zstd", "3", "N")
+    assert cfg.get("hw_latency_us") == "2.5"
+    assert set(PARAMS) >= {"compressor", "pool_limit", "accept_threshold", "limit_policy",
+                           "incompressible_policy", "same_filled_pages_enabled", "shrinker_enabled"}
+    with pytest.raises(UnknownCompressor):
+        Config.from_strings({"compressor": "lz77"})
+    with pytest.raises(ConfigError, match="kernel-cache"):
+        Config.from_strings({"swap": "Y", "kernel_cache": "Y"})
