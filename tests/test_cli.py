@@ -1,0 +1,264 @@
+"""The command line: every bad input of the issue gives one line on stderr and a non-zero exit
+(2 for usage errors), never a traceback; stats formats; set; umount of what is not zblock.
+
+Cases that need no mount run everywhere; the others use real mounts (marker `mount`).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import mountutil
+from mountutil import Mount, zblock
+from zblock import cli
+
+
+def one_line_error(res, code=None):
+    """The contract: non-zero exit, exactly one line on stderr, no traceback."""
+    assert res.returncode != 0, res
+    if code is not None:
+        assert res.returncode == code, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert lines[0].startswith("zblock: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def work():
+    d = mountutil.new_workdir()
+    os.makedirs(os.path.join(d, "mnt"))
+    yield d
+    mountutil.cleanup_dir(d)
+
+
+def mount_args(work, *extra, size="16M", backing=None):
+    a = ["mount", os.path.join(work, "mnt"), "--backing", backing or os.path.join(work, "b.img")]
+    if size:
+        a += ["--size", size]
+    if mountutil.STORE_CLASS:
+        a += ["--store-class", mountutil.STORE_CLASS]
+    return a + list(extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# usage errors: no mount needed (they fail before any server starts)
+
+
+@pytest.mark.parametrize("size,what", [("12X", "not a size"), ("1000", "multiple of 4096"),
+                                       ("0", "multiple of 4096"), ("-4096", "not a size")])
+def test_bad_or_unaligned_size(work, size, what):
+    line = one_line_error(zblock(*mount_args(work, size=size)), 2)
+    assert what in line
+
+
+def test_new_backing_without_size(work):
+    line = one_line_error(zblock(*mount_args(work, size=None)), 2)
+    assert "--size" in line
+    assert not os.path.exists(os.path.join(work, "b.img"))
+
+
+def test_missing_mountpoint(work):
+    res = zblock("mount", os.path.join(work, "nope"), "--backing", os.path.join(work, "b.img"), "--size", "16M")
+    assert "does not exist" in one_line_error(res)
+
+
+def test_mountpoint_not_empty(work):
+    open(os.path.join(work, "mnt", "x"), "w").close()
+    assert "not empty" in one_line_error(zblock(*mount_args(work)))
+
+
+def test_backing_is_directory(work):
+    os.makedirs(os.path.join(work, "dir"))
+    res = zblock(*mount_args(work, backing=os.path.join(work, "dir")))
+    assert "directory" in one_line_error(res)
+
+
+def test_backing_not_writable(work):
+    # root reads and writes anything; an immutable file is refused even to root.
+    path = os.path.join(work, "b.img")
+    with open(path, "wb") as f:
+        f.truncate(16 << 20)
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not supported here")
+    try:
+        res = zblock(*mount_args(work, backing=path))
+        assert "not readable and writable" in one_line_error(res)
+    finally:
+        subprocess.run(["chattr", "-i", path], capture_output=True)
+
+
+@pytest.mark.parametrize("opt", [["--compressor", "brotli"], ["-o", "compressor=brotli"]])
+def test_unknown_compressor(work, opt):
+    line = one_line_error(zblock(*mount_args(work, *opt)), 2)
+    assert "unknown compressor 'brotli'" in line
+
+
+def test_uninstalled_compressor(work, tmp_path):
+    # A module named lzo that fails to import stands for python-lzo not installed.
+    (tmp_path / "lzo.py").write_text("raise ImportError('python-lzo is not installed', name='lzo')\n")
+    env = mountutil.env()
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    res = subprocess.run([sys.executable, "-m", "zblock", *mount_args(work, "--compressor", "lzo")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert "not installed" in one_line_error(res, 2)
+
+
+@pytest.mark.parametrize("args,what", [
+    (["--pool-limit", "12%%"], "pool_limit"), (["--accept-threshold", "101"], "accept_threshold"),
+    (["--hw-batch", "0"], "hw_batch"), (["-o", "nonsense=1"], "unknown option"),
+    (["--swap", "--kernel-cache"], "kernel-cache"), (["--limit-policy", "lru"], "limit_policy"),
+])
+def test_bad_options(work, args, what):
+    assert what in one_line_error(zblock(*mount_args(work, *args)), 2)
+
+
+def test_usage_errors_are_one_line():
+    assert "required" in one_line_error(zblock("mount"), 2)
+    one_line_error(zblock(), 2)
+    one_line_error(zblock("frobnicate"), 2)
+    one_line_error(zblock("stats"), 2)
+    one_line_error(zblock("set", "/tmp"), 2)
+
+
+def test_missing_dev_fuse(work):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare")
+    # A private mount namespace where /dev is an empty tmpfs: no /dev/fuse.
+    cmd = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /dev && exec "$@"', "sh",
+           sys.executable, "-m", "zblock", *mount_args(work)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=mountutil.env(), cwd=mountutil.REPO)
+    assert "/dev/fuse" in one_line_error(res)
+
+
+@pytest.mark.parametrize("fuse_version", [2, 3])
+def test_missing_fuse_library(work, fuse_version):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare")
+    # An empty ld.so.cache hides every library from ctypes.util.find_library.
+    cmd = ["unshare", "-m", "sh", "-c", 'mount --bind /dev/null /etc/ld.so.cache && exec "$@"', "sh",
+           sys.executable, "-m", "zblock", *mount_args(work, "--fuse-version", str(fuse_version))]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=mountutil.env(), cwd=mountutil.REPO)
+    assert f"libfuse {fuse_version} is not installed" in one_line_error(res)
+
+
+@pytest.mark.parametrize("command", [["stats"], ["umount"], ["set", "compressor=zstd"]])
+def test_not_a_zblock_mount(command):
+    assert "not a zblock mount" in one_line_error(zblock(command[0], "/proc", *command[1:]))
+    assert "not a zblock mount" in one_line_error(zblock(command[0], "/nonexistent", *command[1:]))
+
+
+def test_fsck_missing_file(work):
+    one_line_error(zblock("fsck", os.path.join(work, "nope")), 2)
+    one_line_error(zblock("fsck", work), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# output formats (pure functions)
+
+
+SAMPLE = {"schema": 1, "stored_pages": 10, "same_filled_pages": 2, "pool_total_size": 8192,
+          "written_back_pages": 3, "orig_data_size": 40960, "compr_data_size": 8192,
+          "pools": [{"compressor": "lz4", "stored_pages": 8, "refs": 8}],
+          "hw": {"submitted": 5, "latency_us": {"p50": 3.0, "p99": 9.5}},
+          "request_sizes": {"write": {"1048576": 4}, "read": {}}}
+
+
+def test_prometheus_names():
+    text = cli.format_prometheus(SAMPLE)
+    assert "zblock_written_back_pages_total 3" in text
+    assert "zblock_pool_total_size_bytes 8192" in text
+    assert "zblock_stored_pages 10" in text
+    assert 'zblock_pool_stored_pages{pool="0",compressor="lz4"} 8' in text
+    assert 'zblock_hw_submitted_total 5' in text
+    assert 'zblock_hw_latency_us{quantile="p99"} 9.5' in text
+    assert 'zblock_requests_total{op="write",size="1048576"} 4' in text
+    assert "# TYPE zblock_written_back_pages_total counter" in text
+    assert "# TYPE zblock_stored_pages gauge" in text
+    for line in text.splitlines():
+        assert line.startswith("# TYPE zblock_") or line.startswith("zblock_")
+
+
+def test_table_has_ratio():
+    text = cli.format_table(SAMPLE)
+    assert "compression ratio" in text and "5.00" in text
+    assert "stored_pages" in text and "(8.0 KiB)" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# cases that need a real mount
+
+
+@pytest.mark.mount
+def test_already_mounted_and_locked(work):
+    with Mount(size="16M") as m:
+        # the same mount point again
+        res = zblock(*["mount", m.mountpoint, "--backing", os.path.join(work, "other.img"), "--size", "16M"])
+        assert "already a zblock mount" in one_line_error(res)
+        # the same backing file on another mount point: refused by the lock
+        res = zblock(*mount_args(work, size=None, backing=m.backing))
+        line = one_line_error(res)
+        assert "in use" in line or "locked" in line, line
+        assert not mountutil.is_mounted(os.path.join(work, "mnt"))
+
+
+@pytest.mark.mount
+def test_size_differs_from_backing(work):
+    with Mount(size="16M") as m:
+        backing = m.backing
+        m.umount()
+        res = zblock(*mount_args(work, size="32M", backing=backing))
+        line = one_line_error(res)
+        assert str(32 << 20) in line or "32M" in line or "size" in line, line
+        # without --size the existing size is used
+        res = zblock(*mount_args(work, size=None, backing=backing), check=True)
+        try:
+            assert os.path.getsize(os.path.join(work, "mnt", "disk")) == 16 << 20
+        finally:
+            zblock("umount", os.path.join(work, "mnt"), check=True)
+
+
+@pytest.mark.mount
+def test_stats_set_and_formats():
+    with Mount(size="16M") as m:
+        res = zblock("stats", m.mountpoint, "--json", check=True)
+        assert json.loads(res.stdout)["schema"] == 1
+        res = zblock("stats", m.mountpoint, "--prometheus", check=True)
+        assert "zblock_" in res.stdout and "schema" not in res.stdout
+        res = zblock("stats", m.mountpoint, check=True)
+        assert "stored_pages" in res.stdout
+        zblock("set", m.mountpoint, "compressor=zstd", "zstd_level=5", check=True)
+        assert m.param("compressor") == "zstd" and m.param("zstd_level") == "5"
+        line = one_line_error(zblock("set", m.mountpoint, "zstd_level=99"), 2)
+        assert "zstd_level" in line and m.param("zstd_level") == "5"
+        one_line_error(zblock("set", m.mountpoint, "swap=Y"), 2)
+        one_line_error(zblock("set", m.mountpoint, "bogus=1"), 2)
+        one_line_error(zblock("set", m.mountpoint, "novalue"), 2)
+
+
+@pytest.mark.mount
+def test_o_options_and_foreground_flag_mapping():
+    with Mount(size="16M", extra=["-o", "compressor=zstd,zstd_level=3,rw,nosuid,shrinker=N"]) as m:
+        assert m.param("compressor") == "zstd"
+        assert m.param("zstd_level") == "3"
+        assert m.param("shrinker_enabled") == "N"
+
+
+@pytest.mark.mount
+def test_umount_force_on_a_hung_server(work):
+    with Mount(size="16M") as m:
+        with open(m.disk, "r+b") as f:
+            f.write(b"x" * 4096)
+        os.kill(m.pid, 19)          # SIGSTOP: the server stops answering
+        try:
+            res = zblock("umount", m.mountpoint, "--force", "--timeout", "5", timeout=90)
+            assert res.returncode == 0 or "did not exit" in res.stderr, res.stderr
+            assert not mountutil.is_mounted(m.mountpoint, None)
+        finally:
+            os.kill(m.pid, 18)      # SIGCONT: let it see the aborted connection and exit
+        assert mountutil.wait_pid(m.pid, 60)

@@ -1,0 +1,408 @@
+"""Command line: option parsing, output formats, exit codes. No engine logic.
+
+    zblock mount MOUNTPOINT --backing PATH [--size SIZE] [--foreground] [-o k=v,...] [options]
+    zblock umount MOUNTPOINT [--force]
+    zblock stats MOUNTPOINT [--json | --prometheus]
+    zblock set MOUNTPOINT NAME=VALUE...
+    zblock fsck BACKING
+
+Every mistake is one line on stderr ("zblock: ...") and a non-zero exit: ZblockError.exit_code
+(2 for usage and config errors, as argparse), never a traceback. Mount options become a
+zblock.config.Config through Config.from_strings, so each value is validated once, by the same
+parser that validates writes to params/.
+
+Other modules add commands (swapon/swapoff, bench) by defining `register_cli(subparsers)`;
+main() calls it for each of REGISTERED_MODULES that imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import PARAMS, Config, parse_disk_size
+from .errors import ConfigError, MountError, UsageError, ZblockError
+
+REGISTERED_MODULES = ("swap", "bench")
+
+# --option -> param name. Flags (store_true) are marked by None in _FLAGS.
+_OPTION_PARAMS = {
+    "compressor": "compressor",
+    "zstd-level": "zstd_level",
+    "pool-limit": "pool_limit",
+    "accept-threshold": "accept_threshold",
+    "limit-policy": "limit_policy",
+    "incompressible": "incompressible_policy",
+    "same-filled": "same_filled_pages_enabled",
+    "shrinker": "shrinker_enabled",
+    "accelerator": "accelerator",
+    "hw-queues": "hw_queues",
+    "hw-depth": "hw_depth",
+    "hw-latency-us": "hw_latency_us",
+    "hw-throughput-mbps": "hw_throughput_mbps",
+    "hw-mode": "hw_mode",
+    "hw-batch": "hw_batch",
+    "hw-fault-rate": "hw_fault_rate",
+    "hw-seed": "hw_seed",
+    "contexts": "contexts",
+}
+_FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap"}
+
+# -o options mount(8) passes that mean nothing to zblock.
+_IGNORED_O = {"rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
+              "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "atime", "noatime",
+              "relatime", "norelatime", "strictatime"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), not usage text plus the error."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# mount
+
+
+def _parse_o(text_list: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for text in text_list:
+        for item in text.split(","):
+            item = item.strip()
+            if not item or item in _IGNORED_O or item.startswith("x-"):
+                continue
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            name = key.replace("-", "_")
+            if key in _OPTION_PARAMS:
+                name = _OPTION_PARAMS[key]
+            elif key in _FLAGS:
+                name = _FLAGS[key]
+            if name in ("size", "backing"):
+                pass
+            elif name not in PARAMS:
+                raise UsageError(f"-o {key}: unknown option")
+            if not eq:
+                if name in ("kernel_cache", "swap", "same_filled_pages_enabled", "shrinker_enabled"):
+                    value = "Y"
+                else:
+                    raise UsageError(f"-o {key}: needs a value ({key}=VALUE)")
+            values[name] = value
+    return values
+
+
+def _mount_config(args) -> tuple[Config, int | None, str]:
+    values = _parse_o(args.o or [])
+    for opt, name in _OPTION_PARAMS.items():
+        v = getattr(args, opt.replace("-", "_"))
+        if v is not None:
+            values[name] = v
+    for opt, name in _FLAGS.items():
+        if getattr(args, opt.replace("-", "_")):
+            values[name] = "Y"
+    size_text = values.pop("size", None)
+    if args.size is not None:
+        size_text = args.size
+    backing = values.pop("backing", None)
+    if args.backing is not None:
+        backing = args.backing
+    if not backing:
+        raise UsageError("mount: --backing PATH is required")
+    size = parse_disk_size(size_text) if size_text is not None else None
+    config = Config.from_strings(values)
+    return config, size, backing
+
+
+def cmd_mount(args, argv) -> int:
+    from . import daemon
+    config, size, backing = _mount_config(args)
+    fuse_version = int(args.fuse_version)
+    daemon.check_fuse(fuse_version)
+    daemon.check_mountpoint(args.mountpoint)
+    daemon.check_backing(backing, size)
+    if args.foreground:
+        import logging
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return daemon.serve(args.mountpoint, backing, size, config, fuse_version=fuse_version,
+                            ready_fd=args.ready_fd, store_class=args.store_class, debug=args.debug)
+    daemon.start_background(argv, args.mountpoint)
+    return 0
+
+
+def _add_mount(sub) -> None:
+    p = sub.add_parser("mount", help="mount a store", description="Mount a zblock store.")
+    p.add_argument("mountpoint")
+    p.add_argument("--backing", help="backing file (a raw disk image)")
+    p.add_argument("--size", help="disk size, K/M/G/T suffixes, multiple of 4096 (needed for a new backing file)")
+    p.add_argument("--foreground", "-f", action="store_true", help="run the server in this process")
+    p.add_argument("-o", action="append", metavar="OPT[=VAL],...", help="options as for mount -t fuse.zblock")
+    for opt, name in _OPTION_PARAMS.items():
+        p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help.replace("%%", "%"))
+    p.add_argument("--kernel-cache", action="store_true", help="let the kernel cache the disk's pages")
+    p.add_argument("--swap", action="store_true", help="serve swap (hardening on, backing ephemeral)")
+    p.add_argument("--fuse-version", choices=("2", "3"), default="3", help="libfuse major version (default 3)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--store-class", help=argparse.SUPPRESS)
+
+
+# ---------------------------------------------------------------------------------------------
+# umount, stats, set, fsck
+
+
+def cmd_umount(args, argv) -> int:
+    from . import daemon
+    daemon.umount(args.mountpoint, force=args.force, timeout=args.timeout)
+    return 0
+
+
+def read_stats(mountpoint: str, timeout: float = 30.0) -> dict:
+    from . import daemon
+    daemon.find_zblock_mount(mountpoint)
+
+    def read():
+        with open(os.path.join(mountpoint, "stats")) as f:
+            return f.read()
+    text = daemon._run_with_deadline(read, timeout, "stats")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise MountError(f"{mountpoint}/stats is not JSON") from None
+
+
+# Classification for the Prometheus names and the table (DESIGN.md "Stats").
+COUNTERS = {"pool_limit_hit", "written_back_pages", "flushed_pages", "reject_compress_poor",
+            "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail", "decompress_fail",
+            "bd_reads", "bd_writes", "zswpout", "zswpin", "zswpwb", "discarded_pages",
+            "checksum_errors", "hw_submitted", "hw_completed", "hw_backlogged", "hw_rejected_full",
+            "hw_errors", "hw_fallbacks"}
+BYTE_GAUGES = {"pool_total_size", "orig_data_size", "compr_data_size", "mem_used_max", "pool_limit",
+               "size", "disk_size"}
+
+
+def _prom_name(key: str) -> str:
+    name = "zblock_" + key
+    if key in COUNTERS:
+        return name + "_total"
+    if key in BYTE_GAUGES and not key.endswith("_bytes"):
+        return name + "_bytes"
+    return name
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _esc(v) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def format_prometheus(stats: dict) -> str:
+    out: dict[str, list[str]] = {}
+
+    def emit(key: str, value, labels: dict | None = None) -> None:
+        name = _prom_name(key)
+        lab = ""
+        if labels:
+            lab = "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}"
+        out.setdefault(name, []).append(f"{name}{lab} {value}")
+
+    for key, value in stats.items():
+        if key == "schema":
+            continue
+        if _num(value):
+            emit(key, value)
+        elif isinstance(value, bool):
+            emit(key, int(value))
+        elif key == "pools" and isinstance(value, list):
+            for i, pool in enumerate(value):
+                labels = {"pool": str(i), "compressor": pool.get("compressor", "")}
+                for k, v in pool.items():
+                    if _num(v):
+                        emit(f"pool_{k}", v, labels)
+        elif key == "request_sizes" and isinstance(value, dict):
+            for op, hist in value.items():
+                if isinstance(hist, dict):
+                    for size, n in hist.items():
+                        if _num(n):
+                            out.setdefault("zblock_requests_total", []).append(
+                                f'zblock_requests_total{{op="{_esc(op)}",size="{_esc(size)}"}} {n}')
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _num(v):
+                    emit(f"{key}_{k}", v)
+                elif isinstance(v, dict):      # hw.latency_us {p50, ...}
+                    for q, qv in v.items():
+                        if _num(qv):
+                            emit(f"{key}_{k}", qv, {"quantile": q})
+    lines = []
+    for name, samples in out.items():
+        kind = "counter" if name.endswith("_total") else "gauge"
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(samples)
+    return "\n".join(lines) + "\n"
+
+
+def _human_bytes(n) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(stats: dict) -> str:
+    rows: list[tuple[str, str]] = []
+    orig, compr = stats.get("orig_data_size"), stats.get("compr_data_size")
+    if _num(orig) and _num(compr) and compr:
+        rows.append(("compression ratio", f"{orig / compr:.2f}"))
+    for key, value in stats.items():
+        if key in ("schema",):
+            continue
+        if _num(value):
+            shown = f"{value}"
+            if key in BYTE_GAUGES:
+                shown = f"{value}  ({_human_bytes(value)})"
+            rows.append((key, shown))
+        elif isinstance(value, str):
+            rows.append((key, value))
+        elif key == "pools" and isinstance(value, list):
+            for i, pool in enumerate(value):
+                rows.append((f"pool {i}", ", ".join(f"{k}={v}" for k, v in pool.items())))
+        elif key == "request_sizes" and isinstance(value, dict):
+            for op, hist in value.items():
+                if isinstance(hist, dict) and hist:
+                    rows.append((f"{op} request sizes", ", ".join(f"{s}: {n}" for s, n in hist.items())))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, dict):
+                    v = ", ".join(f"{q}={qv}" for q, qv in v.items())
+                rows.append((f"{key}.{k}", str(v)))
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
+
+
+def cmd_stats(args, argv) -> int:
+    stats = read_stats(args.mountpoint)
+    if args.json:
+        sys.stdout.write(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+    elif args.prometheus:
+        sys.stdout.write(format_prometheus(stats))
+    else:
+        sys.stdout.write(format_table(stats))
+    return 0
+
+
+def cmd_set(args, argv) -> int:
+    from . import daemon
+    daemon.find_zblock_mount(args.mountpoint)
+    pairs = []
+    for item in args.assignments:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UsageError(f"set: {item!r} is not NAME=VALUE")
+        param = PARAMS.get(name)
+        if param is None:
+            raise UsageError(f"set: unknown parameter {name!r}")
+        if not param.runtime:
+            raise UsageError(f"set: {name} cannot change on a mounted store")
+        Config().set(name, value)          # the server validates again; this gives the message
+        pairs.append((name, value))
+    for name, value in pairs:
+        path = os.path.join(args.mountpoint, "params", name)
+
+        def write(path=path, value=value):
+            with open(path, "w") as f:
+                f.write(value + "\n")
+        try:
+            daemon._run_with_deadline(write, 30.0, f"set {name}")
+        except FileNotFoundError:
+            raise UsageError(f"set: this mount has no parameter {name!r}") from None
+        except OSError as e:
+            raise ConfigError(f"set {name}={value}: {e.strerror}") from None
+    return 0
+
+
+def cmd_fsck(args, argv) -> int:
+    if os.path.isdir(args.backing):
+        raise UsageError(f"fsck: {args.backing} is a directory")
+    if not os.path.exists(args.backing):
+        raise UsageError(f"fsck: {args.backing} does not exist")
+    from . import backing
+    report = backing.fsck(args.backing)
+    ok = getattr(report, "ok", None)
+    if ok is None and isinstance(report, dict):
+        ok = report.get("ok", not report.get("errors"))
+    text = str(report) if not isinstance(report, dict) else json.dumps(report, indent=1, sort_keys=True)
+    sys.stdout.write(text.rstrip("\n") + "\n")
+    return 0 if ok in (None, True) else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="zblock", description="A compressed, swap-like block store in user space.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add_mount(sub)
+    p = sub.add_parser("umount", help="write back, unmount and wait for the server")
+    p.add_argument("mountpoint")
+    p.add_argument("--force", action="store_true", help="abort a dead connection first")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
+    p = sub.add_parser("stats", help="show the stats of a mount")
+    p.add_argument("mountpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--prometheus", action="store_true")
+    p = sub.add_parser("set", help="change params of a mount")
+    p.add_argument("mountpoint")
+    p.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
+    p = sub.add_parser("fsck", help="check an unmounted backing file")
+    p.add_argument("backing")
+    for mod in REGISTERED_MODULES:
+        try:
+            m = __import__(f"zblock.{mod}", fromlist=["register_cli"])
+        except ImportError:
+            continue
+        reg = getattr(m, "register_cli", None)
+        if reg is not None:
+            reg(sub)
+    return parser
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "stats": cmd_stats, "set": cmd_set,
+            "fsck": cmd_fsck}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        func = COMMANDS.get(args.command) or getattr(args, "func", None)
+        if func is None:
+            raise UsageError(f"unknown command {args.command}")
+        return func(args, argv) or 0
+    except ZblockError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"zblock: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("zblock: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,522 @@
+"""Mount lifecycle: the foreground server, background start, signals, unmount.
+
+The server is always `zblock mount --foreground` (serve()): it opens the Store, mounts, and runs
+libfuse's multi-threaded loop in the calling thread until the filesystem is unmounted. libfuse
+never forks (foreground=True always): a fork would lose Python's threads and memory locks.
+
+Background mode (start_background()) starts that same command in a new session with its output
+in a log file, and waits on a readiness pipe: the server writes `OK` when the kernel's INIT
+arrives (the mount answers), or `ERR <exit code> <message>` when it fails before that.
+The caller returns when it has read one of them, or the server died, or the deadline passed.
+
+Shutdown: SIGTERM, SIGINT, SIGHUP (libfuse's own handlers end the loop), `umount`/`fusermount -u`
+(the kernel ends the connection) all lead to the same path: libfuse unmounts, calls destroy,
+and the server closes the Store, which writes everything back (nothing in swap mode). The pid
+file is removed only after a clean close, so `zblock umount` can tell a clean exit from a
+failed one. Signals arriving during the close are ignored: a second Ctrl-C must not cut the
+write-back short.
+
+Runtime files: RUNTIME_DIR/<quoted mount point>.pid ("PID\\nBACKING\\n") and .log (server output).
+RUNTIME_DIR is $ZBLOCK_RUNTIME_DIR, else /run/zblock for root, else $XDG_RUNTIME_DIR/zblock or
+/tmp/zblock-UID.
+
+What this module does not do: option parsing (zblock.cli), FUSE semantics (zblock.fuse_ops).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+from .errors import BackingError, MountError, NotAZblockMount, ZblockError
+
+log = logging.getLogger("zblock.daemon")
+
+FSTYPE = "fuse.zblock"
+START_TIMEOUT = 60.0       # imports + Store.open + mount take ~0.5 s here; a big fsck-on-open may take longer
+UMOUNT_TIMEOUT = 600.0     # write-back of a full pool: ~1 GiB at disk speed
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime files
+
+
+def runtime_dir() -> str:
+    d = os.environ.get("ZBLOCK_RUNTIME_DIR")
+    if not d:
+        if os.geteuid() == 0:
+            d = "/run/zblock"
+        elif os.environ.get("XDG_RUNTIME_DIR"):
+            d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "zblock")
+        else:
+            d = f"/tmp/zblock-{os.getuid()}"
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def _runtime_path(mountpoint: str, ext: str) -> str:
+    return os.path.join(runtime_dir(), urllib.parse.quote(os.path.realpath(mountpoint), safe="") + ext)
+
+
+def pid_file(mountpoint: str) -> str:
+    return _runtime_path(mountpoint, ".pid")
+
+
+def log_file(mountpoint: str) -> str:
+    return _runtime_path(mountpoint, ".log")
+
+
+def read_pid_file(mountpoint: str) -> int | None:
+    """The server's pid if its pid file names a live zblock process, else None."""
+    try:
+        with open(pid_file(mountpoint)) as f:
+            pid = int(f.readline())
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return None
+    return pid if b"zblock" in cmd else None
+
+
+# ---------------------------------------------------------------------------------------------
+# mount table
+
+
+@dataclass
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    major: int
+    minor: int       # for FUSE: the connection number under /sys/fs/fuse/connections/
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[MountEntry]:
+    """/proc/self/mountinfo, parsed. Never touches the mounts themselves (a dead one would hang)."""
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            major, minor = parts[2].split(":")
+            entries.append(MountEntry(_unescape(parts[4]), parts[sep + 1], _unescape(parts[sep + 2]),
+                                      int(major), int(minor)))
+    return entries
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    path = os.path.realpath(mountpoint)
+    found = None
+    for m in mounts():
+        if m.mountpoint == path:
+            found = m           # the last one is on top
+    return found
+
+
+def find_zblock_mount(mountpoint: str) -> MountEntry:
+    m = find_mount(mountpoint)
+    if m is None or m.fstype != FSTYPE:
+        what = "not mounted" if m is None else f"a {m.fstype} mount"
+        raise NotAZblockMount(f"{mountpoint}: not a zblock mount ({what})")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# checks done before starting a server (fast errors, no traceback)
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    if not os.path.exists(mountpoint):
+        raise MountError(f"mount point {mountpoint} does not exist")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    m = find_mount(mountpoint)
+    if m is not None and m.mountpoint == os.path.realpath(mountpoint) and os.path.realpath(mountpoint) != "/":
+        if m.fstype == FSTYPE:
+            raise MountError(f"{mountpoint} is already a zblock mount")
+        raise MountError(f"{mountpoint} is already a mount point ({m.fstype})")
+    try:
+        if os.listdir(mountpoint):
+            raise MountError(f"mount point {mountpoint} is not empty")
+    except PermissionError:
+        raise MountError(f"mount point {mountpoint} is not readable") from None
+
+
+def check_backing(backing: str, size: int | None) -> None:
+    """Errors the user can fix before a server starts. The Store re-checks (and locks)."""
+    if os.path.isdir(backing):
+        raise BackingError(f"backing file {backing} is a directory")
+    if os.path.exists(backing):
+        if not os.access(backing, os.R_OK | os.W_OK):
+            raise BackingError(f"backing file {backing} is not readable and writable")
+    else:
+        parent = os.path.dirname(os.path.abspath(backing))
+        if not os.path.isdir(parent):
+            raise BackingError(f"directory of the backing file {parent} does not exist")
+        if size is None:
+            from .errors import UsageError
+            raise UsageError(f"backing file {backing} does not exist: a new one needs --size")
+
+
+def check_fuse(fuse_version: int) -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
+    lib = "fuse3" if fuse_version == 3 else "fuse"
+    if ctypes.util.find_library(lib) is None:
+        pkg = "fuse3" if fuse_version == 3 else "libfuse2"
+        raise MountError(f"libfuse {fuse_version} is not installed (apt-get install {pkg})")
+
+
+# ---------------------------------------------------------------------------------------------
+# swap hardening hook
+
+
+def harden_for_swap(config) -> None:
+    """Swap mode hardening (PR_SET_IO_FLUSHER, mlockall, small stacks, oom_score_adj).
+
+    The call point: in the server, before the Store opens and before libfuse starts its
+    workers, because IO_FLUSHER is per task and only copied at clone(). The work is
+    zblock.swap.harden_for_swap's; without that module this is a no-op.
+    """
+    try:
+        from .swap import harden_for_swap as harden
+    except ImportError:
+        return
+    harden(config)
+
+
+def _swap_hook(name: str, *args) -> None:
+    """sd_notify hooks of zblock.swap (notify_ready, notify_stopping); no-ops without it."""
+    try:
+        from . import swap
+    except ImportError:
+        return
+    fn = getattr(swap, name, None)
+    if fn is not None:
+        try:
+            fn(*args)
+        except Exception:
+            log.warning("%s failed", name, exc_info=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the foreground server
+
+
+class _Readiness:
+    """The write end of the readiness pipe (or nothing when run in the foreground by hand)."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def _send(self, text: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, text.encode() + b"\n")
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+    def ok(self) -> None:
+        self._send("OK")
+
+    def fail(self, code: int, message: str) -> None:
+        self._send(f"ERR {code} {message.splitlines()[0] if message else 'failed'}")
+
+
+def _load_fuse(fuse_version: int):
+    """Import mfusepy on the wanted library. FUSE_LIBRARY_NAME must be set before the import."""
+    want = "fuse3" if fuse_version == 3 else "fuse"
+    if "mfusepy" not in sys.modules:
+        os.environ["FUSE_LIBRARY_NAME"] = want
+    import mfusepy
+    if mfusepy.fuse_version_major != fuse_version:
+        raise MountError(f"libfuse {fuse_version} requested but libfuse {mfusepy.fuse_version_major} "
+                         "is loaded in this process")
+    from . import fuse_ops
+    return mfusepy, fuse_ops
+
+
+def _open_store(backing: str, size: int | None, config, store_class: str | None):
+    if store_class:
+        # module:Class with the Store interface; for fault-injection tests of real mounts.
+        import importlib
+        mod, _, name = store_class.partition(":")
+        cls = getattr(importlib.import_module(mod), name)
+    else:
+        from .store import Store as cls
+    return cls.open(backing, size, config)
+
+
+def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_version: int = 3,
+          ready_fd: int | None = None, store_class: str | None = None, debug: bool = False) -> int:
+    """Run the server in this process until unmounted. Returns the exit code."""
+    ready = _Readiness(ready_fd)
+    store = None
+    close_error: list[BaseException] = []
+    closed = threading.Event()
+
+    def close_store() -> None:
+        # Runs in libfuse's destroy (after the unmount) and again after the loop returns;
+        # idempotent. Signals are ignored from here on: a second SIGTERM must not cut the
+        # write-back short (libfuse has already put SIG_DFL back).
+        if closed.is_set():
+            return
+        closed.set()
+        _swap_hook("notify_stopping")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except ValueError:          # not the main thread: keep going, close anyway
+                pass
+        t0 = time.monotonic()
+        try:
+            store.close()
+            log.info("store closed in %.2f s", time.monotonic() - t0)
+        except BaseException as e:      # reported by the exit code and the pid file left behind
+            log.critical("closing the store failed: %s", e, exc_info=True)
+            close_error.append(e)
+
+    try:
+        check_fuse(fuse_version)
+        check_mountpoint(mountpoint)
+        mfusepy, fuse_ops = _load_fuse(fuse_version)
+        if config.swap:
+            harden_for_swap(config)         # before any thread exists (the Store starts some)
+        store = _open_store(backing, size, config, store_class)
+    except ZblockError as e:
+        ready.fail(e.exit_code, str(e))
+        raise
+    except Exception as e:
+        ready.fail(1, f"{type(e).__name__}: {e}")
+        raise
+
+    pidf = pid_file(mountpoint)
+    try:
+        with open(pidf, "w") as f:
+            f.write(f"{os.getpid()}\n{os.path.abspath(backing)}\n")
+
+        mounted = threading.Event()
+
+        def on_init() -> None:
+            log.info("mounted %s on %s (libfuse %d)", backing, mountpoint, fuse_version)
+            mounted.set()
+            ready.ok()
+            _swap_hook("notify_ready", mountpoint)      # systemd Type=notify; a thread of its own
+
+        ops = fuse_ops.ZblockOps(store, kernel_cache=config.kernel_cache, on_init=on_init,
+                                 on_destroy=close_store)
+        opts = fuse_ops.mount_options(kernel_cache=config.kernel_cache)
+        if debug:
+            opts["debug"] = True
+        try:
+            mfusepy.FUSE(ops, mountpoint, raw_fi=True, **opts)
+        except RuntimeError as e:
+            if not mounted.is_set():
+                # libfuse printed why (it goes to the log in background mode).
+                raise MountError(f"libfuse could not mount {mountpoint} (code {e})") from None
+            # After a signal libfuse's loop returns non-zero (3.14: 8): a normal end.
+            log.info("loop ended by a signal (libfuse code %s)", e)
+    except ZblockError as e:
+        ready.fail(e.exit_code, str(e))
+        close_store()
+        raise
+    except BaseException as e:
+        ready.fail(1, f"{type(e).__name__}: {e}")
+        close_store()
+        raise
+    close_store()
+    if close_error:
+        return 1
+    try:
+        os.unlink(pidf)
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# background start
+
+
+def start_background(argv: list[str], mountpoint: str, timeout: float = START_TIMEOUT) -> int:
+    """Start `zblock mount --foreground` (argv: the arguments after `zblock`) in a new session,
+    wait for the readiness pipe. Returns the server's pid. Raises MountError with its message."""
+    logpath = log_file(mountpoint)
+    r, w = os.pipe()
+    try:
+        with open(logpath, "ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "zblock", *argv, "--foreground", "--ready-fd", str(w)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                start_new_session=True, close_fds=True)
+    finally:
+        os.close(w)
+    try:
+        line = _read_line(r, timeout, proc)
+    finally:
+        os.close(r)
+    if line == "OK":
+        return proc.pid
+    if line.startswith("ERR "):
+        _, code, msg = (line.split(" ", 2) + [""])[:3]
+        proc.wait(timeout=10)
+        err = MountError(msg)
+        err.exit_code = int(code) if code.isdigit() else 1
+        raise err
+    if line == "":
+        rc = proc.wait(timeout=10)
+        raise MountError(f"the server exited (code {rc}) before the mount answered: {_log_tail(logpath)}")
+    proc.kill()
+    raise MountError(f"the mount did not answer within {timeout:.0f} s (see {logpath})")
+
+
+def _read_line(fd: int, timeout: float, proc) -> str:
+    """One line from the readiness pipe; "" on EOF (server gone); "TIMEOUT" at the deadline."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "TIMEOUT"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return buf.decode(errors="replace").strip()
+        buf += chunk
+    return buf.decode(errors="replace").strip()
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 2000))
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else f"no output (see {path})"
+    except OSError:
+        return f"no log at {path}"
+
+
+# ---------------------------------------------------------------------------------------------
+# unmount
+
+
+def wait_pid_exit(pid: int, timeout: float) -> bool:
+    """Wait for a process that is not our child to exit (pidfd, no polling). True if it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
+def _run_with_deadline(fn, timeout: float, what: str):
+    """Run fn in a daemon thread; a hung FUSE server must not hang the command."""
+    result: list = []
+    error: list = []
+
+    def run():
+        try:
+            result.append(fn())
+        except BaseException as e:
+            error.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name=what)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise MountError(f"{what}: no answer from the server within {timeout:.0f} s (try --force)")
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+def _fsync_disk(mountpoint: str) -> None:
+    fd = os.open(os.path.join(mountpoint, "disk"), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def abort_connection(entry: MountEntry) -> bool:
+    path = f"/sys/fs/fuse/connections/{entry.minor}/abort"
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
+def _umount_cmd(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
+    if os.geteuid() == 0:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
+    else:
+        tool = "fusermount3" if _which("fusermount3") else "fusermount"
+        cmd = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def _which(name: str) -> bool:
+    import shutil
+    return shutil.which(name) is not None
+
+
+def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT) -> None:
+    """Write back, fsync, unmount, return when the server has exited."""
+    entry = find_zblock_mount(mountpoint)
+    pid = read_pid_file(mountpoint)
+    if force:
+        abort_connection(entry)
+        res = _umount_cmd(entry.mountpoint, lazy=True)
+        if res.returncode != 0 and find_mount(entry.mountpoint) is not None:
+            raise MountError(f"umount -l {mountpoint} failed: {res.stderr.strip()}")
+    else:
+        # fsync through the mount first: write-back errors reach the user while the mount is
+        # still there, and the unmount's own write-back has nothing left but the clean pages.
+        _run_with_deadline(lambda: _fsync_disk(entry.mountpoint), 300.0, "fsync")
+        res = _umount_cmd(entry.mountpoint)
+        if res.returncode != 0:
+            msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+            raise MountError(f"unmounting {mountpoint} failed: {msg}")
+    if pid is None:
+        return
+    if not wait_pid_exit(pid, timeout):
+        raise MountError(f"the server (pid {pid}) did not exit within {timeout:.0f} s after the unmount")
+    if os.path.exists(pid_file(entry.mountpoint)) and not force:
+        raise MountError(f"the server exited without a clean write-back (see {log_file(entry.mountpoint)})")

@@ -1,0 +1,336 @@
+"""FUSE adapter: paths, offsets and errnos in front of a Store. A protocol adapter only.
+
+The filesystem has three kinds of files:
+
+    /disk          the block file: Store.read/write/discard/fsync, size fixed at Store.size
+    /stats         a JSON snapshot of Store.stats(), taken when the file is opened
+    /params/NAME   one file per Store.param_names(); read: value + newline (snapshot at open),
+                   write: Store.set_param (EINVAL and unchanged when invalid)
+
+Invariants:
+  - No cache logic lives here. Every byte of `disk` goes to the Store in one call per request,
+    so a 1 MiB write reaches the Store whole and can be compressed on every core at once.
+  - Errors leave as errnos: a ZblockError answers its `.errno`, an OSError its own, anything
+    else EIO (logged). mfusepy would answer EINVAL for unknown exceptions; EIO is what a disk says.
+  - Block-device semantics are decided here only where they are about offsets: truncate and
+    O_TRUNC are accepted and ignored, a write starting at or past the end is ENOSPC, a write
+    that crosses the end is cut short at the end (as a block device does), reads past the end
+    return b"" (the Store clips).
+  - xattr operations are not implemented on purpose: mfusepy then leaves them NULL, libfuse
+    answers ENOSYS once and the kernel stops asking GETXATTR(security.capability) before every
+    write (fusepy's default getxattr raised ENOTSUP, which costs one round trip per write).
+  - fallocate answers EOPNOTSUPP for modes we do not support, never ENOSYS: ENOSYS makes the
+    kernel stop sending fallocate for the life of the mount, and the loop driver's discards
+    (blkdiscard, fstrim, mkfs, swap) then never reach the Store.
+
+Lock protocol: the adapter keeps one lock, `_fh_lock`, guarding `_handles` and `_next_fh` (the
+per-open snapshots of stats/params files). The disk's fast path takes no lock of its own: the
+Store serialises what needs it (page locks).
+
+Import note: importing this module imports mfusepy, which loads libfuse 2 unless
+FUSE_LIBRARY_NAME=fuse3 was set before (zblock.daemon sets it). Nothing here depends on which
+library is loaded except `init_with_config`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import threading
+import time
+
+import mfusepy
+
+from . import PAGE_SIZE
+from .errors import ZblockError
+
+log = logging.getLogger("zblock.fuse")
+
+# fallocate(2) mode bits (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# libfuse 3 caps a request at FUSE_DEFAULT_MAX_PAGES_LIMIT (256) pages = 1 MiB; libfuse 2 at
+# 32 pages (its receive buffer is 128 KiB + header, libfuse #161).
+MAX_WRITE_FUSE3 = 1 << 20
+MAX_WRITE_FUSE2 = 128 << 10
+
+DISK = "/disk"
+STATS = "/stats"
+PARAMS_DIR = "/params"
+
+_DISK_FH = 0          # the disk needs no per-open state; other files get fh >= 1
+
+
+def fuse_version_major() -> int:
+    """Major version of the libfuse mfusepy loaded in this process (2 or 3)."""
+    return mfusepy.fuse_version_major
+
+
+def mount_options(kernel_cache: bool = False, allow_other: bool | None = None) -> dict:
+    """Options for mfusepy.FUSE(...) on the loaded library.
+
+    fsname/subtype make /proc/mounts say `zblock /mnt fuse.zblock`, which is how the CLI tells
+    a zblock mount from any other. libfuse 3 refuses `max_write`/`big_writes` as options (see
+    init_with_config); libfuse 2 needs them for anything above 4 KiB writes.
+    `direct_io` is set per open file (open), not per mount, because stats/params always need it.
+    """
+    opts: dict = {"foreground": True, "fsname": "zblock", "subtype": "zblock"}
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    if allow_other:
+        # Root mounts serve loop devices, swap and other users; default_permissions makes the
+        # kernel check the 0600 mode of `disk` instead of letting everyone in.
+        opts["allow_other"] = True
+        opts["default_permissions"] = True
+    if fuse_version_major() == 2:
+        opts["big_writes"] = True
+        opts["max_write"] = MAX_WRITE_FUSE2
+    return opts
+
+
+def _errno_edge(method):
+    """Turn zblock's exceptions into errnos at the edge (ZblockError.errno; others EIO)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except ZblockError as e:
+            raise mfusepy.FuseOSError(e.errno or errno.EIO) from None
+        except OSError:
+            raise
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+    return wrapper
+
+
+class _Snapshot:
+    """Per-open state of a stats or params file: its bytes at open, and for params the write buffer."""
+
+    __slots__ = ("data", "param", "wbuf")
+
+    def __init__(self, data: bytes, param: str | None = None):
+        self.data = data
+        self.param = param
+        self.wbuf: bytearray | None = None
+
+
+class ZblockOps(mfusepy.Operations):
+    """The filesystem. `store` is a zblock.store.Store (or anything with its interface).
+
+    on_init(): called once the kernel's INIT arrives (the daemon's readiness signal).
+    on_destroy(): called when libfuse tears the filesystem down (the daemon closes the Store).
+    """
+
+    use_ns = True
+
+    def __init__(self, store, *, kernel_cache: bool = False, on_init=None, on_destroy=None):
+        self.store = store
+        self.kernel_cache = kernel_cache
+        self._on_init = on_init
+        self._on_destroy = on_destroy
+        self._fh_lock = threading.Lock()
+        self._handles: dict[int, _Snapshot] = {}
+        self._next_fh = 1
+        self._mount_time = time.time_ns()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+
+    def init_with_config(self, conn, config) -> None:
+        if conn is not None:
+            want = MAX_WRITE_FUSE3 if fuse_version_major() == 3 else MAX_WRITE_FUSE2
+            # libfuse 3 refuses -o max_write; this is the only place to raise it. The kernel
+            # then sends up to 1 MiB per WRITE (libfuse 3.14 negotiates max_pages=256).
+            conn.max_write = want
+            conn.max_readahead = want
+        if self._on_init is not None:
+            self._on_init()
+
+    def destroy(self, path) -> None:
+        if self._on_destroy is not None:
+            self._on_destroy()
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    def _attrs(self, mode: int, size: int, nlink: int = 1) -> dict:
+        t = self._mount_time
+        return {"st_mode": mode, "st_nlink": nlink, "st_size": size, "st_uid": self.uid,
+                "st_gid": self.gid, "st_atime": t, "st_mtime": t, "st_ctime": t,
+                "st_blksize": PAGE_SIZE, "st_blocks": (size + 511) // 512}
+
+    def _param_name(self, path: str) -> str | None:
+        if path.startswith(PARAMS_DIR + "/"):
+            name = path[len(PARAMS_DIR) + 1:]
+            if name in self.store.param_names():
+                return name
+        return None
+
+    def _new_handle(self, snap: _Snapshot) -> int:
+        with self._fh_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = snap
+        return fh
+
+    def _handle(self, fi) -> _Snapshot:
+        snap = self._handles.get(fi.fh)
+        if snap is None:
+            raise mfusepy.FuseOSError(errno.EBADF)
+        return snap
+
+    # ------------------------------------------------------------------------------------------
+    # metadata
+
+    @_errno_edge
+    def getattr(self, path, fh=None):
+        if path == DISK:
+            return self._attrs(stat.S_IFREG | 0o600, self.store.size)
+        if path == "/":
+            return self._attrs(stat.S_IFDIR | 0o755, 0, nlink=3)
+        if path == STATS:
+            # Size 0: the JSON is made at open and read with direct I/O, so readers go to EOF.
+            return self._attrs(stat.S_IFREG | 0o444, 0)
+        if path == PARAMS_DIR:
+            return self._attrs(stat.S_IFDIR | 0o755, 0, nlink=2)
+        if self._param_name(path) is not None:
+            return self._attrs(stat.S_IFREG | 0o644, 0)
+        raise mfusepy.FuseOSError(errno.ENOENT)
+
+    @_errno_edge
+    def readdir(self, path, fh):
+        if path == "/":
+            return [".", "..", "disk", "stats", "params"]
+        if path == PARAMS_DIR:
+            return [".", ".."] + list(self.store.param_names())
+        raise mfusepy.FuseOSError(errno.ENOTDIR)
+
+    def statfs(self, path):
+        blocks = self.store.size // PAGE_SIZE
+        # f_bsize/f_frsize 4096: the loop driver takes its discard granularity from them.
+        return {"f_bsize": PAGE_SIZE, "f_frsize": PAGE_SIZE, "f_blocks": blocks, "f_bfree": 0,
+                "f_bavail": 0, "f_files": 3, "f_ffree": 0, "f_namemax": 255}
+
+    def truncate(self, path, length, fh=None):
+        # Block-device semantics: the size never changes, so `dd of=disk` (O_TRUNC) and
+        # `echo v > params/x` work. Only existing files get here.
+        if path == DISK or path == STATS or self._param_name(path) is not None:
+            return 0
+        raise mfusepy.FuseOSError(errno.ENOENT)
+
+    def create(self, path, mode, fi=None):
+        raise mfusepy.FuseOSError(errno.EACCES)
+
+    # ------------------------------------------------------------------------------------------
+    # open / release
+
+    @_errno_edge
+    def open(self, path, fi):
+        # raw_fi=True: fi is the fuse_file_info; we set fh and direct_io on it.
+        acc = fi.flags & os.O_ACCMODE
+        if path == DISK:
+            fi.fh = _DISK_FH
+            fi.direct_io = 0 if self.kernel_cache else 1
+            return 0
+        if path == STATS:
+            if acc != os.O_RDONLY:
+                raise mfusepy.FuseOSError(errno.EACCES)
+            data = (json.dumps(self.store.stats(), indent=1, sort_keys=True) + "\n").encode()
+            fi.fh = self._new_handle(_Snapshot(data))
+            fi.direct_io = 1
+            return 0
+        name = self._param_name(path)
+        if name is None:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        data = (self.store.get_param(name) + "\n").encode()
+        fi.fh = self._new_handle(_Snapshot(data, name))
+        fi.direct_io = 1
+        return 0
+
+    def release(self, path, fi):
+        if fi.fh != _DISK_FH:
+            with self._fh_lock:
+                self._handles.pop(fi.fh, None)
+        return 0
+
+    # ------------------------------------------------------------------------------------------
+    # data
+
+    @_errno_edge
+    def read(self, path, size, offset, fi):
+        if fi.fh == _DISK_FH:
+            self.store.note_request("read", size)
+            return self.store.read(offset, size)
+        snap = self._handle(fi)
+        return snap.data[offset:offset + size]
+
+    @_errno_edge
+    def write(self, path, data, offset, fi):
+        if fi.fh == _DISK_FH:
+            n = len(data)
+            self.store.note_request("write", n)
+            size = self.store.size
+            if offset >= size:
+                raise mfusepy.FuseOSError(errno.ENOSPC)
+            if offset + n > size:
+                # Cut at the end, as a block device does; the next write gets ENOSPC.
+                data = memoryview(data)[:size - offset]
+            self.store.write(offset, data)
+            return len(data)
+        snap = self._handle(fi)
+        if snap.param is None:
+            raise mfusepy.FuseOSError(errno.EACCES)
+        # Apply on every write so the writer sees EINVAL from write(2) itself (echo reports
+        # it), not from close(2). Writes of one open accumulate: "zs" + "td\n" is "zstd".
+        if snap.wbuf is None:
+            snap.wbuf = bytearray()
+        end = offset + len(data)
+        if len(snap.wbuf) < end:
+            snap.wbuf.extend(b"\0" * (end - len(snap.wbuf)))
+        snap.wbuf[offset:end] = data
+        try:
+            text = snap.wbuf.decode()
+        except UnicodeDecodeError:
+            raise mfusepy.FuseOSError(errno.EINVAL) from None
+        self.store.set_param(snap.param, text.strip())
+        return len(data)
+
+    @_errno_edge
+    def fsync(self, path, datasync, fi):
+        if fi.fh == _DISK_FH:
+            self.store.fsync()
+        return 0
+
+    @_errno_edge
+    def fallocate(self, path, mode, offset, length, fi):
+        if fi.fh != _DISK_FH:
+            raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        size = self.store.size
+        keep = mode & FALLOC_FL_KEEP_SIZE
+        op = mode & ~FALLOC_FL_KEEP_SIZE
+        if op == 0:
+            # Preallocate: every byte of the disk already exists. Growing is not possible.
+            if not keep and offset + length > size:
+                raise mfusepy.FuseOSError(errno.ENOSPC)
+            return 0
+        if op == FALLOC_FL_PUNCH_HOLE and not keep:
+            raise mfusepy.FuseOSError(errno.EOPNOTSUPP)   # punch-hole requires KEEP_SIZE (fallocate(2))
+        if op not in (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE):
+            raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
+        if op == FALLOC_FL_ZERO_RANGE and not keep and offset + length > size:
+            raise mfusepy.FuseOSError(errno.ENOSPC)
+        # Both punch-hole and zero-range leave zeros: whole pages dropped, partial ones zeroed.
+        if offset < size:
+            self.store.discard(offset, min(length, size - offset))
+        return 0
