@@ -17,3 +17,12 @@ def require(condition: bool, why: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {why}")
     pytest.skip(why)
+
+
+def pytest_sessionstart(session):
+    """Sweep what dead earlier runs of this project left behind (mounts, loops, swap, servers)
+    under the test prefix, so one crashed run cannot break the next."""
+    import mountutil
+    swept = mountutil.sweep()
+    if swept:
+        print(f"swept leftovers of earlier runs: {', '.join(swept)}", file=sys.stderr)

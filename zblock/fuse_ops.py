@@ -135,6 +135,8 @@ class ZblockOps(mfusepy.Operations):
         self.kernel_cache = kernel_cache
         self._on_init = on_init
         self._on_destroy = on_destroy
+        # what INIT agreed (libfuse version, max_write), shown under "fuse" in the stats file
+        self._fuse_info = {"libfuse": fuse_version_major(), "max_write": None}
         self._fh_lock = threading.Lock()
         self._handles: dict[int, _Snapshot] = {}
         self._next_fh = 1
@@ -152,6 +154,7 @@ class ZblockOps(mfusepy.Operations):
             # then sends up to 1 MiB per WRITE (libfuse 3.14 negotiates max_pages=256).
             conn.max_write = want
             conn.max_readahead = want
+            self._fuse_info = {"libfuse": fuse_version_major(), "max_write": int(conn.max_write)}
         if self._on_init is not None:
             self._on_init()
 
@@ -244,7 +247,9 @@ class ZblockOps(mfusepy.Operations):
         if path == STATS:
             if acc != os.O_RDONLY:
                 raise mfusepy.FuseOSError(errno.EACCES)
-            data = (json.dumps(self.store.stats(), indent=1, sort_keys=True) + "\n").encode()
+            stats = self.store.stats()
+            stats["fuse"] = self._fuse_info
+            data = (json.dumps(stats, indent=1, sort_keys=True) + "\n").encode()
             fi.fh = self._new_handle(_Snapshot(data))
             fi.direct_io = 1
             return 0

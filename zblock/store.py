@@ -194,6 +194,7 @@ class Store:
             hist.setdefault(op, {})[size] = count
         d["request_sizes"] = hist
         d["disk_size"] = self.size
+        d["swap"] = self.config.swap
         d["pool_limit"] = self.config.pool_limit
         d["process_rss_bytes"] = self._proc.memory_info().rss
         d["time"] = time.time()
