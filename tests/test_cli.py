@@ -262,3 +262,11 @@ def test_umount_force_on_a_hung_server(work):
         finally:
             os.kill(m.pid, 18)      # SIGCONT: let it see the aborted connection and exit
         assert mountutil.wait_pid(m.pid, 60)
+
+
+@pytest.mark.parametrize("command", ["", "mount", "umount", "stats", "set", "fsck", "swapon",
+                                     "swapoff", "bench"])
+def test_help_of_every_command(command):
+    res = zblock(*([command] if command else []), "--help")
+    assert res.returncode == 0, res.stderr
+    assert "usage: zblock" in res.stdout and "Traceback" not in res.stderr

@@ -141,7 +141,7 @@ def _add_mount(sub) -> None:
     p.add_argument("--foreground", "-f", action="store_true", help="run the server in this process")
     p.add_argument("-o", action="append", metavar="OPT[=VAL],...", help="options as for mount -t fuse.zblock")
     for opt, name in _OPTION_PARAMS.items():
-        p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help.replace("%%", "%"))
+        p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help)
     p.add_argument("--kernel-cache", action="store_true", help="let the kernel cache the disk's pages")
     p.add_argument("--swap", action="store_true", help="serve swap (hardening on, backing ephemeral)")
     p.add_argument("--fuse-version", choices=("2", "3"), default="3", help="libfuse major version (default 3)")
