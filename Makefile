@@ -47,5 +47,12 @@ bench: deps
 	$(PIP) install -q -e '.[test,bench]'
 	$(PY) -m pytest -q -s tests/perf -p no:cacheprovider
 
+# the mount(8)/umount(8) helpers for `mount -t fuse.zblock` and fstab, and the systemd units
+install: deps
+	sh mount/install.sh install
+
+uninstall:
+	sh mount/install.sh uninstall
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -26,12 +26,6 @@ pytestmark = pytest.mark.mount
 VERSIONS = [pytest.param(3, id="fuse3"), pytest.param(2, id="fuse2")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _sweep():
-    mountutil.sweep()
-    yield
-
-
 def make_data(nbytes: int, seed: int = 1) -> bytes:
     """The DESIGN's `mix`: 1/4 zero pages, 1/4 random, 1/2 text pages."""
     rnd = random.Random(seed)

@@ -123,6 +123,10 @@ def cmd_mount(args, argv) -> int:
     daemon.check_fuse(fuse_version)
     daemon.check_mountpoint(args.mountpoint)
     daemon.check_backing(backing, size)
+    if config.swap and not args.foreground:
+        from . import swap
+        for warning in swap.preflight_warnings(config):
+            print(f"zblock: warning: {warning}", file=sys.stderr)
     if args.foreground:
         import logging
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,

@@ -485,7 +485,8 @@ def abort_connection(entry: MountEntry) -> bool:
 
 def _umount_cmd(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
     if os.geteuid() == 0:
-        cmd = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
+        # -i: not through umount.fuse.zblock (mount/), which would call zblock umount again
+        cmd = ["umount", "-i"] + (["-l"] if lazy else []) + [mountpoint]
     else:
         tool = "fusermount3" if _which("fusermount3") else "fusermount"
         cmd = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]

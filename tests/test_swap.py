@@ -1,0 +1,470 @@
+"""Swap mode: zblock.swap without a mount, then real swap through `zblock swapon` under a memory hog.
+
+Tiers:
+  - pure functions (no root): /proc parsing, sd_notify datagrams, CLI refusals without a mount;
+  - real mounts: swapon/swapoff refusals, the hardening visible in /proc/PID, server memory;
+  - real swapping: a hog in a child memory cgroup (limit 96 MiB, working set 320 MiB, checksummed
+    pages) swapping through loop -> FUSE -> zblock, every page verified at the end.
+
+Every test leaves no swap, loop device, mount, cgroup or process behind (finally blocks), and the
+swap tests fail, not skip, when kernel zswap is enabled: it would take the pages before zblock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mountutil
+from conftest import require
+from mountutil import Mount, wait_for, zblock
+
+from zblock import swap
+
+HOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hog.py")
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: kernel state
+
+
+def zswap_must_be_off() -> None:
+    if os.path.exists(swap.ZSWAP_ENABLED):
+        with open(swap.ZSWAP_ENABLED) as f:
+            value = f.read().strip()
+        assert value == "N", f"kernel zswap is enabled ({swap.ZSWAP_ENABLED} = {value}): it would take " \
+                             "the pages before zblock; this test refuses to run (echo N > it)"
+
+
+def vmstat(key: str) -> int:
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            if k == key:
+                return int(v)
+    return 0
+
+
+def require_swap_tools() -> None:
+    mountutil.require_mounts()
+    for tool in ("losetup", "mkswap", "swapon", "swapoff", "blkdiscard"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    require(os.path.exists("/dev/loop-control"), "no loop devices (/dev/loop-control)")
+
+
+def teardown_swap(m: Mount, *known: str | None) -> None:
+    """Whatever state the test left: swapoff + detach every loop over the mount's disk.
+
+    `known` are loop devices this test attached: they are torn down even when their backing path
+    now reads "/disk" (the mount was lazily unmounted under them, e.g. by another run's sweep).
+    """
+    disk = os.path.join(os.path.realpath(m.mountpoint), "disk")
+    loops = set(swap.loops_over(disk))
+    loops.update(d for d in known if d and swap.loop_backing_file(d) in (disk, "/disk"))
+    for loop in sorted(loops):
+        if swap.swap_entry(loop):
+            subprocess.run(["swapoff", loop], capture_output=True, timeout=600)
+        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
+
+
+class MemCgroup:
+    """A child memory cgroup of this process's own (v1: memory.limit_in_bytes; v2: memory.max).
+
+    `procs` is the file a process writes its pid to in order to join. On exit, processes still
+    in it (only ours can be: the test's hog) are killed by pid and the directory removed.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.path = None
+        self.version = None
+        own_v1 = own_v2 = None
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                hid, ctrls, path = line.rstrip("\n").split(":", 2)
+                if "memory" in ctrls.split(","):
+                    own_v1 = path
+                elif hid == "0" and ctrls == "":
+                    own_v2 = path
+        if own_v1 is not None and os.path.isdir("/sys/fs/cgroup/memory"):
+            self.version, self.parent = 1, "/sys/fs/cgroup/memory" + own_v1.rstrip("/")
+        elif own_v2 is not None and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            self.version, self.parent = 2, "/sys/fs/cgroup" + own_v2.rstrip("/")
+        else:
+            require(False, "no memory cgroup (v1 or v2) found for this process")
+
+    def __enter__(self) -> "MemCgroup":
+        name = f"zblock-test-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
+        path = os.path.join(self.parent, name)
+        try:
+            os.mkdir(path)
+        except OSError as e:
+            require(False, f"cannot create a memory cgroup under {self.parent}: {e}")
+        self.path = path
+        try:
+            if self.version == 1:
+                self._write("memory.limit_in_bytes", self.limit)
+                # memsw (if accounted) must stay above the limit or the hog is OOM-killed instead of
+                # swapping; -1 = unlimited, bounded by the parent's own memsw.
+                if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
+                    self._write("memory.memsw.limit_in_bytes", -1)
+                self._write("memory.swappiness", 100)
+                self.procs = os.path.join(path, "cgroup.procs")
+            else:
+                with contextlib.suppress(OSError):
+                    with open(os.path.join(self.parent, "cgroup.subtree_control"), "w") as f:
+                        f.write("+memory")
+                if not os.path.exists(os.path.join(path, "memory.max")):
+                    require(False, "cgroup v2: the memory controller is not enabled for children here")
+                self._write("memory.max", self.limit)
+                self._write("memory.swap.max", "max")
+                self.procs = os.path.join(path, "cgroup.procs")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _write(self, name: str, value) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(str(value))
+
+    def pids(self) -> list[int]:
+        try:
+            with open(self.procs) as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def __exit__(self, *exc) -> None:
+        if self.path is None:
+            return
+        for pid in self.pids():
+            mountutil.kill_and_wait(pid)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                os.rmdir(self.path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)     # the kernel frees the cgroup once its last task is reaped
+        self.path = None
+
+
+# ---------------------------------------------------------------------------------------------
+# no mount needed
+
+
+def test_task_flags_and_status_parse_own_process():
+    flags = swap.task_flags()
+    assert os.getpid() in flags                       # the main thread's tid is the pid
+    assert all(isinstance(v, int) for v in flags.values())
+    assert swap.status_kib("VmRSS") > 0
+    assert isinstance(swap.capabilities(), int)
+
+
+def test_swaps_parses_proc_swaps():
+    for s in swap.swaps():
+        assert s["name"] and s["size_kib"] >= s["used_kib"] >= 0
+
+
+def test_notify_sends_datagram_to_notify_socket(monkeypatch, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        s.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert swap.notify("STATUS=hello")
+        assert s.recv(4096) == b"STATUS=hello"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert swap.notify("READY=1") is False
+    assert swap.notify_ready("/nonexistent") is None
+
+
+def test_notify_abstract_socket(monkeypatch):
+    name = f"zblock-test-notify-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        s.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert swap.notify("STOPPING=1")
+        assert s.recv(4096) == b"STOPPING=1"
+
+
+def test_notify_ready_waits_for_the_path(monkeypatch, tmp_path):
+    """READY=1 goes out only once MOUNTPOINT/stats can be stat'ed (here: created later)."""
+    sock = str(tmp_path / "n.sock")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(sock)
+        s.settimeout(0.5)
+        monkeypatch.setenv("NOTIFY_SOCKET", sock)
+        t = swap.notify_ready(str(mp), timeout=20)
+        with pytest.raises(socket.timeout):
+            s.recv(4096)
+        (mp / "stats").write_text("{}")
+        s.settimeout(10)
+        msg = s.recv(4096).decode()
+        t.join(10)
+    assert msg.startswith("READY=1\n") and f"MAINPID={os.getpid()}" in msg
+
+
+def test_zswap_and_capability_warnings(monkeypatch, tmp_path):
+    """The warnings read the real sysfs file; a stand-in file shows both states without ever
+    touching the kernel's setting."""
+    fake = tmp_path / "enabled"
+    monkeypatch.setattr(swap, "ZSWAP_ENABLED", str(fake))
+    fake.write_text("N\n")
+    assert not swap.kernel_zswap_enabled()
+    assert not any("zswap" in w for w in swap.preflight_warnings())
+    fake.write_text("Y\n")
+    assert swap.kernel_zswap_enabled()
+    assert any("kernel zswap is enabled" in w for w in swap.preflight_warnings())
+    caps = swap.preflight_warnings()
+    assert swap.has_capability(swap.CAP_SYS_RESOURCE) or any("CAP_SYS_RESOURCE" in w for w in caps)
+
+
+def test_swap_refuses_kernel_cache(tmp_path):
+    res = zblock("mount", str(tmp_path), "--backing", str(tmp_path / "b.img"), "--size", "16M",
+                 "--swap", "--kernel-cache")
+    assert res.returncode == 2 and "kernel-cache" in res.stderr and "Traceback" not in res.stderr, res
+
+
+RELEASE_CHILD = r"""
+import json, os, sys, threading
+from zblock import swap
+before_hardening = swap.release_free_memory(min_available=0.0)   # not hardened yet: no-op
+h = swap.harden_for_swap()
+objs = []
+def work(n):       # libfuse's workers allocate like this: in threads, so in glibc's mmap'd arenas
+    objs.extend(os.urandom(1000 + (i * 7919) % 3000) for i in range(n))
+ts = [threading.Thread(target=work, args=(75000,)) for _ in range(2)]    # ~370 MiB, 1-4 KiB each
+[t.start() for t in ts]
+[t.join() for t in ts]
+del objs[:int(len(objs) * 0.9)]      # the pool shrinks; what is left pins nothing much
+rss_held = swap.status_kib("VmRSS")
+released = swap.release_free_memory(min_available=0.0)
+print(json.dumps({"mlocked": h.mlocked, "before_hardening": before_hardening, "held": rss_held,
+                  "released": released, "after": swap.status_kib("VmRSS"),
+                  "vmlck": swap.status_kib("VmLck"), "still_locked": swap._hardening.mlocked}))
+"""
+
+
+def test_release_free_memory_returns_locked_heap():
+    """Under mlockall freed heap stays resident until release_free_memory (in a child: mlockall
+    is process-wide)."""
+    res = subprocess.run([sys.executable, "-c", RELEASE_CHILD], capture_output=True, text=True,
+                         timeout=60, env=mountutil.env())
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    require(r["mlocked"], "mlockall refused here")
+    assert r["before_hardening"] == 0
+    assert r["held"] > 250 * 1024, r                 # the freed objects stayed resident
+    assert r["released"] > 200 * MIB, r
+    assert r["still_locked"] and r["vmlck"] > 0, r
+
+
+def test_cli_swapon_swapoff_refuse_a_non_mount(tmp_path):
+    for cmd in ("swapon", "swapoff"):
+        res = zblock(cmd, str(tmp_path))
+        assert res.returncode == 1, res
+        assert "not a zblock mount" in res.stderr and "Traceback" not in res.stderr
+    res = zblock("swapon", str(tmp_path), "--priority", "40000")
+    assert res.returncode == 2 and "out of range" in res.stderr
+    res = zblock("swapon", str(tmp_path), "--priority", "x")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# real mounts
+
+
+@pytest.mark.mount
+def test_swapon_refuses_a_mount_not_in_swap_mode():
+    require_swap_tools()
+    with Mount(size="64M") as m:
+        try:
+            for cmd in ("swapon", "swapoff"):
+                res = zblock(cmd, m.mountpoint)
+                assert res.returncode == 1, res
+                assert "swap mode" in res.stderr, res.stderr
+            assert swap.loops_over(os.path.join(os.path.realpath(m.mountpoint), "disk")) == []
+        finally:
+            teardown_swap(m)
+
+
+@pytest.mark.mount
+def test_swapon_swapoff_cycle_and_state_refusals():
+    require_swap_tools()
+    zswap_must_be_off()
+    with Mount(size="64M", swap=True) as m:
+        disk = os.path.join(os.path.realpath(m.mountpoint), "disk")
+        loop = None
+        try:
+            res = zblock("swapoff", m.mountpoint)
+            assert res.returncode == 1 and "swap is not on" in res.stderr, res
+            res = zblock("swapon", m.mountpoint, "--priority", "7", timeout=120)
+            assert res.returncode == 0, res.stderr
+            loop = res.stdout.strip()
+            assert loop.startswith("/dev/loop") and swap.loops_over(disk) == [loop]
+            assert swap.loop_dio(loop), "loop device without direct I/O"
+            entry = swap.swap_entry(loop)
+            assert entry is not None and entry["priority"] == 7
+            discarded0 = m.stats()["discarded_pages"]
+            assert discarded0 > 0, "swapon --discard's initial discard did not reach zblock"
+            res = zblock("swapon", m.mountpoint)
+            assert res.returncode == 1 and "already on" in res.stderr, res
+            res = zblock("swapoff", m.mountpoint, timeout=300)
+            assert res.returncode == 0, res.stderr
+            assert swap.swap_entry(loop) is None
+            assert swap.loops_over(disk) == []
+            assert m.stats()["discarded_pages"] > discarded0, "swapoff's blkdiscard did not reach zblock"
+        finally:
+            teardown_swap(m, loop)
+        assert swap.loops_over(disk) == []
+
+
+def _server_log(m: Mount) -> str:
+    from zblock import daemon
+    with open(daemon.log_file(os.path.realpath(m.mountpoint))) as f:
+        return f.read()
+
+
+@pytest.mark.mount
+def test_hardening_is_visible_in_proc():
+    """--swap: VmLck, IO_FLUSHER on every thread (or the warning), oom_score_adj, memory cost."""
+    require_swap_tools()
+    with Mount(size="256M", swap=True, pool_limit="64M") as hard, \
+            Mount(size="256M", pool_limit="64M") as plain:
+        assert hard.pid and plain.pid
+        pid = hard.pid
+        assert swap.status_kib("VmLck", pid) > 0, "the --swap server has no locked memory (mlockall)"
+        assert swap.status_kib("VmLck", plain.pid) == 0
+        log = _server_log(hard)
+        if swap.has_capability(swap.CAP_SYS_RESOURCE, pid):
+            flags = swap.task_flags(pid)
+            missing = [tid for tid, fl in flags.items() if fl & swap.PF_IO_FLUSHER != swap.PF_IO_FLUSHER]
+            assert not missing, f"threads without PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE: {missing} of {flags}"
+            with open(f"/proc/{pid}/oom_score_adj") as f:
+                assert int(f.read()) == swap.OOM_SCORE_ADJ_MIN
+        else:
+            assert "PR_SET_IO_FLUSHER refused" in log, log
+            assert "oom_score_adj" in log, log
+        # Same work on both (write 32 MiB, read it back): the locked server stays within a few MiB.
+        data = os.urandom(MIB) * 16 + bytes(16 * MIB)
+        for m in (hard, plain):
+            with open(m.disk, "r+b") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                f.seek(0)
+                assert f.read(len(data)) == data
+        rss_hard = swap.status_kib("VmRSS", hard.pid)
+        rss_plain = swap.status_kib("VmRSS", plain.pid)
+        print(f"VmRSS --swap {rss_hard} KiB, without {rss_plain} KiB, VmLck {swap.status_kib('VmLck', pid)} KiB")
+        assert abs(rss_hard - rss_plain) < 8 * 1024, (rss_hard, rss_plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# real swapping
+
+
+LIMIT = 96 * MIB
+WORKING_SET_MIB = 320
+
+
+@pytest.mark.mount
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hog_really_swaps_through_zblock():
+    require_swap_tools()
+    zswap_must_be_off()
+    with Mount(size="512M", swap=True, pool_limit="128M") as m:
+        disk = os.path.join(os.path.realpath(m.mountpoint), "disk")
+        hog = loop = None
+        try:
+            res = zblock("swapon", m.mountpoint, "--priority", "32767", timeout=120)
+            assert res.returncode == 0, res.stderr
+            loop = res.stdout.strip()
+            others0 = {s["name"]: s["used_kib"] for s in swap.swaps() if s["name"] != loop}
+            stats0 = m.stats()
+            kernel_zswpout0 = vmstat("zswpout")
+            with MemCgroup(LIMIT) as cg:
+                hog = subprocess.Popen([sys.executable, HOG, "--mib", str(WORKING_SET_MIB), "--passes", "1",
+                                        "--hold", "--cgroup-procs", cg.procs], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                max_used = 0
+                line = ""
+                deadline = time.monotonic() + 420
+                while not line:
+                    e = swap.swap_entry(loop)
+                    max_used = max(max_used, e["used_kib"] if e else 0)
+                    if hog.poll() is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        raise AssertionError("the hog did not finish within 420 s")
+                    # sample /proc/swaps every 0.2 s until the hog prints its result
+                    if select.select([hog.stdout], [], [], 0.2)[0]:
+                        line = hog.stdout.readline()
+                assert line.strip(), f"hog exited {hog.poll()} without a result: {hog.stderr.read()[-2000:]}"
+                result = json.loads(line)
+                print(f"hog: {result}, max swap used {max_used} KiB")
+                assert result["errors"] == 0 and result["verified"] == result["pages"] == WORKING_SET_MIB * 256, result
+                # the hog still holds its pages: some are in zblock now
+                held = m.stats()
+                held_used = swap.swap_entry(loop)["used_kib"]
+                assert held["stored_pages"] > 0 and held_used > 0, (held["stored_pages"], held_used)
+                hog.stdin.write("exit\n")
+                hog.stdin.close()
+                hog.wait(timeout=60)
+                assert hog.returncode == 0, hog.stderr.read()[-2000:]
+                hog.stdout.close()
+                hog.stderr.close()
+                hog = None
+            # it really swapped, through zblock, not elsewhere
+            assert max_used * 1024 >= (WORKING_SET_MIB * MIB - LIMIT) // 2, f"swap used only {max_used} KiB"
+            stats1 = m.stats()
+            grew = stats1["zswpout"] - stats0["zswpout"]
+            assert grew * 4096 >= (WORKING_SET_MIB * MIB - LIMIT) // 2, f"zswpout grew by {grew} pages only"
+            for s in swap.swaps():
+                if s["name"] in others0:
+                    assert s["used_kib"] <= others0[s["name"]], f"another swap device took pages: {s}"
+            assert vmstat("zswpout") == kernel_zswpout0, "kernel zswap stored pages during the test"
+            zswap_must_be_off()
+            # the hog is gone: swap frees its slots and discards whole clusters, asynchronously
+            t0 = time.monotonic()
+            wait_for(lambda: m.stats()["discarded_pages"] > held["discarded_pages"], 60,
+                     "discards to reach zblock after the hog exited")
+            wait_for(lambda: m.stats()["stored_pages"] < held["stored_pages"], 60,
+                     "zblock to drop the discarded pages")
+            print(f"discards arrived within {time.monotonic() - t0:.2f} s; zswpout +{grew}, "
+                  f"written back {stats1['written_back_pages'] - stats0['written_back_pages']} pages, "
+                  f"stored {held['stored_pages']} -> {m.stats()['stored_pages']} pages")
+            e = swap.swap_entry(loop)
+            assert e is not None and e["used_kib"] < held_used
+            res = zblock("swapoff", m.mountpoint, timeout=600)
+            assert res.returncode == 0, res.stderr
+            assert swap.swap_entry(loop) is None and swap.loops_over(disk) == []
+        finally:
+            if hog is not None:
+                mountutil.kill_and_wait(hog.pid)
+                hog.communicate(timeout=30)
+            teardown_swap(m, loop)
+    assert not mountutil.is_mounted(m.mountpoint)
+    assert swap.loops_over(disk) == []
+    assert all(not s["name"].startswith("/dev/loop") or swap.loop_backing_file(s["name"]) != disk
+               for s in swap.swaps())
