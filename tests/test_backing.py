@@ -350,10 +350,10 @@ def test_read_and_fsync_and_punch_faults(img):
     with Backing.open(img, 64 * PS, disk_factory=fac) as b:
         fd = fac.disks["data"]
         b.write_pages([1], [page("x")])
-        fd.add(Fault("read", pages=[1]))
-        with pytest.raises(DiskError) as ei:
+        fd.add(Fault("read", pages=[1], err=errno.ENOSPC))
+        with pytest.raises(DataError) as ei:      # a failed read is EIO, whatever the disk said
             b.read_page(1)
-        assert ei.value.errno == errno.EIO
+        assert ei.value.errno == errno.EIO and b.io_errors == 1
         assert b.read_page(1) == page("x")  # times=1: the next read works
         fd.add(Fault("fsync"))
         with pytest.raises(DiskError):

@@ -221,11 +221,26 @@ def test_zswap_policy_rejects_until_threshold(backing_path):
             store.write(i, data[i:i + 16 * PAGE_SIZE])
         st = store.stats()
         assert st["pool_limit_hit"] > 0
-        assert st["bd_writes"] > 0
-        wait_for(lambda: store.stats()["pool_total_size"] <= cfg.pool_limit * 50 // 100,
-                 what="shrink worker down to the accept threshold")
+        assert st["bd_writes"] > st["written_back_pages"]     # rejected stores went to disk
+        wait_for(lambda: store.stats()["written_back_pages"] > 0, what="shrink worker")
         assert store.read(0, len(data)) == data
         check_consistency(store)
+        # the hysteresis itself, on the gauge: once full, stores are rejected until the pool is
+        # at or below accept_threshold % of the limit
+        c = store.cache
+        with c.tree_lock:
+            real = c.pool_total_size
+            try:
+                c.reached_full = False
+                c.pool_total_size = cfg.pool_limit
+                assert c._check_limits()                     # at the limit: reject
+                c.pool_total_size = cfg.pool_limit * 70 // 100
+                assert c._check_limits()                     # below the limit, above 50%
+                c.pool_total_size = cfg.pool_limit * 50 // 100
+                assert not c._check_limits()                 # at the threshold: accept again
+                assert not c._check_limits()
+            finally:
+                c.pool_total_size = real
     finally:
         store.close()
 

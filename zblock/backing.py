@@ -50,7 +50,7 @@ preallocation reserved); sync and close write nothing.
 
 Lock protocol. Lock order: _sync_lock -> stripe lock -> _lock.
   _lock        (small, never held across I/O) guards _crc, _unsynced, _inflight, _failed and the
-               counters bd_reads, bd_writes, checksum_errors.
+               counters bd_reads, bd_writes, checksum_errors, io_errors.
   _stripes[b % N]  serialises snapshot + pwrite of sidecar block b (held across one 4 KiB
                buffered pwrite: the ordering above needs it).
   _sync_lock   one sync() at a time.
@@ -223,6 +223,7 @@ class Backing:
         self.bd_reads = 0
         self.bd_writes = 0
         self.checksum_errors = 0
+        self.io_errors = 0           # disk operations that failed (EIO, ENOSPC, ...)
 
     # -- open --------------------------------------------------------------------------------
 
@@ -385,7 +386,14 @@ class Backing:
                 self._meta.pwrite(HEADER_SIZE + b * PAGE_SIZE, buf)
 
     def _disk_error(self, what: str, e: OSError) -> DiskError:
+        with self._lock:
+            self.io_errors += 1
         return DiskError(f"{self.path}: {what} failed: {e.strerror or e}", e.errno or errno.EIO)
+
+    def _read_error(self, what: str, e: OSError) -> DataError:
+        """A read that failed answers EIO whatever the disk said (ENOSPC from a read would only
+        confuse the reader); the disk's own error stays in the message."""
+        return DataError(str(self._disk_error(what, e)))
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -411,7 +419,7 @@ class Backing:
         try:
             data = self._data.pread(start * PAGE_SIZE, count * PAGE_SIZE)
         except OSError as e:
-            raise self._disk_error(f"read of pages {start}..{end - 1}", e) from None
+            raise self._read_error(f"read of pages {start}..{end - 1}", e) from None
         ok = _verify(_page_crcs(data, count), pair)
         if zero.any():
             # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard
@@ -440,7 +448,7 @@ class Backing:
         try:
             data = self._data.pread(i * PAGE_SIZE, PAGE_SIZE)
         except OSError as e:
-            raise self._disk_error(f"read of page {i}", e) from None
+            raise self._read_error(f"read of page {i}", e) from None
         c = _crc(data)
         if c < 2:
             c += 2

@@ -64,6 +64,7 @@ MAX_POOLS = 255             # pool ids are uint8
 OVERSHOOT = 8 << 20
 SPACE_WAIT = 5.0
 SHRINK_INTERVAL = 1.0       # seconds between shrinker passes when idle
+FLUSH_WAIT = 30.0           # fsync waits this long for the worker's writes in flight
 
 
 def _charges(lengths: np.ndarray, states: np.ndarray) -> np.ndarray:
@@ -667,21 +668,16 @@ class Cache:
         Returns the number of pages flushed. Raises DiskError (pages stay dirty)."""
         with self.tree_lock:
             dirty = np.flatnonzero(self.dirty & ~self.under_wb)
+            in_writeback = np.flatnonzero(self.dirty & self.under_wb)
         flushed: list[tuple[np.ndarray, np.ndarray]] = []
-        for lo in range(0, len(dirty), BATCH):
-            pages = dirty[lo:lo + BATCH]
-            with self.page_locks.hold(pages.tolist()):
-                with self.tree_lock:
-                    gens = self.gen[pages].copy()
-                    pages = pages[self.dirty[pages]]
-                    gens = self.gen[pages].copy()
-                wpages, wdata, failed = self._materialize(pages)
-                if wpages:
-                    self.backing.write_pages(wpages, wdata)
-                ok = ~np.isin(pages, failed)
-                flushed.append((pages[ok], gens[ok]))
-        # pages under writeback are being written by the worker; wait for it to finish them
-        self._wait_under_wb()
+        self._flush_pages(dirty, flushed)
+        if len(in_writeback):
+            # The worker is writing these. Wait for it; any it left dirty (its disk write failed,
+            # or the entry changed) were written before this fsync, so write them here.
+            self._wait_under_wb(in_writeback)
+            with self.tree_lock:
+                again = in_writeback[self.dirty[in_writeback]]
+            self._flush_pages(again, flushed)
         self.backing.sync()
         n = 0
         with self.tree_lock:
@@ -692,11 +688,29 @@ class Cache:
             self.c.flushed_pages += n
         return n
 
-    def _wait_under_wb(self) -> None:
-        deadline = time.monotonic() + 30
+    def _flush_pages(self, dirty: np.ndarray, flushed: list) -> None:
+        """Write dirty pages (not yet durable); append (pages, gens) written to `flushed`."""
+        for lo in range(0, len(dirty), BATCH):
+            pages = dirty[lo:lo + BATCH]
+            with self.page_locks.hold(pages.tolist()):
+                with self.tree_lock:
+                    pages = pages[self.dirty[pages]]
+                    gens = self.gen[pages].copy()
+                wpages, wdata, failed = self._materialize(pages)
+                if wpages:
+                    self.backing.write_pages(wpages, wdata)
+                ok = ~np.isin(pages, failed)
+                flushed.append((pages[ok], gens[ok]))
+
+    def _wait_under_wb(self, pages: np.ndarray) -> None:
+        deadline = time.monotonic() + FLUSH_WAIT
         with self.tree_lock:
-            while self.under_wb.any() and time.monotonic() < deadline:
-                self._wb_cond.wait(0.05)
+            while self.under_wb[pages].any():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DiskError(f"fsync: writeback still running after {FLUSH_WAIT:.0f} s",
+                                    errno.EIO)
+                self._wb_cond.wait(min(left, 0.05))
 
     def close(self, write_back: bool = True) -> None:
         """Stop the worker, write everything back (unless `write_back` is False), free pools."""

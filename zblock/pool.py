@@ -76,9 +76,12 @@ class Trimmer:
     hundred MiB of heap it is too slow per page but cheap per freed megabyte.
     """
 
-    def __init__(self, threshold: int = 8 << 20, min_interval: float = 0.2):
+    def __init__(self, threshold: int = 8 << 20, min_interval: float = 0.2, release=None):
         self.threshold = threshold
         self.min_interval = min_interval
+        # swap mode: memory is locked (mlockall), so plain malloc_trim cannot free it;
+        # `release` (swap.release_free_memory) unlocks, trims and locks again
+        self.release = release
         self._freed = 0
         self._last = 0.0
         self._lock = threading.Lock()
@@ -97,7 +100,9 @@ class Trimmer:
         try:
             self._freed = 0
             self._last = now
-            if _malloc_trim is not None:
+            if self.release is not None:
+                self.release()
+            elif _malloc_trim is not None:
                 _malloc_trim(0)
         finally:
             self._lock.release()

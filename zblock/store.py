@@ -21,6 +21,7 @@ from .backing import Backing
 from .cache import Cache
 from .config import PARAMS, Config
 from .errors import ConfigError, OutOfRange
+from .pool import Trimmer
 
 CHUNK_PAGES = 256
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
@@ -39,6 +40,12 @@ class Store:
         on_disk = backing.written_mask()
         self.cache = Cache(self.npages, config, backing, on_disk=on_disk,
                            memory_pressure=memory_pressure, engine_factory=engine_factory)
+        if config.swap:
+            # after a burst of swap, give the locked memory the pool freed back (not per page:
+            # the unlock-trim-relock costs tens of ms)
+            from .swap import release_free_memory
+            self.cache.trimmer = Trimmer(threshold=max(config.pool_limit // 4, 8 << 20),
+                                         min_interval=5.0, release=release_free_memory)
         self._param_lock = threading.Lock()
         self._closed = False
         self._request_sizes: dict[str, int] = {}
@@ -188,6 +195,7 @@ class Store:
         d["bd_reads"] = self.backing.bd_reads
         d["bd_writes"] = self.backing.bd_writes
         d["checksum_errors"] = self.backing.checksum_errors
+        d["io_errors"] = self.backing.io_errors
         hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}
         for key, count in sorted(self._request_sizes.items(), key=lambda kv: int(kv[0].split(":")[1])):
             op, size = key.split(":")
