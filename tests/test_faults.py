@@ -564,6 +564,7 @@ def test_fsync_while_writeback_fails(path):
     try:
         data = text_pages(32)
         s.write(0, data)
+        assert s.stats()["stored_pages"] == 32       # stored (stats wait for the write-behind)
         gate.armed = True
         wb = threading.Thread(target=s.cache.shrink, args=(0,), daemon=True)
         wb.start()                                   # writeback of all 32 pages, stuck in the disk

@@ -78,16 +78,20 @@ EIO = errno.EIO
 CRYPTO_TFM_REQ_MAY_BACKLOG = 0x00000400        # include/linux/crypto.h
 
 # Split a batch only into chunks of at least this many pages (so from 2 x SPLIT_MIN pages on):
-# handing a chunk to a worker costs a wake-up and GIL hand-offs on every page (each C call
-# releases and re-takes the GIL), a 4 KiB lz4 page only 3-12 us of work. Measured here on 2
-# cores WHILE OTHER JOBS LOADED THEM (CPU pressure 40-68%), lz4 on source-text pages, medians
-# of 9 interleaved rounds, 1 thread vs split in 2: 16 pages 279 vs 125 MB/s, 64 pages 220 vs
-# 153, 256 pages 162 vs 176 (1.08x); zstd-1 256 pages 77 vs 85 (1.11x). On an idle machine
-# the earlier probe gave lz4 1.66x at 256 pages. Provisional: re-measure on a quiet machine
-# (ContextSet(split_min=...) is the knob; the bench is in the acomp helper's report).
+# handing a chunk to a worker costs a wake-up, and every page then costs GIL hand-offs (each C
+# call releases and re-takes the GIL). Measured on the idle 2-core machine, one cache, a
+# 256-page batch of 1/4 zero, 1/4 random, 1/2 text pages, 6 interleaved rounds, medians, MB/s,
+# split in 2 vs one thread:
+#   compress     lz4 468 vs 449 (a wash); zstd-1 271 vs 218; deflate 92 vs 61
+#   decompress   lz4 1039 vs 2032 (a 1-3 us call loses to the hand-offs); zstd-1 657 vs 502;
+#                deflate 367 vs 216
+# and through a mount (store.py's write-behind queue compressing while the next FUSE request
+# arrives), dd 256 MiB bs=1M, medians of 3, lz4 write mix / usr: split 332 / 250 MB/s, one
+# thread 366 / 324. So lz4 uses the second core by pipelining, not by splitting; lzo holds the
+# GIL while compressing, so splitting it only adds contention.
 SPLIT_MIN = 32
-# Algorithms whose library holds the GIL while compressing: splitting them only adds contention.
-_GIL_BOUND = frozenset({"lzo"})
+SPLIT_COMPRESS = {"lz4": False, "lzo": False, "zstd": True, "deflate": True}
+SPLIT_DECOMPRESS = {"lz4": False, "lzo": False, "zstd": True, "deflate": True}
 
 # A context is held for at most one 256-page batch (milliseconds); waiting longer than this
 # for one means something is stuck, and the caller gets AcompTimeout instead of hanging.
@@ -487,7 +491,6 @@ class ContextSet:
         self.hw_batch = int(hw_batch or (engine.batch if engine is not None else 8))
         self.hw_timeout = hw_timeout
         self.get_timeout = get_timeout
-        self.splittable = alg not in _GIL_BOUND
         self._contexts = [AcompContext(i, alg, level, engine, hw_timeout) for i in range(n)]
         self._free = list(self._contexts)
         self._cond = threading.Condition(threading.Lock())
@@ -542,13 +545,13 @@ class ContextSet:
         waits page by page, the seed's model, for comparisons."""
         if self.engine is not None:
             return self._hw_pages("compress", pages, PAGE_SIZE, wait_each)
-        return self._split(pages, _compress_chunk, ())
+        return self._split(pages, _compress_chunk, (), SPLIT_COMPRESS[self.alg])
 
     def decompress_pages(self, srcs: Sequence, out_len: int = PAGE_SIZE) -> list:
         """Decompress; each item is bytes of out_len or a CompressionError (not raised)."""
         if self.engine is not None:
             return self._hw_pages("decompress", srcs, out_len, False)
-        return self._split(srcs, _decompress_chunk, (out_len,))
+        return self._split(srcs, _decompress_chunk, (out_len,), SPLIT_DECOMPRESS[self.alg])
 
     def decompress_page(self, src, out_len: int = PAGE_SIZE) -> bytes:
         """One page; raises CompressionError on corrupt data."""
@@ -564,12 +567,12 @@ class ContextSet:
         finally:
             self.put(ctx)
 
-    def _split(self, items: Sequence, chunk_fn, extra: tuple) -> list:
+    def _split(self, items: Sequence, chunk_fn, extra: tuple, split: bool = True) -> list:
         n_items = len(items)
         ctx0 = self.get()
         ctxs = [ctx0]
         try:
-            if self.splittable and self.n > 1:
+            if split and self.n > 1:
                 want = min(self.n, n_items // self.split_min) - 1
                 while want > 0:
                     c = self.try_get()

@@ -295,8 +295,11 @@ class Cache:
     # =========================================================================================
     # store
 
-    def store_pages(self, start: int, buf) -> None:
-        """Store whole pages `start ..` from `buf` (bytes-like, a multiple of PAGE_SIZE long)."""
+    def store_pages(self, start: int, buf, expect_gen: int | None = None) -> bool:
+        """Store whole pages `start ..` from `buf` (bytes-like, a multiple of PAGE_SIZE long).
+
+        `expect_gen` (one page, read-modify-write): store only if the page's entry is still the
+        one the caller read; False if another store replaced it meanwhile (the caller retries)."""
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         cfg = self.config
@@ -308,14 +311,18 @@ class Cache:
             pool.users += 1             # holds the pool while compressing (zswap_pool_get)
         try:
             if reject:
-                self._store_to_disk(start, [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
-                                    list(range(start, start + n)))
-                return
-            self._store_cached(start, mv, n, pool)
+                return self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
+                                           list(range(start, start + n)), expect_gen)
+            return self._store_cached(start, mv, n, pool, expect_gen)
         finally:
             with self.tree_lock:
                 pool.users -= 1
                 self._pool_put_if_dead(pool)
+
+    def page_gen(self, page: int) -> int:
+        """The generation of a page's entry (changes whenever the entry does)."""
+        with self.tree_lock:
+            return int(self.gen[page])
 
     def _wait_for_space(self) -> None:
         """Back-pressure for the evict policy. Caller holds the tree lock."""
@@ -329,7 +336,8 @@ class Cache:
                 return      # the disk is failing (reject_reclaim_fail): keep data, exceed the limit
             self._wb_cond.wait(left)
 
-    def _store_cached(self, start: int, mv: memoryview, n: int, pool: Pool) -> None:
+    def _store_cached(self, start: int, mv: memoryview, n: int, pool: Pool,
+                      expect_gen: int | None) -> bool:
         cfg = self.config
         words = np.frombuffer(mv, dtype=np.uint64).reshape(n, WORDS)
         new_state = np.full(n, COMP, np.uint8)
@@ -370,6 +378,8 @@ class Cache:
 
         keep = new_state != NONE
         with self.tree_lock:
+            if expect_gen is not None and self.gen[start] != expect_gen:
+                return False
             self.c.reject_compress_poor += poor
             self.c.reject_compress_fail += fail
             if to_disk:
@@ -412,21 +422,56 @@ class Cache:
             if self._over_limit():
                 self._wake_writeback()
         if to_disk:
-            self._store_to_disk(start, [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in to_disk],
-                                [start + i for i in to_disk])
+            return self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in to_disk],
+                                       [start + i for i in to_disk], expect_gen)
+        return True
 
-    def _store_to_disk(self, start: int, pages: list, idxs: list[int]) -> None:
+    def _store_to_disk(self, pages: list, idxs: list[int], expect_gen: int | None = None) -> bool:
         """A store that goes to disk first: write under the pages' locks, then erase the older
         cached entries (unless a newer store replaced them meanwhile)."""
         with self.page_locks.hold(idxs):
             with self.tree_lock:
                 gens = self.gen[idxs].copy()
-            self.backing.write_pages(idxs, [bytes(p) for p in pages])
+            if expect_gen is not None and gens[0] != expect_gen:
+                return False
+            datas = [bytes(p) for p in pages]
+            try:
+                self.backing.write_pages(idxs, datas)
+                failed = False
+            except DiskError as e:
+                # Keep the data: cache the pages raw and dirty, over the limit if need be. The
+                # write succeeds; the next fsync retries the disk and reports the error.
+                log.warning("store to disk failed, caching the pages instead: %s", e)
+                failed = True
             with self.tree_lock:
                 arr = np.asarray(idxs)
-                same = arr[self.gen[arr] == gens]
+                keep = self.gen[arr] == gens
+                same = arr[keep]
                 self._free_entries(same)
-                self.state[same] = DISK
+                if not failed:
+                    self.state[same] = DISK
+                else:
+                    self._install_raw(same, [d for d, k in zip(datas, keep.tolist()) if k])
+        return True
+
+    def _install_raw(self, idx: np.ndarray, datas: list[bytes]) -> None:
+        """Cache pages as raw dirty entries of the current pool (the disk refused them).
+        Caller holds the tree lock and has freed the old entries."""
+        pool = self.pool
+        n = len(idx)
+        self.state[idx] = RAW
+        self.length[idx] = PAGE_SIZE
+        self.pool_id[idx] = pool.id
+        self.dirty[idx] = True
+        self.stamp[idx] = self._seq
+        self._seq += 1
+        for p, d in zip(idx.tolist(), datas):
+            self.objs[p] = d
+        pool.stored_pages += n
+        pool.total_size += n * RAW_CHARGE
+        self.pool_total_size += n * RAW_CHARGE
+        self.stored_incompressible_pages += n
+        self.c.zswpout += n
 
     # =========================================================================================
     # load

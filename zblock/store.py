@@ -22,8 +22,12 @@ from .cache import Cache
 from .config import PARAMS, Config
 from .errors import ConfigError, OutOfRange
 from .pool import Trimmer
+from .staging import WriteBehind
 
 CHUNK_PAGES = 256
+# Whole-page writes wait in a write-behind queue of at most this many bytes, so the next FUSE
+# request is received while this one compresses (staging.py). 0 stores synchronously.
+WRITE_BEHIND_BYTES = 8 << 20
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
 POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth", "hw_latency_us",
                "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed"}
@@ -32,7 +36,8 @@ POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth
 class Store:
     """A disk of `size` bytes: read, write, discard, fsync, close. Thread-safe."""
 
-    def __init__(self, backing, config: Config, *, memory_pressure=None, engine_factory=None):
+    def __init__(self, backing, config: Config, *, memory_pressure=None, engine_factory=None,
+                 write_behind: int = WRITE_BEHIND_BYTES):
         self.backing = backing
         self.config = config
         self.size = backing.size
@@ -46,6 +51,8 @@ class Store:
             from .swap import release_free_memory
             self.cache.trimmer = Trimmer(threshold=max(config.pool_limit // 4, 8 << 20),
                                          min_interval=5.0, release=release_free_memory)
+        self.staging = WriteBehind(self.cache.store_pages, self.npages, write_behind) \
+            if write_behind else None
         self._param_lock = threading.Lock()
         self._closed = False
         self._request_sizes: dict[str, int] = {}
@@ -71,6 +78,8 @@ class Store:
         if offset >= end:
             return b""
         p0, p1 = offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if self.staging:
+            self.staging.wait_range(p0, p1 - p0)
         parts = []
         for lo in range(p0, p1, CHUNK_PAGES):
             parts.append(self.cache.load_pages(lo, min(CHUNK_PAGES, p1 - lo)))
@@ -97,7 +106,14 @@ class Store:
         full_end = end & ~(PAGE_SIZE - 1)
         while pos < full_end:
             stop = min(full_end, pos + CHUNK_PAGES * PAGE_SIZE)
-            self.cache.store_pages(pos >> PAGE_SHIFT, mv[pos - offset:stop - offset])
+            chunk = mv[pos - offset:stop - offset]
+            if self.staging:
+                # the queue keeps a reference: copy unless the caller's buffer is immutable
+                if not chunk.readonly:
+                    chunk = bytes(chunk)
+                self.staging.put(pos >> PAGE_SHIFT, chunk)
+            else:
+                self.cache.store_pages(pos >> PAGE_SHIFT, chunk)
             pos = stop
         # tail: partial last page
         if pos < end:
@@ -105,13 +121,20 @@ class Store:
         return n
 
     def _write_partial(self, pos: int, piece: memoryview) -> None:
-        """Read-modify-write of part of one page under that page's lock."""
+        """Read-modify-write of part of one page under that page's lock. A whole-page store
+        takes no page lock, so one that lands between our read and our store makes us start
+        again (the cache checks the entry's generation): either order, never a mix."""
         page = pos >> PAGE_SHIFT
         at = pos & (PAGE_SIZE - 1)
-        with self.cache.page_locks.hold((page,)):
-            buf = bytearray(self.cache.load_pages(page, 1))
-            buf[at:at + len(piece)] = piece
-            self.cache.store_pages(page, buf)
+        while True:
+            if self.staging:
+                self.staging.wait_range(page, 1)
+            with self.cache.page_locks.hold((page,)):
+                gen = self.cache.page_gen(page)
+                buf = bytearray(self.cache.load_pages(page, 1))
+                buf[at:at + len(piece)] = piece
+                if self.cache.store_pages(page, buf, expect_gen=gen):
+                    return
 
     def discard(self, offset: int, length: int) -> None:
         """Drop whole pages, zero partial ones (punch-hole / zero-range / blkdiscard)."""
@@ -128,6 +151,8 @@ class Store:
         if offset < first_full:
             self._write_partial_zeros(offset, first_full)
         p0, p1 = first_full >> PAGE_SHIFT, last_full >> PAGE_SHIFT
+        if self.staging:
+            self.staging.wait_range(p0, p1 - p0)
         for lo in range(p0, p1, 1 << 18):      # 1 GiB of pages per step bounds the arrays touched
             self.cache.invalidate_pages(lo, min(1 << 18, p1 - lo))
         if last_full < end:
@@ -141,6 +166,8 @@ class Store:
 
     def fsync(self) -> None:
         self.cache.check_worker()
+        if self.staging:
+            self.staging.drain()
         self.cache.flush()
 
     def close(self) -> None:
@@ -151,6 +178,8 @@ class Store:
         self._closed = True
         swap = self.config.swap
         try:
+            if self.staging:
+                self.staging.close()
             self.cache.close(write_back=not swap)
             clean = True
         except BaseException:
@@ -181,6 +210,8 @@ class Store:
                 self.cache.reached_full = False
             self.cache._wake_writeback()     # a lower limit or a policy change may need writeback
         if name in POOL_PARAMS:
+            if self.staging:
+                self.staging.settle()       # writes acknowledged before the change use the old pool
             self.cache.switch_pool()
 
     def note_request(self, op: str, nbytes: int) -> None:
@@ -190,6 +221,8 @@ class Store:
         self._request_sizes[key] = self._request_sizes.get(key, 0) + 1
 
     def stats(self) -> dict:
+        if self.staging:
+            self.staging.settle()
         d = {"schema": 1}
         d.update(self.cache.snapshot())
         d["bd_reads"] = self.backing.bd_reads
