@@ -257,7 +257,8 @@ class Cache:
                 self._pool_put_if_dead(pool)
             freed = int(ch.sum())
             self.pool_total_size -= freed
-            self.trimmer.freed(freed)
+            if self.trimmer.freed(freed):
+                self._wake_writeback()      # the worker trims, once the objects are gone
             self.stored_incompressible_pages -= int(np.count_nonzero(st == RAW))
         self.same_filled_pages -= int(np.count_nonzero(st == SAME))
         if isinstance(idx, slice):
@@ -287,6 +288,12 @@ class Cache:
             if self.config.limit_policy != "zswap" or self.pool_total_size <= self._accept_level():
                 self.reached_full = False
         return self.reached_full
+
+    def request_trim(self) -> None:
+        """Have the worker give free heap back (e.g. request buffers after a burst of writes)."""
+        with self.tree_lock:
+            self.trimmer.freed(self.trimmer.threshold)
+            self._wake_writeback()
 
     def _wake_writeback(self) -> None:
         self._wb_wanted = True
@@ -693,7 +700,7 @@ class Cache:
                         target = self.pool_total_size * 3 // 4
                     if not self.shrink(target):
                         self._pause_after_failure()
-                self.trimmer.trim()
+                self.trimmer.trim(force=self.trimmer.due())
         except BaseException as e:  # no worker exception is lost: the store re-raises it
             log.critical("writeback worker died: %s", e, exc_info=True)
             self._worker_error = e

@@ -38,6 +38,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from .errors import BackingError, MountError, NotAZblockMount, ZblockError
+from .pool import tune_malloc
 
 log = logging.getLogger("zblock.daemon")
 
@@ -193,35 +194,26 @@ def check_fuse(fuse_version: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# swap hardening hook
+# swap hardening and sd_notify hooks (zblock.swap)
 
 
 def harden_for_swap(config) -> None:
     """Swap mode hardening (PR_SET_IO_FLUSHER, mlockall, small stacks, oom_score_adj).
 
     The call point: in the server, before the Store opens and before libfuse starts its
-    workers, because IO_FLUSHER is per task and only copied at clone(). The work is
-    zblock.swap.harden_for_swap's; without that module this is a no-op.
+    workers, because IO_FLUSHER is per task and only copied at clone().
     """
-    try:
-        from .swap import harden_for_swap as harden
-    except ImportError:
-        return
+    from .swap import harden_for_swap as harden
     harden(config)
 
 
 def _swap_hook(name: str, *args) -> None:
-    """sd_notify hooks of zblock.swap (notify_ready, notify_stopping); no-ops without it."""
+    """sd_notify hooks of zblock.swap (notify_ready, notify_stopping); a failure is logged."""
+    from . import swap
     try:
-        from . import swap
-    except ImportError:
-        return
-    fn = getattr(swap, name, None)
-    if fn is not None:
-        try:
-            fn(*args)
-        except Exception:
-            log.warning("%s failed", name, exc_info=True)
+        getattr(swap, name)(*args)
+    except Exception:
+        log.warning("%s failed", name, exc_info=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +302,8 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
         mfusepy, fuse_ops = _load_fuse(fuse_version)
         if config.swap:
             harden_for_swap(config)         # before any thread exists (the Store starts some)
+        else:
+            tune_malloc()
         store = _open_store(backing, size, config, store_class)
     except ZblockError as e:
         ready.fail(e.exit_code, str(e))

@@ -43,8 +43,10 @@ WAIT = 600.0    # a stuck worker fails the waiter instead of hanging it forever
 class WriteBehind:
     """A bounded FIFO of (first page, bytes) items stored by one worker thread."""
 
-    def __init__(self, store_pages: Callable[[int, bytes], None], npages: int, limit: int):
+    def __init__(self, store_pages: Callable[[int, bytes], None], npages: int, limit: int,
+                 on_idle: Callable[[], None] | None = None):
         self._store_pages = store_pages
+        self._on_idle = on_idle         # called by the worker when the queue runs empty
         self.limit = limit
         self.staged = np.zeros(npages, np.uint16)
         self._queue: collections.deque = collections.deque()
@@ -139,3 +141,7 @@ class WriteBehind:
                 n = len(data) // PAGE_SIZE
                 self.staged[page:page + n] -= 1
                 self._cond.notify_all()
+                idle = not self._queue
+            del data
+            if idle and self._on_idle is not None:
+                self._on_idle()

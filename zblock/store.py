@@ -26,8 +26,9 @@ from .staging import WriteBehind
 
 CHUNK_PAGES = 256
 # Whole-page writes wait in a write-behind queue of at most this many bytes, so the next FUSE
-# request is received while this one compresses (staging.py). 0 stores synchronously.
-WRITE_BEHIND_BYTES = 8 << 20
+# request is received while this one compresses (staging.py): two 1 MiB requests waiting and
+# one compressing are enough to keep both cores busy. 0 stores synchronously.
+WRITE_BEHIND_BYTES = 2 << 20
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
 POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth", "hw_latency_us",
                "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed"}
@@ -51,8 +52,9 @@ class Store:
             from .swap import release_free_memory
             self.cache.trimmer = Trimmer(threshold=max(config.pool_limit // 4, 8 << 20),
                                          min_interval=5.0, release=release_free_memory)
-        self.staging = WriteBehind(self.cache.store_pages, self.npages, write_behind) \
-            if write_behind else None
+        # when the queue runs empty its request buffers are free heap: have them trimmed
+        self.staging = WriteBehind(self.cache.store_pages, self.npages, write_behind,
+                                   on_idle=self.cache.request_trim) if write_behind else None
         self._param_lock = threading.Lock()
         self._closed = False
         self._request_sizes: dict[str, int] = {}

@@ -62,6 +62,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import MountError, UsageError
+from .pool import MMAP_THRESHOLD, tune_malloc
 
 log = logging.getLogger("zblock.swap")
 
@@ -94,15 +95,10 @@ _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.prctl.restype = ctypes.c_int
 _libc.mlockall.argtypes = (ctypes.c_int,)
 _libc.mlockall.restype = ctypes.c_int
-_libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-_libc.mallopt.restype = ctypes.c_int
 _libc.malloc_trim.argtypes = (ctypes.c_size_t,)
 _libc.malloc_trim.restype = ctypes.c_int
 _libc.munlockall.argtypes = ()
 _libc.munlockall.restype = ctypes.c_int
-M_MMAP_THRESHOLD = -3             # malloc.h
-M_ARENA_MAX = -8
-MMAP_THRESHOLD = 4 << 20          # above the 1 MiB request buffers, fixed (see harden_for_swap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,9 +238,8 @@ def harden_for_swap(config=None) -> Hardening:
         #     mmap threshold (glibc otherwise raises it to 32 MiB as big buffers are freed) 92.9;
         #     that plus one arena per CPU 84.0. Every allocation from mmap (128 KiB threshold) held
         #     RSS too but halved read speed (a fault per page of every 1 MiB request buffer).
-        if _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1:
-            h.mmap_threshold = MMAP_THRESHOLD
-        _libc.mallopt(M_ARENA_MAX, os.cpu_count() or 1)
+        tune_malloc()
+        h.mmap_threshold = MMAP_THRESHOLD
 
         # 3. lock memory; ONFAULT needs Linux >= 4.4 (EINVAL before): then lock without it,
         #    the small stacks above bound what that populates.
