@@ -43,3 +43,14 @@ def test_unknown_names_the_available():
         get_compressor("brotli")
     assert "lz4" in str(e.value) and "brotli" in str(e.value)
     assert set(available()) == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_batch_calls_match_single_calls(name):
+    c = get_compressor(name)
+    pages = [TEXT, bytes(PAGE_SIZE), os.urandom(PAGE_SIZE)]
+    comp = c.compress_many(pages)
+    assert comp == [c.compress(p) for p in pages]
+    assert c.decompress_many(comp, PAGE_SIZE) == pages
+    with pytest.raises(CompressionError):
+        c.decompress_many([comp[0], b"\xff" * 50], PAGE_SIZE)

@@ -435,28 +435,31 @@ class _Workers:
 
 
 def _compress_chunk(comp, pages, lo: int, hi: int, out: list) -> None:
-    compress = comp.compress
-    res = []
-    append = res.append
-    for i in range(lo, hi):
-        try:
-            c = compress(pages[i])
-        except Exception:
-            append(-EINVAL)
-            continue
-        append(c if len(c) < PAGE_SIZE else -ENOSPC)
-    out[lo:hi] = res
+    try:
+        res = comp.compress_many(pages[lo:hi])        # the fast path: one comprehension
+    except Exception:
+        res = []
+        for p in pages[lo:hi]:                        # find the page that failed
+            try:
+                res.append(comp.compress(p))
+            except Exception:
+                res.append(-EINVAL)
+    # len() of anything but bytes or an errno is a bug that must reach the caller (TypeError)
+    out[lo:hi] = [c if type(c) is int or len(c) < PAGE_SIZE else -ENOSPC for c in res]
 
 
 def _decompress_chunk(comp, srcs, lo: int, hi: int, out: list, out_len: int) -> None:
-    decompress = comp.decompress
+    try:
+        out[lo:hi] = comp.decompress_many(srcs[lo:hi], out_len)
+        return
+    except Exception:
+        pass
     res = []
-    append = res.append
-    for i in range(lo, hi):
+    for s in srcs[lo:hi]:                             # find the source that failed
         try:
-            append(decompress(srcs[i], out_len))
+            res.append(comp.decompress(s, out_len))
         except Exception as e:
-            append(e if isinstance(e, CompressionError) else CompressionError(repr(e)))
+            res.append(e if isinstance(e, CompressionError) else CompressionError(repr(e)))
     out[lo:hi] = res
 
 
