@@ -62,17 +62,24 @@ def test_a_failed_store_reaches_the_next_caller():
 
     def store(page, data):
         calls.append(page)
-        if page == 1:
+        if calls == [1]:
             raise DiskError("injected", 5)
 
     wb = WriteBehind(store, 64, limit=1 << 20)
     try:
         wb.put(1, bytes(PAGE_SIZE))
         wb.put(2, bytes(PAGE_SIZE))
+        wb.wait_range(2, 1)                    # another page: fine, and the error stays...
+        with pytest.raises(DataError):
+            wb.wait_range(0, 4)                # ... while the lost page reads as EIO
         with pytest.raises(DiskError):
-            wb.drain()
-        wb.drain()                             # reported once
-        assert calls == [1, 2]
+            wb.drain()                         # ... for fsync to report, once
+        wb.drain()
+        with pytest.raises(DataError):
+            wb.wait_range(1, 1)                # still lost until written again
+        wb.put(1, bytes(PAGE_SIZE))
+        wb.wait_range(1, 1)
+        assert calls == [1, 2, 1]
     finally:
         wb.close()
     with pytest.raises(DataError):

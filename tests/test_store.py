@@ -196,16 +196,21 @@ def test_lru_second_chance(backing_path):
         c = store.cache
         with c.tree_lock:
             victims, gens = c._select_victims(10)
-        assert victims.tolist() == list(range(5, 10))   # the referenced ones got a second chance
+        # the 10 coldest pages not read since stored; 0..4 were read: they get a second chance
+        assert victims.tolist() == list(range(5, 15))
         assert c._writeback(victims, gens)
         st = store.stats()
-        assert st["written_back_pages"] == 5
-        assert (c.state[0:5] == COMP).all() and (c.state[5:10] == DISK).all()
+        assert st["written_back_pages"] == 10
+        assert (c.state[0:5] == COMP).all() and (c.state[5:15] == DISK).all()
         assert not c.referenced[0:5].any()              # ... but only one
+        with c.tree_lock:
+            victims, gens = c._select_victims(5)
+        assert victims.tolist() == list(range(15, 20))  # rotated pages are now the youngest
+        assert c._writeback(victims, gens)
         with c.tree_lock:
             victims, _ = c._select_victims(5)
             c.under_wb[victims] = False
-        assert victims.tolist() == list(range(10, 15))  # rotated pages are now the youngest
+        assert victims.tolist() == list(range(0, 5))    # unread since: no third chance
         check_consistency(store)
     finally:
         store.close()

@@ -119,7 +119,7 @@ class Trimmer:
         now = time.monotonic()
         if not force and (not self._freed or now - self._last < self.min_interval):
             return
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=force):    # forced: wait for a trim in progress
             return
         try:
             self._freed = 0

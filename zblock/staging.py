@@ -13,11 +13,13 @@ Invariants:
       some other way (partial write, discard, read, fsync) first waits until its pages have no
       staged item: `wait_range` / `drain`.
     * At most `limit` bytes wait; `put` blocks beyond that (back-pressure, never unbounded).
-    * A store that fails in the worker is not lost: its error is raised by the next `put`,
-      `wait_range` or `drain` (and so by the next write or fsync), as a disk reports a failed
-      write-back at fsync.
+    * A store that fails in the worker is not lost: its pages read as EIO until written again
+      (`failed`), and its error is raised once by the next `drain` (fsync) or `close`, as a
+      disk reports a failed write-back at fsync. Nothing else consumes that error: a read of
+      another page must not eat what fsync has to report.
 
-Lock protocol: `_cond` guards the queue, `staged`, `_queued_bytes`, `_error` and `_closed`. It is
+Lock protocol: `_cond` guards the queue, `staged`, `failed`, `_queued_bytes`, `_error` and
+`_closed`. It is
 never held while storing (compression, disk I/O).
 
 Not here: byte ranges and partial pages (store.py), compression (cache.py).
@@ -49,6 +51,7 @@ class WriteBehind:
         self._on_idle = on_idle         # called by the worker when the queue runs empty
         self.limit = limit
         self.staged = np.zeros(npages, np.uint16)
+        self.failed = np.zeros(npages, np.bool_)
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
         self._cond = threading.Condition(threading.Lock())
@@ -63,7 +66,6 @@ class WriteBehind:
         """Queue whole pages starting at `page`; blocks while `limit` bytes are waiting."""
         n = len(data) // PAGE_SIZE
         with self._cond:
-            self._raise_error()
             if not self._cond.wait_for(lambda: self._queued_bytes < self.limit or self._closed, WAIT):
                 raise DataError("write-behind queue stuck: the store worker made no progress")
             if self._closed:
@@ -71,17 +73,23 @@ class WriteBehind:
             self._queue.append((page, data))
             self._queued_bytes += len(data)
             self.staged[page:page + n] += 1
+            self.failed[page:page + n] = False      # this write replaces the lost one
             self._cond.notify_all()
 
-    def wait_range(self, first: int, count: int) -> None:
-        """Return once no queued item covers pages first .. first+count."""
+    def wait_range(self, first: int, count: int, forget_failed: bool = False) -> None:
+        """Return once no queued item covers pages first .. first+count. DataError (EIO) if one
+        of them lost a queued write, unless `forget_failed` (a discard: the pages are zeros now)."""
         with self._cond:
             if self.staged[first:first + count].any():
                 if not self._cond.wait_for(
                         lambda: not self.staged[first:first + count].any() or self._worker_dead(),
                         WAIT):
                     raise DataError("write-behind queue stuck: the store worker made no progress")
-            self._raise_error()
+            if forget_failed:
+                self.failed[first:first + count] = False
+            elif self.failed[first:first + count].any():
+                bad = first + int(np.flatnonzero(self.failed[first:first + count])[0])
+                raise DataError(f"page {bad}: a queued write to it failed")
 
     def drain(self) -> None:
         """Return once every queued item is stored; raises the first error a store hit."""
@@ -130,11 +138,12 @@ class WriteBehind:
                 page, data = self._queue[0]
             try:
                 self._store_pages(page, data)
-            except BaseException as e:      # no worker exception is lost: the next caller gets it
+            except BaseException as e:      # no worker exception is lost: fsync gets it
                 log.error("queued write of %d bytes at page %d failed: %s", len(data), page, e)
                 with self._cond:
                     if self._error is None:
                         self._error = e
+                    self.failed[page:page + len(data) // PAGE_SIZE] = True
             with self._cond:
                 self._queue.popleft()
                 self._queued_bytes -= len(data)
@@ -144,4 +153,7 @@ class WriteBehind:
                 idle = not self._queue
             del data
             if idle and self._on_idle is not None:
-                self._on_idle()
+                try:
+                    self._on_idle()
+                except Exception:
+                    log.warning("write-behind idle hook failed", exc_info=True)

@@ -246,8 +246,15 @@ def swap_zblock(swap_size: int, zs: KernelZswap):
             loop = p.stdout.strip().splitlines()[-1]
             if zswap_util.swap_entry(loop) is None:
                 raise BenchBroken(f"zblock swapon printed {loop!r}, which is not an active swap area")
-            yield {"device": loop, "loop_dio": zswap_util.loop_dio(loop), "server_pid": z.pid,
-                   "options": "--swap (defaults otherwise)"}
+            info = {"device": loop, "loop_dio": zswap_util.loop_dio(loop), "server_pid": z.pid,
+                    "options": "--swap (defaults otherwise)"}
+            yield info
+            # what the server saw during the run (its counters: for the reader, not a measurement)
+            with contextlib.suppress(Exception):
+                st = z.stats()
+                info["server_stats"] = {k: st.get(k) for k in (
+                    "zswpout", "zswpin", "written_back_pages", "discarded_pages", "pool_limit_hit",
+                    "orig_data_size", "compr_data_size", "request_sizes", "libfuse", "max_write")}
         finally:
             p = subprocess.run([*z.cmd, "swapoff", str(z.mp)], capture_output=True, text=True,
                                timeout=SWAPOFF_DEADLINE_S + 120, cwd=h.ROOT)
