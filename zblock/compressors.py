@@ -34,6 +34,17 @@ class Compressor:
         raise NotImplementedError
 
     def decompress(self, src, out_len: int = PAGE_SIZE) -> bytes:
+        """The library's decompression, checked: any library error or a result that is not
+        exactly `out_len` bytes is a CompressionError naming the algorithm."""
+        try:
+            out = self._decompress(src, out_len)
+        except Exception as e:
+            raise CompressionError(f"{self.name}: {e}") from None
+        if len(out) != out_len:
+            raise CompressionError(f"{self.name}: got {len(out)} bytes, expected {out_len}")
+        return out
+
+    def _decompress(self, src, out_len: int) -> bytes:
         raise NotImplementedError
 
     def compress_many(self, pages) -> list[bytes]:
@@ -75,14 +86,8 @@ class LZ4(Compressor):
             raise CompressionError(f"lz4: a page did not decompress to {out_len} bytes")
         return out
 
-    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
-        try:
-            out = self._block.decompress(src, uncompressed_size=out_len)
-        except Exception as e:
-            raise CompressionError(f"lz4: {e}") from None
-        if len(out) != out_len:
-            raise CompressionError(f"lz4: got {len(out)} bytes, expected {out_len}")
-        return out
+    def _decompress(self, src, out_len) -> bytes:
+        return self._block.decompress(src, uncompressed_size=out_len)
 
 
 class LZO(Compressor):
@@ -95,14 +100,8 @@ class LZO(Compressor):
     def compress(self, src) -> bytes:
         return self._lzo.compress(bytes(src), 1, False)
 
-    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
-        try:
-            out = self._lzo.decompress(bytes(src), False, out_len)
-        except Exception as e:
-            raise CompressionError(f"lzo: {e}") from None
-        if len(out) != out_len:
-            raise CompressionError(f"lzo: got {len(out)} bytes, expected {out_len}")
-        return out
+    def _decompress(self, src, out_len) -> bytes:
+        return self._lzo.decompress(bytes(src), False, out_len)
 
 
 class Zstd(Compressor):
@@ -118,14 +117,8 @@ class Zstd(Compressor):
     def compress(self, src) -> bytes:
         return self._c.compress(src)
 
-    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
-        try:
-            out = self._d.decompress(src, max_output_size=out_len)
-        except Exception as e:
-            raise CompressionError(f"zstd: {e}") from None
-        if len(out) != out_len:
-            raise CompressionError(f"zstd: got {len(out)} bytes, expected {out_len}")
-        return out
+    def _decompress(self, src, out_len) -> bytes:
+        return self._d.decompress(src, max_output_size=out_len)
 
 
 class Deflate(Compressor):
@@ -139,15 +132,8 @@ class Deflate(Compressor):
         c = zlib.compressobj(1, zlib.DEFLATED, -15)
         return c.compress(src) + c.flush()
 
-    def decompress(self, src, out_len=PAGE_SIZE) -> bytes:
-        try:
-            d = zlib.decompressobj(-15)
-            out = d.decompress(src, out_len)
-        except zlib.error as e:
-            raise CompressionError(f"deflate: {e}") from None
-        if len(out) != out_len:
-            raise CompressionError(f"deflate: got {len(out)} bytes, expected {out_len}")
-        return out
+    def _decompress(self, src, out_len) -> bytes:
+        return zlib.decompressobj(-15).decompress(src, out_len)
 
 
 COMPRESSOR_TABLE: dict[str, type[Compressor]] = {

@@ -256,24 +256,63 @@ def new_mountpoint(name: str) -> Path:
     return mp
 
 
+def owned_by_live_run(pid: int | None) -> bool:
+    """Whether `pid` (the run that created a mount point or zram device) is another benchmark
+    process still alive: two runs at once must not sweep each other's live targets."""
+    return pid is not None and pid != os.getpid() and psutil.pid_exists(pid)
+
+
+def _suffix_pid(name: str) -> int | None:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _zram_state() -> list[tuple[str, int | None]]:
+    """ZRAM_STATE lines: "DEV PID" (older runs wrote "DEV" alone: no owner known)."""
+    out = []
+    if ZRAM_STATE.exists():
+        for line in ZRAM_STATE.read_text().splitlines():
+            parts = line.split()
+            if parts:
+                out.append((parts[0], int(parts[1]) if len(parts) > 1 else None))
+    return out
+
+
+def _write_zram_state(entries: list[tuple[str, int | None]]) -> None:
+    ZRAM_STATE.write_text("".join(f"{d} {p}\n" if p is not None else f"{d}\n" for d, p in entries))
+
+
 def sweep_leftovers() -> list[str]:
     """Undo what an earlier, killed run of this harness left: mounts under MNT_PREFIX and zram
-    devices it hot_added (recorded in ZRAM_STATE). Returns what was cleaned, for the log."""
+    devices it hot_added (recorded in ZRAM_STATE). Mounts and devices of another run that is
+    still alive (its pid in the mount point's name or the state line) are left alone. Returns
+    what was cleaned, for the log."""
     done = []
     if MNT_PREFIX.exists():
         with open("/proc/self/mounts") as f:
             mps = [line.split()[1] for line in f if line.split()[1].startswith(str(MNT_PREFIX) + "/")]
         for mp in sorted(mps, reverse=True):
+            if owned_by_live_run(_suffix_pid(Path(mp).name)):
+                continue
             unmount(Path(mp))
             done.append(f"unmounted {mp}")
         for d in MNT_PREFIX.iterdir():
+            if owned_by_live_run(_suffix_pid(d.name.split(".")[0])):
+                continue
             with contextlib.suppress(OSError):
                 d.rmdir()
-    if ZRAM_STATE.exists():
-        for dev in ZRAM_STATE.read_text().split():
-            _zram_release(int(dev), hot_removed=True)
-            done.append(f"reset zram{dev}")
-        ZRAM_STATE.unlink()
+    kept = []
+    for dev, pid in _zram_state():
+        if owned_by_live_run(pid):
+            kept.append((dev, pid))
+            continue
+        _zram_release(int(dev), hot_removed=True)
+        done.append(f"reset zram{dev}")
+    if kept:
+        _write_zram_state(kept)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            ZRAM_STATE.unlink()
     return done
 
 
@@ -399,7 +438,7 @@ class ZramTarget(Target):
             self.hot_added = True
             STATE_DIR.mkdir(parents=True, exist_ok=True)
             with open(ZRAM_STATE, "a") as f:
-                f.write(f"{self.dev}\n")
+                f.write(f"{self.dev} {os.getpid()}\n")
         elif Path("/sys/block/zram0/initstate").read_text().strip() == "0":
             self.dev = 0
         else:
@@ -418,8 +457,7 @@ class ZramTarget(Target):
             return
         _zram_release(self.dev, self.hot_added)
         if self.hot_added and ZRAM_STATE.exists():
-            left = [d for d in ZRAM_STATE.read_text().split() if d != str(self.dev)]
-            ZRAM_STATE.write_text("".join(f"{d}\n" for d in left))
+            _write_zram_state([(d, p) for d, p in _zram_state() if d != str(self.dev)])
         self.dev = None
 
     def mm_stat(self) -> dict:

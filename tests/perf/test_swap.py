@@ -430,7 +430,7 @@ OWN_PREFIXES = (str(h.MNT_PREFIX) + "/", str(h.STATE_DIR / DISK_PREFIX))
 def own_swaps() -> list[str]:
     """Active swap areas this harness creates: loops over its mounts or disk files, its zram."""
     out = []
-    zram = h.ZRAM_STATE.read_text().split() if h.ZRAM_STATE.exists() else []
+    zram = [d for d, pid in h._zram_state() if not h.owned_by_live_run(pid)]
     for s in zswap_util.swaps():
         dev = s["name"]
         back = zswap_util.loop_backing_file(dev) if dev.startswith("/dev/loop") else None
