@@ -427,37 +427,53 @@ def wait_for_no_swap() -> None:
 OWN_PREFIXES = (str(h.MNT_PREFIX) + "/", str(h.STATE_DIR / DISK_PREFIX))
 
 
+def _creator_pid(path: str) -> int | None:
+    """The pid in a harness path: MNT_PREFIX/NAME-PID/disk, STATE_DIR/swap-disk-PID.img."""
+    rel = path[len(str(h.MNT_PREFIX)) + 1:].split("/")[0] if path.startswith(OWN_PREFIXES[0]) \
+        else Path(path).name.split(".")[0]
+    tail = rel.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _leftover(path: str | None) -> bool:
+    """A harness path whose creating run is gone (or is this run): ours to clean up."""
+    return path is not None and path.startswith(OWN_PREFIXES) and not h.owned_by_live_run(_creator_pid(path))
+
+
 def own_swaps() -> list[str]:
-    """Active swap areas this harness creates: loops over its mounts or disk files, its zram."""
+    """Active swap areas of this harness not owned by another live run: loops over its mounts or
+    disk files, zram devices it hot_added."""
     out = []
     zram = [d for d, pid in h._zram_state() if not h.owned_by_live_run(pid)]
     for s in zswap_util.swaps():
         dev = s["name"]
         back = zswap_util.loop_backing_file(dev) if dev.startswith("/dev/loop") else None
-        if (back is not None and back.startswith(OWN_PREFIXES)) or dev.removeprefix("/dev/zram") in zram:
+        if _leftover(back) or dev.removeprefix("/dev/zram") in zram:
             out.append(dev)
     return out
 
 
 def sweep_own_leftovers() -> list[str]:
+    """What a killed earlier run of this benchmark left (never another live run's, never a swap
+    area, loop or cgroup this harness did not create)."""
     done = []
-    own_prefixes = OWN_PREFIXES
     for dev in own_swaps():
         subprocess.run(["swapoff", dev], capture_output=True, timeout=SWAPOFF_DEADLINE_S)
         done.append(f"swapoff {dev}")
     for name in sorted(os.listdir("/sys/block")):
         back = zswap_util.loop_backing_file(name) if name.startswith("loop") else None
-        if back is not None and back.startswith(own_prefixes) and not zswap_util.swap_entry(f"/dev/{name}"):
+        if _leftover(back) and not zswap_util.swap_entry(f"/dev/{name}"):
             subprocess.run(["losetup", "--detach", f"/dev/{name}"], capture_output=True, timeout=60)
             done.append(f"detached /dev/{name}")
     with contextlib.suppress(OSError):
         for cg in MemCgroup(1).parent.iterdir():
-            if cg.name.startswith(CGROUP_PREFIX):
+            pid = cg.name[len(CGROUP_PREFIX):].split("-")[0]
+            if cg.name.startswith(CGROUP_PREFIX) and pid.isdigit() and not h.owned_by_live_run(int(pid)):
                 with contextlib.suppress(BenchBroken):
                     remove_cgroup(cg)
                     done.append(f"removed cgroup {cg.name}")
     for img in h.STATE_DIR.glob(f"{DISK_PREFIX}*.img") if h.STATE_DIR.exists() else []:
-        if not any(zswap_util.loops_over(str(img))):
+        if _leftover(str(img)) and not zswap_util.loops_over(str(img)):
             img.unlink()
             done.append(f"removed {img}")
     return done
