@@ -18,8 +18,10 @@ Invariants:
       disk reports a failed write-back at fsync. Nothing else consumes that error: a read of
       another page must not eat what fsync has to report.
 
-Lock protocol: `_cond` guards the queue, `staged`, `failed`, `_queued_bytes`, `_error` and
-`_closed`. It is
+Lock protocol: `_cond` guards the queue, `staged`, `failed`, `_nfailed`, `_queued_bytes`,
+`_error` and `_closed`. `wait_range` reads `_queued_bytes` and `_nfailed` without it first: both
+are zero only when nothing can be waited for (a put that races it is a concurrent write, which
+may land either side of the read). It is
 never held while storing (compression, disk I/O).
 
 Not here: byte ranges and partial pages (store.py), compression (cache.py).
@@ -52,6 +54,7 @@ class WriteBehind:
         self.limit = limit
         self.staged = np.zeros(npages, np.uint16)
         self.failed = np.zeros(npages, np.bool_)
+        self._nfailed = 0               # pages in `failed`: lets wait_range skip the lock
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
         self._cond = threading.Condition(threading.Lock())
@@ -73,20 +76,25 @@ class WriteBehind:
             self._queue.append((page, data))
             self._queued_bytes += len(data)
             self.staged[page:page + n] += 1
-            self.failed[page:page + n] = False      # this write replaces the lost one
+            if self._nfailed:
+                self._forget(page, n)               # this write replaces the lost one
             self._cond.notify_all()
 
     def wait_range(self, first: int, count: int, forget_failed: bool = False) -> None:
         """Return once no queued item covers pages first .. first+count. DataError (EIO) if one
         of them lost a queued write, unless `forget_failed` (a discard: the pages are zeros now)."""
+        if not self._queued_bytes and not self._nfailed:
+            return                  # nothing queued, nothing lost: the common case, lock-free
         with self._cond:
             if self.staged[first:first + count].any():
                 if not self._cond.wait_for(
                         lambda: not self.staged[first:first + count].any() or self._worker_dead(),
                         WAIT):
                     raise DataError("write-behind queue stuck: the store worker made no progress")
+            if not self._nfailed:
+                return
             if forget_failed:
-                self.failed[first:first + count] = False
+                self._forget(first, count)
             elif self.failed[first:first + count].any():
                 bad = first + int(np.flatnonzero(self.failed[first:first + count])[0])
                 raise DataError(f"page {bad}: a queued write to it failed")
@@ -116,6 +124,11 @@ class WriteBehind:
             if self._worker.is_alive():
                 log.warning("write-behind worker did not stop within 30 s")
 
+    def _forget(self, first: int, count: int) -> None:
+        """Caller holds _cond."""
+        self.failed[first:first + count] = False
+        self._nfailed = int(np.count_nonzero(self.failed))
+
     def _raise_error(self) -> None:
         """Caller holds _cond."""
         if self._error is not None:
@@ -144,6 +157,7 @@ class WriteBehind:
                     if self._error is None:
                         self._error = e
                     self.failed[page:page + len(data) // PAGE_SIZE] = True
+                    self._nfailed = int(np.count_nonzero(self.failed))
             with self._cond:
                 self._queue.popleft()
                 self._queued_bytes -= len(data)

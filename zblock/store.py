@@ -60,7 +60,7 @@ class Store:
                                    on_idle=self.cache.request_trim) if write_behind else None
         self._param_lock = threading.Lock()
         self._closed = False
-        self._request_sizes: dict[str, int] = {}
+        self._request_sizes: dict[tuple[str, int], int] = {}
         self._proc = psutil.Process()
 
     @classmethod
@@ -231,9 +231,9 @@ class Store:
             self.cache.switch_pool()
 
     def note_request(self, op: str, nbytes: int) -> None:
-        """Count a FUSE request size, bucketed to the next power of two (approximate under races)."""
-        bucket = 1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0
-        key = f"{op}:{bucket}"
+        """Count a FUSE request size (approximate under races; bucketed when stats are taken:
+        this runs on every request)."""
+        key = (op, nbytes)
         self._request_sizes[key] = self._request_sizes.get(key, 0) + 1
 
     def stats(self) -> dict:
@@ -246,9 +246,10 @@ class Store:
         d["checksum_errors"] = self.backing.checksum_errors
         d["io_errors"] = self.backing.io_errors
         hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}
-        for key, count in sorted(self._request_sizes.items(), key=lambda kv: int(kv[0].split(":")[1])):
-            op, size = key.split(":")
-            hist.setdefault(op, {})[size] = count
+        for (op, nbytes), count in sorted(self._request_sizes.items(), key=lambda kv: kv[0][1]):
+            # sizes bucketed to the next power of two
+            bucket = str(1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0)
+            hist.setdefault(op, {})[bucket] = hist.get(op, {}).get(bucket, 0) + count
         d["request_sizes"] = hist
         d["disk_size"] = self.size
         d["swap"] = self.config.swap
