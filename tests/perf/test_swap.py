@@ -254,7 +254,7 @@ def swap_zblock(swap_size: int, zs: KernelZswap):
                 st = z.stats()
                 info["server_stats"] = {k: st.get(k) for k in (
                     "zswpout", "zswpin", "written_back_pages", "discarded_pages", "pool_limit_hit",
-                    "orig_data_size", "compr_data_size", "request_sizes", "libfuse", "max_write")}
+                    "orig_data_size", "compr_data_size", "request_sizes")}
         finally:
             p = subprocess.run([*z.cmd, "swapoff", str(z.mp)], capture_output=True, text=True,
                                timeout=SWAPOFF_DEADLINE_S + 120, cwd=h.ROOT)
