@@ -512,10 +512,10 @@ class ContextSet:
     def get(self, timeout: float | None = None) -> AcompContext:
         """Take a free context, blocking until one is put back (deadline: AcompTimeout)."""
         with self._cond:
+            if self._closed:        # a pool in use is never closed: this is a bug, say so
+                raise AcompTimeout("acomp context set is closed")
             if self._free:
                 return self._free.pop()
-            if self._closed:
-                raise AcompTimeout("acomp context set is closed")
             t = self.get_timeout if timeout is None else timeout
             if not self._cond.wait_for(lambda: self._free or self._closed, t):
                 raise AcompTimeout(f"no acomp context free within {t:.1f} s")
@@ -525,7 +525,7 @@ class ContextSet:
 
     def try_get(self) -> AcompContext | None:
         with self._cond:
-            return self._free.pop() if self._free else None
+            return self._free.pop() if self._free and not self._closed else None
 
     def put(self, ctx: AcompContext) -> None:
         with self._cond:

@@ -157,7 +157,6 @@ class Cache:
         self.pool_total_size = 0
         self.mem_used_max = 0
         self.reached_full = False   # zswap policy: rejecting until below the accept threshold
-        self.request_sizes: dict[str, int] = {}
 
         # --- pools (zswap_pools); the current one is self.pool
         self.pools: list[Pool | None] = [None] * MAX_POOLS
@@ -169,6 +168,7 @@ class Cache:
 
         self._closing = False
         self._wb_wanted = False
+        self._wb_failed_at = -1e9     # when a writeback last failed (monotonic)
         self._worker = threading.Thread(target=self._writeback_worker, name="zblock-writeback",
                                         daemon=True)
         self._worker_error: BaseException | None = None
@@ -370,6 +370,8 @@ class Cache:
         (the writeback worker needs page locks to make space)."""
         if self.pool_total_size < self.config.pool_limit + OVERSHOOT:
             return
+        if time.monotonic() - self._wb_failed_at < SPACE_WAIT:
+            return      # writeback is failing: waiting would only slow every write to a crawl
         deadline = time.monotonic() + SPACE_WAIT
         while self.pool_total_size >= self.config.pool_limit + OVERSHOOT and not self._closing:
             self._wake_writeback()
@@ -814,6 +816,7 @@ class Cache:
                 log.warning("writeback failed: %s", e)
                 with self.tree_lock:
                     self.c.reject_reclaim_fail += 1
+                    self._wb_failed_at = time.monotonic()
                 return False
             written = np.isin(pages, wpages)
             with self.tree_lock:
@@ -889,14 +892,15 @@ class Cache:
             dirty = np.flatnonzero(self.dirty & ~self.under_wb)
             in_writeback = np.flatnonzero(self.dirty & self.under_wb)
         flushed: list[tuple[np.ndarray, np.ndarray]] = []
-        self._flush_pages(dirty, flushed)
+        lost: list[int] = []
+        self._flush_pages(dirty, flushed, lost)
         if len(in_writeback):
             # The worker is writing these. Wait for it; any it left dirty (its disk write failed,
             # or the entry changed) were written before this fsync, so write them here.
             self._wait_under_wb(in_writeback)
             with self.tree_lock:
                 again = in_writeback[self.dirty[in_writeback]]
-            self._flush_pages(again, flushed)
+            self._flush_pages(again, flushed, lost)
         self.backing.sync()
         n = 0
         with self.tree_lock:
@@ -905,10 +909,14 @@ class Cache:
                 self.dirty[same] = False
                 n += len(same)
             self.c.flushed_pages += n
+        if lost:
+            raise DataError(f"fsync: {len(lost)} page(s) could not be decompressed (first: "
+                            f"page {lost[0]}); they read as EIO")
         return n
 
-    def _flush_pages(self, dirty: np.ndarray, flushed: list) -> None:
-        """Write dirty pages (not yet durable); append (pages, gens) written to `flushed`."""
+    def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list) -> None:
+        """Write dirty pages (not yet durable); append (pages, gens) written to `flushed` and
+        pages whose data could not be decompressed to `lost`."""
         for lo in range(0, len(dirty), BATCH):
             pages = dirty[lo:lo + BATCH]
             with self.page_locks.hold(pages.tolist()):
@@ -920,6 +928,7 @@ class Cache:
                     self.backing.write_pages(wpages, wdata)
                 ok = ~np.isin(pages, failed)
                 flushed.append((pages[ok], gens[ok]))
+                lost.extend(failed)
 
     def _wait_under_wb(self, pages: np.ndarray) -> None:
         deadline = time.monotonic() + FLUSH_WAIT
