@@ -11,8 +11,8 @@ Every mistake is one line on stderr ("zblock: ...") and a non-zero exit: ZblockE
 zblock.config.Config through Config.from_strings, so each value is validated once, by the same
 parser that validates writes to params/.
 
-Other modules add commands (swapon/swapoff, bench) by defining `register_cli(subparsers)`;
-main() calls it for each of REGISTERED_MODULES that imports.
+swap.py (swapon/swapoff) and bench.py (bench) add their commands with `register_cli(subparsers)`,
+so each command's options live beside its code.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import sys
 from .config import PARAMS, Config, parse_disk_size
 from .errors import ConfigError, MountError, UsageError, ZblockError
 
-REGISTERED_MODULES = ("swap", "bench")
 
 # --option -> param name. Flags (store_true) are marked by None in _FLAGS.
 _OPTION_PARAMS = {
@@ -370,14 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
     p = sub.add_parser("fsck", help="check an unmounted backing file")
     p.add_argument("backing")
-    for mod in REGISTERED_MODULES:
-        try:
-            m = __import__(f"zblock.{mod}", fromlist=["register_cli"])
-        except ImportError:
-            continue
-        reg = getattr(m, "register_cli", None)
-        if reg is not None:
-            reg(sub)
+    from . import bench, swap       # their commands live beside their code
+    swap.register_cli(sub)
+    bench.register_cli(sub)
     return parser
 
 

@@ -624,7 +624,7 @@ def _teardown(loop: str, *, discard: bool, timeout: float = SWAPOFF_TIMEOUT) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# command line (zblock.cli calls register_cli for each module in REGISTERED_MODULES)
+# command line (zblock.cli calls register_cli)
 
 
 def cmd_swapon(args, argv) -> int:
