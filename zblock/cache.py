@@ -311,7 +311,7 @@ class Cache:
     def request_trim(self) -> None:
         """Have the worker give free heap back (e.g. request buffers after a burst of writes)."""
         with self.tree_lock:
-            self.trimmer.freed(self.trimmer.threshold)
+            self.trimmer.request()
             self._wake_writeback()
 
     def _wake_writeback(self) -> None:

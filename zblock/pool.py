@@ -123,6 +123,11 @@ class Trimmer:
     def due(self) -> bool:
         return self._freed >= self.threshold
 
+    def request(self) -> None:
+        """Ask for a trim at the next chance the interval allows (free heap outside the pool,
+        such as request buffers after a burst of writes)."""
+        self._freed = max(self._freed, 1)
+
     def trim(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and (not self._freed or now - self._last < self.min_interval):
