@@ -99,7 +99,7 @@ def is_mounted(path: str, fstype: str | None = FSTYPE) -> bool:
     return any(mp == path and (fstype is None or t == fstype) for mp, t, _ in mountinfo())
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
+def wait_for(cond, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
     """Poll cond() (something outside this process) until true or the deadline; returns its value."""
     deadline = time.monotonic() + timeout
     while True:

@@ -6,7 +6,6 @@ are deterministic, so the assertions on them are exact; nothing here asserts on 
 
 import errno
 import os
-import random
 import threading
 
 import pytest
@@ -14,19 +13,11 @@ import pytest
 from zblock import PAGE_SIZE
 from zblock.accel import Engine, FakeClock, HwBatch, HwJob
 from zblock.acomp import ContextSet, ENOSPC
+from pages import text_page
 
 pytestmark = pytest.mark.timeout(30)
 
 CODEC = ("lz4", None)
-
-
-def text_page(i: int) -> bytes:
-    r = random.Random(i)
-    words = [b"alpha", b"beta", b"gamma", b"delta", b"page", b"swap", b"zblock", b"kernel"]
-    out = bytearray()
-    while len(out) < PAGE_SIZE:
-        out += r.choice(words) + b" " + str(r.randrange(1000)).encode() + b"\n"
-    return bytes(out[:PAGE_SIZE])
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ Tier: engine with fakes (a FakeClock engine; compressor wrappers that wait on a 
 
 import errno
 import os
-import random
 import threading
 import time
 
@@ -17,17 +16,9 @@ from zblock.acomp import (CRYPTO_TFM_REQ_MAY_BACKLOG, EBUSY, EINPROGRESS, ENOSPC
                           AcompTimeout, AcompTransform, ContextSet, CryptoWait, crypto_req_done,
                           crypto_wait_req)
 from zblock.compressors import CompressionError, get_compressor
+from pages import text_page
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def text_page(i: int) -> bytes:
-    r = random.Random(i)
-    words = [b"alpha", b"beta", b"gamma", b"delta", b"page", b"swap", b"zblock", b"kernel"]
-    out = bytearray()
-    while len(out) < PAGE_SIZE:
-        out += r.choice(words) + b" " + str(r.randrange(1000)).encode() + b"\n"
-    return bytes(out[:PAGE_SIZE])
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from zblock.config import Config
 from zblock.disk import Fault, FaultyDisk, FileDisk
 from zblock.errors import DataError, DiskError, ZblockError
 from zblock.store import Store
+from mountutil import wait_for
 
 MiB = 1 << 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,14 +86,6 @@ class Faults:
     def clear(self):
         for d in self.disks.values():
             d.clear()
-
-
-def wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def assert_eio(fn, *args):

@@ -18,6 +18,7 @@ from zblock.cache import COMP, DISK, RAW, SAME
 from zblock.config import Config
 from zblock.errors import DataError, OutOfRange
 from zblock.store import Store
+from mountutil import wait_for
 
 MiB = 1 << 20
 
@@ -44,14 +45,6 @@ def mixed_bytes(rng: random.Random, n: int) -> bytes:
         else:
             out += text_page(rng)
     return bytes(out[:n])
-
-
-def wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ from .acomp import ContextSet
 from .compressors import CompressionError
 from .config import Config
 from .errors import DataError, DiskError
-from .pool import RAW_CHARGE, Pool, Trimmer, charge
+from .pool import BYTES_HEADER, MALLOC_OVERHEAD, RAW_CHARGE, Pool, Trimmer, charge
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ FLUSH_WAIT = 30.0           # fsync waits this long for the worker's writes in f
 def _charges(lengths: np.ndarray, states: np.ndarray) -> np.ndarray:
     """pool.charge() vectorised: RAW entries cost a full page object."""
     ln = np.where(states == RAW, PAGE_SIZE, lengths.astype(np.int64))
-    return (ln + 56) & ~15
+    return (ln + BYTES_HEADER + MALLOC_OVERHEAD + 15) & ~15
 
 
 class Counters:
