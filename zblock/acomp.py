@@ -35,7 +35,9 @@ Invariants:
   - a completion for a request generation that its waiter gave up on (timeout) is dropped:
     it never writes into a context that has been reused.
 
-Lock protocol: ContextSet._cond guards _free and _closed (never held across compression).
+Lock protocol: ContextSet._free is popped and appended without a lock (each is atomic under the
+GIL); _cond guards _closed, _waiters and the sleep of a get() that found none free (never held
+across compression).
 AcompRequest._lock guards gen/result/dlen/err and is held while the completion callback runs,
 so a stale completion cannot race a resubmission; callbacks must not submit (crypto_req_done
 only sets the wait). Lock order: AcompRequest._lock -> CryptoWait._cond -> Engine._lock.
@@ -497,6 +499,7 @@ class ContextSet:
         self._contexts = [AcompContext(i, alg, level, engine, hw_timeout) for i in range(n)]
         self._free = list(self._contexts)
         self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0                    # get() calls blocked on _cond
         self._closed = False
         self._workers: _Workers | None = None
         self._workers_lock = threading.Lock()
@@ -510,27 +513,45 @@ class ContextSet:
         return 0 if self._closed else len(self._contexts)
 
     def get(self, timeout: float | None = None) -> AcompContext:
-        """Take a free context, blocking until one is put back (deadline: AcompTimeout)."""
+        """Take a free context, blocking until one is put back (deadline: AcompTimeout).
+
+        The uncontended case takes no lock: list.pop is atomic under the GIL, and a 4 KiB
+        request's whole budget is a few microseconds (see put() for the waiter protocol)."""
+        if not self._closed:
+            try:
+                return self._free.pop()
+            except IndexError:
+                pass
         with self._cond:
             if self._closed:        # a pool in use is never closed: this is a bug, say so
                 raise AcompTimeout("acomp context set is closed")
-            if self._free:
-                return self._free.pop()
             t = self.get_timeout if timeout is None else timeout
-            if not self._cond.wait_for(lambda: self._free or self._closed, t):
-                raise AcompTimeout(f"no acomp context free within {t:.1f} s")
+            self._waiters += 1
+            try:
+                # counted as a waiter before looking: a put() after this look notifies us
+                if not self._cond.wait_for(lambda: self._free or self._closed, t):
+                    raise AcompTimeout(f"no acomp context free within {t:.1f} s")
+            finally:
+                self._waiters -= 1
             if self._closed and not self._free:
                 raise AcompTimeout("acomp context set is closed")
             return self._free.pop()
 
     def try_get(self) -> AcompContext | None:
-        with self._cond:
-            return self._free.pop() if self._free and not self._closed else None
+        if self._closed:
+            return None
+        try:
+            return self._free.pop()
+        except IndexError:
+            return None
 
     def put(self, ctx: AcompContext) -> None:
-        with self._cond:
-            self._free.append(ctx)
-            self._cond.notify()
+        self._free.append(ctx)
+        # A waiter counts itself under _cond before it looks at _free, so either it sees this
+        # context or we see it counted and notify (after it has released _cond by waiting).
+        if self._waiters:
+            with self._cond:
+                self._cond.notify()
 
     @contextlib.contextmanager
     def context(self, timeout: float | None = None):
@@ -555,6 +576,20 @@ class ContextSet:
         if self.engine is not None:
             return self._hw_pages("decompress", srcs, out_len, False)
         return self._split(srcs, _decompress_chunk, (out_len,), SPLIT_DECOMPRESS[self.alg])
+
+    def compress_page(self, src) -> bytes | int:
+        """compress_pages for one page without the batch machinery (a 4 KiB write's path)."""
+        if self.engine is not None:
+            return self._hw_pages("compress", (src,), PAGE_SIZE, False)[0]
+        ctx = self.get()
+        try:
+            with ctx.mutex:
+                c = ctx.comp.compress(src)
+        except Exception:
+            return -EINVAL
+        finally:
+            self.put(ctx)
+        return c if len(c) < PAGE_SIZE else -ENOSPC
 
     def decompress_page(self, src, out_len: int = PAGE_SIZE) -> bytes:
         """One page; raises CompressionError on corrupt data."""

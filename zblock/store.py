@@ -17,6 +17,8 @@ import time
 import psutil
 
 from . import PAGE_SIZE, PAGE_SHIFT
+
+PAGE_MASK = PAGE_SIZE - 1
 from .backing import Backing
 from .cache import Cache
 from .config import PARAMS, Config
@@ -80,6 +82,12 @@ class Store:
     # I/O
 
     def read(self, offset: int, length: int) -> bytes:
+        if length == PAGE_SIZE and not offset & PAGE_MASK and 0 <= offset < self.size:
+            # one aligned page (random 4 KiB I/O, swap-in): every layer below costs per call
+            page = offset >> PAGE_SHIFT
+            if self.staging:
+                self.staging.wait_range(page, 1)
+            return self.cache.load_page(page)
         if offset < 0 or length < 0:
             raise OutOfRange(f"read at {offset} of {length} bytes")
         end = min(offset + length, self.size)
@@ -98,6 +106,16 @@ class Store:
         return bytes(memoryview(data)[skip:skip + end - offset])
 
     def write(self, offset: int, data) -> int:
+        if (type(data) is bytes and len(data) == PAGE_SIZE and not offset & PAGE_MASK
+                and 0 <= offset < self.size):
+            # one aligned page, the fast path (see read): stored at once, as the middle part
+            # below stores anything shorter than WRITE_BEHIND_MIN
+            self.cache.check_worker()
+            page = offset >> PAGE_SHIFT
+            if self.staging:        # after any queued write of the same page
+                self.staging.wait_range(page, 1, forget_failed=True)
+            self.cache.store_page(page, data)
+            return PAGE_SIZE
         mv = memoryview(data).cast("B")
         n = len(mv)
         if offset < 0 or offset + n > self.size:
