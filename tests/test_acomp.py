@@ -182,6 +182,40 @@ def test_get_put_is_bounded(closing):
     assert cs.live == 0
 
 
+def test_get_put_under_contention_loses_no_wakeup(closing):
+    """get() pops and put() appends without a lock; a get() that found none free must still be
+    woken by the next put (it counts itself as a waiter before it looks). 6 threads share 2
+    contexts 3000 times; a lost wake-up would hang a getter until its timeout (AcompTimeout)."""
+    cs = ContextSet("lz4", n=2)
+    closing(cs)
+    owners: dict[int, int] = {}
+    errors: list[BaseException] = []
+    owners_lock = threading.Lock()
+
+    def worker():
+        try:
+            for _ in range(500):
+                ctx = cs.get(timeout=5)
+                with owners_lock:
+                    assert id(ctx) not in owners, "one context handed to two threads"
+                    owners[id(ctx)] = threading.get_ident()
+                time.sleep(0)               # let another thread find the set empty
+                with owners_lock:
+                    del owners[id(ctx)]
+                cs.put(ctx)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[0]
+    assert sorted(map(id, (cs.get(), cs.get()))) == sorted(map(id, cs._contexts))
+
+
 class BarrierCompressor:
     """A compressor fake: each compress() waits for another thread's compress() to arrive."""
 

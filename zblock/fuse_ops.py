@@ -65,11 +65,6 @@ DISK = "/disk"
 STATS = "/stats"
 PARAMS_DIR = "/params"
 
-# FOPEN_PARALLEL_DIRECT_WRITES: libfuse 3.14+ has the bit in fuse_file_info (kernel 6.2+ honours
-# it; older kernels ignore the flag)
-PARALLEL_DIRECT_WRITES = any(f[0] == "parallel_direct_writes"
-                             for f in mfusepy.fuse_file_info._fields_)
-
 _DISK_FH = 0          # the disk needs no per-open state; other files get fh >= 1
 
 
@@ -255,12 +250,6 @@ class ZblockOps(mfusepy.Operations):
         if path == DISK:
             fi.fh = _DISK_FH
             fi.direct_io = 0 if self.kernel_cache else 1
-            if not self.kernel_cache and PARALLEL_DIRECT_WRITES:
-                # Without it the kernel holds the file's inode lock across each direct write's
-                # round trip, so writers of different pages wait for one another (2 fio jobs of
-                # 4 KiB random writes: one request in flight). The Store is safe for concurrent
-                # writes (page locks, generation checks).
-                fi.parallel_direct_writes = 1
             return 0
         if path == STATS:
             if acc != os.O_RDONLY:

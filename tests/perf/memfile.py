@@ -11,8 +11,7 @@ not of Python + FUSE. Runs in the foreground until unmounted (`fusermount3 -u`, 
 It uses the FUSE settings zblock's adapter uses, so that the difference is zblock's own work and
 not the binding's: libfuse worker threads keep their Python thread states (zblock.threadstate;
 without it every request creates and destroys one, which cost this file half of its 4 KiB IOPS),
-and `disk` is opened with direct I/O and, on libfuse 3, parallel direct writes (without it the
-kernel lets one write at a time through).
+and `disk` is opened with direct I/O.
 
 Invariants: every value in `pages` is exactly PAGE_SIZE bytes; a missing key reads as zeros.
 Lock protocol: `rmw_lock` serialises read-modify-write of partial pages only (whole-page stores
@@ -127,8 +126,6 @@ class MemFile:
         if path == "/disk":
             fi.fh = 1
             fi.direct_io = 1
-            if hasattr(fi, "parallel_direct_writes"):
-                fi.parallel_direct_writes = 1
             return 0
         if path == "/stats":
             fi.fh = 2
