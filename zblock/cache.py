@@ -357,7 +357,7 @@ class Cache:
                 return True
             return self._store_cached(start, mv, n, pool, expect_gen)
         finally:
-            self._store_end(pool)
+            self._pool_release(pool)
 
     def store_page(self, page: int, data, expect_gen: int | None = None,
                    may_wait: bool = True) -> bool:
@@ -371,7 +371,7 @@ class Cache:
                 return self._store_to_disk([data], [page], expect_gen)
             return self._store_one(page, data, pool, expect_gen)
         finally:
-            self._store_end(pool)
+            self._pool_release(pool)
 
     def _store_begin(self, may_wait: bool) -> tuple[Pool, bool]:
         """zswap_store()'s checks: (the current pool, now held while we compress; reject?)."""
@@ -383,7 +383,8 @@ class Cache:
             pool.users += 1             # holds the pool while compressing (zswap_pool_get)
         return pool, reject
 
-    def _store_end(self, pool: Pool) -> None:
+    def _pool_release(self, pool: Pool) -> None:
+        """Drop a `users` hold taken to compress or decompress with `pool` unlocked."""
         with self.tree_lock:
             pool.users -= 1
             self._pool_put_if_dead(pool)
@@ -460,7 +461,7 @@ class Cache:
                 self.stored_incompressible_pages += 1
             if self.pool_total_size > self.mem_used_max:
                 self.mem_used_max = self.pool_total_size
-            if self.pool_total_size >= cfg.pool_limit:
+            if self._over_limit():
                 self._wake_writeback()
         return True
 
@@ -475,8 +476,7 @@ class Cache:
             self.pool_total_size -= size
             if st == RAW:
                 self.stored_incompressible_pages -= 1
-            if not pool.stored_pages:
-                self._pool_put_if_dead(pool)
+            self._pool_put_if_dead(pool)
             if self.trimmer.freed(size):
                 self._wake_writeback()
         elif st == SAME:
@@ -693,9 +693,7 @@ class Cache:
                     self.c.decompress_fail += 1
                 raise DataError(f"page {page}: decompression failed ({e})") from None
             finally:
-                with self.tree_lock:
-                    pool.users -= 1
-                    self._pool_put_if_dead(pool)
+                self._pool_release(pool)
         parts = [None]
         self._load_from_disk(page, np.zeros(1, np.int64), parts)
         return bytes(parts[0])

@@ -10,8 +10,9 @@ request; `perf` put 10% of the server's CPU in smp_call_function_many_cond.
 
 pin_thread_state() takes one more PyGILState_Ensure on the calling thread the first time it
 runs there and never releases it: the thread keeps its state, and ctypes' Ensure/Release pair
-per callback only takes and drops the GIL. libfuse's workers live as long as the session (it
-does not end idle workers by default); a worker's state is freed with the interpreter.
+per callback only takes and drops the GIL. A worker that libfuse ends (libfuse 2 ends workers
+while more than 10 are idle) leaves its thread state allocated until the interpreter ends; under
+4 KiB fio load the libfuse 3 server kept its 10 workers throughout (/proc/PID/task).
 """
 
 from __future__ import annotations
