@@ -7,8 +7,9 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 # fuse3 and libfuse2 side by side (never the `fuse` package: it conflicts with fuse3);
-# liblzo2-dev because python-lzo builds from source; the rest are the real clients tests drive.
-DEB_PKGS := fuse3 libfuse2 liblzo2-dev fio e2fsprogs util-linux
+# gcc and liblzo2-dev because python-lzo builds from source, gcc and liblz4-dev for zblock's own
+# extension (zblock/_lz4pages.c); the rest are the real clients tests drive.
+DEB_PKGS := fuse3 libfuse2 gcc liblzo2-dev liblz4-dev fio e2fsprogs util-linux
 DEB_BENCH_PKGS := nbdkit libnbd-bin
 
 .PHONY: all deps sysdeps venv test test-fast demo bench install uninstall clean
@@ -22,7 +23,7 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py zblock/_lz4pages.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
@@ -55,4 +56,4 @@ uninstall:
 	sh mount/install.sh uninstall
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache zblock/*.so

@@ -605,6 +605,20 @@ class ContextSet:
         finally:
             self.put(ctx)
 
+    @property
+    def joins(self) -> bool:
+        """decompress_join is one library call here (software lz4): worth it for a request."""
+        return self.engine is None and self._contexts[0].comp.joins
+
+    def decompress_join(self, items: Sequence, out_len: int = PAGE_SIZE) -> bytes:
+        """Compressor.decompress_join in one context; raises CompressionError."""
+        ctx = self.get()
+        try:
+            with ctx.mutex:
+                return ctx.comp.decompress_join(items, out_len)
+        finally:
+            self.put(ctx)
+
     def _split(self, items: Sequence, chunk_fn, extra: tuple, split: bool = True) -> list:
         n_items = len(items)
         ctx0 = self.get()

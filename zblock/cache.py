@@ -649,20 +649,27 @@ class Cache:
                 pools = self._pools_get(np.unique(pids))
             same = np.flatnonzero(st == SAME)
             fills = self.fill[sel][same].tolist() if len(same) else []
-        if len(comp):
-            try:
+        try:
+            for i in np.flatnonzero((st == NONE) | (st == DISK)).tolist():
+                parts[i] = ZERO_PAGE            # DISK ones are overwritten below
+            for i, f in zip(same.tolist(), fills):
+                parts[i] = ZERO_PAGE if f == 0 else np.full(WORDS, f, np.uint64).tobytes()
+            disk = np.flatnonzero(st == DISK)
+            if len(disk):
+                self._load_from_disk(start, disk, parts)
+            if len(comp):
+                # every other part is a whole page now: one call decompresses and joins
+                if len(pools) == 1:
+                    contexts = next(iter(pools.values())).contexts
+                    if contexts.joins:
+                        try:
+                            return contexts.decompress_join(parts)
+                        except CompressionError:
+                            pass            # the page by page path below names the bad page
                 self._decompress_into(parts, comp, pids, pools, start)
-            finally:
+        finally:
+            if len(comp):
                 self._pools_put(pools)
-        for i in np.flatnonzero((st == NONE) | (st == DISK)).tolist():
-            parts[i] = ZERO_PAGE            # DISK ones are overwritten below
-        for i, f in zip(same.tolist(), fills):
-            parts[i] = ZERO_PAGE if f == 0 else np.full(WORDS, f, np.uint64).tobytes()
-        disk = np.flatnonzero(st == DISK)
-        if len(disk):
-            self._load_from_disk(start, disk, parts)
-        if n == 1 and type(parts[0]) is bytes:
-            return parts[0]
         return b"".join(parts)
 
     def load_page(self, page: int) -> bytes:

@@ -56,38 +56,52 @@ class Compressor:
         """decompress() of each source; raises CompressionError on the first failure."""
         return [self.decompress(s, out_len) for s in srcs]
 
+    # True where decompress_join is one library call rather than decompress_many plus a join
+    joins = False
+
+    def decompress_join(self, items, out_len: int = PAGE_SIZE) -> bytes:
+        """A read request's pages as one bytes object: items shorter than out_len are streams
+        of this compressor (decompressed), items of out_len bytes are whole pages (copied).
+        Raises CompressionError on the first failure."""
+        return b"".join([i if len(i) == out_len else self.decompress(i, out_len) for i in items])
+
     @property
     def label(self) -> str:
         return self.name if self.level is None else f"{self.name}-{self.level}"
 
 
 class LZ4(Compressor):
+    """LZ4 blocks through zblock._lz4pages: python-lz4 writes the same blocks, but releases and
+    re-takes the GIL around every page, so two threads splitting a request ran slower than one."""
+
     name = "lz4"
 
     def __init__(self, level=None):
-        import lz4.block
-        self._block = lz4.block
+        from . import _lz4pages
+        self._lz4 = _lz4pages
 
     def compress(self, src) -> bytes:
-        return self._block.compress(src, store_size=False)
+        return self._lz4.compress(src)
 
     def compress_many(self, pages) -> list[bytes]:
-        # the per-page Python around a 3-10 us library call is the budget (DESIGN.md)
-        compress = self._block.compress
-        return [compress(p, store_size=False) for p in pages]
+        return self._lz4.compress_many(pages)
 
     def decompress_many(self, srcs, out_len=PAGE_SIZE) -> list[bytes]:
-        decompress = self._block.decompress
         try:
-            out = [decompress(s, uncompressed_size=out_len) for s in srcs]
-        except Exception as e:
+            return self._lz4.decompress_many(srcs, out_len)
+        except ValueError as e:
             raise CompressionError(f"lz4: {e}") from None
-        if any(len(o) != out_len for o in out):
-            raise CompressionError(f"lz4: a page did not decompress to {out_len} bytes")
-        return out
 
     def _decompress(self, src, out_len) -> bytes:
-        return self._block.decompress(src, uncompressed_size=out_len)
+        return self._lz4.decompress(src, out_len)
+
+    joins = True
+
+    def decompress_join(self, items, out_len=PAGE_SIZE) -> bytes:
+        try:
+            return self._lz4.join(items, out_len)
+        except ValueError as e:
+            raise CompressionError(f"lz4: {e}") from None
 
 
 class LZO(Compressor):

@@ -870,6 +870,7 @@ class Report:
     def emit(self) -> Path:
         print("\n" + self.table(), flush=True)
         path = out_path(self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"name": self.name, "title": self.title, "config": self.config,
                                     "results": self.results, "checks": self.checks,
                                     "skipped": self.skipped, "targets": self.targets_info,
