@@ -357,6 +357,32 @@ def test_corruption_detected_after_reopen(backing_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("npages", [8, 64])     # the few-pages path and the general one
+def test_corrupt_object_in_a_read_names_its_page(backing_path, npages):
+    """A read that decompresses many pages in one call still names the page that failed,
+    counts it, and gives back its hold on the pool."""
+    rng = random.Random(5)
+    store = Store.open(backing_path, 1 * MiB, make_config())
+    try:
+        data = b"".join(text_page(rng) for _ in range(npages))
+        store.write(0, data)
+        if store.staging:
+            store.staging.drain()
+        c = store.cache
+        bad = npages - 3
+        assert c.state[bad] == COMP
+        good, c.objs[bad] = c.objs[bad], b"\xff" * 40
+        with pytest.raises(DataError, match=f"page {bad}:"):
+            store.read(0, npages * PAGE_SIZE)
+        assert store.stats()["decompress_fail"] == 1
+        assert c.pool.users == 0
+        assert store.read(0, bad * PAGE_SIZE) == data[:bad * PAGE_SIZE]
+        c.objs[bad] = good                           # so that close() can write it back
+        assert store.read(0, npages * PAGE_SIZE) == data
+    finally:
+        store.close()
+
+
 def test_many_threads_overlapping_pages(backing_path):
     """Whole-page writers on a shared range, partial writers on disjoint bytes of shared pages,
     readers, fsync and writeback all at once: no torn page, no lost partial write, no deadlock."""
