@@ -91,6 +91,10 @@ CRYPTO_TFM_REQ_MAY_BACKLOG = 0x00000400        # include/linux/crypto.h
 # arrives), dd 256 MiB bs=1M, medians of 3, lz4 write mix / usr: split 332 / 250 MB/s, one
 # thread 366 / 324. So lz4 uses the second core by pipelining, not by splitting; lzo holds the
 # GIL while compressing, so splitting it only adds contention.
+# Measured again once lz4 ran through zblock/_lz4pages.c (the GIL released once per list, not
+# per page): 256-page /usr reads in-process, split vs one thread, 3 runs: 356/422/518 vs
+# 462/452/504 us a batch. Waking the worker took 70-470 us on this VM (timestamps taken in the
+# chunks), so splitting is a wash at best and stays off for lz4.
 SPLIT_MIN = 32
 SPLIT_COMPRESS = {"lz4": False, "lzo": False, "zstd": True, "deflate": True}
 SPLIT_DECOMPRESS = {"lz4": False, "lzo": False, "zstd": True, "deflate": True}

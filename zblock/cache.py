@@ -387,7 +387,8 @@ class Cache:
         """Drop a `users` hold taken to compress or decompress with `pool` unlocked."""
         with self.tree_lock:
             pool.users -= 1
-            self._pool_put_if_dead(pool)
+            if not pool.current:        # the current pool is never dead: spare the call
+                self._pool_put_if_dead(pool)
 
     def page_gen(self, page: int) -> int:
         """The generation of a page's entry (changes whenever the entry does)."""

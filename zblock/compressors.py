@@ -71,8 +71,10 @@ class Compressor:
 
 
 class LZ4(Compressor):
-    """LZ4 blocks through zblock._lz4pages: python-lz4 writes the same blocks, but releases and
-    re-takes the GIL around every page, so two threads splitting a request ran slower than one."""
+    """LZ4 blocks through zblock._lz4pages (the system liblz4). python-lz4 writes the same block
+    format, but releases and re-takes the GIL around every page: with a second thread at work
+    the GIL changes hands twice per page, and splitting a 256-page read in two ran at half the
+    speed of one thread (1335 -> 675 MB/s, /usr pages, in-process)."""
 
     name = "lz4"
 
@@ -83,6 +85,13 @@ class LZ4(Compressor):
     def compress(self, src) -> bytes:
         return self._lz4.compress(src)
 
+    def decompress(self, src, out_len: int = PAGE_SIZE) -> bytes:
+        # Compressor.decompress without its layers: the C call checks the length itself
+        try:
+            return self._lz4.decompress(src, out_len)
+        except ValueError as e:
+            raise CompressionError(f"lz4: {e}") from None
+
     def compress_many(self, pages) -> list[bytes]:
         return self._lz4.compress_many(pages)
 
@@ -91,9 +100,6 @@ class LZ4(Compressor):
             return self._lz4.decompress_many(srcs, out_len)
         except ValueError as e:
             raise CompressionError(f"lz4: {e}") from None
-
-    def _decompress(self, src, out_len) -> bytes:
-        return self._lz4.decompress(src, out_len)
 
     joins = True
 
