@@ -158,6 +158,12 @@ def test_ext4_tree_fstrim_fsck_remount():
                 run("mkfs.ext4", "-q", "-F", "-E", "discard", dev)
                 with fs_mounted(dev, fsdir):
                     files = make_tree(fsdir, rng, 3000)
+                    run("sync")
+                    # the tree is larger than the 16 MiB pool: the coldest pages go to disk.
+                    # Waited for here, before the deletes and fstrim below shrink the pool again
+                    # (in one CI run they did so before the writeback worker had run: 0 pages).
+                    mountutil.wait_for(lambda: m.stats()["written_back_pages"] > 0, 30,
+                                       "writeback of a pool over its limit")
                     for rel in rng.sample(sorted(files), len(files) // 3):
                         os.unlink(os.path.join(fsdir, rel))
                         del files[rel]
