@@ -631,16 +631,20 @@ class Cache:
     # =========================================================================================
     # load
 
-    def load_pages(self, start: int, n: int) -> bytes:
-        """The bytes of pages start .. start+n. Raises DataError (EIO) if one cannot be read."""
-        if n == 1:
-            return self.load_page(start)
-        if n <= SMALL:
-            data = self._load_few(start, n)
-            if data is not None:
-                return data
+    def load_pages(self, start: int, n: int, gens_out: list | None = None) -> bytes:
+        """The bytes of pages start .. start+n. Raises DataError (EIO) if one cannot be read.
+        `gens_out` (readahead): gets the pages' generations, taken with their entries."""
+        if gens_out is None:
+            if n == 1:
+                return self.load_page(start)
+            if n <= SMALL:
+                data = self._load_few(start, n)
+                if data is not None:
+                    return data
         sel = slice(start, start + n)
         with self.tree_lock:
+            if gens_out is not None:
+                gens_out.append(self.gen[sel].copy())
             st = self.state[sel].copy()
             parts = self.objs[sel]          # RAW pages are their own bytes; the rest is replaced
             cached = (st == COMP) | (st == RAW)
@@ -674,6 +678,11 @@ class Cache:
             if len(comp):
                 self._pools_put(pools)
         return b"".join(parts)
+
+    def gens_match(self, start: int, gens: np.ndarray) -> bool:
+        """True if no entry of pages start .. start+len(gens) changed since `gens` was taken."""
+        with self.tree_lock:
+            return bool((self.gen[start:start + len(gens)] == gens).all())
 
     def load_page(self, page: int) -> bytes:
         """load_pages for one page with scalar code (see _store_one): a 4 KiB read's path."""
