@@ -376,9 +376,13 @@ class Cache:
     def _store_begin(self, may_wait: bool) -> tuple[Pool, bool]:
         """zswap_store()'s checks: (the current pool, now held while we compress; reject?)."""
         with self.tree_lock:
-            reject = self._check_limits()
-            if not reject and may_wait and self.config.limit_policy == "evict":
-                self._wait_for_space()
+            # below the limit and accepting (nearly every store): nothing to check further
+            if self.pool_total_size < self.config.pool_limit and not self.reached_full:
+                reject = False
+            else:
+                reject = self._check_limits()
+                if not reject and may_wait and self.config.limit_policy == "evict":
+                    self._wait_for_space()
             pool = self.pool
             pool.users += 1             # holds the pool while compressing (zswap_pool_get)
         return pool, reject
@@ -477,7 +481,8 @@ class Cache:
             self.pool_total_size -= size
             if st == RAW:
                 self.stored_incompressible_pages -= 1
-            self._pool_put_if_dead(pool)
+            if not pool.current:        # the current pool is never dead: spare the call
+                self._pool_put_if_dead(pool)
             if self.trimmer.freed(size):
                 self._wake_writeback()
         elif st == SAME:
