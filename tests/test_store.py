@@ -296,7 +296,9 @@ def test_compressor_switch_pools(backing_path):
 # memory
 
 
-def test_pool_size_matches_process_memory(backing_path):
+def _pool_and_rss(backing_path: str) -> dict:
+    """Write 64 MiB, then overwrite and discard it all; the pool's and the process's view of
+    the memory at each step. Runs in a fresh process (test below)."""
     rng = random.Random(11)
     cfg = make_config(pool_limit=1 << 30, same_filled_pages_enabled=False)
     npages = 16384                                     # 64 MiB of data
@@ -313,19 +315,37 @@ def test_pool_size_matches_process_memory(backing_path):
             store.write(i * PAGE_SIZE, chunk if i % 512 else os.urandom(len(chunk)))
         grown = proc.memory_info().rss - rss0
         pool = store.stats()["pool_total_size"] - base
-        assert pool > 16 * MiB
-        assert abs(grown - pool) <= 0.10 * pool, (grown, pool)
         # overwrite with much more compressible data, then discard everything: memory comes back
         small = b"".join((b"x%d" % rng.randrange(10)) * 2000 for _ in range(256))
         for i in range(0, npages, 256):
             store.write(i * PAGE_SIZE, small[:256 * PAGE_SIZE])
         store.discard(0, npages * PAGE_SIZE)
         store.cache.trimmer.trim(force=True)
-        assert store.stats()["pool_total_size"] == 0
+        left = store.stats()["pool_total_size"]
         returned = rss0 + grown - proc.memory_info().rss
-        assert returned >= 0.8 * grown, (returned, grown)
+        return {"grown": grown, "pool": pool, "left": left, "returned": returned}
     finally:
         store.close()
+
+
+def test_pool_size_matches_process_memory(backing_path):
+    """pool_total_size is what the process really holds: RSS growth within 10% of it, and 80%
+    of it given back after a discard of everything. Measured in a fresh process: in the test
+    process, heap that earlier tests freed and left fragmented is reused without RSS growth
+    (a full run once saw RSS grow 10.2% less than the pool)."""
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    probe = (f"import json, sys; sys.path.insert(0, {here!r}); import test_store; "
+             f"print(json.dumps(test_store._pool_and_rss({backing_path!r})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["pool"] > 16 * MiB
+    assert abs(r["grown"] - r["pool"]) <= 0.10 * r["pool"], r
+    assert r["left"] == 0
+    assert r["returned"] >= 0.8 * r["grown"], r
 
 
 # ---------------------------------------------------------------------------------------------

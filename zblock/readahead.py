@@ -3,19 +3,20 @@
 `dd` and the loop driver read one request at a time and wait for each reply. Decompressing a
 1 MiB request takes one core 0.5 ms or more, and the kernel's copy of the reply and the next
 request's round trip leave the other core idle. So when a read continues the one before it, a
-worker thread decompresses the window after it while the reply goes out, and the next read
-takes those bytes instead of decompressing them itself.
+worker thread decompresses the windows after it while the reply goes out, and the next reads
+take those bytes instead of decompressing them themselves.
 
 Prefetched bytes are used only if nothing in their window changed since: the worker snapshots
 the pages' generations (Cache.gen changes whenever a page's entry does) in the same tree-lock
 hold as their entries, and the reader compares them with the current ones. A write, discard or
-writeback in between makes the comparison fail and the reader loads the pages itself.
+writeback in between (each replaces the entry, so its generation) makes the comparison fail and
+the reader loads the pages itself.
 
 Up to DEPTH windows are kept, for one sequential stream: random reads never start the worker
 (they do not continue the read before them).
 
-Lock protocol: `_cond` guards `_want`, `_busy`, `_ready` and `_next`; the cache's locks are taken only by
-Cache.load_pages and Cache.gens_match, never while holding `_cond`.
+Lock protocol: `_cond` guards `_want`, `_busy`, `_ready` and `_next`. The cache's locks are
+taken only inside Cache.load_pages and Cache.gens_match, never while holding `_cond`.
 """
 
 from __future__ import annotations
