@@ -12,7 +12,6 @@ swap tests fail, not skip, when kernel zswap is enabled: it would take the pages
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -24,6 +23,7 @@ import time
 
 import pytest
 
+import cgroups
 import mountutil
 from conftest import require
 from mountutil import Mount, wait_for, zblock
@@ -77,91 +77,8 @@ def teardown_swap(m: Mount, *known: str | None) -> None:
         subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
 
 
-class MemCgroup:
-    """A child memory cgroup of this process's own (v1: memory.limit_in_bytes; v2: memory.max).
-
-    `procs` is the file a process writes its pid to in order to join. On exit, processes still
-    in it (only ours can be: the test's hog) are killed by pid and the directory removed.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.path = None
-        self.version = None
-        own_v1 = own_v2 = None
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                hid, ctrls, path = line.rstrip("\n").split(":", 2)
-                if "memory" in ctrls.split(","):
-                    own_v1 = path
-                elif hid == "0" and ctrls == "":
-                    own_v2 = path
-        if own_v1 is not None and os.path.isdir("/sys/fs/cgroup/memory"):
-            self.version, self.parent = 1, "/sys/fs/cgroup/memory" + own_v1.rstrip("/")
-        elif own_v2 is not None and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-            self.version, self.parent = 2, "/sys/fs/cgroup" + own_v2.rstrip("/")
-        else:
-            require(False, "no memory cgroup (v1 or v2) found for this process")
-
-    def __enter__(self) -> "MemCgroup":
-        name = f"zblock-test-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
-        path = os.path.join(self.parent, name)
-        try:
-            os.mkdir(path)
-        except OSError as e:
-            require(False, f"cannot create a memory cgroup under {self.parent}: {e}")
-        self.path = path
-        try:
-            if self.version == 1:
-                self._write("memory.limit_in_bytes", self.limit)
-                # memsw (if accounted) must stay above the limit or the hog is OOM-killed instead of
-                # swapping; -1 = unlimited, bounded by the parent's own memsw.
-                if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
-                    self._write("memory.memsw.limit_in_bytes", -1)
-                self._write("memory.swappiness", 100)
-                self.procs = os.path.join(path, "cgroup.procs")
-            else:
-                with contextlib.suppress(OSError):
-                    with open(os.path.join(self.parent, "cgroup.subtree_control"), "w") as f:
-                        f.write("+memory")
-                if not os.path.exists(os.path.join(path, "memory.max")):
-                    require(False, "cgroup v2: the memory controller is not enabled for children here")
-                self._write("memory.max", self.limit)
-                self._write("memory.swap.max", "max")
-                self.procs = os.path.join(path, "cgroup.procs")
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _write(self, name: str, value) -> None:
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(str(value))
-
-    def pids(self) -> list[int]:
-        try:
-            with open(self.procs) as f:
-                return [int(x) for x in f.read().split()]
-        except OSError:
-            return []
-
-    def __exit__(self, *exc) -> None:
-        if self.path is None:
-            return
-        for pid in self.pids():
-            mountutil.kill_and_wait(pid)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                os.rmdir(self.path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)     # the kernel frees the cgroup once its last task is reaped
-        self.path = None
+def MemCgroup(limit: int) -> cgroups.MemCgroup:
+    return cgroups.MemCgroup(limit, prefix="zblock-test-", unavailable=lambda msg: require(False, msg))
 
 
 # ---------------------------------------------------------------------------------------------

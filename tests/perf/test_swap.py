@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+import cgroups
 import harness as h
 from zblock import swap as zswap_util
 
@@ -285,78 +286,12 @@ SWAP_TARGETS = {
 # the memory cgroup and the hog
 
 
-class MemCgroup:
-    """A child memory cgroup (v1 memory.limit_in_bytes, or v2 memory.max) of this process's own;
-    removed on exit, after killing (by pid) whatever is still in it -- only our hog can be."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.path: Path | None = None
-        own_v1 = own_v2 = None
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                hid, ctrls, path = line.rstrip("\n").split(":", 2)
-                if "memory" in ctrls.split(","):
-                    own_v1 = path
-                elif hid == "0" and ctrls == "":
-                    own_v2 = path
-        if own_v1 is not None and Path("/sys/fs/cgroup/memory").is_dir():
-            self.version, self.parent = 1, Path("/sys/fs/cgroup/memory" + own_v1.rstrip("/"))
-        elif own_v2 is not None and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            self.version, self.parent = 2, Path("/sys/fs/cgroup" + own_v2.rstrip("/"))
-        else:
-            raise BenchBroken("no memory cgroup (v1 or v2) for this process")
-
-    def __enter__(self) -> "MemCgroup":
-        self.path = self.parent / f"{CGROUP_PREFIX}{os.getpid()}-{time.monotonic_ns() % 10**9}"
-        try:
-            self.path.mkdir()
-        except OSError as e:
-            self.path = None
-            raise BenchBroken(f"cannot create a memory cgroup under {self.parent}: {e}") from None
-        try:
-            if self.version == 1:
-                self._write("memory.limit_in_bytes", self.limit)
-                if (self.path / "memory.memsw.limit_in_bytes").exists():
-                    self._write("memory.memsw.limit_in_bytes", -1)   # swap must not be capped
-                self._write("memory.swappiness", 100)
-            else:
-                with contextlib.suppress(OSError):
-                    (self.parent / "cgroup.subtree_control").write_text("+memory")
-                self._write("memory.max", self.limit)
-                self._write("memory.swap.max", "max")
-            self.procs = self.path / "cgroup.procs"
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _write(self, name: str, value) -> None:
-        (self.path / name).write_text(str(value))
-
-    def __exit__(self, *exc) -> None:
-        if self.path is None:
-            return
-        remove_cgroup(self.path)
-        self.path = None
+def _broken(message: str):
+    raise BenchBroken(message)
 
 
-def remove_cgroup(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        for pid in (path / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), 9)
-    end = time.monotonic() + 30
-    while True:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise BenchBroken(f"cgroup {path} still busy after 30 s") from None
-            time.sleep(0.1)     # the kernel frees the cgroup once its last task is reaped
+def MemCgroup(limit: int) -> cgroups.MemCgroup:
+    return cgroups.MemCgroup(limit, prefix=CGROUP_PREFIX, unavailable=_broken)
 
 
 def run_hog(device: str, mib: int, limit: int, passes: int, seed: int) -> dict:
@@ -469,8 +404,8 @@ def sweep_own_leftovers() -> list[str]:
         for cg in MemCgroup(1).parent.iterdir():
             pid = cg.name[len(CGROUP_PREFIX):].split("-")[0]
             if cg.name.startswith(CGROUP_PREFIX) and pid.isdigit() and not h.owned_by_live_run(int(pid)):
-                with contextlib.suppress(BenchBroken):
-                    remove_cgroup(cg)
+                with contextlib.suppress(OSError):
+                    cgroups.remove_cgroup(cg)
                     done.append(f"removed cgroup {cg.name}")
     for img in h.STATE_DIR.glob(f"{DISK_PREFIX}*.img") if h.STATE_DIR.exists() else []:
         if _leftover(str(img)) and not zswap_util.loops_over(str(img)):
