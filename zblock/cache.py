@@ -279,14 +279,23 @@ class Cache:
         if cached.any():
             ids = self.pool_id[idx][cached]
             ch = _charges(self.length[idx][cached], st[cached])
-            counts = np.bincount(ids, minlength=MAX_POOLS)
-            sizes = np.bincount(ids, weights=ch, minlength=MAX_POOLS)
-            for pid in np.flatnonzero(counts):
-                pool = self.pools[pid]
-                pool.stored_pages -= int(counts[pid])
-                pool.total_size -= int(sizes[pid])
-                self._pool_put_if_dead(pool)
             freed = int(ch.sum())
+            first = int(ids[0])
+            if (ids == first).all():
+                # one pool, as nearly always (a request's pages were stored together): no
+                # per-pool counting (two bincounts over MAX_POOLS and a loop)
+                pool = self.pools[first]
+                pool.stored_pages -= len(ids)
+                pool.total_size -= freed
+                self._pool_put_if_dead(pool)
+            else:
+                counts = np.bincount(ids, minlength=MAX_POOLS)
+                sizes = np.bincount(ids, weights=ch, minlength=MAX_POOLS)
+                for pid in np.flatnonzero(counts):
+                    pool = self.pools[pid]
+                    pool.stored_pages -= int(counts[pid])
+                    pool.total_size -= int(sizes[pid])
+                    self._pool_put_if_dead(pool)
             self.pool_total_size -= freed
             if self.trimmer.freed(freed):
                 self._wake_writeback()      # the worker trims, once the objects are gone
