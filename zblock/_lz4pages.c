@@ -58,6 +58,29 @@ release_buffers(Py_buffer *views, Py_ssize_t n)
     PyMem_Free(views);
 }
 
+/* The (sequence of buffers, out_len) arguments of decompress_many and join: a new reference to
+ * the sequence as a fast sequence, or NULL with the error set. */
+static PyObject *
+list_and_length(PyObject *args, const char *format, Py_ssize_t *out_len)
+{
+    PyObject *arg;
+    if (!PyArg_ParseTuple(args, format, &arg, out_len))
+        return NULL;
+    if (*out_len <= 0 || *out_len > LZ4_MAX_INPUT_SIZE)
+        return PyErr_Format(PyExc_ValueError, "bad out_len %zd", *out_len);
+    return PySequence_Fast(arg, "a sequence of buffers is needed");
+}
+
+/* ValueError for item `bad` of a list, which LZ4_decompress_safe answered with `got` */
+static void
+item_error(Py_ssize_t bad, int got, Py_ssize_t out_len)
+{
+    if (got < 0)
+        PyErr_Format(PyExc_ValueError, "item %zd: corrupt LZ4 block", bad);
+    else
+        PyErr_Format(PyExc_ValueError, "item %zd: got %d bytes, expected %zd", bad, got, out_len);
+}
+
 static PyObject *
 lz4pages_compress(PyObject *self, PyObject *src)
 {
@@ -186,13 +209,8 @@ lz4pages_decompress(PyObject *self, PyObject *args)
 static PyObject *
 lz4pages_decompress_many(PyObject *self, PyObject *args)
 {
-    PyObject *arg;
     Py_ssize_t out_len;
-    if (!PyArg_ParseTuple(args, "On:decompress_many", &arg, &out_len))
-        return NULL;
-    if (out_len < 0 || out_len > LZ4_MAX_INPUT_SIZE)
-        return PyErr_Format(PyExc_ValueError, "decompress_many: bad out_len %zd", out_len);
-    PyObject *seq = PySequence_Fast(arg, "decompress_many: a sequence of buffers is needed");
+    PyObject *seq = list_and_length(args, "On:decompress_many", &out_len);
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -234,11 +252,7 @@ lz4pages_decompress_many(PyObject *self, PyObject *args)
     PyMem_Free(dsts);
     if (bad >= 0) {
         Py_CLEAR(result);
-        if (got < 0)
-            PyErr_Format(PyExc_ValueError, "item %zd: corrupt LZ4 block", bad);
-        else
-            PyErr_Format(PyExc_ValueError, "item %zd: got %d bytes, expected %zd", bad, got,
-                         out_len);
+        item_error(bad, got, out_len);
     }
 done:
     if (views != NULL)
@@ -250,13 +264,8 @@ done:
 static PyObject *
 lz4pages_join(PyObject *self, PyObject *args)
 {
-    PyObject *arg;
     Py_ssize_t out_len;
-    if (!PyArg_ParseTuple(args, "On:join", &arg, &out_len))
-        return NULL;
-    if (out_len <= 0 || out_len > LZ4_MAX_INPUT_SIZE)
-        return PyErr_Format(PyExc_ValueError, "join: bad out_len %zd", out_len);
-    PyObject *seq = PySequence_Fast(arg, "join: a sequence of buffers is needed");
+    PyObject *seq = list_and_length(args, "On:join", &out_len);
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -292,11 +301,7 @@ lz4pages_join(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     if (bad >= 0) {
         Py_CLEAR(result);
-        if (got < 0)
-            PyErr_Format(PyExc_ValueError, "item %zd: corrupt LZ4 block", bad);
-        else
-            PyErr_Format(PyExc_ValueError, "item %zd: got %d bytes, expected %zd", bad, got,
-                         out_len);
+        item_error(bad, got, out_len);
     }
 done:
     if (views != NULL)
