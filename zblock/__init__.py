@@ -6,5 +6,6 @@ A zswap-style compressed page cache (zblock.cache) in front of a raw disk image
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+PAGE_MASK = PAGE_SIZE - 1
 
 __version__ = "0.1.0"

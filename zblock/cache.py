@@ -71,6 +71,11 @@ SHRINK_INTERVAL = 1.0       # seconds between shrinker passes when idle
 FLUSH_WAIT = 30.0           # fsync waits this long for the worker's writes in flight
 
 
+def _filled_page(fill: int) -> bytes:
+    """The page a same-filled entry stands for."""
+    return ZERO_PAGE if fill == 0 else int(fill).to_bytes(8, "little") * WORDS
+
+
 def _charges(lengths: np.ndarray, states: np.ndarray) -> np.ndarray:
     """pool.charge() vectorised: RAW entries cost a full page object."""
     ln = np.where(states == RAW, PAGE_SIZE, lengths.astype(np.int64))
@@ -257,6 +262,8 @@ class Cache:
 
     def _pool_put_if_dead(self, pool: Pool) -> None:
         """Free a pool nobody references. Caller holds the tree lock."""
+        if pool.current:        # holds a ref of its own: the common case, and never dead
+            return
         if pool.refs == 0 and self.pools[pool.id] is pool:
             self.pools[pool.id] = None
             pool.close()
@@ -400,8 +407,7 @@ class Cache:
         """Drop a `users` hold taken to compress or decompress with `pool` unlocked."""
         with self.tree_lock:
             pool.users -= 1
-            if not pool.current:        # the current pool is never dead: spare the call
-                self._pool_put_if_dead(pool)
+            self._pool_put_if_dead(pool)
 
     def page_gen(self, page: int) -> int:
         """The generation of a page's entry (changes whenever the entry does)."""
@@ -490,8 +496,7 @@ class Cache:
             self.pool_total_size -= size
             if st == RAW:
                 self.stored_incompressible_pages -= 1
-            if not pool.current:        # the current pool is never dead: spare the call
-                self._pool_put_if_dead(pool)
+            self._pool_put_if_dead(pool)
             if self.trimmer.freed(size):
                 self._wake_writeback()
         elif st == SAME:
@@ -674,7 +679,7 @@ class Cache:
             for i in np.flatnonzero((st == NONE) | (st == DISK)).tolist():
                 parts[i] = ZERO_PAGE            # DISK ones are overwritten below
             for i, f in zip(same.tolist(), fills):
-                parts[i] = ZERO_PAGE if f == 0 else np.full(WORDS, f, np.uint64).tobytes()
+                parts[i] = _filled_page(f)
             disk = np.flatnonzero(st == DISK)
             if len(disk):
                 self._load_from_disk(start, disk, parts)
@@ -714,8 +719,7 @@ class Cache:
                 return self.objs[page]
             elif st == SAME:
                 self.c.zswpin += 1
-                fill = self._fill[page]
-                return ZERO_PAGE if fill == 0 else fill.to_bytes(8, "little") * WORDS
+                return _filled_page(self._fill[page])
             elif st == NONE:
                 return ZERO_PAGE
         if st == COMP:
@@ -755,8 +759,7 @@ class Cache:
                 elif s == RAW:
                     cached.append(p)
                 elif s == SAME:
-                    f = self._fill[p]
-                    parts[i] = ZERO_PAGE if f == 0 else f.to_bytes(8, "little") * WORDS
+                    parts[i] = _filled_page(self._fill[p])
                     nsame += 1
                 elif s == NONE:
                     parts[i] = ZERO_PAGE
@@ -900,7 +903,7 @@ class Cache:
                 out_data.append(objs[i])
             elif s == SAME:
                 out_pages.append(p)
-                out_data.append(np.full(WORDS, fills[i], np.uint64).tobytes())
+                out_data.append(_filled_page(fills[i]))
         if failed:
             with self.tree_lock:
                 self.c.decompress_fail += len(failed)

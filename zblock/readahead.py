@@ -12,6 +12,9 @@ hold as their entries, and the reader compares them with the current ones. A wri
 writeback in between (each replaces the entry, so its generation) makes the comparison fail and
 the reader loads the pages itself.
 
+The worker's loads are loads like any other: they count in zswpin and mark their pages
+referenced, and a window that is dropped is counted again when the reader loads it itself.
+
 Up to DEPTH windows are kept, for one sequential stream: random reads never start the worker
 (they do not continue the read before them).
 
@@ -98,14 +101,14 @@ class Readahead:
             start, n = key
             gens: list = []
             try:
-                res = (gens, self._cache.load_pages(start, n, gens_out=gens))
+                data = self._cache.load_pages(start, n, gens_out=gens)
             except Exception as e:      # the reader meets the same error itself, and reports it
                 log.debug("readahead of pages %d..%d failed: %s", start, start + n - 1, e)
-                res = None
+                data = None
             with self._cond:
                 self._busy = None
-                if res is not None and start >= self._next:
-                    self._ready[key] = (res[0][0], res[1])
+                if data is not None and start >= self._next:
+                    self._ready[key] = (gens[0], data)
                 self._cond.notify_all()
 
     def close(self) -> None:

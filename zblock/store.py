@@ -16,9 +16,7 @@ import time
 
 import psutil
 
-from . import PAGE_SIZE, PAGE_SHIFT
-
-PAGE_MASK = PAGE_SIZE - 1
+from . import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .backing import Backing
 from .cache import Cache
 from .config import PARAMS, Config
@@ -85,7 +83,7 @@ class Store:
 
     def read(self, offset: int, length: int) -> bytes:
         if length == PAGE_SIZE and not offset & PAGE_MASK and 0 <= offset < self.size:
-            # one aligned page (random 4 KiB I/O, swap-in): every layer below costs per call
+            # one aligned page (random 4 KiB I/O): every layer below costs per call
             page = offset >> PAGE_SHIFT
             if self.staging:
                 self.staging.wait_range(page, 1)
@@ -95,7 +93,7 @@ class Store:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        p0, p1 = offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT
+        p0, p1 = offset >> PAGE_SHIFT, (end + PAGE_MASK) >> PAGE_SHIFT
         if self.staging:
             self.staging.wait_range(p0, p1 - p0)
         parts = []
@@ -126,12 +124,12 @@ class Store:
         self.cache.check_worker()
         pos, end = offset, offset + n
         # head: partial first page
-        if pos & (PAGE_SIZE - 1):
-            stop = min(end, (pos | (PAGE_SIZE - 1)) + 1)
+        if pos & PAGE_MASK:
+            stop = min(end, (pos | PAGE_MASK) + 1)
             self._write_partial(pos, mv[:stop - pos])
             pos = stop
         # middle: whole pages, 1 MiB at a time
-        full_end = end & ~(PAGE_SIZE - 1)
+        full_end = end & ~PAGE_MASK
         while pos < full_end:
             stop = min(full_end, pos + CHUNK_PAGES * PAGE_SIZE)
             chunk = mv[pos - offset:stop - offset]
@@ -156,7 +154,7 @@ class Store:
         takes no page lock, so one that lands between our read and our store makes us start
         again (the cache checks the entry's generation): either order, never a mix."""
         page = pos >> PAGE_SHIFT
-        at = pos & (PAGE_SIZE - 1)
+        at = pos & PAGE_MASK
         while True:
             if self.staging:
                 self.staging.wait_range(page, 1)
@@ -175,8 +173,8 @@ class Store:
         end = min(offset + length, self.size)
         if offset >= end:
             return
-        first_full = (offset + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-        last_full = end & ~(PAGE_SIZE - 1)
+        first_full = (offset + PAGE_MASK) & ~PAGE_MASK
+        last_full = end & ~PAGE_MASK
         if first_full >= last_full:
             self._write_partial_zeros(offset, end)
             return
@@ -192,7 +190,7 @@ class Store:
 
     def _write_partial_zeros(self, start: int, end: int) -> None:
         while start < end:
-            stop = min(end, (start | (PAGE_SIZE - 1)) + 1)
+            stop = min(end, (start | PAGE_MASK) + 1)
             self._write_partial(start, memoryview(bytes(stop - start)))
             start = stop
 
