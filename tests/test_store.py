@@ -265,6 +265,50 @@ def test_same_filled_and_incompressible(backing_path):
         store.close()
 
 
+# seeds whose one-page mixed_bytes is zero, same-filled, random and text, in that order
+_SEED_OF_KIND = [next(s for s in range(100) if random.Random(s).randrange(4) == k) for k in range(4)]
+
+
+@pytest.mark.parametrize("npages", [6, 40])        # _store_few and _store_cached
+@pytest.mark.parametrize("same, policy", [(True, "store_raw"), (True, "reject"),
+                                          (False, "store_raw")])
+def test_scan_pages_stores_what_the_generic_path_stores(tmp_path, monkeypatch, npages, same,
+                                                        policy):
+    """Software lz4 scans a write request in one C call (ContextSet.scan_pages); every other
+    compressor goes through numpy and compress_pages. Both must leave the same entries, gauges
+    and counters, including over older entries and with incompressible pages sent to disk."""
+    from zblock.acomp import ContextSet
+    rng = random.Random(npages)
+    old = mixed_bytes(rng, npages * PAGE_SIZE)
+    # every kind of page, in an order the first store did not use
+    seeds = [_SEED_OF_KIND[i % 4] for i in range(npages)]
+    rng.shuffle(seeds)
+    new = b"".join(mixed_bytes(random.Random(seed), PAGE_SIZE) for seed in seeds)
+    results = []
+    for scans in (True, False):
+        if not scans:
+            monkeypatch.setattr(ContextSet, "scans", property(lambda self: False))
+        store = Store.open(str(tmp_path / f"{scans}.img"), 1 * MiB, make_config(
+            same_filled_pages_enabled=same, incompressible_policy=policy), write_behind=0)
+        try:
+            c = store.cache
+            assert c.pool.contexts.scans is scans
+            c.store_pages(3, old)
+            c.store_pages(3, new)           # frees the entries the first store made
+            assert store.read(3 * PAGE_SIZE, len(new)) == new
+            check_consistency(store)
+            stats = store.stats()
+            # fill means something for same-filled pages only
+            results.append((c.state.tolist(), c.fill[c.state == SAME].tolist(), c.length.tolist(),
+                            {k: stats[k] for k in ("same_filled_pages", "stored_pages",
+                                                   "stored_incompressible_pages", "pool_total_size",
+                                                   "reject_compress_poor", "zswpout", "bd_writes")}))
+        finally:
+            store.close()
+    assert results[0] == results[1]
+    assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
+
+
 def test_compressor_switch_pools(backing_path):
     rng = random.Random(10)
     store = Store.open(backing_path, 1 * MiB, make_config())

@@ -623,6 +623,20 @@ class ContextSet:
         finally:
             self.put(ctx)
 
+    @property
+    def scans(self) -> bool:
+        """scan_pages is one library call here (software lz4)."""
+        return self.engine is None and self._contexts[0].comp.scans
+
+    def scan_pages(self, buf, detect_same: bool, raw_poor: bool) -> tuple:
+        """Compressor.scan_pages in one context: a write request's pages, GIL released once."""
+        ctx = self.get()
+        try:
+            with ctx.mutex:
+                return ctx.comp.scan_pages(buf, detect_same, raw_poor)
+        finally:
+            self.put(ctx)
+
     def _split(self, items: Sequence, chunk_fn, extra: tuple, split: bool = True) -> list:
         n_items = len(items)
         ctx0 = self.get()

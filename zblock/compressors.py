@@ -65,6 +65,14 @@ class Compressor:
         Raises CompressionError on the first failure."""
         return b"".join([i if len(i) == out_len else self.decompress(i, out_len) for i in items])
 
+    # True where scan_pages exists: a write request's same-filled checks and compression in one
+    # library call (the cache otherwise does them with numpy and compress_many)
+    scans = False
+
+    def scan_pages(self, buf, detect_same: bool, raw_poor: bool) -> tuple:
+        """See zblock/_lz4pages.c scan_pages: (objs, states, lengths, fills) of buf's pages."""
+        raise NotImplementedError
+
     @property
     def label(self) -> str:
         return self.name if self.level is None else f"{self.name}-{self.level}"
@@ -108,6 +116,11 @@ class LZ4(Compressor):
             return self._lz4.join(items, out_len)
         except ValueError as e:
             raise CompressionError(f"lz4: {e}") from None
+
+    scans = True
+
+    def scan_pages(self, buf, detect_same: bool, raw_poor: bool) -> tuple:
+        return self._lz4.scan_pages(buf, PAGE_SIZE, detect_same, raw_poor)
 
 
 class LZO(Compressor):
