@@ -119,6 +119,37 @@ def test_lz4pages_scan_pages_classifies_each_page():
         _lz4pages.scan_pages(TEXT, 8, True, True)
 
 
+def test_lz4pages_install_checks_its_arguments_before_changing_anything():
+    """install writes the cache's entry table in place: a bad argument must leave it as it was."""
+    import numpy as np
+    from zblock import _lz4pages
+    from zblock.cache import COMP
+
+    def table(npages):
+        return ([None] * npages, np.zeros(npages, np.uint8), np.zeros(npages, np.uint16),
+                np.zeros(npages, np.uint8), np.zeros(npages, np.uint64), np.zeros(npages, np.bool_),
+                np.zeros(npages, np.bool_), np.zeros(npages, np.bool_), np.zeros(npages, np.int64),
+                np.zeros(npages, np.uint32))
+
+    scan = _lz4pages.scan_pages(TEXT * 2, PAGE_SIZE, True, True)
+    t = table(4)
+    with pytest.raises(ValueError, match="out of"):
+        _lz4pages.install(t, 3, scan, 1, 1, 41)                 # pages 3 and 4 of 4
+    with pytest.raises(ValueError, match="bad pool id"):
+        _lz4pages.install(t, 0, scan, 256, 1, 41)
+    with pytest.raises(ValueError, match="table field 8"):
+        _lz4pages.install(t[:9] + (np.zeros(4, np.uint64),), 0, scan, 1, 1, 41)   # gen: uint32
+    with pytest.raises(ValueError, match="scan field 1"):
+        _lz4pages.install(t, 0, (scan[0], scan[1], scan[2] + b"xx", scan[3]), 1, 1, 41)
+    with pytest.raises(ValueError, match="page 1 has state 9"):
+        _lz4pages.install(t, 0, (scan[0], scan[1][:1] + b"\x09", scan[2], scan[3]), 1, 1, 41)
+    assert t[0] == [None] * 4 and not any(a.any() for a in t[1:])
+    freed, *counts = _lz4pages.install(t, 1, scan, 7, 5, 41)
+    assert freed == [] and counts == [0, 0, 2, 0, 0, 2 * ((len(scan[0][0]) + 41 + 15) & ~15)]
+    assert t[1].tolist() == [0, COMP, COMP, 0] and t[3].tolist() == [0, 7, 7, 0]
+    assert t[9].tolist() == [0, 1, 1, 0] and t[8].tolist() == [0, 5, 5, 0] and t[0][1] is scan[0][0]
+
+
 _GIL_PROBE = r"""
 import json, os, threading, time
 from zblock import _lz4pages

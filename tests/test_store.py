@@ -269,14 +269,16 @@ def test_same_filled_and_incompressible(backing_path):
 _SEED_OF_KIND = [next(s for s in range(100) if random.Random(s).randrange(4) == k) for k in range(4)]
 
 
-@pytest.mark.parametrize("npages", [6, 40])        # _store_few and _store_cached
+# 6 pages: the generic path stores them one by one in Python (_store_one), 40 scans them with numpy
+@pytest.mark.parametrize("npages", [6, 40])
 @pytest.mark.parametrize("same, policy", [(True, "store_raw"), (True, "reject"),
                                           (False, "store_raw")])
 def test_scan_pages_stores_what_the_generic_path_stores(tmp_path, monkeypatch, npages, same,
                                                         policy):
-    """Software lz4 scans a write request in one C call (ContextSet.scan_pages); every other
-    compressor goes through numpy and compress_pages. Both must leave the same entries, gauges
-    and counters, including over older entries and with incompressible pages sent to disk."""
+    """Software lz4 scans a write request in one C call (ContextSet.scan_pages) and installs it
+    with another (_lz4pages.install); other compressors go page by page or through numpy. Both
+    must leave the same entries, gauges and counters, including over older entries and with
+    incompressible pages sent to disk."""
     from zblock.acomp import ContextSet
     rng = random.Random(npages)
     old = mixed_bytes(rng, npages * PAGE_SIZE)

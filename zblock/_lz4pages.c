@@ -1,4 +1,5 @@
-/* LZ4 blocks for many pages in one call, with the GIL released for the whole list.
+/* LZ4 blocks for many pages in one call, with the GIL released for the whole list; and the
+ * entry-table install that goes with a write request's scan (install).
  *
  * Why this exists: python-lz4 releases and re-takes the GIL around every page. A 4 KiB page
  * costs 1-3 us to (de)compress, so with a second thread working the GIL changes hands twice per
@@ -20,6 +21,9 @@
  *   scan_pages(buf, page_size, detect_same, raw_poor) -> (objs, states, lengths, fills)
  *                                    zswap_store()'s per-page work for a whole write request;
  *                                    see lz4pages_scan_pages
+ *   install(table, start, scan, pool_id, seq, charge_extra) -> accounting
+ *                                    scan_pages' result into the cache's entry table; see
+ *                                    lz4pages_install
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -430,6 +434,161 @@ done:
     return result;
 }
 
+/* The cache's entry table (zblock/cache.py Cache.__init__), one numpy array per field. */
+enum { T_STATE, T_LENGTH, T_POOL_ID, T_FILL, T_DIRTY, T_REFERENCED, T_UNDER_WB, T_STAMP, T_GEN,
+       T_FIELDS };
+static const Py_ssize_t table_itemsize[T_FIELDS] = {1, 2, 1, 8, 1, 1, 1, 8, 4};
+#define MAX_POOLS 256
+
+/* install(table, start, scan, pool_id, seq, charge_extra) -> (freed, old_same, old_raw,
+ *                                                             new_cached, new_same, new_raw, size)
+ *
+ * Puts a scan_pages result for pages start .. start+n into the entry table, as Cache._install_one
+ * does page by page, in one call: 25 numpy calls and a Python pass per page cost ~120 us a
+ * request, whatever its size. The caller holds the tree lock (this runs with the GIL held: it
+ * swaps objects in the `objs` list) and does the pool and gauge accounting with the result.
+ *
+ *   table   (objs list, state, length, pool_id, fill, dirty, referenced, under_wb, stamp, gen)
+ *   scan    (objs, states, lengths, fills) from scan_pages; pages whose state is NONE are left
+ *           alone (rejected to disk: their old entry stays until the disk write lands)
+ * Every installed page: old entry dropped, generation + 1, dirty, not referenced, not under
+ * writeback, LRU stamp `seq`; cached (COMP/RAW) ones get `pool_id`.
+ * Returns what the caller accounts: `freed` a list of (pool id, entries, charged bytes) of the old
+ * cached entries, the old same-filled and raw counts, and the new cached, same-filled and raw
+ * counts and charged bytes. A page's charge is (length + charge_extra + 15) & ~15 (pool.charge;
+ * a raw page's length is the page size). */
+static PyObject *
+lz4pages_install(PyObject *self, PyObject *args)
+{
+    PyObject *table, *scan;
+    Py_ssize_t start;
+    int new_pid;
+    long long seq;
+    Py_ssize_t charge_extra;
+    if (!PyArg_ParseTuple(args, "O!nO!iLn:install", &PyTuple_Type, &table, &start, &PyTuple_Type,
+                          &scan, &new_pid, &seq, &charge_extra))
+        return NULL;
+    if (PyTuple_GET_SIZE(table) != T_FIELDS + 1 || PyTuple_GET_SIZE(scan) != 4)
+        return PyErr_Format(PyExc_ValueError, "install: table needs %d items, scan 4", T_FIELDS + 1);
+    if (new_pid < 0 || new_pid >= MAX_POOLS)
+        return PyErr_Format(PyExc_ValueError, "install: bad pool id %d", new_pid);
+    PyObject *objs = PyTuple_GET_ITEM(table, 0);
+    PyObject *new_objs = PyTuple_GET_ITEM(scan, 0);
+    if (!PyList_Check(objs) || !PyList_Check(new_objs))
+        return PyErr_Format(PyExc_TypeError, "install: objs must be lists");
+    Py_ssize_t npages = PyList_GET_SIZE(objs), n = PyList_GET_SIZE(new_objs);
+    if (start < 0 || start > npages - n)
+        return PyErr_Format(PyExc_ValueError, "install: pages %zd+%zd out of %zd", start, n, npages);
+
+    PyObject *result = NULL;
+    Py_buffer t[T_FIELDS], sc[3];
+    int nt = 0, ns = 0;
+    for (; nt < T_FIELDS; nt++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(table, nt + 1), &t[nt], PyBUF_WRITABLE) < 0)
+            goto done;
+        if (t[nt].len != npages * table_itemsize[nt]) {
+            PyErr_Format(PyExc_ValueError, "install: table field %d has %zd bytes, not %zd", nt,
+                         t[nt].len, npages * table_itemsize[nt]);
+            nt++;
+            goto done;
+        }
+    }
+    static const Py_ssize_t scan_itemsize[3] = {1, 2, 8};
+    for (; ns < 3; ns++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(scan, ns + 1), &sc[ns], PyBUF_SIMPLE) < 0)
+            goto done;
+        if (sc[ns].len != n * scan_itemsize[ns]) {
+            PyErr_Format(PyExc_ValueError, "install: scan field %d has %zd bytes, not %zd", ns,
+                         sc[ns].len, n * scan_itemsize[ns]);
+            ns++;
+            goto done;
+        }
+    }
+    uint8_t *state = t[T_STATE].buf, *pool_id = t[T_POOL_ID].buf;
+    uint16_t *length = t[T_LENGTH].buf;
+    uint64_t *fill = t[T_FILL].buf;
+    uint8_t *dirty = t[T_DIRTY].buf, *referenced = t[T_REFERENCED].buf, *under_wb = t[T_UNDER_WB].buf;
+    int64_t *stamp = t[T_STAMP].buf;
+    uint32_t *gen = t[T_GEN].buf;
+    const uint8_t *nst = sc[0].buf;
+    const uint16_t *nln = sc[1].buf;
+    const uint64_t *nfl = sc[2].buf;
+
+    Py_ssize_t freed_count[MAX_POOLS] = {0}, freed_bytes[MAX_POOLS] = {0};
+    Py_ssize_t old_same = 0, old_raw = 0, new_cached = 0, new_same = 0, new_raw = 0, size = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t s = nst[i];
+        if (s == ST_NONE)
+            continue;
+        if (s != ST_SAME && s != ST_COMP && s != ST_RAW) {
+            /* checked before the table changes: an error leaves it as it was */
+            PyErr_Format(PyExc_ValueError, "install: page %zd has state %d", i, s);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t s = nst[i];
+        if (s == ST_NONE)
+            continue;
+        Py_ssize_t p = start + i;
+        uint8_t old = state[p];
+        if (old == ST_COMP || old == ST_RAW) {
+            freed_count[pool_id[p]]++;
+            freed_bytes[pool_id[p]] += (length[p] + charge_extra + 15) & ~(Py_ssize_t)15;
+            old_raw += old == ST_RAW;
+        } else if (old == ST_SAME) {
+            old_same++;
+        }
+        state[p] = s;
+        length[p] = nln[i];
+        fill[p] = nfl[i];
+        gen[p] += 1;
+        dirty[p] = 1;
+        referenced[p] = 0;
+        under_wb[p] = 0;
+        stamp[p] = seq;
+        if (s == ST_SAME) {
+            new_same++;
+            pool_id[p] = 0;
+        } else {
+            new_cached++;
+            new_raw += s == ST_RAW;
+            size += (nln[i] + charge_extra + 15) & ~(Py_ssize_t)15;
+            pool_id[p] = (uint8_t)new_pid;
+        }
+        /* last: dropping the old object may run arbitrary code (a bytes object's does not) */
+        PyObject *o = PyList_GET_ITEM(new_objs, i);
+        Py_INCREF(o);
+        PyObject *prev = PyList_GET_ITEM(objs, p);
+        PyList_SET_ITEM(objs, p, o);
+        Py_XDECREF(prev);
+    }
+    PyObject *freed = PyList_New(0);
+    if (freed == NULL)
+        goto done;
+    for (int pid = 0; pid < MAX_POOLS; pid++) {
+        if (freed_count[pid] == 0)
+            continue;
+        PyObject *item = Py_BuildValue("(inn)", pid, freed_count[pid], freed_bytes[pid]);
+        if (item == NULL || PyList_Append(freed, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(freed);
+            goto done;
+        }
+        Py_DECREF(item);
+    }
+    result = Py_BuildValue("(Nnnnnnn)", freed, old_same, old_raw, new_cached, new_same, new_raw,
+                           size);
+done:
+    for (int k = 0; k < nt; k++)
+        if (t[k].obj != NULL)
+            PyBuffer_Release(&t[k]);
+    for (int k = 0; k < ns; k++)
+        if (sc[k].obj != NULL)
+            PyBuffer_Release(&sc[k]);
+    return result;
+}
+
 static PyMethodDef lz4pages_methods[] = {
     {"compress", lz4pages_compress, METH_O, "compress(src) -> bytes: one LZ4 block."},
     {"compress_many", lz4pages_compress_many, METH_O,
@@ -444,6 +603,9 @@ static PyMethodDef lz4pages_methods[] = {
     {"scan_pages", lz4pages_scan_pages, METH_VARARGS,
      "scan_pages(buf, page_size, detect_same, raw_poor) -> (objs, states, lengths, fills): "
      "same-filled check and LZ4 of every page of a write request, the GIL released once."},
+    {"install", lz4pages_install, METH_VARARGS,
+     "install(table, start, scan, pool_id, seq, charge_extra) -> accounting: a scan_pages "
+     "result into the cache's entry table (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -44,7 +44,7 @@ from typing import Callable
 import numpy as np
 import psutil
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, _lz4pages
 from .acomp import ContextSet
 from .compressors import CompressionError
 from .config import Config
@@ -165,6 +165,9 @@ class Cache:
         self._uwb = memoryview(self.under_wb)
         self._stamp = memoryview(self.stamp)
         self._gen = memoryview(self.gen)
+        # the table as _lz4pages.install takes it (the same list and arrays, never rebound)
+        self._table = (self.objs, self.state, self.length, self.pool_id, self.fill, self.dirty,
+                       self.referenced, self.under_wb, self.stamp, self.gen)
         self._seq = 1
 
         # --- gauges and counters
@@ -366,9 +369,7 @@ class Cache:
             if reject:
                 return self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
                                            list(range(start, start + n)), expect_gen)
-            if n <= SMALL:
-                if pool.contexts.scans:
-                    return self._store_few(start, mv, n, pool)
+            if n <= SMALL and not pool.contexts.scans:
                 for i in range(n):
                     self._store_one(start + i, bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]), pool,
                                     None)
@@ -462,51 +463,30 @@ class Cache:
                 return False
             if state == RAW and r != -errno.ENOSPC:
                 self.c.reject_compress_fail += 1
-            self._install_one(page, state, length, fill, obj, pool)
+            self._free_one(page)
+            self._st[page] = state
+            self._len[page] = length
+            self._fill[page] = fill
+            self.objs[page] = obj
+            self._dirty[page] = True
+            self._stamp[page] = self._seq
+            self._seq += 1
+            self.c.zswpout += 1
+            if state == SAME:
+                self.same_filled_pages += 1
+                return True
+            size = RAW_CHARGE if state == RAW else charge(length)
+            self._pid[page] = pool.id
+            pool.stored_pages += 1
+            pool.total_size += size
+            self.pool_total_size += size
+            if state == RAW:
+                self.stored_incompressible_pages += 1
+            if self.pool_total_size > self.mem_used_max:
+                self.mem_used_max = self.pool_total_size
+            if self._over_limit():
+                self._wake_writeback()
         return True
-
-    def _store_few(self, start: int, mv: memoryview, n: int, pool: Pool) -> bool:
-        """store_pages for up to SMALL pages where one C call scans them (software lz4): that
-        call, then one tree-lock hold installing them with scalar code (the batch install costs
-        ~25 numpy calls, ~120 us in-process, whatever the request's size)."""
-        cfg = self.config
-        scan = pool.contexts.scan_pages(mv, cfg.same_filled_pages_enabled,
-                                        cfg.incompressible_policy == "store_raw")
-        objs, st, ln, fl = scan
-        if NONE in st:          # an incompressible page to reject to disk: the general path
-            return self._store_cached(start, mv, n, pool, None, scan)
-        ln = memoryview(ln).cast("H")
-        fl = memoryview(fl).cast("Q")
-        with self.tree_lock:
-            for i in range(n):
-                self._install_one(start + i, st[i], ln[i], fl[i], objs[i], pool)
-        return True
-
-    def _install_one(self, page: int, state: int, length: int, fill: int, obj, pool: Pool) -> None:
-        """Replace page's entry with a new dirty one of `pool`. Caller holds the tree lock."""
-        self._free_one(page)
-        self._st[page] = state
-        self._len[page] = length
-        self._fill[page] = fill
-        self.objs[page] = obj
-        self._dirty[page] = True
-        self._stamp[page] = self._seq
-        self._seq += 1
-        self.c.zswpout += 1
-        if state == SAME:
-            self.same_filled_pages += 1
-            return
-        size = RAW_CHARGE if state == RAW else charge(length)
-        self._pid[page] = pool.id
-        pool.stored_pages += 1
-        pool.total_size += size
-        self.pool_total_size += size
-        if state == RAW:
-            self.stored_incompressible_pages += 1
-        if self.pool_total_size > self.mem_used_max:
-            self.mem_used_max = self.pool_total_size
-        if self._over_limit():
-            self._wake_writeback()
 
     def _free_one(self, page: int) -> None:
         """_free_entries for one page with scalar code. Caller holds the tree lock."""
@@ -530,22 +510,19 @@ class Cache:
         self._ref[page] = False
         self._uwb[page] = False
 
-    def _scan_pages(self, mv: memoryview, n: int, pool: Pool, scan: tuple | None = None) -> tuple:
-        """zswap_store()'s per-page work for a request: (objs, states, lengths, fills, failed).
+    def _scan_pages(self, mv: memoryview, n: int, pool: Pool) -> tuple[tuple, int]:
+        """zswap_store()'s per-page work for a request: ((objs, states, lengths, fills), failed),
+        as _lz4pages.scan_pages returns it (states uint8, lengths uint16, fills uint64 buffers).
 
         Per page: SAME (fills holds its word), COMP (objs the stream, lengths its length), RAW
         (objs a copy of the page: incompressible under store_raw, or the compressor failed) or
         NONE (incompressible under reject: the caller sends it to disk). `failed` counts the
-        compressor failures. Software lz4 does it all in one C call (`scan`: its result, if the
-        caller made it already); other compressors and the engine go through numpy and
-        compress_pages, with the same results."""
+        compressor failures. Software lz4 does it all in one C call; other compressors and the
+        engine go through numpy and compress_pages, with the same results."""
         cfg = self.config
         store_raw = cfg.incompressible_policy == "store_raw"
-        if scan is not None or pool.contexts.scans:
-            objs, st, ln, fl = scan or pool.contexts.scan_pages(
-                mv, cfg.same_filled_pages_enabled, store_raw)
-            return (objs, np.frombuffer(st, np.uint8), np.frombuffer(ln, np.uint16),
-                    np.frombuffer(fl, np.uint64), 0)
+        if pool.contexts.scans:
+            return pool.contexts.scan_pages(mv, cfg.same_filled_pages_enabled, store_raw), 0
         words = np.frombuffer(mv, dtype=np.uint64).reshape(n, WORDS)
         new_state = np.full(n, COMP, np.uint8)
         if cfg.same_filled_pages_enabled:
@@ -578,62 +555,53 @@ class Cache:
             new_objs[i] = bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
             new_state[i] = RAW
             new_len[i] = PAGE_SIZE
-        return new_objs, new_state, new_len, words[:, 0], fail
+        return (new_objs, new_state, new_len, np.ascontiguousarray(words[:, 0])), fail
 
     def _store_cached(self, start: int, mv: memoryview, n: int, pool: Pool,
-                      expect_gen: int | None, scan: tuple | None = None) -> bool:
-        new_objs, new_state, new_len, new_fill, fail = self._scan_pages(mv, n, pool, scan)
-        to_disk = np.flatnonzero(new_state == NONE).tolist()
-        poor = len(to_disk)
-        keep = new_state != NONE
+                      expect_gen: int | None) -> bool:
+        scan, fail = self._scan_pages(mv, n, pool)
+        states = scan[1]
+        to_disk = np.flatnonzero(np.frombuffer(states, np.uint8) == NONE).tolist() \
+            if NONE in states else []
         with self.tree_lock:
-            if expect_gen is not None and self.gen[start] != expect_gen:
+            if expect_gen is not None and self._gen[start] != expect_gen:
                 return False
-            self.c.reject_compress_poor += poor
+            self.c.reject_compress_poor += len(to_disk)
             self.c.reject_compress_fail += fail
-            if to_disk:
-                # rejected pages keep their old entry until their disk write lands (below)
-                stored = np.flatnonzero(keep)
-                idx = stored + start
-                self._free_entries(idx)
-                self.state[idx] = new_state[stored]
-                self.length[idx] = new_len[stored]
-                self.fill[idx] = new_fill[stored]
-                for i in stored.tolist():
-                    self.objs[start + i] = new_objs[i]
-                sel = idx
-            else:
-                sel = slice(start, start + n)
-                self._free_entries(sel)
-                self.state[sel] = new_state
-                self.length[sel] = new_len
-                self.fill[sel] = new_fill
-                self.objs[sel] = new_objs
-                stored = None
-            st = self.state[sel]
-            cached = (st == COMP) | (st == RAW)
-            self.pool_id[sel] = np.where(cached, pool.id, 0)
-            self.dirty[sel] = True
-            self.stamp[sel] = self._seq
-            self._seq += 1
-            ncached = int(np.count_nonzero(cached))
-            nsame = int(np.count_nonzero(st == SAME))
-            nraw = int(np.count_nonzero(st == RAW))
-            size = int(_charges(self.length[sel][cached], st[cached]).sum())
-            pool.stored_pages += ncached
-            pool.total_size += size
-            self.pool_total_size += size
-            self.same_filled_pages += nsame
-            self.stored_incompressible_pages += nraw
-            self.c.zswpout += ncached + nsame
-            if self.pool_total_size > self.mem_used_max:
-                self.mem_used_max = self.pool_total_size
-            if self._over_limit():
-                self._wake_writeback()
+            # rejected pages keep their old entry until their disk write lands (below)
+            self._install(start, scan, pool)
         if to_disk:
             return self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in to_disk],
                                        [start + i for i in to_disk], expect_gen)
         return True
+
+    def _install(self, start: int, scan: tuple, pool: Pool) -> None:
+        """A scan (_scan_pages) into the entry table, in C (_lz4pages.install), then the pool and
+        gauge accounting of the entries it replaced and made. Caller holds the tree lock."""
+        freed, old_same, old_raw, ncached, nsame, nraw, size = _lz4pages.install(
+            self._table, start, scan, pool.id, self._seq, BYTES_HEADER + MALLOC_OVERHEAD)
+        self._seq += 1
+        if freed:
+            total = 0
+            for pid, count, nbytes in freed:
+                old = self.pools[pid]
+                old.stored_pages -= count
+                old.total_size -= nbytes
+                total += nbytes
+                self._pool_put_if_dead(old)
+            self.pool_total_size -= total
+            if self.trimmer.freed(total):
+                self._wake_writeback()      # the worker trims, once the objects are gone
+        self.same_filled_pages += nsame - old_same
+        self.stored_incompressible_pages += nraw - old_raw
+        pool.stored_pages += ncached
+        pool.total_size += size
+        self.pool_total_size += size
+        self.c.zswpout += ncached + nsame
+        if self.pool_total_size > self.mem_used_max:
+            self.mem_used_max = self.pool_total_size
+        if self._over_limit():
+            self._wake_writeback()
 
     def _store_to_disk(self, pages: list, idxs: list[int], expect_gen: int | None = None) -> bool:
         """A store that goes to disk first: write under the pages' locks, then erase the older
