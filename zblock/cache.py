@@ -3,7 +3,9 @@
 Every page of the disk has one slot in a set of numpy arrays (the entry table, zswap's xarray):
 its state, compressed length, pool, fill value, flags and an LRU stamp; `objs` holds the stored
 object of a compressed or raw page. Per-page Python work decides speed here, so stores and loads
-work on whole requests (up to 256 pages) with vectorised numpy and one pass of Python per page.
+work on whole requests (up to 256 pages): a store's pages are scanned (same-filled check,
+compression) in one call and installed into the table by one C call (_lz4pages.install); loads
+use vectorised numpy and one pass of Python per page.
 
 Page states:
     NONE  never written or discarded: reads as zeros, nothing on disk
@@ -58,9 +60,9 @@ WORDS = PAGE_SIZE // 8
 ZERO_PAGE = bytes(PAGE_SIZE)
 NSTRIPES = 1024
 BATCH = 256                 # pages per writeback/flush disk batch (1 MiB)
-# Up to this many pages, stores and loads go page by page in scalar code: each numpy call costs
-# 1-6 us, a batch ~40 of them (in-process, 8-page writes: 438 us batched; swap sends 32 KiB
-# reads and writes of up to 512 KiB).
+# Up to this many pages, loads (and stores not scanned by one C call) go page by page in scalar
+# code: each numpy call costs 1-6 us, a batch ~40 of them (in-process, 8-page writes: 438 us
+# batched; swap sends 32 KiB reads and writes of up to 512 KiB).
 SMALL = 16
 MAX_POOLS = 255             # pool ids are uint8
 # A writer under the `evict` policy waits for the writeback worker once the pool is this far over
