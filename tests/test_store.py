@@ -311,6 +311,36 @@ def test_scan_pages_stores_what_the_generic_path_stores(tmp_path, monkeypatch, n
     assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
 
 
+def test_swap_trimmer_waits_for_a_quiet_cache():
+    """Swap mode's release (unlock, trim, relock) runs only once the cache has been quiet for
+    `quiet` seconds, or `max_wait` after the last one; never on each free."""
+    from zblock.pool import Trimmer
+    now = [100.0]
+    released = []
+    t = Trimmer(threshold=1 << 30, min_interval=5.0, release=lambda: released.append(now[0]),
+                quiet=2.0, max_wait=30.0, clock=lambda: now[0])
+    t.trim(activity=0)
+    assert released == []                       # nothing freed
+    t.freed(4096)
+    for step in range(10):                      # a storm: activity moves on every pass
+        now[0] += 1.0
+        t.trim(activity=step + 1)
+    assert released == []                       # 10 s: past min_interval, never quiet
+    now[0] += 1.0
+    t.trim(activity=10)                         # unchanged for 1 s: not yet
+    now[0] += 1.0
+    t.trim(activity=10)                         # quiet for 2 s
+    assert released == [112.0]
+    t.freed(4096)
+    for step in range(40):                      # a storm that never stops: max_wait
+        now[0] += 1.0
+        t.trim(activity=100 + step)
+    assert released == [112.0, 142.0]
+    t.freed(4096)
+    t.trim(force=True, activity=0)              # forced: at once
+    assert len(released) == 3
+
+
 def test_compressor_switch_pools(backing_path):
     rng = random.Random(10)
     store = Store.open(backing_path, 1 * MiB, make_config())

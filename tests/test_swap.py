@@ -299,6 +299,38 @@ def test_hardening_is_visible_in_proc():
         assert abs(rss_hard - rss_plain) < 8 * 1024, (rss_hard, rss_plain)
 
 
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_swap_mode_gives_freed_memory_back_once_quiet():
+    """--swap keeps its memory locked; after a burst is discarded the server gives it back once
+    the cache has been quiet for a moment (Trimmer.quiet), not in the middle of the burst."""
+    require_swap_tools()
+    need = shutil.which("fallocate")
+    require(need, "util-linux fallocate is missing")
+    with Mount(size="256M", swap=True) as m:
+        require(swap.status_kib("VmLck", m.pid) > 0, "mlockall refused here")
+        base = swap.status_kib("VmRSS", m.pid)
+        half_random = (os.urandom(MIB // 2) + bytes(MIB // 2)) * 4
+        with open(m.disk, "r+b") as f:
+            for off in range(0, 160 * MIB, len(half_random)):
+                f.write(half_random)
+            # pages stored after the burst sit above it in the heap: free() alone cannot give
+            # the burst back by shrinking the heap's top, only the release (malloc_trim) can
+            f.seek(200 * MIB)
+            f.write(half_random * 4)
+            f.flush()
+            os.fsync(f.fileno())
+        grown = swap.status_kib("VmRSS", m.pid) - base
+        assert grown > 60 * 1024, f"the pool did not grow: {grown} KiB"
+        subprocess.run([need, "--punch-hole", "--keep-size", "--offset", "0", "--length",
+                        str(160 * MIB), m.disk], check=True, timeout=60)
+        t0 = time.monotonic()
+        wait_for(lambda: swap.status_kib("VmRSS", m.pid) - base < grown // 3, timeout=60,
+                 what="the discarded pool's memory to be given back", interval=0.2)
+        print(f"grew {grown} KiB; given back {time.monotonic() - t0:.1f} s after the discard")
+        assert swap.status_kib("VmLck", m.pid) > 0, "the server is no longer locked"
+
+
 # ---------------------------------------------------------------------------------------------
 # real swapping
 

@@ -999,7 +999,8 @@ class Cache:
                         target = self.pool_total_size * 3 // 4
                     if not self.shrink(target):
                         self._pause_after_failure()
-                self.trimmer.trim(force=self.trimmer.due())
+                c = self.c          # read unlocked: any change is activity
+                self.trimmer.trim(activity=c.zswpout + c.zswpin + c.discarded_pages)
         except BaseException as e:  # no worker exception is lost: the store re-raises it
             log.critical("writeback worker died: %s", e, exc_info=True)
             self._worker_error = e

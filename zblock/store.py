@@ -33,6 +33,8 @@ WRITE_BEHIND_BYTES = 2 << 20
 # Smaller writes are stored at once: waking the worker costs more than it overlaps (in-process,
 # random 4 KiB writes: 250 us each stored at once, 289 us through the queue).
 WRITE_BEHIND_MIN = 64 << 10
+# swap mode: give freed memory back only after this many seconds without cache activity
+SWAP_TRIM_QUIET = 2.0
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
 POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth", "hw_latency_us",
                "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed"}
@@ -52,10 +54,11 @@ class Store:
                            memory_pressure=memory_pressure, engine_factory=engine_factory)
         if config.swap:
             # after a burst of swap, give the locked memory the pool freed back (not per page:
-            # the unlock-trim-relock costs tens of ms)
+            # the unlock-trim-relock costs tens of ms; not during the burst: see Trimmer.quiet)
             from .swap import release_free_memory
             self.cache.trimmer = Trimmer(threshold=max(config.pool_limit // 4, 8 << 20),
-                                         min_interval=5.0, release=release_free_memory)
+                                         min_interval=5.0, release=release_free_memory,
+                                         quiet=SWAP_TRIM_QUIET)
         # When the queue runs empty its request buffers are free heap: have them trimmed, within
         # the trimmer's interval. (In swap mode a trim unlocks and relocks the whole server and
         # the queue runs empty between most swap-out bursts: forcing one each time doubled the
