@@ -320,8 +320,8 @@ def test_swap_trimmer_waits_for_a_quiet_cache():
     t = Trimmer(threshold=1 << 30, min_interval=5.0, release=lambda: released.append(now[0]),
                 quiet=2.0, max_wait=30.0, clock=lambda: now[0])
     t.trim(activity=0)
-    assert released == []                       # nothing freed
-    t.freed(4096)
+    assert released == []                       # nothing asked for
+    t.request()                                 # as the write-behind queue does when idle
     for step in range(10):                      # a storm: activity moves on every pass
         now[0] += 1.0
         t.trim(activity=step + 1)
@@ -331,14 +331,46 @@ def test_swap_trimmer_waits_for_a_quiet_cache():
     now[0] += 1.0
     t.trim(activity=10)                         # quiet for 2 s
     assert released == [112.0]
-    t.freed(4096)
+    t.request()
     for step in range(40):                      # a storm that never stops: max_wait
         now[0] += 1.0
         t.trim(activity=100 + step)
     assert released == [112.0, 142.0]
-    t.freed(4096)
     t.trim(force=True, activity=0)              # forced: at once
     assert len(released) == 3
+
+
+def test_trimmer_trims_when_the_pool_shrank_not_on_every_free():
+    """Overwrites free as much as they allocate: no trim. A pool that shrank by the threshold
+    (discards), or a request (an idle write-behind queue), gets one, rate-limited."""
+    from zblock.pool import Trimmer
+    now = [0.0]
+    trims = []
+    t = Trimmer(threshold=8 << 20, min_interval=0.2, release=lambda: trims.append(now[0]),
+                clock=lambda: now[0])
+    size = 100 << 20
+    for _ in range(50):                         # steady overwrites: frees, same pool size
+        now[0] += 0.1
+        t.freed(4 << 20)
+        t.trim(pool_size=size)
+    assert trims == []
+    size -= 16 << 20                            # a discard
+    now[0] += 0.1
+    t.trim(pool_size=size)
+    assert trims == [pytest.approx(5.1)]
+    size -= 16 << 20
+    now[0] += 0.1
+    t.trim(pool_size=size)                      # within min_interval of the last
+    assert len(trims) == 1
+    now[0] += 0.2
+    t.trim(pool_size=size)
+    assert len(trims) == 2
+    size += 64 << 20                            # grows again: a new peak, nothing to give back
+    now[0] += 1.0
+    t.trim(pool_size=size)
+    t.request()
+    t.trim(pool_size=size)
+    assert len(trims) == 3
 
 
 def test_compressor_switch_pools(backing_path):

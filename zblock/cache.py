@@ -1000,7 +1000,8 @@ class Cache:
                     if not self.shrink(target):
                         self._pause_after_failure()
                 c = self.c          # read unlocked: any change is activity
-                self.trimmer.trim(activity=c.zswpout + c.zswpin + c.discarded_pages)
+                self.trimmer.trim(activity=c.zswpout + c.zswpin + c.discarded_pages,
+                                  pool_size=self.pool_total_size)
         except BaseException as e:  # no worker exception is lost: the store re-raises it
             log.critical("writeback worker died: %s", e, exc_info=True)
             self._worker_error = e

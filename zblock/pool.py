@@ -99,10 +99,14 @@ def tune_malloc() -> None:
 
 
 class Trimmer:
-    """Decides when to call malloc_trim(0): once `threshold` bytes were freed, or, if anything
-    was freed, at most every `min_interval` seconds. The cache's writeback worker does the
-    trimming, outside every lock: malloc_trim walks every arena (about 1 ms for a few hundred
-    MiB of heap), too slow for the tree lock or a request path.
+    """Decides when to call malloc_trim(0): when the pool has shrunk by `threshold` bytes from its
+    peak since the last trim, or when asked (request(): free heap outside the pool, such as
+    request buffers after a burst of writes); at most every `min_interval` seconds. Not on frees
+    alone: while pages are overwritten the pool frees as much as it allocates, and a trim would
+    only give back memory the next stores fault in again (random 4 KiB writes: ~0.6 minor faults
+    a write with a trim every 0.2 s). The cache's writeback worker does the trimming, outside
+    every lock: malloc_trim walks every arena (about 1 ms for a few hundred MiB of heap), too
+    slow for the tree lock or a request path.
 
     `quiet` (swap mode): trim only once the cache's activity count (stores, loads, discards) has
     not moved for that many seconds, or `max_wait` seconds after the last trim. A swap-mode trim
@@ -124,33 +128,36 @@ class Trimmer:
         self.max_wait = max_wait
         self._clock = clock
         self._freed = 0
+        self._requested = False
+        self._peak = 0                  # pool size high-water mark since the last trim
         self._last = clock()
         self._activity = None
         self._active_at = self._last
         self._lock = threading.Lock()
 
     def freed(self, nbytes: int) -> bool:
-        """Count freed bytes (approximate under races); True when a trim is due."""
+        """Count freed bytes (approximate under races); True when the worker should look: the
+        pool may have shrunk by `threshold`."""
         self._freed += nbytes
-        return self.due()
-
-    def due(self) -> bool:
         return self._freed >= self.threshold
 
     def request(self) -> None:
-        """Ask for a trim at the next chance the interval allows (free heap outside the pool,
-        such as request buffers after a burst of writes)."""
-        self._freed = max(self._freed, 1)
+        """Ask for a trim at the next chance the interval allows."""
+        self._requested = True
 
-    def trim(self, force: bool = False, activity: int | None = None) -> None:
+    def trim(self, force: bool = False, activity: int | None = None, pool_size: int = 0) -> None:
         """Trim if one is due (see the class); `force` trims now. `activity`: a count that
-        moves with the cache's work, for `quiet`."""
+        moves with the cache's work, for `quiet`; `pool_size`: the pool's bytes now."""
         now = self._clock()
         if activity is not None and activity != self._activity:
             self._activity = activity
             self._active_at = now
+        self._peak = max(self._peak, pool_size)
+        self._freed = 0                 # looked: freed() wakes the worker again only after more
         if not force:
-            if not self._freed or (now - self._last < self.min_interval and not self.due()):
+            if not (self._requested or self._peak - pool_size >= self.threshold):
+                return
+            if now - self._last < self.min_interval:
                 return
             if self.quiet and now - self._active_at < self.quiet and \
                     now - self._last < self.max_wait:
@@ -159,6 +166,8 @@ class Trimmer:
             return
         try:
             self._freed = 0
+            self._requested = False
+            self._peak = pool_size
             self._last = now
             if self.release is not None:
                 self.release()
