@@ -103,8 +103,8 @@ class Trimmer:
     peak since the last trim, or when asked (request(): free heap outside the pool, such as
     request buffers after a burst of writes); at most every `min_interval` seconds. Not on frees
     alone: while pages are overwritten the pool frees as much as it allocates, and a trim would
-    only give back memory the next stores fault in again (random 4 KiB writes: ~0.6 minor faults
-    a write with a trim every 0.2 s). The cache's writeback worker does the trimming, outside
+    only give back memory the next stores fault in again (~25k random 4 KiB overwrites through a
+    mount: 3247 minor faults with a trim every 0.2 s, 353 without). The cache's writeback worker does the trimming, outside
     every lock: malloc_trim walks every arena (about 1 ms for a few hundred MiB of heap), too
     slow for the tree lock or a request path.
 
