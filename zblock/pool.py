@@ -104,9 +104,9 @@ class Trimmer:
     request buffers after a burst of writes); at most every `min_interval` seconds. Not on frees
     alone: while pages are overwritten the pool frees as much as it allocates, and a trim would
     only give back memory the next stores fault in again (~25k random 4 KiB overwrites through a
-    mount: 3247 minor faults with a trim every 0.2 s, 353 without). The cache's writeback worker does the trimming, outside
-    every lock: malloc_trim walks every arena (about 1 ms for a few hundred MiB of heap), too
-    slow for the tree lock or a request path.
+    mount: 3247 minor faults with a trim every 0.2 s, 353 without). The cache's writeback
+    worker does the trimming, outside every lock: malloc_trim walks every arena (about 1 ms for
+    a few hundred MiB of heap), too slow for the tree lock or a request path.
 
     `quiet` (swap mode): trim only once the cache's activity count (stores, loads, discards) has
     not moved for that many seconds, or `max_wait` seconds after the last trim. A swap-mode trim
