@@ -345,7 +345,8 @@ same_filled(const char *page, Py_ssize_t page_size, uint64_t *fill)
  *                 otherwise    state NONE, objs[i] None (the caller sends it to disk)
  * states is uint8, lengths uint16 and fills uint64 per page, native order, as bytes (numpy reads
  * them with frombuffer). fills[i] is the page's first word for every page, as the cache keeps it.
- * This replaces ~40 numpy calls and a Python pass per page in the cache's store path. */
+ * This replaces the cache's numpy same-filled check, compress_pages and a Python pass over its
+ * results. */
 static PyObject *
 lz4pages_scan_pages(PyObject *self, PyObject *args)
 {
@@ -431,12 +432,33 @@ enum { T_STATE, T_LENGTH, T_POOL_ID, T_FILL, T_DIRTY, T_REFERENCED, T_UNDER_WB, 
 static const Py_ssize_t table_itemsize[T_FIELDS] = {1, 2, 1, 8, 1, 1, 1, 8, 4};
 #define MAX_POOLS 256
 
+/* Buffers of items 1 .. count of `tup` into `views`, each checked to hold `rows` items of
+ * itemsize[k] bytes. 0 on success; -1 with the error set. Either way *taken says how many
+ * buffers the caller must release. */
+static int
+get_fields(PyObject *tup, int count, const Py_ssize_t *itemsize, Py_ssize_t rows, int flags,
+           const char *what, Py_buffer *views, int *taken)
+{
+    for (*taken = 0; *taken < count; ++*taken) {
+        int k = *taken;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(tup, k + 1), &views[k], flags) < 0)
+            return -1;
+        if (views[k].len != rows * itemsize[k]) {
+            ++*taken;
+            PyErr_Format(PyExc_ValueError, "install: %s field %d has %zd bytes, not %zd", what,
+                         k, views[k].len, rows * itemsize[k]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* install(table, start, scan, pool_id, seq, charge_extra) -> (freed, old_same, old_raw,
  *                                                             new_cached, new_same, new_raw, size)
  *
- * Puts a scan_pages result for pages start .. start+n into the entry table, as Cache._install_one
- * does page by page, in one call: 25 numpy calls and a Python pass per page cost ~120 us a
- * request, whatever its size. The caller holds the tree lock (this runs with the GIL held: it
+ * Puts a scan_pages result for pages start .. start+n into the entry table, as Cache._store_one
+ * does for one page, in one call: the ~25 numpy calls it replaces cost 73-179 us a request
+ * in-process, whatever its size. The caller holds the tree lock (this runs with the GIL held: it
  * swaps objects in the `objs` list) and does the pool and gauge accounting with the result.
  *
  *   table   (objs list, state, length, pool_id, fill, dirty, referenced, under_wb, stamp, gen)
@@ -473,28 +495,11 @@ lz4pages_install(PyObject *self, PyObject *args)
 
     PyObject *result = NULL;
     Py_buffer t[T_FIELDS], sc[3];
-    int nt = 0, ns = 0;
-    for (; nt < T_FIELDS; nt++) {
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(table, nt + 1), &t[nt], PyBUF_WRITABLE) < 0)
-            goto done;
-        if (t[nt].len != npages * table_itemsize[nt]) {
-            PyErr_Format(PyExc_ValueError, "install: table field %d has %zd bytes, not %zd", nt,
-                         t[nt].len, npages * table_itemsize[nt]);
-            nt++;
-            goto done;
-        }
-    }
     static const Py_ssize_t scan_itemsize[3] = {1, 2, 8};
-    for (; ns < 3; ns++) {
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(scan, ns + 1), &sc[ns], PyBUF_SIMPLE) < 0)
-            goto done;
-        if (sc[ns].len != n * scan_itemsize[ns]) {
-            PyErr_Format(PyExc_ValueError, "install: scan field %d has %zd bytes, not %zd", ns,
-                         sc[ns].len, n * scan_itemsize[ns]);
-            ns++;
-            goto done;
-        }
-    }
+    int nt = 0, ns = 0;
+    if (get_fields(table, T_FIELDS, table_itemsize, npages, PyBUF_WRITABLE, "table", t, &nt) < 0 ||
+        get_fields(scan, 3, scan_itemsize, n, PyBUF_SIMPLE, "scan", sc, &ns) < 0)
+        goto done;
     uint8_t *state = t[T_STATE].buf, *pool_id = t[T_POOL_ID].buf;
     uint16_t *length = t[T_LENGTH].buf;
     uint64_t *fill = t[T_FILL].buf;
@@ -572,11 +577,9 @@ lz4pages_install(PyObject *self, PyObject *args)
                            size);
 done:
     for (int k = 0; k < nt; k++)
-        if (t[k].obj != NULL)
-            PyBuffer_Release(&t[k]);
+        PyBuffer_Release(&t[k]);
     for (int k = 0; k < ns; k++)
-        if (sc[k].obj != NULL)
-            PyBuffer_Release(&sc[k]);
+        PyBuffer_Release(&sc[k]);
     return result;
 }
 
