@@ -119,6 +119,34 @@ def test_lz4pages_scan_pages_classifies_each_page():
         _lz4pages.scan_pages(TEXT, 8, True, True)
 
 
+def test_lz4pages_scan_page_is_scan_pages_for_one_page():
+    """scan_page (a 4 KiB write's path) answers for one page what scan_pages answers for it."""
+    import numpy as np
+    from zblock import _lz4pages
+    from zblock.cache import RAW
+    fill = 0x0123456789ABCDEF
+    near_same = bytearray(fill.to_bytes(8, "little") * (PAGE_SIZE // 8))
+    near_same[PAGE_SIZE // 2] ^= 1
+    pages = [bytes(PAGE_SIZE), fill.to_bytes(8, "little") * (PAGE_SIZE // 8), TEXT,
+             os.urandom(PAGE_SIZE), bytes(near_same)]
+    for detect_same, raw_poor in [(True, True), (True, False), (False, True), (False, False)]:
+        for page in pages:
+            objs, st, ln, fl = _lz4pages.scan_pages(page, PAGE_SIZE, detect_same, raw_poor)
+            want = (st[0], objs[0], int(np.frombuffer(ln, np.uint16)[0]),
+                    int(np.frombuffer(fl, np.uint64)[0]))
+            got = _lz4pages.scan_page(page, detect_same, raw_poor)
+            assert got == want
+            if got[0] == RAW:
+                assert got[1] is page                       # bytes are immutable: no copy
+                copied = _lz4pages.scan_page(bytearray(page), detect_same, raw_poor)[1]
+                assert type(copied) is bytes and copied == page
+    for bad in (b"", b"x" * 15, b"x" * 8193):
+        with pytest.raises(ValueError, match="a page of"):
+            _lz4pages.scan_page(bad, True, True)
+    with pytest.raises(TypeError):
+        _lz4pages.scan_page("not a buffer", True, True)
+
+
 def test_lz4pages_install_checks_its_arguments_before_changing_anything():
     """install writes the cache's entry table in place: a bad argument must leave it as it was."""
     import numpy as np

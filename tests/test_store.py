@@ -311,6 +311,67 @@ def test_scan_pages_stores_what_the_generic_path_stores(tmp_path, monkeypatch, n
     assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
 
 
+@pytest.mark.parametrize("same, policy", [(True, "store_raw"), (True, "reject"),
+                                          (False, "store_raw")])
+def test_one_page_direct_path_stores_what_the_context_path_stores(tmp_path, same, policy):
+    """A stateless compressor (software lz4) stores and loads single pages without a context or
+    a pool hold (Pool.direct); other pools go through their contexts. Both must leave the same
+    entries, gauges and counters, over older entries and with incompressible pages on disk."""
+    rng = random.Random(7)
+    olds = [mixed_bytes(rng, PAGE_SIZE) for _ in range(12)]
+    news = [mixed_bytes(random.Random(_SEED_OF_KIND[i % 4]), PAGE_SIZE) for i in range(12)]
+    results = []
+    for direct in (True, False):
+        store = Store.open(str(tmp_path / f"{direct}.img"), 1 * MiB, make_config(
+            same_filled_pages_enabled=same, incompressible_policy=policy), write_behind=0)
+        try:
+            c = store.cache
+            assert c.pool.direct is not None
+            if not direct:
+                c.pool.direct = None
+            for pages in (olds, news):
+                for i, page in enumerate(pages):
+                    assert c.store_page(3 + i, page)
+            assert [c.load_page(3 + i) for i in range(12)] == news
+            check_consistency(store)
+            stats = store.stats()
+            results.append((c.state.tolist(), c.fill[c.state == SAME].tolist(), c.length.tolist(),
+                            c.referenced.tolist(),
+                            {k: stats[k] for k in ("same_filled_pages", "stored_pages",
+                                                   "stored_incompressible_pages", "pool_total_size",
+                                                   "reject_compress_poor", "zswpout", "zswpin",
+                                                   "bd_writes")}))
+        finally:
+            store.close()
+    assert results[0] == results[1]
+    assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
+
+
+def test_one_page_store_whose_pool_closed_meanwhile_goes_to_the_current_pool(backing_path):
+    """The direct path holds no pool while it compresses: if a param change closed the pool
+    meanwhile (it had no entries left), the page must not be installed into the dead pool's id."""
+    store = Store.open(backing_path, 1 * MiB, Config(), write_behind=0)
+    try:
+        c = store.cache
+        old = c.pool
+        scan = old.direct.scan_page
+
+        def scan_then_switch(page, detect_same, raw_poor):
+            result = scan(page, detect_same, raw_poor)
+            store.set_param("compressor", "zstd")       # the old pool has no entries: closed
+            return result
+
+        old.direct = type("Scan", (), {"scan_page": staticmethod(scan_then_switch)})()
+        page = text_page(random.Random(1))
+        assert c.store_page(5, page)
+        assert c.pools[old.id] is not old
+        assert c.pools[c.pool_id[5]] is c.pool and c.pool.label == "zstd-1"
+        assert store.read(5 * PAGE_SIZE, PAGE_SIZE) == page
+        check_consistency(store)
+    finally:
+        store.close()
+
+
 def test_swap_trimmer_waits_for_a_quiet_cache():
     """Swap mode's release (unlock, trim, relock) runs only once the cache has been quiet for
     `quiet` seconds, or `max_wait` after the last one; never on each free."""

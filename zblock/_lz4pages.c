@@ -21,6 +21,8 @@
  *   scan_pages(buf, page_size, detect_same, raw_poor) -> (objs, states, lengths, fills)
  *                                    zswap_store()'s per-page work for a whole write request;
  *                                    see lz4pages_scan_pages
+ *   scan_page(page, detect_same, raw_poor) -> (state, obj, length, fill)
+ *                                    the same for one page (a 4 KiB write)
  *   install(table, start, scan, pool_id, seq, charge_extra) -> accounting
  *                                    scan_pages' result into the cache's entry table; see
  *                                    lz4pages_install
@@ -335,6 +337,70 @@ same_filled(const char *page, Py_ssize_t page_size, uint64_t *fill)
     return 1;
 }
 
+/* One page of scan_pages: its state, and its length (LZ4 block in `out`, capacity page_size - 1:
+ * LZ4 gives up, returning 0, once the block would not fit). No Python objects: runs without the
+ * GIL. */
+static uint8_t
+scan_one(const char *page, Py_ssize_t page_size, int detect_same, int raw_poor, char *out,
+         uint16_t *len_out)
+{
+    uint64_t fill;
+    if (detect_same && same_filled(page, page_size, &fill)) {
+        *len_out = 0;
+        return ST_SAME;
+    }
+    int len = LZ4_compress_default(page, out, (int)page_size, (int)page_size - 1);
+    if (len > 0) {
+        *len_out = (uint16_t)len;
+        return ST_COMP;
+    }
+    *len_out = raw_poor ? (uint16_t)page_size : 0;
+    return raw_poor ? ST_RAW : ST_NONE;
+}
+
+/* scan_page(page, detect_same, raw_poor) -> (state, obj, length, fill)
+ *
+ * scan_pages for exactly one page (its length is the page size), without the lists and buffers:
+ * a 4 KiB write's path. obj is the LZ4 block (COMP), the page itself when it is a bytes object
+ * or else a copy (RAW), or None (SAME, NONE); fill is the page's first word. The GIL is released
+ * for the compression: with two requests in flight the other one's Python runs meanwhile
+ * (measured through a mount: keeping it made 4 KiB reads slower). */
+static PyObject *
+lz4pages_scan_page(PyObject *self, PyObject *args)
+{
+    PyObject *src;
+    int detect_same, raw_poor;
+    if (!PyArg_ParseTuple(args, "Opp:scan_page", &src, &detect_same, &raw_poor))
+        return NULL;
+    Py_buffer in;
+    if (PyObject_GetBuffer(src, &in, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t page_size = in.len;
+    char stackbuf[8192];
+    if (page_size < 16 || page_size > (Py_ssize_t)sizeof(stackbuf)) {
+        PyBuffer_Release(&in);
+        return PyErr_Format(PyExc_ValueError, "scan_page: a page of %zd bytes", page_size);
+    }
+    uint64_t fill;
+    memcpy(&fill, in.buf, 8);
+    uint16_t len;
+    uint8_t state;
+    Py_BEGIN_ALLOW_THREADS
+    state = scan_one(in.buf, page_size, detect_same, raw_poor, stackbuf, &len);
+    Py_END_ALLOW_THREADS
+    PyObject *obj;
+    if (state == ST_COMP)
+        obj = PyBytes_FromStringAndSize(stackbuf, len);
+    else if (state == ST_RAW)
+        obj = PyBytes_CheckExact(src) ? Py_NewRef(src) : PyBytes_FromStringAndSize(in.buf, page_size);
+    else
+        obj = Py_NewRef(Py_None);
+    PyBuffer_Release(&in);
+    if (obj == NULL)
+        return NULL;
+    return Py_BuildValue("(iNiK)", (int)state, obj, (int)len, (unsigned long long)fill);
+}
+
 /* scan_pages(buf, page_size, detect_same, raw_poor) -> (objs, states, lengths, fills)
  *
  * For each whole page of buf, in one pass with the GIL released:
@@ -383,24 +449,9 @@ lz4pages_scan_pages(PyObject *self, PyObject *args)
     const char *src = in.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        const char *page = src + i * page_size;
-        uint64_t fill;
-        memcpy(&fl[i], page, 8);
-        if (detect_same && same_filled(page, page_size, &fill)) {
-            st[i] = ST_SAME;
-            ln[i] = 0;
-            continue;
-        }
-        /* capacity page_size - 1: LZ4 gives up (returns 0) once the block would not fit */
-        int len = LZ4_compress_default(page, scratch + i * page_size, (int)page_size,
-                                       (int)page_size - 1);
-        if (len > 0) {
-            st[i] = ST_COMP;
-            ln[i] = (uint16_t)len;
-        } else {
-            st[i] = raw_poor ? ST_RAW : ST_NONE;
-            ln[i] = raw_poor ? (uint16_t)page_size : 0;
-        }
+        memcpy(&fl[i], src + i * page_size, 8);
+        st[i] = scan_one(src + i * page_size, page_size, detect_same, raw_poor,
+                         scratch + i * page_size, &ln[i]);
     }
     Py_END_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -597,6 +648,9 @@ static PyMethodDef lz4pages_methods[] = {
     {"scan_pages", lz4pages_scan_pages, METH_VARARGS,
      "scan_pages(buf, page_size, detect_same, raw_poor) -> (objs, states, lengths, fills): "
      "same-filled check and LZ4 of every page of a write request, the GIL released once."},
+    {"scan_page", lz4pages_scan_page, METH_VARARGS,
+     "scan_page(page, detect_same, raw_poor) -> (state, obj, length, fill): scan_pages for "
+     "one page."},
     {"install", lz4pages_install, METH_VARARGS,
      "install(table, start, scan, pool_id, seq, charge_extra) -> accounting: a scan_pages "
      "result into the cache's entry table (see the source)."},

@@ -624,6 +624,13 @@ class ContextSet:
             self.put(ctx)
 
     @property
+    def stateless_compressor(self):
+        """The compressor itself where a page needs no context (software, Compressor.stateless):
+        the cache's one-page paths call it directly. None otherwise."""
+        comp = self._contexts[0].comp
+        return comp if self.engine is None and comp.stateless else None
+
+    @property
     def scans(self) -> bool:
         """scan_pages is one library call here (software lz4)."""
         return self.engine is None and self._contexts[0].comp.scans

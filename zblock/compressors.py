@@ -73,6 +73,15 @@ class Compressor:
         """See zblock/_lz4pages.c scan_pages: (objs, states, lengths, fills) of buf's pages."""
         raise NotImplementedError
 
+    # True where one page needs no acomp context: compress, decompress and scan_page keep no
+    # state between calls, so any thread may call them at once (the cache's 4 KiB paths then
+    # skip the context and the pool hold; see Cache.store_page)
+    stateless = False
+
+    def scan_page(self, page, detect_same: bool, raw_poor: bool) -> tuple:
+        """scan_pages for one page: (state, obj, length, fill); see zblock/_lz4pages.c."""
+        raise NotImplementedError
+
     @property
     def label(self) -> str:
         return self.name if self.level is None else f"{self.name}-{self.level}"
@@ -121,6 +130,11 @@ class LZ4(Compressor):
 
     def scan_pages(self, buf, detect_same: bool, raw_poor: bool) -> tuple:
         return self._lz4.scan_pages(buf, PAGE_SIZE, detect_same, raw_poor)
+
+    stateless = True
+
+    def scan_page(self, page, detect_same: bool, raw_poor: bool) -> tuple:
+        return self._lz4.scan_page(page, detect_same, raw_poor)
 
 
 class LZO(Compressor):

@@ -44,6 +44,9 @@ class Pool:
         self.id = pool_id
         self.key = key
         self.contexts = contexts
+        # the compressor for one-page stores and loads without a context or a `users` hold, or
+        # None (an engine, a compressor with state): see Cache.store_page
+        self.direct = contexts.stateless_compressor
         self.stored_pages = 0      # entries that point at this pool (compressed + raw)
         self.total_size = 0        # charge() of every object held
         self.users = 0             # stores compressing with it right now
