@@ -84,3 +84,93 @@ def test_a_failed_store_reaches_the_next_caller():
         wb.close()
     with pytest.raises(DataError):
         wb.put(3, bytes(PAGE_SIZE))            # closed
+
+
+def _batching_queue(monkeypatch, gather: float):
+    """A queue whose one-page items go to store_scattered; records every call."""
+    from zblock import staging
+    monkeypatch.setattr(staging, "GATHER", gather)
+    calls = []
+    gate = threading.Event()
+    gate.set()
+    entered = threading.Event()             # the worker is in a store call
+
+    def store(page, data):
+        entered.set()
+        gate.wait(10)
+        calls.append(("pages", page, bytes(data[::PAGE_SIZE])))
+
+    def store_scattered(pages, data):
+        entered.set()
+        gate.wait(10)
+        calls.append(("batch", pages.tolist(), bytes(data[::PAGE_SIZE])))
+
+    wb = WriteBehind(store, 64, limit=1 << 20, store_scattered=store_scattered)
+    return wb, calls, gate, entered
+
+
+def test_one_page_writes_are_stored_in_batches_in_order(monkeypatch):
+    """put_page items wait for company and are stored together; a page queued twice ends the
+    batch (its later write is stored after the earlier one); a request in the queue is stored
+    on its own, in its place."""
+    wb, calls, gate, entered = _batching_queue(monkeypatch, gather=60.0)
+    try:
+        gate.clear()                           # hold the worker in its first store
+        wb.put_page(1, b"a" * PAGE_SIZE)
+        threading.Thread(target=wb.wait_range, args=(1, 1), daemon=True).start()   # hurries it
+        assert entered.wait(10)
+        wb.put_page(2, b"b" * PAGE_SIZE)
+        wb.put_page(3, b"c" * PAGE_SIZE)
+        wb.put_page(2, b"d" * PAGE_SIZE)       # page 2 again
+        wb.put_page(4, b"e" * PAGE_SIZE)
+        wb.put(8, b"f" * 2 * PAGE_SIZE)
+        wb.put_page(5, b"g" * PAGE_SIZE)
+        gate.set()
+        wb.drain()                             # hurries the gathering worker: no 60 s wait
+        assert calls == [("pages", 1, b"a"), ("batch", [2, 3], b"bc"), ("batch", [2, 4], b"de"),
+                         ("pages", 8, b"ff"), ("pages", 5, b"g")]
+        assert not wb.staged.any() and wb._singles == 0
+    finally:
+        gate.set()
+        wb.close()
+
+
+def test_a_reader_does_not_wait_for_the_batch_to_fill(monkeypatch):
+    """A read of a page still queued makes the worker store what it has gathered at once."""
+    wb, calls, _, _ = _batching_queue(monkeypatch, gather=60.0)
+    try:
+        wb.put_page(6, b"x" * PAGE_SIZE)
+        wb.put_page(7, b"y" * PAGE_SIZE)
+        reader = threading.Thread(target=wb.wait_range, args=(7, 1))
+        reader.start()
+        reader.join(10)                        # GATHER is 60 s: only the hurry gets it out
+        assert not reader.is_alive()
+        assert calls == [("batch", [6, 7], b"xy")]
+        assert not wb.staged[6:8].any()
+    finally:
+        wb.close()
+
+
+def test_a_failed_batch_loses_only_its_pages(monkeypatch):
+    from zblock import staging
+    monkeypatch.setattr(staging, "GATHER", 60.0)
+
+    def store_scattered(pages, data):
+        raise DiskError("injected", 5)
+
+    wb = WriteBehind(lambda page, data: None, 64, limit=1 << 20, store_scattered=store_scattered)
+    try:
+        for page in (10, 11, 12):
+            wb.put_page(page, bytes(PAGE_SIZE))
+        wb.wait_range(20, 1)                   # another page: fine
+        with pytest.raises(DataError, match="page 11"):
+            wb.wait_range(11, 1)
+        with pytest.raises(DiskError):
+            wb.drain()                         # fsync reports it once
+        wb.put_page(11, bytes(PAGE_SIZE))      # rewritten: readable again (stored alone)
+        wb.drain()
+        wb.wait_range(11, 1)
+        with pytest.raises(DataError, match="page 12"):
+            wb.wait_range(12, 1)
+    finally:
+        wb.close()

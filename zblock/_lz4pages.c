@@ -23,7 +23,7 @@
  *                                    see lz4pages_scan_pages
  *   scan_page(page, detect_same, raw_poor) -> (state, obj, length, fill)
  *                                    the same for one page (a 4 KiB write)
- *   install(table, start, scan, pool_id, seq, charge_extra) -> accounting
+ *   install(table, where, scan, pool_id, seq, charge_extra) -> accounting
  *                                    scan_pages' result into the cache's entry table; see
  *                                    lz4pages_install
  */
@@ -504,11 +504,12 @@ get_fields(PyObject *tup, int count, const Py_ssize_t *itemsize, Py_ssize_t rows
     return 0;
 }
 
-/* install(table, start, scan, pool_id, seq, charge_extra) -> (freed, old_same, old_raw,
+/* install(table, where, scan, pool_id, seq, charge_extra) -> (freed, old_same, old_raw,
  *                                                             new_cached, new_same, new_raw, size)
  *
- * Puts a scan_pages result for pages start .. start+n into the entry table, as Cache._store_one
- * does for one page, in one call: the ~25 numpy calls it replaces cost 73-179 us a request
+ * Puts a scan_pages result for pages `where` .. where+n (an int), or for the n page numbers in
+ * `where` (an int64 buffer: the write-behind queue's batch of 4 KiB writes; no page twice), into
+ * the entry table, as Cache._put_entry does for one page, in one call: the ~25 numpy calls it replaces cost 73-179 us a request
  * in-process, whatever its size. The caller holds the tree lock (this runs with the GIL held: it
  * swaps objects in the `objs` list) and does the pool and gauge accounting with the result.
  *
@@ -524,12 +525,11 @@ get_fields(PyObject *tup, int count, const Py_ssize_t *itemsize, Py_ssize_t rows
 static PyObject *
 lz4pages_install(PyObject *self, PyObject *args)
 {
-    PyObject *table, *scan;
-    Py_ssize_t start;
+    PyObject *table, *scan, *where;
     int new_pid;
     long long seq;
     Py_ssize_t charge_extra;
-    if (!PyArg_ParseTuple(args, "O!nO!iLn:install", &PyTuple_Type, &table, &start, &PyTuple_Type,
+    if (!PyArg_ParseTuple(args, "O!OO!iLn:install", &PyTuple_Type, &table, &where, &PyTuple_Type,
                           &scan, &new_pid, &seq, &charge_extra))
         return NULL;
     if (PyTuple_GET_SIZE(table) != T_FIELDS + 1 || PyTuple_GET_SIZE(scan) != 4)
@@ -541,8 +541,35 @@ lz4pages_install(PyObject *self, PyObject *args)
     if (!PyList_Check(objs) || !PyList_Check(new_objs))
         return PyErr_Format(PyExc_TypeError, "install: objs must be lists");
     Py_ssize_t npages = PyList_GET_SIZE(objs), n = PyList_GET_SIZE(new_objs);
-    if (start < 0 || start > npages - n)
-        return PyErr_Format(PyExc_ValueError, "install: pages %zd+%zd out of %zd", start, n, npages);
+    /* where: the first page (an int) of n contiguous ones, or n page numbers (int64 buffer) */
+    Py_ssize_t start = 0;
+    const int64_t *idx = NULL;
+    Py_buffer wb = {0};
+    int have_wb = 0;
+    if (PyLong_Check(where)) {
+        start = PyLong_AsSsize_t(where);
+        if (start == -1 && PyErr_Occurred())
+            return NULL;
+        if (start < 0 || start > npages - n)
+            return PyErr_Format(PyExc_ValueError, "install: pages %zd+%zd out of %zd", start, n,
+                                npages);
+    } else {
+        if (PyObject_GetBuffer(where, &wb, PyBUF_SIMPLE) < 0)
+            return NULL;
+        have_wb = 1;
+        idx = wb.buf;
+        if (wb.len != n * (Py_ssize_t)sizeof(int64_t)) {
+            PyBuffer_Release(&wb);
+            return PyErr_Format(PyExc_ValueError, "install: %zd bytes of page numbers for %zd "
+                                "pages", wb.len, n);
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (idx[i] < 0 || idx[i] >= npages) {
+                PyBuffer_Release(&wb);
+                return PyErr_Format(PyExc_ValueError, "install: page %lld out of %zd",
+                                    (long long)idx[i], npages);
+            }
+    }
 
     PyObject *result = NULL;
     Py_buffer t[T_FIELDS], sc[3];
@@ -577,7 +604,7 @@ lz4pages_install(PyObject *self, PyObject *args)
         uint8_t s = nst[i];
         if (s == ST_NONE)
             continue;
-        Py_ssize_t p = start + i;
+        Py_ssize_t p = idx != NULL ? (Py_ssize_t)idx[i] : start + i;
         uint8_t old = state[p];
         if (old == ST_COMP || old == ST_RAW) {
             freed_count[pool_id[p]]++;
@@ -631,6 +658,8 @@ done:
         PyBuffer_Release(&t[k]);
     for (int k = 0; k < ns; k++)
         PyBuffer_Release(&sc[k]);
+    if (have_wb)
+        PyBuffer_Release(&wb);
     return result;
 }
 

@@ -588,29 +588,50 @@ class Cache:
             new_len[i] = PAGE_SIZE
         return (new_objs, new_state, new_len, np.ascontiguousarray(words[:, 0])), fail
 
-    def _store_cached(self, start: int, mv: memoryview, n: int, pool: Pool,
+    def _store_cached(self, where, mv: memoryview, n: int, pool: Pool,
                       expect_gen: int | None) -> bool:
+        """Scan and install n pages: pages where .. where+n (an int), or the page numbers in
+        `where` (an int64 array, store_scattered)."""
         scan, fail = self._scan_pages(mv, n, pool)
         states = scan[1]
         to_disk = np.flatnonzero(np.frombuffer(states, np.uint8) == NONE).tolist() \
             if NONE in states else []
         with self.tree_lock:
-            if expect_gen is not None and self._gen[start] != expect_gen:
+            if expect_gen is not None and self._gen[where] != expect_gen:
                 return False
             self.c.reject_compress_poor += len(to_disk)
             self.c.reject_compress_fail += fail
             # rejected pages keep their old entry until their disk write lands (below)
-            self._install(start, scan, pool)
+            self._install(where, scan, pool)
         if to_disk:
+            pages = [where + i for i in to_disk] if type(where) is int else where[to_disk].tolist()
             return self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in to_disk],
-                                       [start + i for i in to_disk], expect_gen)
+                                       pages, expect_gen)
         return True
 
-    def _install(self, start: int, scan: tuple, pool: Pool) -> None:
+    def store_scattered(self, pages: np.ndarray, buf) -> None:
+        """store_pages for pages that are not next to each other: pages[i] (int64, no page
+        twice) gets the i-th page of `buf`. The write-behind queue's batch of 4 KiB writes."""
+        mv = memoryview(buf).cast("B")
+        n = len(pages)
+        pool, reject = self._store_begin(True)
+        try:
+            if reject:
+                self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
+                                    pages.tolist())
+            elif not pool.contexts.scans:
+                for i, page in enumerate(pages.tolist()):
+                    self._store_one(page, bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]), pool, None)
+            else:
+                self._store_cached(pages, mv, n, pool, None)
+        finally:
+            self._pool_release(pool)
+
+    def _install(self, where, scan: tuple, pool: Pool) -> None:
         """A scan (_scan_pages) into the entry table, in C (_lz4pages.install), then the pool and
         gauge accounting of the entries it replaced and made. Caller holds the tree lock."""
         freed, old_same, old_raw, ncached, nsame, nraw, size = _lz4pages.install(
-            self._table, start, scan, pool.id, self._seq, BYTES_HEADER + MALLOC_OVERHEAD)
+            self._table, where, scan, pool.id, self._seq, BYTES_HEADER + MALLOC_OVERHEAD)
         self._seq += 1
         if freed:
             total = 0

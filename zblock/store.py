@@ -30,8 +30,9 @@ CHUNK_PAGES = 256
 # request is received while this one compresses (staging.py): two 1 MiB requests waiting and
 # one compressing are enough to keep both cores busy. 0 stores synchronously.
 WRITE_BEHIND_BYTES = 2 << 20
-# Smaller writes are stored at once: waking the worker costs more than it overlaps (in-process,
-# random 4 KiB writes: 250 us each stored at once, 289 us through the queue).
+# Writes of 2 pages up to this size are stored at once: one item each, waking the worker costs
+# more than it overlaps (in-process: 250 us per 4 KiB write stored at once, 289 us queued one by
+# one). Single pages are queued as well, but stored in batches (WriteBehind.put_page).
 WRITE_BEHIND_MIN = 64 << 10
 # swap mode: give freed memory back only after this many seconds without cache activity
 SWAP_TRIM_QUIET = 2.0
@@ -64,7 +65,9 @@ class Store:
         # the queue runs empty between most swap-out bursts: forcing one each time doubled the
         # swap benchmark's wall time, 24.5 s against 47.3 s.)
         self.staging = WriteBehind(self.cache.store_pages, self.npages, write_behind,
-                                   on_idle=self.cache.request_trim) if write_behind else None
+                                   on_idle=self.cache.request_trim,
+                                   store_scattered=self.cache.store_scattered) \
+            if write_behind else None
         self.readahead = Readahead(self.cache, self.npages)
         self._param_lock = threading.Lock()
         self._closed = False
@@ -111,13 +114,14 @@ class Store:
     def write(self, offset: int, data) -> int:
         if (type(data) is bytes and len(data) == PAGE_SIZE and not offset & PAGE_MASK
                 and 0 <= offset < self.size):
-            # one aligned page, the fast path (see read): stored at once, as the middle part
-            # below stores anything shorter than WRITE_BEHIND_MIN
+            # one aligned page, the fast path (see read): queued, and stored with the 4 KiB
+            # writes around it in one batch (WriteBehind.put_page)
             self.cache.check_worker()
             page = offset >> PAGE_SHIFT
-            if self.staging:        # after any queued write of the same page
-                self.staging.wait_range(page, 1, forget_failed=True)
-            self.cache.store_page(page, data)
+            if self.staging:
+                self.staging.put_page(page, data)
+            else:
+                self.cache.store_page(page, data)
             return PAGE_SIZE
         mv = memoryview(data).cast("B")
         n = len(mv)
