@@ -171,7 +171,17 @@ def test_lz4pages_install_checks_its_arguments_before_changing_anything():
         _lz4pages.install(t, 0, (scan[0], scan[1], scan[2] + b"xx", scan[3]), 1, 1, 41)
     with pytest.raises(ValueError, match="page 1 has state 9"):
         _lz4pages.install(t, 0, (scan[0], scan[1][:1] + b"\x09", scan[2], scan[3]), 1, 1, 41)
+    with pytest.raises(ValueError, match="page 4 out of 4"):        # page numbers (a batch)
+        _lz4pages.install(t, np.array([0, 4], np.int64), scan, 1, 1, 41)
+    with pytest.raises(ValueError, match="page -1 out of 4"):
+        _lz4pages.install(t, np.array([-1, 2], np.int64), scan, 1, 1, 41)
+    with pytest.raises(ValueError, match="8 bytes of page numbers for 2 pages"):
+        _lz4pages.install(t, np.array([2], np.int64), scan, 1, 1, 41)
     assert t[0] == [None] * 4 and not any(a.any() for a in t[1:])
+    freed, *counts = _lz4pages.install(t, np.array([3, 0], np.int64), scan, 2, 4, 41)
+    assert t[1].tolist() == [COMP, 0, 0, COMP] and t[3].tolist() == [2, 0, 0, 2]
+    assert t[0][3] is scan[0][0] and t[0][0] is scan[0][1]
+    t = table(4)
     freed, *counts = _lz4pages.install(t, 1, scan, 7, 5, 41)
     assert freed == [] and counts == [0, 0, 2, 0, 0, 2 * ((len(scan[0][0]) + 41 + 15) & ~15)]
     assert t[1].tolist() == [0, COMP, COMP, 0] and t[3].tolist() == [0, 7, 7, 0]

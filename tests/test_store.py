@@ -347,6 +347,44 @@ def test_one_page_direct_path_stores_what_the_context_path_stores(tmp_path, same
     assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
 
 
+@pytest.mark.parametrize("compressor, policy", [("lz4", "store_raw"), ("lz4", "reject"),
+                                                ("zstd", "store_raw")])
+def test_store_scattered_stores_what_page_by_page_stores(tmp_path, compressor, policy):
+    """The write-behind queue stores a batch of 4 KiB writes at scattered pages in one call
+    (Cache.store_scattered: one C scan and install with lz4, page by page otherwise). It must
+    leave what storing each page on its own leaves, over older entries, with incompressible
+    pages sent to disk under `reject`."""
+    import numpy as np
+    rng = random.Random(11)
+    where = rng.sample(range(64), 20)
+    olds = [mixed_bytes(rng, PAGE_SIZE) for _ in where]
+    news = [mixed_bytes(random.Random(_SEED_OF_KIND[i % 4]), PAGE_SIZE) for i in range(20)]
+    results = []
+    for batched in (True, False):
+        store = Store.open(str(tmp_path / f"{batched}.img"), 1 * MiB, make_config(
+            compressor=compressor, incompressible_policy=policy), write_behind=0)
+        try:
+            c = store.cache
+            for page, data in zip(where, olds):
+                c.store_page(page, data)
+            if batched:
+                c.store_scattered(np.array(where, np.int64), b"".join(news))
+            else:
+                for page, data in zip(where, news):
+                    c.store_page(page, data)
+            assert [c.load_page(p) for p in where] == news
+            check_consistency(store)
+            stats = store.stats()
+            results.append((c.state.tolist(), c.length.tolist(), c.dirty.tolist(),
+                            {k: stats[k] for k in ("same_filled_pages", "stored_pages",
+                                                   "stored_incompressible_pages", "pool_total_size",
+                                                   "reject_compress_poor", "zswpout", "bd_writes")}))
+        finally:
+            store.close()
+    assert results[0] == results[1]
+    assert (DISK in results[0][0]) is (policy == "reject")
+
+
 def test_one_page_store_whose_pool_closed_meanwhile_goes_to_the_current_pool(backing_path):
     """The direct path holds no pool while it compresses: if a param change closed the pool
     meanwhile (it had no entries left), the page must not be installed into the dead pool's id."""
