@@ -269,6 +269,19 @@ def test_same_filled_and_incompressible(backing_path):
 _SEED_OF_KIND = [next(s for s in range(100) if random.Random(s).randrange(4) == k) for k in range(4)]
 
 
+def _entries_and_gauges(store: Store) -> tuple:
+    """What two ways of storing the same pages must agree on: the entry table (fill only where
+    it means something, for same-filled pages), the gauges and counters; after the fsck."""
+    check_consistency(store)
+    c = store.cache
+    stats = store.stats()
+    return (c.state.tolist(), c.fill[c.state == SAME].tolist(), c.length.tolist(),
+            c.referenced.tolist(), c.dirty.tolist(),
+            {k: stats[k] for k in ("same_filled_pages", "stored_pages", "stored_incompressible_pages",
+                                   "pool_total_size", "reject_compress_poor", "zswpout", "zswpin",
+                                   "bd_writes")})
+
+
 # 6 pages: the generic path stores them one by one in Python (_store_one), 40 scans them with numpy
 @pytest.mark.parametrize("npages", [6, 40])
 @pytest.mark.parametrize("same, policy", [(True, "store_raw"), (True, "reject"),
@@ -298,17 +311,34 @@ def test_scan_pages_stores_what_the_generic_path_stores(tmp_path, monkeypatch, n
             c.store_pages(3, old)
             c.store_pages(3, new)           # frees the entries the first store made
             assert store.read(3 * PAGE_SIZE, len(new)) == new
-            check_consistency(store)
-            stats = store.stats()
-            # fill means something for same-filled pages only
-            results.append((c.state.tolist(), c.fill[c.state == SAME].tolist(), c.length.tolist(),
-                            {k: stats[k] for k in ("same_filled_pages", "stored_pages",
-                                                   "stored_incompressible_pages", "pool_total_size",
-                                                   "reject_compress_poor", "zswpout", "bd_writes")}))
+            results.append(_entries_and_gauges(store))
         finally:
             store.close()
     assert results[0] == results[1]
     assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
+
+
+def _stored_two_ways(tmp_path, where: list[int], store_news, **config) -> list:
+    """Pages of every kind stored at `where` over older ones, by store_news(cache, way, news) for
+    way True and False on two fresh stores: what each leaves (_entries_and_gauges), once both
+    read back."""
+    rng = random.Random(len(where))
+    olds = [mixed_bytes(rng, PAGE_SIZE) for _ in where]
+    news = [mixed_bytes(random.Random(_SEED_OF_KIND[i % 4]), PAGE_SIZE) for i in range(len(where))]
+    results = []
+    for way in (True, False):
+        store = Store.open(str(tmp_path / f"{way}.img"), 1 * MiB, make_config(**config),
+                           write_behind=0)
+        try:
+            c = store.cache
+            for page, data in zip(where, olds):
+                assert c.store_page(page, data)
+            store_news(c, way, news)
+            assert [c.load_page(p) for p in where] == news
+            results.append(_entries_and_gauges(store))
+        finally:
+            store.close()
+    return results
 
 
 @pytest.mark.parametrize("same, policy", [(True, "store_raw"), (True, "reject"),
@@ -317,32 +347,17 @@ def test_one_page_direct_path_stores_what_the_context_path_stores(tmp_path, same
     """A stateless compressor (software lz4) stores and loads single pages without a context or
     a pool hold (Pool.direct); other pools go through their contexts. Both must leave the same
     entries, gauges and counters, over older entries and with incompressible pages on disk."""
-    rng = random.Random(7)
-    olds = [mixed_bytes(rng, PAGE_SIZE) for _ in range(12)]
-    news = [mixed_bytes(random.Random(_SEED_OF_KIND[i % 4]), PAGE_SIZE) for i in range(12)]
-    results = []
-    for direct in (True, False):
-        store = Store.open(str(tmp_path / f"{direct}.img"), 1 * MiB, make_config(
-            same_filled_pages_enabled=same, incompressible_policy=policy), write_behind=0)
-        try:
-            c = store.cache
-            assert c.pool.direct is not None
-            if not direct:
-                c.pool.direct = None
-            for pages in (olds, news):
-                for i, page in enumerate(pages):
-                    assert c.store_page(3 + i, page)
-            assert [c.load_page(3 + i) for i in range(12)] == news
-            check_consistency(store)
-            stats = store.stats()
-            results.append((c.state.tolist(), c.fill[c.state == SAME].tolist(), c.length.tolist(),
-                            c.referenced.tolist(),
-                            {k: stats[k] for k in ("same_filled_pages", "stored_pages",
-                                                   "stored_incompressible_pages", "pool_total_size",
-                                                   "reject_compress_poor", "zswpout", "zswpin",
-                                                   "bd_writes")}))
-        finally:
-            store.close()
+    where = list(range(3, 15))
+
+    def store_news(c, direct, news):
+        assert c.pool.direct is not None
+        if not direct:
+            c.pool.direct = None
+        for page, data in zip(where, news):
+            assert c.store_page(page, data)
+
+    results = _stored_two_ways(tmp_path, where, store_news, same_filled_pages_enabled=same,
+                               incompressible_policy=policy)
     assert results[0] == results[1]
     assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
 
@@ -355,32 +370,17 @@ def test_store_scattered_stores_what_page_by_page_stores(tmp_path, compressor, p
     leave what storing each page on its own leaves, over older entries, with incompressible
     pages sent to disk under `reject`."""
     import numpy as np
-    rng = random.Random(11)
-    where = rng.sample(range(64), 20)
-    olds = [mixed_bytes(rng, PAGE_SIZE) for _ in where]
-    news = [mixed_bytes(random.Random(_SEED_OF_KIND[i % 4]), PAGE_SIZE) for i in range(20)]
-    results = []
-    for batched in (True, False):
-        store = Store.open(str(tmp_path / f"{batched}.img"), 1 * MiB, make_config(
-            compressor=compressor, incompressible_policy=policy), write_behind=0)
-        try:
-            c = store.cache
-            for page, data in zip(where, olds):
+    where = random.Random(11).sample(range(64), 20)
+
+    def store_news(c, batched, news):
+        if batched:
+            c.store_scattered(np.array(where, np.int64), b"".join(news))
+        else:
+            for page, data in zip(where, news):
                 c.store_page(page, data)
-            if batched:
-                c.store_scattered(np.array(where, np.int64), b"".join(news))
-            else:
-                for page, data in zip(where, news):
-                    c.store_page(page, data)
-            assert [c.load_page(p) for p in where] == news
-            check_consistency(store)
-            stats = store.stats()
-            results.append((c.state.tolist(), c.length.tolist(), c.dirty.tolist(),
-                            {k: stats[k] for k in ("same_filled_pages", "stored_pages",
-                                                   "stored_incompressible_pages", "pool_total_size",
-                                                   "reject_compress_poor", "zswpout", "bd_writes")}))
-        finally:
-            store.close()
+
+    results = _stored_two_ways(tmp_path, where, store_news, compressor=compressor,
+                               incompressible_policy=policy)
     assert results[0] == results[1]
     assert (DISK in results[0][0]) is (policy == "reject")
 
