@@ -14,7 +14,8 @@ about once per batch, not per write (fio randwrite 4 KiB, two jobs, through a mo
 
 Invariants:
     * Items are stored in the order they were queued (one worker, FIFO), so a later write to a
-      page always wins over an earlier one.
+      page always wins over an earlier one. A batch of one-page items never holds a page twice.
+    * The worker gathers a batch only while nobody waits for queued pages (`_waiters`).
     * `staged[p]` counts queued items covering page p. Anything that reads a page or changes it
       some other way (partial write, discard, read, fsync) first waits until its pages have no
       staged item: `wait_range` / `drain`.
@@ -25,10 +26,10 @@ Invariants:
       another page must not eat what fsync has to report.
 
 Lock protocol: `_cond` guards the queue, `staged`, `failed`, `_nfailed`, `_queued_bytes`,
-`_error` and `_closed`. `wait_range` reads `_queued_bytes` and `_nfailed` without it first: both
-are zero only when nothing can be waited for (a put that races it is a concurrent write, which
-may land either side of the read). It is
-never held while storing (compression, disk I/O).
+`_singles`, `_idle`, `_waiters`, `_error` and `_closed`. `wait_range` reads `_queued_bytes` and
+`_nfailed` without it first: both are zero only when nothing can be waited for (a put that races
+it is a concurrent write, which may land either side of the read). It is never held while
+storing (compression, disk I/O). `_big_since_idle` belongs to the worker thread alone.
 
 Not here: byte ranges and partial pages (store.py), compression (cache.py).
 """
