@@ -364,9 +364,9 @@ def test_one_page_direct_path_stores_what_the_context_path_stores(tmp_path, same
 
 @pytest.mark.parametrize("compressor, policy", [("lz4", "store_raw"), ("lz4", "reject"),
                                                 ("zstd", "store_raw")])
-def test_store_scattered_stores_what_page_by_page_stores(tmp_path, compressor, policy):
+def test_a_batch_at_scattered_pages_stores_what_page_by_page_stores(tmp_path, compressor, policy):
     """The write-behind queue stores a batch of 4 KiB writes at scattered pages in one call
-    (Cache.store_scattered: one C scan and install with lz4, page by page otherwise). It must
+    (Cache.store_pages with page numbers: one scan and one C install). It must
     leave what storing each page on its own leaves, over older entries, with incompressible
     pages sent to disk under `reject`."""
     import numpy as np
@@ -374,7 +374,7 @@ def test_store_scattered_stores_what_page_by_page_stores(tmp_path, compressor, p
 
     def store_news(c, batched, news):
         if batched:
-            c.store_scattered(np.array(where, np.int64), b"".join(news))
+            c.store_pages(np.array(where, np.int64), b"".join(news))
         else:
             for page, data in zip(where, news):
                 c.store_page(page, data)

@@ -78,6 +78,14 @@ def _filled_page(fill: int) -> bytes:
     return ZERO_PAGE if fill == 0 else int(fill).to_bytes(8, "little") * WORDS
 
 
+def _pages_at(where, idx) -> list[int]:
+    """The page numbers of a store's pages idx: where + i for a first page (an int), where[i]
+    for an array of page numbers (see Cache.store_pages)."""
+    if type(where) is int:
+        return [where + i for i in idx]
+    return where[list(idx)].tolist()
+
+
 def _charges(lengths: np.ndarray, states: np.ndarray) -> np.ndarray:
     """pool.charge() vectorised: RAW entries cost a full page object."""
     ln = np.where(states == RAW, PAGE_SIZE, lengths.astype(np.int64))
@@ -354,9 +362,11 @@ class Cache:
     # =========================================================================================
     # store
 
-    def store_pages(self, start: int, buf, expect_gen: int | None = None,
+    def store_pages(self, where, buf, expect_gen: int | None = None,
                     may_wait: bool = True) -> bool:
-        """Store whole pages `start ..` from `buf` (bytes-like, a multiple of PAGE_SIZE long).
+        """Store whole pages from `buf` (bytes-like, a multiple of PAGE_SIZE long) at pages
+        `where ..` (an int), or at the page numbers in `where` (an int64 array, no page twice:
+        the write-behind queue's batch of 4 KiB writes).
 
         `expect_gen` (one page, read-modify-write): store only if the page's entry is still the
         one the caller read; False if another store replaced it meanwhile (the caller retries).
@@ -365,18 +375,17 @@ class Cache:
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         if n == 1:
-            return self.store_page(start, buf, expect_gen, may_wait)
+            return self.store_page(_pages_at(where, [0])[0], buf, expect_gen, may_wait)
         pool, reject = self._store_begin(may_wait)
         try:
             if reject:
                 return self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
-                                           list(range(start, start + n)), expect_gen)
+                                           _pages_at(where, range(n)), expect_gen)
             if n <= SMALL and not pool.contexts.scans:
-                for i in range(n):
-                    self._store_one(start + i, bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]), pool,
-                                    None)
+                for i, page in enumerate(_pages_at(where, range(n))):
+                    self._store_one(page, bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]), pool, None)
                 return True
-            return self._store_cached(start, mv, n, pool, expect_gen)
+            return self._store_cached(where, mv, n, pool, expect_gen)
         finally:
             self._pool_release(pool)
 
@@ -590,8 +599,7 @@ class Cache:
 
     def _store_cached(self, where, mv: memoryview, n: int, pool: Pool,
                       expect_gen: int | None) -> bool:
-        """Scan and install n pages: pages where .. where+n (an int), or the page numbers in
-        `where` (an int64 array, store_scattered)."""
+        """Scan and install n pages at `where` (see store_pages)."""
         scan, fail = self._scan_pages(mv, n, pool)
         states = scan[1]
         to_disk = np.flatnonzero(np.frombuffer(states, np.uint8) == NONE).tolist() \
@@ -604,28 +612,9 @@ class Cache:
             # rejected pages keep their old entry until their disk write lands (below)
             self._install(where, scan, pool)
         if to_disk:
-            pages = [where + i for i in to_disk] if type(where) is int else where[to_disk].tolist()
             return self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in to_disk],
-                                       pages, expect_gen)
+                                       _pages_at(where, to_disk), expect_gen)
         return True
-
-    def store_scattered(self, pages: np.ndarray, buf) -> None:
-        """store_pages for pages that are not next to each other: pages[i] (int64, no page
-        twice) gets the i-th page of `buf`. The write-behind queue's batch of 4 KiB writes."""
-        mv = memoryview(buf).cast("B")
-        n = len(pages)
-        pool, reject = self._store_begin(True)
-        try:
-            if reject:
-                self._store_to_disk([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
-                                    pages.tolist())
-            elif not pool.contexts.scans:
-                for i, page in enumerate(pages.tolist()):
-                    self._store_one(page, bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]), pool, None)
-            else:
-                self._store_cached(pages, mv, n, pool, None)
-        finally:
-            self._pool_release(pool)
 
     def _install(self, where, scan: tuple, pool: Pool) -> None:
         """A scan (_scan_pages) into the entry table, in C (_lz4pages.install), then the pool and

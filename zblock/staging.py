@@ -7,10 +7,10 @@ the pages lets the next request arrive while the previous one compresses. Measur
 note of the performance issue and the comment at WRITE_BEHIND_BYTES in store.py.
 
 4 KiB writes (put_page) are batched: the worker waits up to GATHER after the first for more and
-stores up to BATCH_PAGES in one call (Cache.store_scattered: one C scan, one C install). Their
-compression then runs on the other core while the next write comes in, and the worker is woken
-about once per batch, not per write (fio randwrite 4 KiB, two jobs, through a mount: 6.1k ->
-7.2k IOPS; see the performance issue's closing note).
+stores up to BATCH_PAGES in one call (Cache.store_pages at their page numbers: one C scan, one C
+install). Their compression then runs on the other core while the next write comes in, and the
+worker is woken about once per batch, not per write (fio randwrite 4 KiB, two jobs, through a
+mount: 6.1k -> 7.2k IOPS; see the performance issue's closing note).
 
 Invariants:
     * Items are stored in the order they were queued (one worker, FIFO), so a later write to a
@@ -212,11 +212,14 @@ class WriteBehind:
                 self._idle = False
                 if not self._queue:
                     return          # closed and empty
-                batch = self._gather()
-            if batch:
-                self._store_batch(batch)
-            else:
-                self._store_item()
+                items = self._gather() or [self._queue[0]]
+            trim = self._store(items)
+            del items               # the request buffers are free heap before the trim
+            if trim and self._on_idle is not None:
+                try:
+                    self._on_idle()
+                except Exception:
+                    log.warning("write-behind idle hook failed", exc_info=True)
 
     def _gather(self) -> list:
         """The one-page items at the head of the queue, after waiting up to GATHER for up to
@@ -241,60 +244,40 @@ class WriteBehind:
             batch.append((page, data))
         return batch
 
-    def _store_batch(self, batch: list) -> None:
-        pages = np.fromiter((page for page, _ in batch), np.int64, len(batch))
+    def _store(self, items: list) -> bool:
+        """Store the items at the head of the queue, then take them off it: one item, or a batch
+        of one-page items (_gather) in one store_scattered call. True when the queue ran empty
+        after request buffers: time for the idle hook (not after 4 KiB pages alone, which would
+        wake the writeback worker every few milliseconds for a few pages of heap)."""
+        if len(items) == 1:
+            page, data = items[0]
+            where = slice(page, page + len(data) // PAGE_SIZE)
+        else:
+            where = np.fromiter((page for page, _ in items), np.int64, len(items))
+        nbytes = sum(len(data) for _, data in items)
         try:
-            if len(batch) == 1:
-                self._store_pages(batch[0][0], batch[0][1])
+            if len(items) == 1:
+                self._store_pages(page, data)
             else:
-                self._store_scattered(pages, b"".join([data for _, data in batch]))
+                self._store_scattered(where, b"".join([data for _, data in items]))
         except BaseException as e:      # no worker exception is lost: fsync gets it
-            log.error("queued write of %d single pages failed: %s", len(batch), e)
+            log.error("queued write of %d bytes (first page %d) failed: %s", nbytes, items[0][0], e)
             with self._cond:
                 if self._error is None:
                     self._error = e
-                self.failed[pages] = True
+                self.failed[where] = True
                 self._nfailed = int(np.count_nonzero(self.failed))
         with self._cond:
-            for _ in batch:
+            for _ in items:
                 self._queue.popleft()
-            self._queued_bytes -= len(batch) * PAGE_SIZE
-            self._singles -= len(batch)
-            self.staged[pages] -= 1
+            self._queued_bytes -= nbytes
+            self._singles -= sum(1 for _, data in items if len(data) == PAGE_SIZE)
+            self.staged[where] -= 1
             self._cond.notify_all()
             idle = not self._queue
-        self._after_store(idle)
-
-    def _store_item(self) -> None:
-        page, data = self._queue[0]
-        try:
-            self._store_pages(page, data)
-        except BaseException as e:      # no worker exception is lost: fsync gets it
-            log.error("queued write of %d bytes at page %d failed: %s", len(data), page, e)
-            with self._cond:
-                if self._error is None:
-                    self._error = e
-                self.failed[page:page + len(data) // PAGE_SIZE] = True
-                self._nfailed = int(np.count_nonzero(self.failed))
-        with self._cond:
-            self._queue.popleft()
-            self._queued_bytes -= len(data)
-            n = len(data) // PAGE_SIZE
-            self.staged[page:page + n] -= 1
-            if n == 1:
-                self._singles -= 1
-            self._cond.notify_all()
-            idle = not self._queue
-        del data
-        self._big_since_idle = True
-        self._after_store(idle)
-
-    def _after_store(self, idle: bool) -> None:
-        # Only after request buffers: trimming after each batch of 4 KiB writes would wake the
-        # writeback worker every few milliseconds for a few pages of heap.
-        if idle and self._big_since_idle and self._on_idle is not None:
+        if nbytes > len(items) * PAGE_SIZE:
+            self._big_since_idle = True
+        if idle and self._big_since_idle:
             self._big_since_idle = False
-            try:
-                self._on_idle()
-            except Exception:
-                log.warning("write-behind idle hook failed", exc_info=True)
+            return True
+        return False

@@ -66,7 +66,7 @@ class Store:
         # swap benchmark's wall time, 24.5 s against 47.3 s.)
         self.staging = WriteBehind(self.cache.store_pages, self.npages, write_behind,
                                    on_idle=self.cache.request_trim,
-                                   store_scattered=self.cache.store_scattered) \
+                                   store_scattered=self.cache.store_pages) \
             if write_behind else None
         self.readahead = Readahead(self.cache, self.npages)
         self._param_lock = threading.Lock()
