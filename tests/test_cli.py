@@ -154,8 +154,9 @@ def test_not_a_zblock_mount(command):
 
 
 def test_fsck_missing_file(work):
-    one_line_error(zblock("fsck", os.path.join(work, "nope")), 2)
-    one_line_error(zblock("fsck", work), 2)
+    # e2fsck's "operational error": nothing was checked
+    one_line_error(zblock("fsck", os.path.join(work, "nope")), 8)
+    one_line_error(zblock("fsck", work), 8)
 
 
 # ---------------------------------------------------------------------------------------------

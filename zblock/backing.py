@@ -9,10 +9,14 @@ unmount it is usable directly with losetup). Beside it, `PATH.zbmeta` holds
                  4 KiB block, exactly the in-memory numpy table `_crc` (npages rounded up to
                  512 rows), so a touched block is written straight from the table.
 
-Entry values: CRC32C of the page, "folded" so that 0 and 1 stay free as sentinels:
+Entry values: CRC32C of the page, "folded" so that 0, 1 and 2 stay free as sentinels:
     ZERO (0)       the page reads as zeros without touching the disk (never written, discarded)
     UNCHECKED (1)  the content predates the sidecar (a raw image imported without one):
                    accepted as it is until written
+    LOST (2)       acknowledged data that never reached the file (a clean close whose write-back
+                   failed): never matches, so the page reads EIO until it is written again
+Version 1 sidecars kept only 0 and 1 free (crc 0 and 1 folded to 2 and 3); they are converted
+at open (2 -> 3 is exact: both stand for "crc 0..3" under the version 2 fold).
 A page verifies when its data matches `durable` or `latest`. `durable` is the value as of the
 last sync, or of the last completed write since (see write_pages below); `latest` is the value
 of the last write started.
@@ -70,6 +74,8 @@ import os
 import stat
 import struct
 import threading
+import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,7 +93,7 @@ log = logging.getLogger(__name__)
 
 META_SUFFIX = ".zbmeta"
 META_MAGIC = b"ZBLKMETA"
-META_VERSION = 1
+META_VERSION = 2
 HEADER_SIZE = 4096
 ENTRY_SIZE = 8  # two uint32: durable, latest
 ENTRIES_PER_BLOCK = PAGE_SIZE // ENTRY_SIZE  # 512
@@ -97,12 +103,14 @@ _HEADER = struct.Struct("<8sIIQIIqQ")
 
 ZERO = 0
 UNCHECKED = 1
+LOST = 2
+_FOLD = 3  # the smallest value a page's checksum takes: 0..2 are the sentinels
 _crc = _crc32c.crc32c
 
 
 def _fold(crcs: np.ndarray) -> np.ndarray:
-    """Keep 0 and 1 free for the sentinels (costs one bit of strength for two values)."""
-    crcs[crcs < 2] += 2
+    """Keep the sentinels free (crcs 0..3 then share one value: negligible strength lost)."""
+    crcs[crcs < _FOLD] = _FOLD
     return crcs
 
 
@@ -160,7 +168,7 @@ def _parse_header(raw: bytes, where: str) -> _Header:
         raise BackingError(f"{where}: not a zblock sidecar (bad magic)")
     if struct.unpack("<I", raw[n:n + 4])[0] != _crc(raw[:n]):
         raise BackingError(f"{where}: sidecar header checksum mismatch")
-    if version != META_VERSION:
+    if version not in (1, META_VERSION):
         raise BackingError(f"{where}: sidecar version {version} is not supported (want {META_VERSION})")
     if page_size != PAGE_SIZE or entry_size != ENTRY_SIZE:
         raise BackingError(f"{where}: sidecar page size {page_size} / entry size {entry_size} "
@@ -186,6 +194,82 @@ def _stat_backing(path: str) -> os.stat_result | None:
     return st
 
 
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _reserve(disk, path: str, size: int, progress: Callable[[str], None] | None) -> None:
+    """Allocate every block of the first `size` bytes of `disk` (the file at `path`) without
+    changing its data. BackingError naming the sizes if the filesystem cannot hold it."""
+    try:
+        disk.prealloc(0, size)
+        return
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _no_space(path, size) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
+    # No fallocate here: write zeros into the holes (the data regions are allocated already).
+    log.info("%s: the filesystem has no fallocate; writing zeros into its holes", path)
+    holes = _holes(path, size)
+    total, done, last = sum(b - a for a, b in holes), 0, 0.0
+    zeros = [bytes(PAGE_SIZE)] * 256
+    for a, b in holes:
+        for off in range(a, b, len(zeros) * PAGE_SIZE):
+            n = min(len(zeros) * PAGE_SIZE, b - off)
+            try:
+                disk.pwritev(off, zeros[:n // PAGE_SIZE])
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise _no_space(path, size) from None
+                raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
+            done += n
+            if progress and time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                progress(f"reserving {path}: {_human(done)} of {_human(total)} written")
+    disk.fsync()
+
+
+def _holes(path: str, size: int) -> list[tuple[int, int]]:
+    """The page-aligned unallocated ranges of the file's first `size` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    holes, off = [], 0
+    try:
+        while off < size:
+            try:
+                start = os.lseek(fd, off, os.SEEK_HOLE)
+            except OSError:
+                return [(off, size)]        # no SEEK_HOLE: treat it all as a hole
+            if start >= size:
+                break
+            try:
+                end = os.lseek(fd, start, os.SEEK_DATA)
+            except OSError:                 # ENXIO: a hole up to the end
+                end = size
+            start &= ~(PAGE_SIZE - 1)
+            end = min(size, -(-end // PAGE_SIZE) * PAGE_SIZE)
+            holes.append((start, end))
+            off = end
+    finally:
+        os.close(fd)
+    return holes
+
+
+def _no_space(path: str, size: int) -> BackingError:
+    st = os.stat(path)
+    need = max(size - st.st_blocks * 512, 0)
+    vfs = os.statvfs(os.path.dirname(path))
+    free = vfs.f_bavail * vfs.f_frsize
+    return BackingError(
+        f"{path}: cannot reserve {_human(size)}: the filesystem has {_human(free)} free and "
+        f"needs {_human(need)} more (free space, use a smaller --size, or mount with --sparse "
+        f"to take the risk that writes fail once it is full)")
+
+
 def _default_factory(path: str, role: str):
     # The data file bypasses the page cache; the sidecar is small and ordered by fsync.
     return FileDisk(path, direct=(role == "data"))
@@ -201,11 +285,15 @@ class Backing:
     _NSTRIPES = 64
 
     def __init__(self, path: str, size: int, lock_fd: int, data, meta, table: np.ndarray,
-                 ephemeral: bool, open_state: str):
+                 ephemeral: bool, open_state: str, *, sparse: bool = False):
         self.path = path
         self.size = size
         self.npages = size // PAGE_SIZE
         self.ephemeral = ephemeral
+        self.sparse = sparse        # space not reserved: a write may meet ENOSPC
+        # Pages marked zero are read and checked like any other when the file was changed
+        # outside zblock: a never-written page someone wrote into must read EIO, not zeros.
+        self.verify_zero = open_state == "changed"
         self.open_state = open_state  # new | clean | recovered | imported | changed | ephemeral
         self.io_mode = getattr(data, "mode", type(data).__name__)
         self._lock_fd = lock_fd
@@ -229,11 +317,16 @@ class Backing:
 
     @classmethod
     def open(cls, path: str, size: int | None = None, *, ephemeral: bool = False,
-             disk_factory: DiskFactory | None = None) -> "Backing":
+             sparse: bool = False, disk_factory: DiskFactory | None = None,
+             progress: Callable[[str], None] | None = None) -> "Backing":
         """Create (needs `size`) or open the backing file at `path`, locked while open.
 
         An existing file keeps its contents and its size: `size` None uses it, a different
         `size` is refused (no silent resize). An empty existing file counts as new.
+        The file's whole size (and the sidecar's) is reserved on the filesystem, so no write
+        acknowledged later can meet ENOSPC; BackingError names the sizes when it cannot be.
+        `sparse` skips that (writes may then fail when the filesystem fills). `progress`
+        receives one-line messages during a long reservation (writing zeros).
         Raises BackingError with a one-line message, BackingLocked if another Backing has it.
         """
         path = os.path.abspath(os.fspath(path))
@@ -288,9 +381,12 @@ class Backing:
                 except FileNotFoundError:
                     pass
             else:
-                state = cls._load_table(path, size, new, fd, table)
+                state, version = cls._load_table(path, size, new, fd, table)
                 meta = factory(meta_path(path), "meta")
-                if state == "imported":
+                if not sparse:
+                    _reserve(data, path, size, progress)
+                    _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
+                if state == "imported" or version != META_VERSION:
                     meta.pwrite(HEADER_SIZE, table.tobytes())
                 meta.pwrite(0, _pack_header(size, clean=False))  # dirty until a clean close
                 meta.fsync()
@@ -303,24 +399,33 @@ class Backing:
                 log.warning("%s: modified since its last clean unmount; pages changed outside "
                             "zblock will fail their checksums (remove %s to accept them)",
                             path, meta_path(path))
-            return cls(path, size, fd, data, meta, table, ephemeral, state)
+            elif sparse:
+                log.warning("%s: sparse (--sparse): its space is not reserved, writes fail "
+                            "once the filesystem is full", path)
+            backing = cls(path, size, fd, data, meta, table, ephemeral, state, sparse=sparse)
+            if not ephemeral:
+                backing._settle_pairs()
+            return backing
         except BaseException as e:
             for d in (meta, data):
                 if d is not None:
                     d.close()
             os.close(fd)
             if created and not isinstance(e, BackingLocked):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+                for p in (path, meta_path(path)):
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
             if isinstance(e, OSError):
                 raise BackingError(f"{path}: {e.strerror}") from None
             raise
 
     @staticmethod
-    def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray) -> str:
-        """Fill `table` from the sidecar (creating it if needed); return how the file was found."""
+    def _load_table(path: str, size: int, new: bool, data_fd: int,
+                    table: np.ndarray) -> tuple[str, int]:
+        """Fill `table` from the sidecar (creating it if needed); return how the file was found
+        and the sidecar's format version."""
         mpath = meta_path(path)
         nbytes = HEADER_SIZE + table.nbytes
         if new:
@@ -329,7 +434,7 @@ class Backing:
                 os.ftruncate(mfd, nbytes)  # sparse zeros: every entry ZERO
             finally:
                 os.close(mfd)
-            return "new"
+            return "new", META_VERSION
         try:
             mfd = os.open(mpath, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -339,7 +444,7 @@ class Backing:
             finally:
                 os.close(mfd)
             table[:] = UNCHECKED
-            return "imported"
+            return "imported", META_VERSION
         try:
             head = _parse_header(os.pread(mfd, HEADER_SIZE, 0), mpath)
             if head.size != size:
@@ -351,15 +456,17 @@ class Backing:
         finally:
             os.close(mfd)
         table[:] = np.frombuffer(raw, "<u4").reshape(table.shape)
+        if head.version == 1:
+            table[table == 2] = _FOLD  # see "Version 1 sidecars" above; open() rewrites the table
         if not head.clean:
-            return "recovered"  # after a crash: trust both values of every pair
+            return "recovered", head.version  # after a crash: trust both values of every pair
         st = os.fstat(data_fd)
         if st.st_mtime_ns != head.mtime_ns:  # not the inode: `cp -p` of both files is fine
             # Written outside zblock (losetup, dd) since the clean unmount. The checksums stay
             # in force: bit rot and a stray dd look alike, and both must read as EIO. A user
             # who edited the image on purpose removes the sidecar to import it unchecked.
-            return "changed"
-        return "clean"
+            return "changed", head.version
+        return "clean", head.version
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -400,6 +507,8 @@ class Backing:
     def written_mask(self) -> np.ndarray:
         """Bool per page: the file may hold data for it (not marked zero). The cache starts
         with these pages on disk and serves the others as zeros without a read."""
+        if self.verify_zero:
+            return np.ones(self.npages, bool)
         with self._lock:
             pair = self._crc[:self.npages]
             return (pair[:, 0] != ZERO) | (pair[:, 1] != ZERO)
@@ -414,6 +523,8 @@ class Backing:
         with self._lock:
             pair = self._crc[start:end].copy()
         zero = (pair[:, 0] == ZERO) & (pair[:, 1] == ZERO)
+        if self.verify_zero:
+            zero[:] = False     # check them like written pages (_verify: zeros match ZERO)
         if zero.all():
             return bytes(count * PAGE_SIZE)
         try:
@@ -443,15 +554,13 @@ class Backing:
         """read_pages for a single page, same checks, scalar bookkeeping."""
         with self._lock:
             d, l = int(self._crc[i, 0]), int(self._crc[i, 1])
-        if d == ZERO and l == ZERO:
+        if d == ZERO and l == ZERO and not self.verify_zero:
             return bytes(PAGE_SIZE)
         try:
             data = self._data.pread(i * PAGE_SIZE, PAGE_SIZE)
         except OSError as e:
             raise self._read_error(f"read of page {i}", e) from None
-        c = _crc(data)
-        if c < 2:
-            c += 2
+        c = max(_crc(data), _FOLD)
         if not (c == d or c == l or d == UNCHECKED or l == UNCHECKED
                 or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))):
             with self._lock:
@@ -538,9 +647,7 @@ class Backing:
 
     def _write_one(self, i: int, data) -> None:
         """write_pages for a single page, same protocol, scalar bookkeeping."""
-        c = _crc(data)
-        if c < 2:
-            c += 2
+        c = max(_crc(data), _FOLD)
         crc = self._crc
         with self._lock:
             if not self._failed[i]:
@@ -599,8 +706,20 @@ class Backing:
             self._failed[start:end] = False
 
     def _punch(self, start: int, count: int) -> None:
+        """Zero the pages on disk. The space stays reserved unless the file is sparse: a punch
+        alone would give it back, and a later write there could meet ENOSPC."""
+        offset, length = start * PAGE_SIZE, count * PAGE_SIZE
         try:
-            self._data.punch(start * PAGE_SIZE, count * PAGE_SIZE)
+            if self.sparse:
+                self._data.punch(offset, length)
+            else:
+                try:
+                    self._data.zero_range(offset, length)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    self._data.punch(offset, length)
+                    self._data.prealloc(offset, length)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):  # no hole punching here
                 raise
@@ -608,6 +727,64 @@ class Backing:
             for o in range(start, start + count, 256):
                 k = min(256, start + count - o)
                 self._data.pwritev(o * PAGE_SIZE, [zeros] * k)
+
+    def mark_lost(self, pages) -> None:
+        """Record that acknowledged data of `pages` never reached the file (a close whose
+        write-back failed): they read EIO until written again, and fsck lists them. Writes
+        only the sidecar; DiskError if even that fails."""
+        idx = np.unique(np.asarray(pages, np.int64))
+        if not len(idx):
+            return
+        with self._lock:
+            self._crc[idx] = LOST
+            self._failed[idx] = False
+        if self.ephemeral:
+            return
+        try:
+            self._put_meta_blocks(np.unique(idx // ENTRIES_PER_BLOCK))
+            self._meta.fsync()
+        except OSError as e:
+            raise self._disk_error(f"marking {len(idx)} lost page(s) in the sidecar", e) from None
+
+    def _settle_pairs(self) -> None:
+        """At open: a page whose pair still holds two values (written since a sync, then a
+        crash or a failed write) is read once and its pair collapsed to the value its data
+        matches, so a later sync does not keep reporting it. Pages matching neither keep their
+        pair (they read EIO; fsck lists them)."""
+        with self._lock:
+            pair = self._crc[:self.npages]
+            pages = np.flatnonzero((pair[:, 0] != pair[:, 1]))
+        if not len(pages):
+            return
+        try:
+            self._data.fsync()      # what we read must be durable before the pairs say so
+        except OSError as e:
+            raise self._disk_error("fsync", e) from None
+        settled = []
+        for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
+            for lo in range(0, len(run), _FSCK_RUN):
+                part = run[lo:lo + _FSCK_RUN]
+                try:
+                    data = self._data.pread(int(part[0]) * PAGE_SIZE, len(part) * PAGE_SIZE)
+                except OSError as e:
+                    log.warning("%s: reading pages %d..%d to settle their checksums: %s",
+                                self.path, part[0], part[-1], e.strerror)
+                    continue
+                crcs = _page_crcs(data, len(part))
+                with self._lock:
+                    for p, c in zip(part.tolist(), crcs.tolist()):
+                        d, l = self._crc[p]
+                        if c in (d, l) or (c == ZERO_PAGE_CRC and ZERO in (d, l)):
+                            self._crc[p] = c if c in (d, l) else ZERO
+                            settled.append(p)
+        if settled:
+            try:
+                self._put_meta_blocks(np.unique(np.asarray(settled) // ENTRIES_PER_BLOCK))
+                self._meta.fsync()
+            except OSError as e:
+                raise self._disk_error("sidecar update", e) from None
+            log.info("%s: settled the checksums of %d page(s) written before the last close",
+                     self.path, len(settled))
 
     # -- durability --------------------------------------------------------------------------
 
@@ -680,39 +857,65 @@ class Backing:
 # fsck
 
 
+# fsck exit codes, as e2fsck's: scripts can tell a clean image from one that needs action
+FSCK_CLEAN = 0       # closed cleanly, every page verified
+FSCK_PROBLEMS = 1    # readable, but not closed cleanly or with pages written since the last sync
+FSCK_DAMAGE = 4      # bad or lost pages, or a sidecar that cannot be used: some pages read EIO
+FSCK_USAGE = 8       # not checked: missing, not a file, in use
+
+
 @dataclass
 class FsckReport:
-    """What `fsck` found. `ok` is False when the header is bad or any page fails its check."""
+    """What `fsck` found."""
 
     path: str
     size: int = 0
     npages: int = 0
     version: int | None = None
-    clean: bool = False
+    closed_cleanly: bool = False  # the last mount ended with a clean close
     checked_pages: int = 0  # pages read and compared with their checksums
     zero_pages: int = 0  # marked zero (never written or discarded)
     unchecked_pages: int = 0  # no checksum to compare with
-    inflight_pages: int = 0  # durable != latest (written since the last sync)
-    bad_pages: list[int] = field(default_factory=list)
+    inflight_pages: int = 0  # two checksums (written since the last sync); either may match
+    bad_pages: list[int] = field(default_factory=list)  # data matches neither checksum
+    lost_pages: list[int] = field(default_factory=list)  # write-back failed at close
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.errors and not self.bad_pages
+        return self.exit_code == FSCK_CLEAN
+
+    @property
+    def exit_code(self) -> int:
+        if self.errors or self.bad_pages or self.lost_pages:
+            return FSCK_DAMAGE
+        if not self.closed_cleanly or self.inflight_pages or self.notes:
+            return FSCK_PROBLEMS
+        return FSCK_CLEAN
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["exit_code"] = self.exit_code
+        return d
 
     def summary(self) -> str:
-        lines = [f"{self.path}: {self.size} bytes, {self.npages} pages, "
-                 f"{'clean' if self.clean else 'not cleanly closed'}"]
-        lines.append(f"checked {self.checked_pages}, zero {self.zero_pages}, unchecked "
-                     f"{self.unchecked_pages}, written since last sync {self.inflight_pages}")
-        lines += [f"note: {n}" for n in self.notes]
-        lines += [f"error: {e}" for e in self.errors]
-        if self.bad_pages:
-            shown = ", ".join(map(str, self.bad_pages[:20]))
-            more = f" (+{len(self.bad_pages) - 20} more)" if len(self.bad_pages) > 20 else ""
-            lines.append(f"error: {len(self.bad_pages)} bad page(s): {shown}{more}")
-        lines.append("OK" if self.ok else "FAILED")
+        state = "closed cleanly" if self.closed_cleanly else "NOT closed cleanly"
+        lines = [f"{self.path}: {_human(self.size)}, {self.npages} pages, {state}"]
+        lines.append(f"  {self.checked_pages} checked, {self.zero_pages} never written or "
+                     f"discarded, {self.unchecked_pages} without checksum, "
+                     f"{self.inflight_pages} written since the last sync")
+        for label, pages in (("bad (data matches no checksum)", self.bad_pages),
+                             ("lost (write-back failed at unmount)", self.lost_pages)):
+            if pages:
+                shown = ", ".join(map(str, pages[:20]))
+                more = f" (+{len(pages) - 20} more)" if len(pages) > 20 else ""
+                lines.append(f"  {len(pages)} {label}, they read EIO: {shown}{more}")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  error: {e}" for e in self.errors]
+        verdict = {FSCK_CLEAN: "clean", FSCK_PROBLEMS: "problems found",
+                   FSCK_DAMAGE: "damaged: some pages read EIO until rewritten"}[self.exit_code]
+        lines.append(f"{verdict} (exit {self.exit_code})")
         return "\n".join(lines)
 
 
@@ -742,7 +945,7 @@ def fsck(path: str) -> FsckReport:
             with open(mpath, "rb") as f:
                 raw_head = f.read(HEADER_SIZE)
                 head = _parse_header(raw_head, mpath)
-                rep.version, rep.clean = head.version, head.clean
+                rep.version, rep.closed_cleanly = head.version, head.clean
                 rows = _table_rows(rep.npages)
                 raw = f.read(rows * ENTRY_SIZE)
         except FileNotFoundError:
@@ -758,16 +961,20 @@ def fsck(path: str) -> FsckReport:
             rep.errors.append("sidecar is truncated")
             return rep
         table = np.frombuffer(raw, "<u4").reshape(rows, 2)[:rep.npages]
+        if head.version == 1:
+            table = np.where(table == 2, _FOLD, table).astype(np.uint32)
         if head.clean and st.st_mtime_ns != head.mtime_ns:
             rep.notes.append("file modified since its last clean unmount (mtime); if that was "
                              "on purpose, remove the sidecar to import the image unchecked")
         if not head.clean:
-            rep.notes.append("not cleanly closed (crash?): pages written since the last sync "
-                             "may read as EIO")
+            rep.notes.append("not closed cleanly (crash?): pages written since the last sync "
+                             "may read as their old bytes or EIO")
         d, l = table[:, 0], table[:, 1]
         rep.zero_pages = int(((d == ZERO) & (l == ZERO)).sum())
         rep.unchecked_pages = int(((d == UNCHECKED) | (l == UNCHECKED)).sum())
         rep.inflight_pages = int((d != l).sum())
+        lost = (d == LOST) & (l == LOST)
+        rep.lost_pages = np.flatnonzero(lost).tolist()
         for start in range(0, rep.npages, _FSCK_RUN):
             count = min(_FSCK_RUN, rep.npages - start)
             data = os.pread(fd, count * PAGE_SIZE, start * PAGE_SIZE)
@@ -775,8 +982,9 @@ def fsck(path: str) -> FsckReport:
                 data += bytes(count * PAGE_SIZE - len(data))
             os.posix_fadvise(fd, start * PAGE_SIZE, count * PAGE_SIZE, os.POSIX_FADV_DONTNEED)
             ok = _verify(_page_crcs(data, count), table[start:start + count])
+            ok |= lost[start:start + count]     # listed as lost, not as bad
             rep.bad_pages += (np.flatnonzero(~ok) + start).tolist()
-        rep.checked_pages = rep.npages - rep.unchecked_pages
+        rep.checked_pages = rep.npages - rep.unchecked_pages - len(rep.lost_pages)
         return rep
     finally:
         os.close(fd)

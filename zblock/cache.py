@@ -1062,38 +1062,51 @@ class Cache:
     # =========================================================================================
     # flush (fsync) and close
 
-    def flush(self) -> int:
+    def flush(self, keep_going: bool = False) -> int:
         """Write every dirty page to disk and make the backing durable; entries stay, now clean.
-        Returns the number of pages flushed. Raises DiskError (pages stay dirty)."""
+        Returns the number of pages flushed. Raises DiskError (pages stay dirty): at the first
+        failed write, or with `keep_going` (a close) after trying every page."""
         with self.tree_lock:
             dirty = np.flatnonzero(self.dirty & ~self.under_wb)
             in_writeback = np.flatnonzero(self.dirty & self.under_wb)
         flushed: list[tuple[np.ndarray, np.ndarray]] = []
         lost: list[int] = []
-        self._flush_pages(dirty, flushed, lost)
+        errors: list[DiskError] = [] if keep_going else None
+        self._flush_pages(dirty, flushed, lost, errors)
         if len(in_writeback):
             # The worker is writing these. Wait for it; any it left dirty (its disk write failed,
             # or the entry changed) were written before this fsync, so write them here.
             self._wait_under_wb(in_writeback)
             with self.tree_lock:
                 again = in_writeback[self.dirty[in_writeback]]
-            self._flush_pages(again, flushed, lost)
-        self.backing.sync()
+            self._flush_pages(again, flushed, lost, errors)
+        try:
+            self.backing.sync()
+            synced = flushed
+        except DiskError as e:
+            if errors is None:
+                raise
+            errors.append(e)
+            synced = []         # written, not durable: they stay dirty
         n = 0
         with self.tree_lock:
-            for pages, gens in flushed:
+            for pages, gens in synced:
                 same = pages[self.gen[pages] == gens]
                 self.dirty[same] = False
                 n += len(same)
             self.c.flushed_pages += n
+        if errors:
+            raise errors[0]
         if lost:
             raise DataError(f"fsync: {len(lost)} page(s) could not be decompressed (first: "
                             f"page {lost[0]}); they read as EIO")
         return n
 
-    def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list) -> None:
+    def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list,
+                     errors: list | None) -> None:
         """Write dirty pages (not yet durable); append (pages, gens) written to `flushed` and
-        pages whose data could not be decompressed to `lost`."""
+        pages whose data could not be decompressed to `lost`. A failed write raises, or with
+        `errors` (a list) is appended there and the next batch is tried."""
         for lo in range(0, len(dirty), BATCH):
             pages = dirty[lo:lo + BATCH]
             with self.page_locks.hold(pages.tolist()):
@@ -1101,8 +1114,14 @@ class Cache:
                     pages = pages[self.dirty[pages]]
                     gens = self.gen[pages].copy()
                 wpages, wdata, failed = self._materialize(pages)
-                if wpages:
-                    self.backing.write_pages(wpages, wdata)
+                try:
+                    if wpages:
+                        self.backing.write_pages(wpages, wdata)
+                except DiskError as e:
+                    if errors is None:
+                        raise
+                    errors.append(e)
+                    continue
                 ok = ~np.isin(pages, failed)
                 flushed.append((pages[ok], gens[ok]))
                 lost.extend(failed)
@@ -1129,7 +1148,7 @@ class Cache:
             log.warning("writeback worker did not stop within 30 s")
         try:
             if write_back:
-                self.flush()
+                self.flush(keep_going=True)
         finally:
             with self.tree_lock:
                 for pool in self.pools:
@@ -1138,6 +1157,12 @@ class Cache:
                 for engine in self._engines.values():
                     engine.close()
                 self._engines.clear()
+
+    def dirty_pages(self) -> np.ndarray:
+        """Pages whose data the backing file does not hold durably (after a failed close: the
+        pages to mark lost)."""
+        with self.tree_lock:
+            return np.flatnonzero(self.dirty)
 
     def check_worker(self) -> None:
         if self._worker_error is not None:
@@ -1154,6 +1179,8 @@ class Cache:
                 "same_filled_pages": self.same_filled_pages,
                 "stored_incompressible_pages": self.stored_incompressible_pages,
                 "pool_total_size": self.pool_total_size,
+                # held over the limit: writeback is catching up, or the disk refuses it
+                "pool_over_limit": max(self.pool_total_size - self.config.pool_limit, 0),
                 **self.c.as_dict(),
                 "mem_used_max": self.mem_used_max,
                 "acomp_contexts": sum(p.contexts.live for p in pools),

@@ -47,7 +47,7 @@ _OPTION_PARAMS = {
     "hw-seed": "hw_seed",
     "contexts": "contexts",
 }
-_FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap"}
+_FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap", "sparse": "sparse"}
 
 # -o options mount(8) passes that mean nothing to zblock.
 _IGNORED_O = {"rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
@@ -127,9 +127,7 @@ def cmd_mount(args, argv) -> int:
         for warning in swap.preflight_warnings(config):
             print(f"zblock: warning: {warning}", file=sys.stderr)
     if args.foreground:
-        import logging
-        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        daemon.setup_logging(args.debug)
         return daemon.serve(args.mountpoint, backing, size, config, fuse_version=fuse_version,
                             ready_fd=args.ready_fd, store_class=args.store_class, debug=args.debug)
     daemon.start_background(argv, args.mountpoint)
@@ -147,6 +145,9 @@ def _add_mount(sub) -> None:
         p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help)
     p.add_argument("--kernel-cache", action="store_true", help="let the kernel cache the disk's pages")
     p.add_argument("--swap", action="store_true", help="serve swap (hardening on, backing ephemeral)")
+    p.add_argument("--sparse", action="store_true",
+                   help="do not reserve the backing file's space up front (writes fail once its "
+                        "filesystem is full)")
     p.add_argument("--fuse-version", choices=("2", "3"), default="3", help="libfuse major version (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -159,7 +160,9 @@ def _add_mount(sub) -> None:
 
 def cmd_umount(args, argv) -> int:
     from . import daemon
-    daemon.umount(args.mountpoint, force=args.force, timeout=args.timeout)
+    note = daemon.umount(args.mountpoint, force=args.force, timeout=args.timeout)
+    if note:
+        print(f"zblock: {note}", file=sys.stderr)
     return 0
 
 
@@ -332,18 +335,17 @@ def cmd_set(args, argv) -> int:
 
 
 def cmd_fsck(args, argv) -> int:
-    if os.path.isdir(args.backing):
-        raise UsageError(f"fsck: {args.backing} is a directory")
-    if not os.path.exists(args.backing):
-        raise UsageError(f"fsck: {args.backing} does not exist")
     from . import backing
-    report = backing.fsck(args.backing)
-    ok = getattr(report, "ok", None)
-    if ok is None and isinstance(report, dict):
-        ok = report.get("ok", not report.get("errors"))
-    text = str(report) if not isinstance(report, dict) else json.dumps(report, indent=1, sort_keys=True)
-    sys.stdout.write(text.rstrip("\n") + "\n")
-    return 0 if ok in (None, True) else 1
+    try:
+        report = backing.fsck(args.backing)
+    except ZblockError as e:
+        print(f"zblock: fsck: {e}", file=sys.stderr)
+        return backing.FSCK_USAGE
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        print(report.summary())
+    return report.exit_code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
     p = sub.add_parser("fsck", help="check an unmounted backing file")
     p.add_argument("backing")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
     from . import bench, swap       # their commands live beside their code
     swap.register_cli(sub)
     bench.register_cli(sub)

@@ -161,6 +161,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("kernel_cache", _bool("kernel_cache"), _fmt_bool, runtime=False,
           help="let the kernel cache the file's pages"),
     Param("swap", _bool("swap"), _fmt_bool, runtime=False, help="serve swap (hardening, ephemeral backing)"),
+    Param("sparse", _bool("sparse"), _fmt_bool, runtime=False,
+          help="do not reserve the backing file's space (writes fail once its filesystem is full)"),
 ]}
 
 
@@ -186,6 +188,7 @@ class Config:
     contexts: int = field(default_factory=lambda: os.cpu_count() or 1)
     kernel_cache: bool = False
     swap: bool = False
+    sparse: bool = False
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> "Config":
@@ -208,6 +211,9 @@ class Config:
     def check(self) -> None:
         if self.swap and self.kernel_cache:
             raise ConfigError("--kernel-cache cannot be used with --swap (swap pages would be cached twice)")
+        if self.swap and self.sparse:
+            raise ConfigError("--sparse cannot be used with --swap (swap space is always reserved: "
+                              "reclaim must never meet ENOSPC)")
 
     def copy(self) -> "Config":
         return dataclasses.replace(self)

@@ -26,7 +26,9 @@ What this module does not do: option parsing (zblock.cli), FUSE semantics (zbloc
 from __future__ import annotations
 
 import ctypes.util
+import errno
 import logging
+import logging.handlers
 import os
 import select
 import signal
@@ -37,7 +39,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from .errors import BackingError, MountError, NotAZblockMount, ZblockError
+from .errors import (BackingError, DeadMount, MountError, NotAZblockMount, WritebackFailed,
+                     ZblockError)
 from .pool import tune_malloc
 
 log = logging.getLogger("zblock.daemon")
@@ -89,6 +92,38 @@ def read_pid_file(mountpoint: str) -> int | None:
     except OSError:
         return None
     return pid if b"zblock" in cmd else None
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+
+
+class _KmsgHandler(logging.Handler):
+    """Writes records to the kernel log (/dev/kmsg, read with dmesg): where a machine without
+    a syslog socket still keeps a server's last words after its log file is gone or unread."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with open("/dev/kmsg", "w") as f:
+                f.write(f"zblock[{os.getpid()}]: {self.format(record)}\n")
+        except OSError:
+            pass
+
+
+def setup_logging(debug: bool = False) -> None:
+    """The server's logging: everything to stderr (the log file in background mode), and what
+    the user must not miss (a failed write-back) to the journal/syslog too, or the kernel log."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter(f"zblock[{os.getpid()}]: %(message)s"))
+        handler.setLevel(logging.WARNING)
+    elif os.access("/dev/kmsg", os.W_OK):
+        handler = _KmsgHandler(logging.CRITICAL)
+    else:
+        return
+    logging.getLogger().addHandler(handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +186,25 @@ def find_zblock_mount(mountpoint: str) -> MountEntry:
 # checks done before starting a server (fast errors, no traceback)
 
 
+def _is_dead(entry: MountEntry) -> bool:
+    """A FUSE mount whose server is gone: the kernel answers ENOTCONN (no hang: the
+    connection is closed, nothing waits for an answer)."""
+    try:
+        os.stat(entry.mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _dead_mount_error(mountpoint: str) -> DeadMount:
+    return DeadMount(f"{mountpoint} is a dead zblock mount (its server is gone); clear it with "
+                     f"`zblock umount --force {mountpoint}`")
+
+
 def check_mountpoint(mountpoint: str) -> None:
+    m = find_mount(mountpoint)
+    if m is not None and m.fstype == FSTYPE and _is_dead(m):
+        raise _dead_mount_error(mountpoint)
     if not os.path.exists(mountpoint):
         raise MountError(f"mount point {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
@@ -236,6 +289,15 @@ class _Readiness:
             pass
         self.fd = None
 
+    def progress(self, text: str) -> None:
+        """A line for the user while a long start-up step runs; it also extends the wait."""
+        log.info("%s", text)
+        if self.fd is not None:
+            try:
+                os.write(self.fd, f"WAIT {text}\n".encode())
+            except OSError:
+                pass
+
     def ok(self) -> None:
         self._send("OK")
 
@@ -256,7 +318,7 @@ def _load_fuse(fuse_version: int):
     return mfusepy, fuse_ops
 
 
-def _open_store(backing: str, size: int | None, config, store_class: str | None):
+def _open_store(backing: str, size: int | None, config, store_class: str | None, progress):
     if store_class:
         # module:Class with the Store interface; for fault-injection tests of real mounts.
         import importlib
@@ -264,7 +326,7 @@ def _open_store(backing: str, size: int | None, config, store_class: str | None)
         cls = getattr(importlib.import_module(mod), name)
     else:
         from .store import Store as cls
-    return cls.open(backing, size, config)
+    return cls.open(backing, size, config, progress=progress)
 
 
 def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_version: int = 3,
@@ -293,7 +355,7 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
             store.close()
             log.info("store closed in %.2f s", time.monotonic() - t0)
         except BaseException as e:      # reported by the exit code and the pid file left behind
-            log.critical("closing the store failed: %s", e, exc_info=True)
+            log.critical("closing the store failed: %s", e, exc_info=not isinstance(e, ZblockError))
             close_error.append(e)
 
     try:
@@ -304,7 +366,7 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
             harden_for_swap(config)         # before any thread exists (the Store starts some)
         else:
             tune_malloc()
-        store = _open_store(backing, size, config, store_class)
+        store = _open_store(backing, size, config, store_class, ready.progress)
     except ZblockError as e:
         ready.fail(e.exit_code, str(e))
         raise
@@ -367,8 +429,11 @@ def start_background(argv: list[str], mountpoint: str, timeout: float = START_TI
     r, w = os.pipe()
     try:
         with open(logpath, "ab") as logf:
+            log_start = logf.tell()     # this attempt's lines only, in any error message
+            # -P: the current directory must not shadow the installed package (a `zblock/`
+            # folder there would be imported instead)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "zblock", *argv, "--foreground", "--ready-fd", str(w)],
+                [sys.executable, "-P", "-m", "zblock", *argv, "--foreground", "--ready-fd", str(w)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                 start_new_session=True, close_fds=True)
     finally:
@@ -387,16 +452,32 @@ def start_background(argv: list[str], mountpoint: str, timeout: float = START_TI
         raise err
     if line == "":
         rc = proc.wait(timeout=10)
-        raise MountError(f"the server exited (code {rc}) before the mount answered: {_log_tail(logpath)}")
+        if rc < 0:
+            name = signal.Signals(-rc).name
+            why = " (out of memory? see dmesg)" if -rc == signal.SIGKILL else ""
+            raise MountError(f"the server was killed by {name}{why} before the mount answered "
+                             f"(log: {logpath})")
+        raise MountError(f"the server exited (code {rc}) before the mount answered: "
+                         f"{_log_tail(logpath, log_start)}")
     proc.kill()
     raise MountError(f"the mount did not answer within {timeout:.0f} s (see {logpath})")
 
 
 def _read_line(fd: int, timeout: float, proc) -> str:
-    """One line from the readiness pipe; "" on EOF (server gone); "TIMEOUT" at the deadline."""
+    """The server's answer on the readiness pipe; "" on EOF (server gone); "TIMEOUT" when
+    `timeout` passes without a line. "WAIT text" lines (progress) go to a terminal on stderr
+    and restart the wait."""
     deadline = time.monotonic() + timeout
     buf = b""
-    while not buf.endswith(b"\n"):
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            text = line.decode(errors="replace").strip()
+            if not text.startswith("WAIT "):
+                return text
+            deadline = time.monotonic() + timeout
+            if sys.stderr.isatty():
+                print(f"zblock: {text[5:]}", file=sys.stderr)
         left = deadline - time.monotonic()
         if left <= 0:
             return "TIMEOUT"
@@ -407,18 +488,22 @@ def _read_line(fd: int, timeout: float, proc) -> str:
         if not chunk:
             return buf.decode(errors="replace").strip()
         buf += chunk
-    return buf.decode(errors="replace").strip()
 
 
-def _log_tail(path: str) -> str:
+def _log_tail(path: str, start: int = 0) -> str:
+    """What the server said last in its log since offset `start`: its CRITICAL lines if any
+    (the reason it failed), else its last line."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 2000))
+            f.seek(max(start, f.tell() - 8000))
             lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-        return lines[-1] if lines else f"no output (see {path})"
     except OSError:
         return f"no log at {path}"
+    critical = [ln.split(" CRITICAL ", 1)[1] for ln in lines if " CRITICAL " in ln]
+    if critical:
+        return "; ".join(critical[-3:])
+    return lines[-1] if lines else f"no output (see {path})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,10 +577,19 @@ def _which(name: str) -> bool:
     return shutil.which(name) is not None
 
 
-def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT) -> None:
-    """Write back, fsync, unmount, return when the server has exited."""
+def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT) -> str | None:
+    """Write back, fsync, unmount, return when the server has exited. Returns a note for the
+    user when it cleared a dead mount instead."""
     entry = find_zblock_mount(mountpoint)
     pid = read_pid_file(mountpoint)
+    note = None
+    if not force and _is_dead(entry):
+        if pid is not None:     # the server runs but its connection was aborted
+            raise _dead_mount_error(mountpoint)
+        # Safely dead: no server is left to write anything back; clear it as --force would.
+        force = True
+        note = (f"{mountpoint} was a dead mount (its server had exited); cleared it. Pages the "
+                f"server had not written back are not in the backing file: run `zblock fsck` on it")
     if force:
         abort_connection(entry)
         res = _umount_cmd(entry.mountpoint, lazy=True)
@@ -504,14 +598,23 @@ def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT
     else:
         # fsync through the mount first: write-back errors reach the user while the mount is
         # still there, and the unmount's own write-back has nothing left but the clean pages.
-        _run_with_deadline(lambda: _fsync_disk(entry.mountpoint), 300.0, "fsync")
+        try:
+            _run_with_deadline(lambda: _fsync_disk(entry.mountpoint), 300.0, "fsync")
+        except OSError as e:
+            raise WritebackFailed(
+                f"writing back {mountpoint} failed ({e.strerror}); the mount stays up and keeps "
+                f"the data: make room on the backing file's filesystem or fix the disk, then run "
+                f"`zblock umount` again (`zblock stats` shows io_errors, pool_over_limit; log: "
+                f"{log_file(entry.mountpoint)})") from None
         res = _umount_cmd(entry.mountpoint)
         if res.returncode != 0:
             msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
             raise MountError(f"unmounting {mountpoint} failed: {msg}")
     if pid is None:
-        return
+        return note
     if not wait_pid_exit(pid, timeout):
         raise MountError(f"the server (pid {pid}) did not exit within {timeout:.0f} s after the unmount")
     if os.path.exists(pid_file(entry.mountpoint)) and not force:
-        raise MountError(f"the server exited without a clean write-back (see {log_file(entry.mountpoint)})")
+        raise MountError(f"the server exited without a clean write-back: "
+                         f"{_log_tail(log_file(entry.mountpoint))}")
+    return note

@@ -282,6 +282,10 @@ class FileDisk:
         """Deallocate a range; it reads as zeros afterwards (PUNCH_HOLE|KEEP_SIZE)."""
         fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make a range read as zeros, keeping its blocks allocated (ZERO_RANGE|KEEP_SIZE)."""
+        fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+
     def prealloc(self, offset: int, length: int) -> None:
         """Allocate a range (fallocate mode 0) so later writes cannot fail with ENOSPC."""
         fallocate(self.fd, 0, offset, length)
@@ -300,7 +304,7 @@ class FileDisk:
 # ---------------------------------------------------------------------------------------------
 # FaultyDisk
 
-OPS = ("read", "write", "fsync", "punch")
+OPS = ("read", "write", "fsync", "punch", "prealloc")
 
 
 @dataclass
@@ -407,7 +411,16 @@ class FaultyDisk:
             self._raise(rule)
         self.inner.punch(offset, length)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        rule, _ = self._match("punch", offset, length)
+        if rule:
+            self._raise(rule)
+        self.inner.zero_range(offset, length)
+
     def prealloc(self, offset: int, length: int) -> None:
+        rule, _ = self._match("prealloc", offset, length)
+        if rule:
+            self._raise(rule)
         self.inner.prealloc(offset, length)
 
     def truncate(self, size: int) -> None:
@@ -522,6 +535,13 @@ class CrashDisk:
         with self._lock:
             self._journal(offset, None, length)
             self.inner.punch(offset, length)
+
+    def zero_range(self, offset: int, length: int) -> None:
+        _check_aligned(offset, length)
+        self.plan.tick("punch")
+        with self._lock:
+            self._journal(offset, None, length)
+            self.inner.zero_range(offset, length)
 
     def fsync(self) -> None:
         self.plan.tick("fsync")

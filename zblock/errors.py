@@ -50,6 +50,16 @@ class NotAZblockMount(MountError):
     pass
 
 
+class DeadMount(MountError):
+    """A zblock mount whose server is gone (the kernel answers ENOTCONN)."""
+
+
+class WritebackFailed(MountError):
+    """Writing back before an unmount failed; the mount was kept, so nothing is lost."""
+
+    exit_code = 3
+
+
 class OutOfRange(ZblockError):
     """I/O past the end of the disk."""
 

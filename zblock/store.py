@@ -11,9 +11,11 @@ What it does not do: FUSE (fuse_ops.py), policy (cache.py), files (backing.py).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
+import numpy as np
 import psutil
 
 from . import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
@@ -24,6 +26,8 @@ from .errors import ConfigError, OutOfRange
 from .pool import Trimmer
 from .readahead import Readahead
 from .staging import WriteBehind
+
+log = logging.getLogger(__name__)
 
 CHUNK_PAGES = 256
 # Whole-page writes wait in a write-behind queue of at most this many bytes, so the next FUSE
@@ -76,8 +80,9 @@ class Store:
 
     @classmethod
     def open(cls, backing_path: str, size: int | None, config: Config, *, disk_factory=None,
-             **kw) -> "Store":
-        backing = Backing.open(backing_path, size, ephemeral=config.swap, disk_factory=disk_factory)
+             progress=None, **kw) -> "Store":
+        backing = Backing.open(backing_path, size, ephemeral=config.swap, sparse=config.sparse,
+                               disk_factory=disk_factory, progress=progress)
         try:
             return cls(backing, config, **kw)
         except BaseException:
@@ -227,11 +232,31 @@ class Store:
             self.cache.close(write_back=not swap)
         except BaseException as e:
             errors.append(e)
+        if errors and not swap:
+            self._mark_lost()
         try:
             self.backing.close(clean=not errors and not swap)
         finally:
             if errors:
                 raise errors[0]
+
+    def _mark_lost(self) -> None:
+        """After a failed write-back at close: the acknowledged pages that did not reach the
+        file must read EIO at the next mount, never zeros or older bytes."""
+        lost = self.cache.dirty_pages()
+        if self.staging:
+            lost = np.union1d(lost, np.flatnonzero(self.staging.failed))
+        if not len(lost):
+            return
+        try:
+            self.backing.mark_lost(lost)
+        except BaseException as e:
+            log.critical("%d page(s) did not reach %s and could not be marked lost either (%s): "
+                         "after a remount they may read old bytes", len(lost), self.backing.path, e)
+            return
+        log.critical("%d page(s) did not reach %s (first: page %d): they read EIO after the next "
+                     "mount until written again; `zblock fsck %s` lists them", len(lost),
+                     self.backing.path, int(lost[0]), self.backing.path)
 
     # =========================================================================================
     # params and stats
@@ -274,6 +299,7 @@ class Store:
         d["bd_writes"] = self.backing.bd_writes
         d["checksum_errors"] = self.backing.checksum_errors
         d["io_errors"] = self.backing.io_errors
+        d["sparse"] = self.backing.sparse
         hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}
         for (op, nbytes), count in sorted(self._request_sizes.items(), key=lambda kv: kv[0][1]):
             # sizes bucketed to the next power of two
