@@ -385,7 +385,8 @@ class Backing:
                 meta = factory(meta_path(path), "meta")
                 if not sparse:
                     _reserve(data, path, size, progress)
-                    _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
+                # always: a lost page must still be recordable when the filesystem is full
+                _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
                 if state == "imported" or version != META_VERSION:
                     meta.pwrite(HEADER_SIZE, table.tobytes())
                 meta.pwrite(0, _pack_header(size, clean=False))  # dirty until a clean close

@@ -187,10 +187,13 @@ def find_zblock_mount(mountpoint: str) -> MountEntry:
 
 
 def _is_dead(entry: MountEntry) -> bool:
-    """A FUSE mount whose server is gone: the kernel answers ENOTCONN (no hang: the
-    connection is closed, nothing waits for an answer)."""
+    """A FUSE mount whose server is gone: the kernel answers ENOTCONN. Asked only when no
+    server of it runs (a live but hung one would hang the question); statfs, because a stat
+    of the root may be answered from the attribute cache."""
+    if read_pid_file(entry.mountpoint) is not None:
+        return False
     try:
-        os.stat(entry.mountpoint)
+        os.statvfs(entry.mountpoint)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
@@ -584,8 +587,6 @@ def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT
     pid = read_pid_file(mountpoint)
     note = None
     if not force and _is_dead(entry):
-        if pid is not None:     # the server runs but its connection was aborted
-            raise _dead_mount_error(mountpoint)
         # Safely dead: no server is left to write anything back; clear it as --force would.
         force = True
         note = (f"{mountpoint} was a dead mount (its server had exited); cleared it. Pages the "
