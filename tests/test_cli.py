@@ -189,6 +189,13 @@ def test_table_has_ratio():
     text = cli.format_table(SAMPLE)
     assert "compression ratio" in text and "5.00" in text
     assert "stored_pages" in text and "(8.0 KiB)" in text
+    assert "WARNING" not in text
+
+
+def test_table_warns_of_a_pool_held_over_its_limit_and_sparse_files():
+    text = cli.format_table({**SAMPLE, "pool_over_limit": 81 << 20, "io_errors": 12, "sparse": True})
+    warnings = [ln for ln in text.splitlines() if ln.startswith("WARNING")]
+    assert len(warnings) == 2 and "81.0 MiB over its limit" in warnings[0], text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -472,6 +472,27 @@ def test_trimmer_trims_when_the_pool_shrank_not_on_every_free():
     assert len(trims) == 3
 
 
+def test_contexts_param_takes_effect(backing_path):
+    """A contexts write makes a new current pool with that many contexts; the old pool keeps
+    serving its pages until they are rewritten."""
+    rng = random.Random(11)
+    store = Store.open(backing_path, 1 * MiB, make_config(contexts=2, compressor="zstd"))
+    try:
+        a = b"".join(text_page(rng) for _ in range(8))
+        store.write(0, a)
+        store.set_param("contexts", "1")
+        assert store.cache.pool.contexts.n == 1
+        store.write(8 * PAGE_SIZE, a)
+        assert len(store.stats()["pools"]) == 2
+        store.write(0, a)                              # the 2-context pool's pages rewritten
+        st = store.stats()
+        assert len(st["pools"]) == 1 and st["acomp_contexts"] == 1
+        assert store.read(0, 16 * PAGE_SIZE) == a + a
+        check_consistency(store)
+    finally:
+        store.close()
+
+
 def test_compressor_switch_pools(backing_path):
     rng = random.Random(10)
     store = Store.open(backing_path, 1 * MiB, make_config())

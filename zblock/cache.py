@@ -210,11 +210,12 @@ class Cache:
     def _pool_key(self) -> tuple:
         cfg = self.config
         level = cfg.zstd_level if cfg.compressor == "zstd" else None
-        if cfg.accelerator == "none":
-            return (cfg.compressor, level, "none")
-        hw = (cfg.hw_queues, cfg.hw_depth, cfg.hw_latency_us, cfg.hw_throughput_mbps, cfg.hw_mode,
-              cfg.hw_batch, cfg.hw_fault_rate, cfg.hw_seed)
-        return (cfg.compressor, level, "sim", hw)
+        hw = None
+        if cfg.accelerator == "sim":
+            hw = (cfg.hw_queues, cfg.hw_depth, cfg.hw_latency_us, cfg.hw_throughput_mbps,
+                  cfg.hw_mode, cfg.hw_batch, cfg.hw_fault_rate, cfg.hw_seed)
+        # contexts too: a pool's context set is made with it (zswap: per-CPU, per pool)
+        return (cfg.compressor, level, cfg.accelerator, hw, cfg.contexts)
 
     def _engine_get(self, hw: tuple):
         engine = self._engines.get(hw)
@@ -242,7 +243,7 @@ class Cache:
         if free_id is None:
             raise DataError("too many live pools: wait for old pools' pages to be rewritten")
         engine = self._engine_get(key[3]) if key[2] == "sim" else None
-        contexts = ContextSet(key[0], key[1], self.config.contexts, engine=engine)
+        contexts = ContextSet(key[0], key[1], key[4], engine=engine)
         pool = Pool(free_id, key, contexts)
         self.pools[free_id] = pool
         return pool

@@ -264,6 +264,11 @@ def _human_bytes(n) -> str:
 
 def format_table(stats: dict) -> str:
     rows: list[tuple[str, str]] = []
+    if stats.get("pool_over_limit") and stats.get("io_errors"):
+        rows.append(("WARNING", f"the pool is {_human_bytes(stats['pool_over_limit'])} over its "
+                                f"limit: the backing disk refuses writes (io_errors)"))
+    if stats.get("sparse"):
+        rows.append(("WARNING", "sparse backing file: its space is not reserved (--sparse)"))
     orig, compr = stats.get("orig_data_size"), stats.get("compr_data_size")
     if _num(orig) and _num(compr) and compr:
         rows.append(("compression ratio", f"{orig / compr:.2f}"))

@@ -42,7 +42,7 @@ WRITE_BEHIND_MIN = 64 << 10
 SWAP_TRIM_QUIET = 2.0
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
 POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth", "hw_latency_us",
-               "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed"}
+               "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed", "contexts"}
 
 
 class Store:
