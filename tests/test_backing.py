@@ -753,3 +753,61 @@ def test_stale_sidecar_block_cannot_land_after_sync(img):
     with Backing.open(img) as b2:
         assert b2.read_page(1) == page("new1")  # synced: must read exactly
     assert not b_done_first, "B's sidecar write did not wait for A's"
+
+
+# ---------------------------------------------------------------------------------------------
+# reservation, lost pages, format versions
+
+
+def test_without_fallocate_the_holes_are_written_with_zeros(img):
+    """A filesystem without fallocate: the reservation writes zeros into the holes only (the
+    data already there is kept), and reports progress."""
+    with Backing.open(img, 64 * PS) as b:
+        b.write_pages([3], [page("keep")])
+    os.truncate(img, 64 * PS)               # still sparse beyond page 3
+    fac = faulty_factory("data", [Fault("prealloc", err=errno.EOPNOTSUPP)])
+    said = []
+    with Backing.open(img, disk_factory=fac, progress=said.append) as b:
+        assert fac.disks["data"].faults["prealloc"] == 1
+        assert b.read_page(3) == page("keep")
+    assert os.stat(img).st_blocks * 512 >= 64 * PS, "the holes were not filled"
+    assert fsck(img).ok
+
+
+def test_lost_pages_read_eio_until_rewritten(img):
+    with Backing.open(img, 16 * PS) as b:
+        b.write_pages([1, 2], [page("a"), page("b")])
+        b.mark_lost([2, 5])
+    rep = fsck(img)
+    assert rep.lost_pages == [2, 5] and rep.exit_code == 4 and not rep.bad_pages, rep.summary()
+    with Backing.open(img) as b:
+        assert b.read_page(1) == page("a")
+        for p in (2, 5):
+            with pytest.raises(DataError):
+                b.read_page(p)
+        b.write_pages([5], [page("new")])
+        assert b.read_page(5) == page("new")
+    assert fsck(img).lost_pages == [2]
+
+
+def test_version_1_sidecar_is_converted(img):
+    """Version 1 folded crcs 0 and 1 to 2 and 3; version 2 keeps 2 for LOST and folds 0..2 to 3."""
+    import struct
+    from zblock import backing as bk
+    with Backing.open(img, 16 * PS) as b:
+        b.write_pages([0, 1], [page("x"), page("y")])
+    with open(meta_path(img), "r+b") as f:
+        head = bytearray(f.read(bk.HEADER_SIZE))
+        head[8:12] = struct.pack("<I", 1)
+        n = bk._HEADER.size
+        head[n:n + 4] = struct.pack("<I", bk._crc(bytes(head[:n])))
+        f.seek(0)
+        f.write(head)
+        f.seek(bk.HEADER_SIZE + 8)              # page 1's pair: as a v1 page whose crc was 0
+        f.write(struct.pack("<II", 2, 2))
+    with Backing.open(img) as b:
+        assert b.read_page(0) == page("x")
+        with pytest.raises(DataError):          # its data's crc is not 0..3: a mismatch, not LOST
+            b.read_page(1)
+        assert int(b._crc[1, 0]) == bk._FOLD
+    assert fsck(img).version == 2
