@@ -126,6 +126,18 @@ def test_usage_errors_are_one_line():
     one_line_error(zblock("set", "/tmp"), 2)
 
 
+@pytest.mark.parametrize("args", [
+    [], ["frobnicate"], ["mount", "/mnt"], ["mount", "/mnt", "--backing", "/b.img", "--size", "12X"],
+    ["umount"], ["stats"], ["stats", "/mnt", "--json", "--prometheus"], ["set", "/mnt"],
+    ["umount", "/mnt", "--timeout", "x"], ["fsck"], ["swapon"], ["swapoff"],
+    ["bench", "--pages", "x"], ["bench", "--zstd-level", "30"],
+], ids=lambda a: " ".join(a) or "no-command")
+def test_one_prefix_per_error(args):
+    """Every command's error starts with exactly one "zblock: " (was "zblock: zblock set: ...")."""
+    line = one_line_error(zblock(*args))
+    assert line.count("zblock") == 1, line
+
+
 def test_missing_dev_fuse(work):
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare")

@@ -59,7 +59,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit 2), not usage text plus the error."""
 
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
+        # main() puts "zblock: " before every error, so name only the command ("set", from the
+        # prog "zblock set"): the prog itself would print "zblock: zblock set: ...".
+        command = self.prog.partition(" ")[2]
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 # ---------------------------------------------------------------------------------------------
