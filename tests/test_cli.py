@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -283,3 +284,11 @@ def test_help_of_every_command(command):
     res = zblock(*([command] if command else []), "--help")
     assert res.returncode == 0, res.stderr
     assert "usage: zblock" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_version():
+    with open(os.path.join(mountutil.REPO, "pyproject.toml"), "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    res = zblock("--version")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"zblock {version}\n"

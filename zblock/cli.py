@@ -22,6 +22,7 @@ import json
 import os
 import sys
 
+from . import __version__
 from .config import PARAMS, Config, parse_disk_size
 from .errors import ConfigError, MountError, UsageError, ZblockError
 
@@ -357,6 +358,7 @@ def cmd_fsck(args, argv) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zblock", description="A compressed, swap-like block store in user space.")
+    parser.add_argument("--version", action="version", version=f"zblock {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_mount(sub)
