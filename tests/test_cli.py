@@ -64,6 +64,13 @@ def test_new_backing_without_size(work):
     assert not os.path.exists(os.path.join(work, "b.img"))
 
 
+def test_backing_shows_as_required():
+    usage = zblock("mount", "--help").stdout.split("\n\n")[0]
+    assert " --backing PATH " in usage and "[--backing" not in usage, usage
+    line = one_line_error(zblock("mount", "/mnt", "--size", "16M"), 2)
+    assert line == "zblock: mount: the following arguments are required: --backing"
+
+
 def test_missing_mountpoint(work):
     res = zblock("mount", os.path.join(work, "nope"), "--backing", os.path.join(work, "b.img"), "--size", "16M")
     assert "does not exist" in one_line_error(res)

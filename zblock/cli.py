@@ -84,9 +84,7 @@ def _parse_o(text_list: list[str]) -> dict[str, str]:
                 name = _OPTION_PARAMS[key]
             elif key in _FLAGS:
                 name = _FLAGS[key]
-            if name in ("size", "backing"):
-                pass
-            elif name not in PARAMS:
+            if name != "size" and name not in PARAMS:
                 raise UsageError(f"-o {key}: unknown option")
             if not eq:
                 if name in ("kernel_cache", "swap", "same_filled_pages_enabled", "shrinker_enabled"):
@@ -109,14 +107,9 @@ def _mount_config(args) -> tuple[Config, int | None, str]:
     size_text = values.pop("size", None)
     if args.size is not None:
         size_text = args.size
-    backing = values.pop("backing", None)
-    if args.backing is not None:
-        backing = args.backing
-    if not backing:
-        raise UsageError("mount: --backing PATH is required")
     size = parse_disk_size(size_text) if size_text is not None else None
     config = Config.from_strings(values)
-    return config, size, backing
+    return config, size, args.backing
 
 
 def cmd_mount(args, argv) -> int:
@@ -141,7 +134,7 @@ def cmd_mount(args, argv) -> int:
 def _add_mount(sub) -> None:
     p = sub.add_parser("mount", help="mount a store", description="Mount a zblock store.")
     p.add_argument("mountpoint")
-    p.add_argument("--backing", help="backing file (a raw disk image)")
+    p.add_argument("--backing", required=True, metavar="PATH", help="backing file (a raw disk image)")
     p.add_argument("--size", help="disk size, K/M/G/T suffixes, multiple of 4096 (needed for a new backing file)")
     p.add_argument("--foreground", "-f", action="store_true", help="run the server in this process")
     p.add_argument("-o", action="append", metavar="OPT[=VAL],...", help="options as for mount -t fuse.zblock")
