@@ -52,7 +52,9 @@ def mount_args(work, *extra, size="16M", backing=None):
 
 
 @pytest.mark.parametrize("size,what", [("12X", "not a size"), ("1000", "multiple of 4096"),
-                                       ("0", "multiple of 4096"), ("-4096", "not a size")])
+                                       ("0", "multiple of 4096"), ("-4096", "not a size"),
+                                       ("1P", "too large (the maximum is 16T"),
+                                       ("100MB", "100000000 bytes, not a positive multiple of 4096")])
 def test_bad_or_unaligned_size(work, size, what):
     line = one_line_error(zblock(*mount_args(work, size=size)), 2)
     assert what in line

@@ -1,6 +1,7 @@
 import pytest
 
-from zblock.config import PARAMS, Config, parse_disk_size, parse_pool_limit, parse_size, total_ram
+from zblock.config import (MAX_SIZE, PARAMS, Config, parse_disk_size, parse_pool_limit, parse_size,
+                           total_ram)
 from zblock.errors import ConfigError, UnknownCompressor
 
 
@@ -9,12 +10,31 @@ def test_sizes():
     assert parse_size("4K") == 4096 and parse_size("2M") == 2 << 20 and parse_size("1G") == 1 << 30
     assert parse_size("1T") == 1 << 40 and parse_size("3g") == 3 << 30 and parse_size("8KiB") == 8192
     assert parse_disk_size("4G") == 4 << 30
-    for bad in ("", "x", "-4K", "1.5G", "4Q"):
-        with pytest.raises(ConfigError):
+    for bad in ("", "x", "-4K", "1.5G", "4Q", "1e3", "4iB", "٤K"):
+        with pytest.raises(ConfigError, match="not a size"):
             parse_size(bad)
-    for bad in ("4095", "0", "6000"):
+    for bad in ("4095", "0", "6000", "1MB", "100MB"):
         with pytest.raises(ConfigError, match="multiple of 4096"):
             parse_disk_size(bad)
+
+
+def test_sizes_si_suffixes_are_powers_of_1000():
+    # util-linux's rule: KB, MB, GB, TB count in 1000s; K/KiB, M/MiB ... in 1024s (any case)
+    assert parse_size("1KB") == 1000 and parse_size("64MB") == 64_000_000 and parse_size("2gb") == 2 * 10**9
+    assert parse_size("1TB") == 10**12 and parse_size("4096B") == 4096
+    assert parse_size("64M") == parse_size("64MiB") == parse_size("64mib") == 64 << 20
+    assert parse_disk_size("64MB") == 64_000_000          # 15625 pages: a multiple of 4096
+    with pytest.raises(ConfigError) as e:
+        parse_disk_size("1MB")
+    assert "1000000 bytes" in str(e.value) and "M or MiB" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["1P", "1PB", "2PiB", "1E", "17T", "16385G", "99999999999999999999",
+                                  "9" * 5000])
+def test_sizes_too_large_name_the_maximum(text):
+    with pytest.raises(ConfigError, match=r"too large \(the maximum is 16T = 17592186044416 bytes\)"):
+        parse_disk_size(text)
+    assert parse_disk_size("16T") == parse_size("16TiB") == MAX_SIZE
 
 
 def test_pool_limit_percent_reads_back_in_bytes():

@@ -22,8 +22,8 @@ import json
 import os
 import sys
 
-from . import __version__
-from .config import PARAMS, Config, parse_disk_size
+from . import PAGE_SIZE, __version__
+from .config import PARAMS, SIZE_SUFFIXES, Config, parse_disk_size
 from .errors import ConfigError, MountError, UsageError, ZblockError
 
 
@@ -135,11 +135,12 @@ def _add_mount(sub) -> None:
     p = sub.add_parser("mount", help="mount a store", description="Mount a zblock store.")
     p.add_argument("mountpoint")
     p.add_argument("--backing", required=True, metavar="PATH", help="backing file (a raw disk image)")
-    p.add_argument("--size", help="disk size, K/M/G/T suffixes, multiple of 4096 (needed for a new backing file)")
+    p.add_argument("--size", help=f"disk size in bytes, a multiple of {PAGE_SIZE} (needed for a new backing "
+                                  f"file); suffixes: {SIZE_SUFFIXES}")
     p.add_argument("--foreground", "-f", action="store_true", help="run the server in this process")
     p.add_argument("-o", action="append", metavar="OPT[=VAL],...", help="options as for mount -t fuse.zblock")
     for opt, name in _OPTION_PARAMS.items():
-        p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help)
+        p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help.replace("%", "%%"))
     p.add_argument("--kernel-cache", action="store_true", help="let the kernel cache the disk's pages")
     p.add_argument("--swap", action="store_true", help="serve swap (hardening on, backing ephemeral)")
     p.add_argument("--sparse", action="store_true",

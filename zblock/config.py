@@ -19,21 +19,44 @@ from .errors import ConfigError
 # ---------------------------------------------------------------------------------------------
 # value parsers
 
-_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# Size suffixes as util-linux reads them (strtosize): K, M, G, T and KiB .. TiB are powers of
+# 1024, KB .. TB powers of 1000; the case of the letters does not matter. P and E are known units
+# too, but beyond MAX_SIZE: refused as too large, not as "not a size".
+_BINARY_UNITS = {p + s: 1024 ** i for i, p in enumerate("KMGTPE", 1) for s in ("", "IB")}
+_DECIMAL_UNITS = {p + "B": 1000 ** i for i, p in enumerate("KMGTPE", 1)}
+_UNITS = {"": 1, "B": 1, **_BINARY_UNITS, **_DECIMAL_UNITS}
+SIZE_SUFFIXES = "K/KiB, M/MiB, G/GiB, T/TiB = powers of 1024; KB, MB, GB, TB = powers of 1000"
+
+# The largest size taken: 16 TiB = 2**32 pages. Every page costs 43 bytes of RAM in the entry
+# table (cache.py: 35) and the checksum table (backing.py: 8), so a disk this big already needs
+# 185 GB of RAM; the cap catches typos such as 1P rather than marking what a machine can hold.
+MAX_SIZE = 16 << 40
+
+
+def _parse_size_unit(text: str, name: str) -> tuple[int, str]:
+    """(bytes, the suffix as written, upper case) of a size; ConfigError naming `name`."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if unit not in _UNITS:
+        raise ConfigError(f"{name}: {text!r} is not a size (a number with an optional suffix: {SIZE_SUFFIXES})")
+    digits = m.group(1).lstrip("0") or "0"
+    # more digits than MAX_SIZE is too large whatever the unit (and int() refuses 4300 digits)
+    if len(digits) > len(str(MAX_SIZE)) or int(digits) * _UNITS[unit] > MAX_SIZE:
+        raise ConfigError(f"{name}: {text!r} is too large (the maximum is {MAX_SIZE >> 40}T = {MAX_SIZE} bytes)")
+    return int(digits) * _UNITS[unit], unit
 
 
 def parse_size(text: str, name: str = "size") -> int:
-    """Bytes with an optional binary K/M/G/T suffix (also KiB, KB, k...)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", str(text))
-    if not m:
-        raise ConfigError(f"{name}: {text!r} is not a size (a number with an optional K/M/G/T suffix)")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    """Bytes, with an optional suffix (SIZE_SUFFIXES), at most MAX_SIZE."""
+    return _parse_size_unit(text, name)[0]
 
 
 def parse_disk_size(text: str) -> int:
-    size = parse_size(text, "--size")
+    size, unit = _parse_size_unit(text, "--size")
     if size <= 0 or size % PAGE_SIZE:
-        raise ConfigError(f"--size: {text!r} must be a positive multiple of {PAGE_SIZE} bytes")
+        hint = f" ({unit} is a power of 1000; {unit[0]} or {unit[0]}iB is a power of 1024)" \
+            if unit in _DECIMAL_UNITS else ""
+        raise ConfigError(f"--size: {text!r} is {size} bytes, not a positive multiple of {PAGE_SIZE}{hint}")
     return size
 
 
@@ -136,9 +159,9 @@ class Param:
 PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("compressor", _parse_compressor, help="lz4, lzo, zstd or deflate: algorithm of the current pool"),
     Param("zstd_level", _int_range("zstd_level", 1, 19), help="zstd level, 1..19"),
-    Param("pool_limit", parse_pool_limit, help="pool limit: bytes with suffix, or N%% of RAM"),
+    Param("pool_limit", parse_pool_limit, help=f"pool limit: bytes ({SIZE_SUFFIXES}) or N% of RAM"),
     Param("accept_threshold", _int_range("accept_threshold", 0, 100),
-          help="%% of the limit to fall below before accepting again (zswap policy)"),
+          help="% of the limit to fall below before accepting again (zswap policy)"),
     Param("limit_policy", _choice("limit_policy", ("evict", "zswap")),
           help="full pool: evict the coldest (evict) or reject until below the threshold (zswap)"),
     Param("incompressible_policy", _choice("incompressible_policy", ("store_raw", "reject")),
