@@ -123,6 +123,8 @@ def test_uninstalled_compressor(work, tmp_path):
     (["--pool-limit", "12%%"], "pool_limit"), (["--accept-threshold", "101"], "accept_threshold"),
     (["--hw-batch", "0"], "hw_batch"), (["-o", "nonsense=1"], "unknown option"),
     (["--swap", "--kernel-cache"], "kernel-cache"), (["--limit-policy", "lru"], "limit_policy"),
+    (["--hw-seed", "99999999999999999999"], "hw_seed: '99999999999999999999' is out of range (0..4294967295)"),
+    (["-o", "hw_seed=1e3"], "hw_seed: '1e3' is not a decimal integer"),
 ])
 def test_bad_options(work, args, what):
     assert what in one_line_error(zblock(*mount_args(work, *args)), 2)

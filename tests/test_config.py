@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from zblock.config import (MAX_SIZE, PARAMS, Config, parse_disk_size, parse_pool_limit, parse_size,
@@ -53,6 +55,8 @@ def test_pool_limit_percent_reads_back_in_bytes():
     ("limit_policy", "drop"), ("incompressible_policy", "x"), ("same_filled_pages_enabled", "maybe"),
     ("accelerator", "gpu"), ("hw_queues", "0"), ("hw_mode", "poll"), ("hw_batch", "257"),
     ("hw_fault_rate", "1.5"), ("hw_fault_rate", "nan"), ("hw_throughput_mbps", "0"), ("hw_seed", "-1"),
+    ("hw_seed", "99999999999999999999"), ("hw_seed", "4294967296"), ("hw_seed", "1e3"), ("hw_seed", "+5"),
+    ("hw_depth", "1_000"), ("contexts", "٤"), ("zstd_level", "3.0"), ("hw_queues", "9" * 5000),
 ])
 def test_invalid_values_change_nothing(name, bad):
     cfg = Config()
@@ -61,6 +65,28 @@ def test_invalid_values_change_nothing(name, bad):
         cfg.set(name, bad)
     assert name in str(e.value)
     assert cfg.get(name) == before
+
+
+INT_PARAMS = [name for name in PARAMS if type(getattr(Config(), name)) is int and name != "pool_limit"]
+
+
+def test_every_int_param_takes_plain_decimal_in_its_stated_range():
+    """One parser for all integer params: digits only (no 1e3, 1_000, +5), range in the help."""
+    assert set(INT_PARAMS) >= {"zstd_level", "accept_threshold", "hw_queues", "hw_depth", "hw_batch",
+                               "hw_seed", "contexts"}
+    for name in INT_PARAMS:
+        lo, hi = map(int, re.search(r"\((-?\d+)\.\.(\d+)\)$", PARAMS[name].help).groups())
+        cfg = Config()
+        cfg.set(name, f" {hi}\n")           # a param file's newline is fine
+        assert getattr(cfg, name) == hi
+        cfg.set(name, str(lo))
+        assert getattr(cfg, name) == lo
+        for bad, why in [(str(hi + 1), "out of range"), (str(lo - 1), "out of range"),
+                         ("1e3", "not a decimal integer"), ("1_0", "not a decimal integer"),
+                         ("+1", "not a decimal integer"), ("0x10", "not a decimal integer")]:
+            with pytest.raises(ConfigError, match=f"^{name}: .*{why} \\({lo}\\.\\.{hi}\\)$"):
+                cfg.set(name, bad)
+    assert PARAMS["hw_seed"].help.endswith("(0..4294967295)")
 
 
 def test_formats_and_table():

@@ -81,16 +81,18 @@ def parse_pool_limit(text: str) -> int:
     return limit
 
 
-def _int_range(name: str, lo: int, hi: int | None) -> Callable[[str], int]:
+def _int_range(name: str, lo: int, hi: int) -> Callable[[str], int]:
+    """Plain decimal digits (and a minus) in lo..hi. Not int()'s other spellings: 1_000, +5, digits
+    of other scripts; 1e3 is refused too, not read as 1000."""
     def parse(text: str) -> int:
-        try:
-            v = int(str(text).strip())
-        except ValueError:
-            raise ConfigError(f"{name}: {text!r} is not an integer") from None
-        if v < lo or (hi is not None and v > hi):
-            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            raise ConfigError(f"{name}: {v} is out of range ({bound})")
-        return v
+        m = re.fullmatch(r"\s*(-?)([0-9]+)\s*", str(text))
+        if not m:
+            raise ConfigError(f"{name}: {text!r} is not a decimal integer ({lo}..{hi})")
+        sign, digits = m.group(1), m.group(2).lstrip("0") or "0"
+        # lengths first: int() refuses 4300 digits, and anything that long is out of range
+        if len(digits) > len(str(max(-lo, hi))) or not lo <= int(sign + digits) <= hi:
+            raise ConfigError(f"{name}: {str(text).strip()!r} is out of range ({lo}..{hi})")
+        return int(sign + digits)
     return parse
 
 
@@ -156,12 +158,19 @@ class Param:
     help: str = ""
 
 
+def _int_param(name: str, lo: int, hi: int, help: str) -> Param:
+    """An integer param: one parser (_int_range) for all, and the range stated in its help."""
+    return Param(name, _int_range(name, lo, hi), help=f"{help} ({lo}..{hi})")
+
+
+# random.Random (accel.py) takes any int; 32 bits are plenty to tell runs apart and to note down.
+HW_SEED_MAX = 2**32 - 1
+
 PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("compressor", _parse_compressor, help="lz4, lzo, zstd or deflate: algorithm of the current pool"),
-    Param("zstd_level", _int_range("zstd_level", 1, 19), help="zstd level, 1..19"),
+    _int_param("zstd_level", 1, 19, "zstd level"),
     Param("pool_limit", parse_pool_limit, help=f"pool limit: bytes ({SIZE_SUFFIXES}) or N% of RAM"),
-    Param("accept_threshold", _int_range("accept_threshold", 0, 100),
-          help="% of the limit to fall below before accepting again (zswap policy)"),
+    _int_param("accept_threshold", 0, 100, "% of the limit to fall below before accepting again (zswap policy)"),
     Param("limit_policy", _choice("limit_policy", ("evict", "zswap")),
           help="full pool: evict the coldest (evict) or reject until below the threshold (zswap)"),
     Param("incompressible_policy", _choice("incompressible_policy", ("store_raw", "reject")),
@@ -171,16 +180,16 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("shrinker_enabled", _bool("shrinker_enabled"), _fmt_bool,
           help="proactive writeback of cold pages below the limit"),
     Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
-    Param("hw_queues", _int_range("hw_queues", 1, 64), help="engine work queues"),
-    Param("hw_depth", _int_range("hw_depth", 1, 4096), help="entries per engine queue"),
+    _int_param("hw_queues", 1, 64, "engine work queues"),
+    _int_param("hw_depth", 1, 4096, "entries per engine queue"),
     Param("hw_latency_us", _float_range("hw_latency_us", 0, 1e6), _fmt_float, help="per-request latency"),
     Param("hw_throughput_mbps", _float_range("hw_throughput_mbps", 0, 1e6, lo_open=True), _fmt_float,
           help="per-queue throughput, MB/s"),
     Param("hw_mode", _choice("hw_mode", ("sync", "async")), help="sync (submitter polls) or async (callback)"),
-    Param("hw_batch", _int_range("hw_batch", 1, 256), help="pages submitted together"),
+    _int_param("hw_batch", 1, 256, "pages submitted together"),
     Param("hw_fault_rate", _float_range("hw_fault_rate", 0, 1), _fmt_float, help="injected engine error rate"),
-    Param("hw_seed", _int_range("hw_seed", 0, None), help="seed of the engine's faults"),
-    Param("contexts", _int_range("contexts", 1, 256), help="acomp contexts per pool (default: CPUs)"),
+    _int_param("hw_seed", 0, HW_SEED_MAX, "seed of the engine's faults"),
+    _int_param("contexts", 1, 256, "acomp contexts per pool, one per CPU by default"),
     Param("kernel_cache", _bool("kernel_cache"), _fmt_bool, runtime=False,
           help="let the kernel cache the file's pages"),
     Param("swap", _bool("swap"), _fmt_bool, runtime=False, help="serve swap (hardening, ephemeral backing)"),
