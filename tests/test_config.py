@@ -2,9 +2,12 @@ import re
 
 import pytest
 
+from mountutil import wait_for
+from zblock import PAGE_SIZE
 from zblock.config import (MAX_SIZE, PARAMS, Config, parse_disk_size, parse_pool_limit, parse_size,
                            total_ram)
 from zblock.errors import ConfigError, UnknownCompressor
+from zblock.store import Store
 
 
 def test_sizes():
@@ -45,9 +48,28 @@ def test_pool_limit_percent_reads_back_in_bytes():
     cfg = Config()
     cfg.set("pool_limit", "1M")
     assert cfg.get("pool_limit") == str(1 << 20)
-    for bad in ("0%", "101%", "abc%", "100"):
-        with pytest.raises(ConfigError):
+    for bad, why in [("101%", "between 0% and 100%"), ("-1%", "between 0% and 100%"),
+                     ("abc%", "not a percentage"), ("100", "smaller than one page"), ("-5", "not a size")]:
+        with pytest.raises(ConfigError, match=why):
             parse_pool_limit(bad)
+
+
+@pytest.mark.parametrize("policy", ["evict", "zswap"])
+def test_pool_limit_zero_sends_every_page_to_disk(tmp_path, policy):
+    """0% is what the message "between 0% and 100%" promises: no pool; pages reach the disk at
+    once (zswap's max_pool_percent=0), and every byte still reads back."""
+    assert parse_pool_limit("0%") == parse_pool_limit("0") == 0
+    cfg = Config.from_strings({"pool_limit": "0%", "limit_policy": policy, "shrinker_enabled": "N"})
+    data = b"".join((f"page {i:05} ".encode() * 400)[:PAGE_SIZE] for i in range(512))
+    store = Store.open(str(tmp_path / "disk.img"), 4 << 20, cfg)
+    try:
+        store.write(0, data)
+        wait_for(lambda: store.stats()["pool_total_size"] == 0, what="an empty pool")
+        st = store.stats()
+        assert st["bd_writes"] >= len(data) // PAGE_SIZE and st["pool_limit_hit"] > 0
+        assert store.read(0, len(data)) == data
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("name,bad", [

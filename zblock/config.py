@@ -65,19 +65,23 @@ def total_ram() -> int:
 
 
 def parse_pool_limit(text: str) -> int:
-    """`N%` of RAM (zswap's max_pool_percent) or bytes with a suffix."""
+    """`N%` of RAM, 0..100 (zswap's max_pool_percent), or bytes with a suffix: 0 or at least a page.
+
+    0 (or 0%) is a pool of no bytes, as zswap's max_pool_percent=0 is: the pool is always full,
+    so each compressed page goes on to disk right away (written back at once, or rejected under
+    the zswap policy). tests/test_config.py checks the data and the counters."""
     t = str(text).strip()
     if t.endswith("%"):
         try:
             pct = float(t[:-1])
         except ValueError:
             raise ConfigError(f"pool_limit: {text!r} is not a percentage") from None
-        if not 0 < pct <= 100:
+        if not 0 <= pct <= 100:
             raise ConfigError(f"pool_limit: {text!r} must be between 0% and 100%")
         return int(total_ram() * pct / 100)
     limit = parse_size(t, "pool_limit")
-    if limit < PAGE_SIZE:
-        raise ConfigError(f"pool_limit: {text!r} is smaller than one page")
+    if 0 < limit < PAGE_SIZE:
+        raise ConfigError(f"pool_limit: {text!r} is smaller than one page ({PAGE_SIZE} bytes; 0 means no pool)")
     return limit
 
 
@@ -169,7 +173,8 @@ HW_SEED_MAX = 2**32 - 1
 PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("compressor", _parse_compressor, help="lz4, lzo, zstd or deflate: algorithm of the current pool"),
     _int_param("zstd_level", 1, 19, "zstd level"),
-    Param("pool_limit", parse_pool_limit, help=f"pool limit: bytes ({SIZE_SUFFIXES}) or N% of RAM"),
+    Param("pool_limit", parse_pool_limit, help=f"pool limit: bytes ({SIZE_SUFFIXES}) or 0..100% of RAM; 0 or 0%: "
+               "no pool, every compressed page goes on to disk at once"),
     _int_param("accept_threshold", 0, 100, "% of the limit to fall below before accepting again (zswap policy)"),
     Param("limit_policy", _choice("limit_policy", ("evict", "zswap")),
           help="full pool: evict the coldest (evict) or reject until below the threshold (zswap)"),
