@@ -16,6 +16,7 @@ import pytest
 import mountutil
 from mountutil import Mount, zblock
 from zblock import cli
+from zblock.config import PARAMS, default_text
 
 
 def one_line_error(res, code=None):
@@ -295,6 +296,45 @@ def test_help_of_every_command(command):
     res = zblock(*([command] if command else []), "--help")
     assert res.returncode == 0, res.stderr
     assert "usage: zblock" in res.stdout and "Traceback" not in res.stderr
+
+
+def _help(command) -> str:
+    res = zblock(command, "--help")
+    assert res.returncode == 0, res.stderr
+    return " ".join(res.stdout.split())         # argparse and textwrap wrap lines: compare words
+
+
+def test_set_help_lists_every_runtime_param_with_its_default():
+    text = _help("set")
+    for name, param in PARAMS.items():
+        if param.runtime:
+            assert f"{name} {param.help}; default {default_text(name)}" in text, name
+    assert "fixed at mount: kernel_cache, swap" in text
+    assert "default 20% of RAM" in text and "hw_seed seed of the engine's faults (0..4294967295)" in text
+    assert "exit status: 0 every value written 1 not a zblock mount" in text
+
+
+def test_fsck_help_states_the_exit_codes_it_returns():
+    from zblock import backing
+    text = _help("fsck")
+    for code, words in [(backing.FSCK_CLEAN, "clean"), (backing.FSCK_PROBLEMS, "problems found"),
+                        (backing.FSCK_DAMAGE, "damage that needs action"),
+                        (backing.FSCK_USAGE, "usage or operational error")]:
+        assert f" {code} {words}" in text, (code, text)
+    assert (backing.FSCK_CLEAN, backing.FSCK_PROBLEMS, backing.FSCK_DAMAGE, backing.FSCK_USAGE) == (0, 1, 4, 8)
+
+
+@pytest.mark.parametrize("command,words", [
+    ("umount", ["return only when the server has exited", "default: 600", "exit status: 0 unmounted",
+                "3 writing back failed"]),
+    ("stats", ["MOUNTPOINT/stats", "Prometheus", "exit status: 0 printed 1 not a zblock mount, or no answer within 30 s"]),
+    ("mount", ["--size SIZE disk size in bytes, a multiple of 4096", "KB, MB, GB, TB = powers of 1000",
+               "0..100% of RAM; 0 or 0%: no pool", "default 20% of RAM", "default one per CPU"]),
+])
+def test_command_help_texts(command, words):
+    text = _help(command)
+    for w in words:
+        assert w in text, (w, text)
 
 
 def test_version():

@@ -21,10 +21,11 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 from . import PAGE_SIZE, __version__
-from .config import PARAMS, SIZE_SUFFIXES, Config, parse_disk_size
-from .errors import ConfigError, MountError, UsageError, ZblockError
+from .config import PARAMS, SIZE_SUFFIXES, Config, default_text, parse_disk_size
+from .errors import ConfigError, MountError, UsageError, WritebackFailed, ZblockError
 
 
 # --option -> param name. Flags (store_true) are marked by None in _FLAGS.
@@ -64,6 +65,35 @@ class _Parser(argparse.ArgumentParser):
         # prog "zblock set"): the prog itself would print "zblock: zblock set: ...".
         command = self.prog.partition(" ")[2]
         raise UsageError(f"{command}: {message}" if command else message)
+
+    def format_help(self):
+        # An epilog may be a function, run only when help is shown: fsck's imports the backing
+        # module (numpy: ~0.1 s), which no other command should pay for.
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+# Width of the hand-laid parts of help texts (argparse wraps the rest to the terminal).
+_HELP_WIDTH = 79
+
+
+def _exit_status(*codes: tuple[int, str]) -> str:
+    """The "exit status" part of a command's help: (code, meaning) pairs."""
+    lines = ["exit status:"]
+    for code, meaning in codes:
+        lines += textwrap.wrap(meaning, _HELP_WIDTH, initial_indent=f"  {code}  ", subsequent_indent=" " * 5)
+    return "\n".join(lines)
+
+
+def _help_parser(sub, name: str, summary: str, description: str, epilog) -> argparse.ArgumentParser:
+    """A subcommand whose description and epilog keep their line breaks."""
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# How long stats and set wait for a mount to answer: a hung server must not hang the command.
+ANSWER_TIMEOUT = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +170,8 @@ def _add_mount(sub) -> None:
     p.add_argument("--foreground", "-f", action="store_true", help="run the server in this process")
     p.add_argument("-o", action="append", metavar="OPT[=VAL],...", help="options as for mount -t fuse.zblock")
     for opt, name in _OPTION_PARAMS.items():
-        p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help.replace("%", "%%"))
+        p.add_argument(f"--{opt}", metavar=name.upper(),
+                       help=f"{PARAMS[name].help}; default {default_text(name)}".replace("%", "%%"))
     p.add_argument("--kernel-cache", action="store_true", help="let the kernel cache the disk's pages")
     p.add_argument("--swap", action="store_true", help="serve swap (hardening on, backing ephemeral)")
     p.add_argument("--sparse", action="store_true",
@@ -164,7 +195,27 @@ def cmd_umount(args, argv) -> int:
     return 0
 
 
-def read_stats(mountpoint: str, timeout: float = 30.0) -> dict:
+def _add_umount(sub) -> None:
+    p = _help_parser(
+        sub, "umount", "write back, unmount and wait for the server",
+        "Write every page back to the backing file (an fsync through the mount), unmount, and\n"
+        "return only when the server has exited: then the backing file is complete. A dead\n"
+        "mount (its server gone) is cleared, with a note that pages may be missing.",
+        _exit_status(
+            (0, "unmounted; the server wrote everything back and exited"),
+            (MountError.exit_code, "not a zblock mount, the unmount failed, or the server did not exit "
+                                   "cleanly within --timeout"),
+            (UsageError.exit_code, "usage error"),
+            (WritebackFailed.exit_code, "writing back failed: the mount stays up and keeps the data")))
+    p.add_argument("mountpoint")
+    p.add_argument("--force", action="store_true",
+                   help="abort the FUSE connection first and unmount lazily: for a server that no "
+                        "longer answers; pages not yet written back are lost")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for the server to exit (default: %(default).0f)")
+
+
+def read_stats(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict:
     from . import daemon
     daemon.find_zblock_mount(mountpoint)
 
@@ -291,6 +342,22 @@ def format_table(stats: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
 
 
+def _add_stats(sub) -> None:
+    p = _help_parser(
+        sub, "stats", "show the stats of a mount",
+        "Print the counters and gauges of a mount, read from MOUNTPOINT/stats: a table (with\n"
+        "the compression ratio first), the JSON itself (\"schema\": 1), or the Prometheus text\n"
+        "format. README.md \"How it maps to zswap and zram\" explains the names.",
+        _exit_status(
+            (0, "printed"),
+            (MountError.exit_code, f"not a zblock mount, or no answer within {ANSWER_TIMEOUT:.0f} s"),
+            (UsageError.exit_code, "usage error")))
+    p.add_argument("mountpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="the stats file as it is (sorted, indented)")
+    g.add_argument("--prometheus", action="store_true", help="Prometheus text format (zblock_* metrics)")
+
+
 def cmd_stats(args, argv) -> int:
     stats = read_stats(args.mountpoint)
     if args.json:
@@ -300,6 +367,34 @@ def cmd_stats(args, argv) -> int:
     else:
         sys.stdout.write(format_table(stats))
     return 0
+
+
+def _set_epilog() -> str:
+    """The run-time params, from PARAMS: their values and defaults cannot go out of date here."""
+    lines = ["run-time params (values; default):"]
+    for name, param in PARAMS.items():
+        if param.runtime:
+            lines += textwrap.wrap(f"{param.help}; default {default_text(name)}", _HELP_WIDTH,
+                                   initial_indent=f"  {name:<26}", subsequent_indent=" " * 28)
+    fixed = [name for name, param in PARAMS.items() if not param.runtime]
+    lines += [f"fixed at mount: {', '.join(fixed)}", "",
+              _exit_status(
+                  (0, "every value written"),
+                  (MountError.exit_code, f"not a zblock mount, or no answer within {ANSWER_TIMEOUT:.0f} s"),
+                  (UsageError.exit_code, "usage error, or an unknown, fixed or invalid param "
+                                         "(all are checked before the first is written)"))]
+    return "\n".join(lines)
+
+
+def _add_set(sub) -> None:
+    p = _help_parser(
+        sub, "set", "change params of a mount",
+        "Change run-time params of a mounted store by writing MOUNTPOINT/params/NAME, as one\n"
+        "would /sys/module/zswap/parameters/NAME. Each NAME=VALUE is checked before the first\n"
+        "is written; an invalid value changes nothing. Reading params/NAME shows the value.",
+        _set_epilog)
+    p.add_argument("mountpoint")
+    p.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
 
 
 def cmd_set(args, argv) -> int:
@@ -324,7 +419,7 @@ def cmd_set(args, argv) -> int:
             with open(path, "w") as f:
                 f.write(value + "\n")
         try:
-            daemon._run_with_deadline(write, 30.0, f"set {name}")
+            daemon._run_with_deadline(write, ANSWER_TIMEOUT, f"set {name}")
         except FileNotFoundError:
             raise UsageError(f"set: this mount has no parameter {name!r}") from None
         except OSError as e:
@@ -346,6 +441,30 @@ def cmd_fsck(args, argv) -> int:
     return report.exit_code
 
 
+def _fsck_epilog() -> str:
+    # The codes are backing.py's (e2fsck's convention), which cmd_fsck returns; what each means
+    # to a user is said here, once.
+    from . import backing
+    return _exit_status(
+        (backing.FSCK_CLEAN, "clean: closed cleanly, every page matches its checksum"),
+        (backing.FSCK_PROBLEMS, "problems found: not closed cleanly, or pages written since the last "
+                                "sync (either version may be on disk)"),
+        (backing.FSCK_DAMAGE, "damage that needs action: bad or lost pages (they read as EIO until "
+                              "rewritten), or a sidecar that cannot be used"),
+        (backing.FSCK_USAGE, "usage or operational error, nothing checked: file missing, not a file, "
+                             "or in use by a mount"))
+
+
+def _add_fsck(sub) -> None:
+    p = _help_parser(
+        sub, "fsck", "check an unmounted backing file",
+        "Check an unmounted backing file against its sidecar BACKING.zbmeta (a CRC32C per page):\n"
+        "the header, the size, and every page. It only reads; nothing is repaired.",
+        _fsck_epilog)
+    p.add_argument("backing")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+
+
 # ---------------------------------------------------------------------------------------------
 # entry point
 
@@ -356,21 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_mount(sub)
-    p = sub.add_parser("umount", help="write back, unmount and wait for the server")
-    p.add_argument("mountpoint")
-    p.add_argument("--force", action="store_true", help="abort a dead connection first")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
-    p = sub.add_parser("stats", help="show the stats of a mount")
-    p.add_argument("mountpoint")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--json", action="store_true")
-    g.add_argument("--prometheus", action="store_true")
-    p = sub.add_parser("set", help="change params of a mount")
-    p.add_argument("mountpoint")
-    p.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
-    p = sub.add_parser("fsck", help="check an unmounted backing file")
-    p.add_argument("backing")
-    p.add_argument("--json", action="store_true", help="the report as JSON")
+    _add_umount(sub)
+    _add_stats(sub)
+    _add_set(sub)
+    _add_fsck(sub)
     from . import bench, swap       # their commands live beside their code
     swap.register_cli(sub)
     bench.register_cli(sub)

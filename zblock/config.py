@@ -175,7 +175,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     _int_param("zstd_level", 1, 19, "zstd level"),
     Param("pool_limit", parse_pool_limit, help=f"pool limit: bytes ({SIZE_SUFFIXES}) or 0..100% of RAM; 0 or 0%: "
                "no pool, every compressed page goes on to disk at once"),
-    _int_param("accept_threshold", 0, 100, "% of the limit to fall below before accepting again (zswap policy)"),
+    _int_param("accept_threshold", 0, 100, "zswap policy: % of the limit to fall below before accepting again"),
     Param("limit_policy", _choice("limit_policy", ("evict", "zswap")),
           help="full pool: evict the coldest (evict) or reject until below the threshold (zswap)"),
     Param("incompressible_policy", _choice("incompressible_policy", ("store_raw", "reject")),
@@ -194,7 +194,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     _int_param("hw_batch", 1, 256, "pages submitted together"),
     Param("hw_fault_rate", _float_range("hw_fault_rate", 0, 1), _fmt_float, help="injected engine error rate"),
     _int_param("hw_seed", 0, HW_SEED_MAX, "seed of the engine's faults"),
-    _int_param("contexts", 1, 256, "acomp contexts per pool, one per CPU by default"),
+    _int_param("contexts", 1, 256, "acomp contexts per pool"),
     Param("kernel_cache", _bool("kernel_cache"), _fmt_bool, runtime=False,
           help="let the kernel cache the file's pages"),
     Param("swap", _bool("swap"), _fmt_bool, runtime=False, help="serve swap (hardening, ephemeral backing)"),
@@ -203,11 +203,14 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 ]}
 
 
+DEFAULT_POOL_LIMIT = "20%"       # zswap's max_pool_percent default
+
+
 @dataclass
 class Config:
     compressor: str = "lz4"
     zstd_level: int = 1
-    pool_limit: int = field(default_factory=lambda: parse_pool_limit("20%"))
+    pool_limit: int = field(default_factory=lambda: parse_pool_limit(DEFAULT_POOL_LIMIT))
     accept_threshold: int = 90
     limit_policy: str = "evict"
     incompressible_policy: str = "store_raw"
@@ -254,3 +257,13 @@ class Config:
 
     def copy(self) -> "Config":
         return dataclasses.replace(self)
+
+
+# Defaults that depend on the machine, as a user would say them (Config computes the number).
+_MACHINE_DEFAULTS = {"pool_limit": f"{DEFAULT_POOL_LIMIT} of RAM", "contexts": "one per CPU"}
+
+
+def default_text(name: str) -> str:
+    """A param's default for help texts: the rule for machine-dependent ones, else the value as
+    its params/ file reads it."""
+    return _MACHINE_DEFAULTS.get(name) or Config().get(name)
