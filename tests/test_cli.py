@@ -7,6 +7,7 @@ Cases that need no mount run everywhere; the others use real mounts (marker `mou
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -15,7 +16,7 @@ import pytest
 
 import mountutil
 from mountutil import Mount, zblock
-from zblock import cli
+from zblock import cli, daemon
 from zblock.config import PARAMS, default_text
 
 
@@ -290,8 +291,46 @@ def test_umount_force_on_a_hung_server(work):
         assert mountutil.wait_pid(m.pid, 60)
 
 
+@pytest.mark.mount
+def test_list_live_hung_and_dead_mounts():
+    def row_of(m, *args):
+        res = zblock("list", *args, timeout=90)
+        assert res.returncode == 0 and not res.stderr, res.stderr
+        if "--json" in args:
+            return next(r for r in json.loads(res.stdout) if r["mountpoint"] == m.mountpoint)
+        lines = res.stdout.splitlines()
+        assert lines[0].split() == list(cli.LIST_COLUMNS)
+        return next(line for line in lines if line.split()[0] == m.mountpoint)
+
+    with Mount(size="16M", compressor="zstd") as m:
+        with open(m.disk, "r+b") as f:
+            f.write(b"zblock list " * 50000)             # 600 KB that compress well
+        row = row_of(m, "--json")
+        stats = m.stats()
+        assert (row["state"], row["backing"], row["size"], row["compressor"]) == ("ok", m.backing, 16 << 20, "zstd")
+        assert row["pool_limit"] == stats["pool_limit"] and row["pool_total_size"] > 0
+        assert row["ratio"] > 2 and (row["swap"], row["swap_devices"]) == (False, [])
+        line = row_of(m).split()
+        assert line[1] == m.backing and line[2:4] == ["16.0", "MiB"] and line[4] == "zstd" and line[-1] == "-"
+
+        assert m.pid
+        os.kill(m.pid, signal.SIGSTOP)                 # hung: the deadline makes it a row
+        try:
+            assert row_of(m, "--timeout", "2").endswith(cli.DEAD)
+            assert row_of(m, "--json", "--timeout", "2")["state"] == "dead"
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+        os.kill(m.pid, signal.SIGKILL)                 # gone (ENOTCONN): backing from the pid file
+        assert mountutil.wait_pid(m.pid, 30)
+        line = row_of(m)
+        assert line.split()[:2] == [m.mountpoint, m.backing] and line.endswith(cli.DEAD), line
+        zblock("umount", "--force", m.mountpoint, check=True)
+        assert not mountutil.is_mounted(m.mountpoint)
+        os.unlink(daemon.pid_file(m.mountpoint))        # a killed server leaves it behind
+
+
 @pytest.mark.parametrize("command", ["", "mount", "umount", "stats", "set", "fsck", "swapon",
-                                     "swapoff", "bench"])
+                                     "swapoff", "bench", "list"])
 def test_help_of_every_command(command):
     res = zblock(*([command] if command else []), "--help")
     assert res.returncode == 0, res.stderr

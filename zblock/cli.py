@@ -4,7 +4,8 @@
     zblock umount MOUNTPOINT [--force]
     zblock stats MOUNTPOINT [--json | --prometheus]
     zblock set MOUNTPOINT NAME=VALUE...
-    zblock fsck BACKING
+    zblock fsck BACKING [--json]
+    zblock list [--json]
 
 Every mistake is one line on stderr ("zblock: ...") and a non-zero exit: ZblockError.exit_code
 (2 for usage and config errors, as argparse), never a traceback. Mount options become a
@@ -25,7 +26,7 @@ import textwrap
 
 from . import PAGE_SIZE, __version__
 from .config import PARAMS, SIZE_SUFFIXES, Config, default_text, parse_disk_size
-from .errors import ConfigError, MountError, UsageError, WritebackFailed, ZblockError
+from .errors import ConfigError, MountError, NotAZblockMount, UsageError, WritebackFailed, ZblockError
 
 
 # --option -> param name. Flags (store_true) are marked by None in _FLAGS.
@@ -215,14 +216,22 @@ def _add_umount(sub) -> None:
                    help="how long to wait for the server to exit (default: %(default).0f)")
 
 
-def read_stats(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict:
+def read_mount_file(mountpoint: str, name: str, timeout: float = ANSWER_TIMEOUT) -> str:
+    """The text of MOUNTPOINT/NAME on a zblock mount, within a deadline. The check that it is a
+    zblock mount runs under the deadline too: resolving the path stats the mount's root, which
+    waits on a hung server like any read (measured: lstat blocks once the kernel's cached
+    attributes expire, after 1 s)."""
     from . import daemon
-    daemon.find_zblock_mount(mountpoint)
 
     def read():
-        with open(os.path.join(mountpoint, "stats")) as f:
+        daemon.find_zblock_mount(mountpoint)
+        with open(os.path.join(mountpoint, name)) as f:
             return f.read()
-    text = daemon._run_with_deadline(read, timeout, "stats")
+    return daemon._run_with_deadline(read, timeout, name)
+
+
+def read_stats(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict:
+    text = read_mount_file(mountpoint, "stats", timeout)
     try:
         return json.loads(text)
     except ValueError:
@@ -466,6 +475,97 @@ def _add_fsck(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# list
+
+
+# Per mount: list reads every zblock mount in turn, and a hung one must not hold up the rest long.
+LIST_TIMEOUT = 5.0
+LIST_COLUMNS = ("MOUNTPOINT", "BACKING", "SIZE", "COMPRESSOR", "POOL", "LIMIT", "RATIO", "SWAP")
+DEAD = "dead (zblock umount --force)"
+
+
+def _pid_file_backing(mountpoint: str) -> str | None:
+    """The backing file the server wrote into its pid file ("PID\nBACKING\n")."""
+    from . import daemon
+    try:
+        with open(daemon.pid_file(mountpoint)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return lines[1] if len(lines) > 1 and lines[1] else None
+
+
+def list_row(mountpoint: str, timeout: float = LIST_TIMEOUT) -> dict | None:
+    """One zblock mount as `list` shows it; a mount that does not answer is a "dead" row, not an
+    error. None if it was unmounted meanwhile."""
+    from . import daemon, swap
+    row: dict = {"mountpoint": mountpoint, "backing": None, "state": "ok"}
+    try:
+        # the pid file's name resolves the mount point, which waits on a hung server: a deadline
+        row["backing"] = daemon._run_with_deadline(lambda: _pid_file_backing(mountpoint), timeout,
+                                                   "pid file")
+        stats = read_stats(mountpoint, timeout)
+        compressor = read_mount_file(mountpoint, "params/compressor", timeout).strip()
+    except NotAZblockMount:
+        return None
+    except (ZblockError, OSError) as e:     # no answer in time, ENOTCONN (server gone), ECONNABORTED
+        return {**row, "state": "dead", "error": str(e)}
+    orig, compr = stats.get("orig_data_size"), stats.get("compr_data_size")
+    swap_devices = [dev for dev in swap.loops_over(os.path.join(mountpoint, "disk")) if swap.swap_entry(dev)]
+    return {**row, "backing": stats.get("backing") or row["backing"], "size": stats.get("disk_size"),
+            "compressor": compressor, "pool_total_size": stats.get("pool_total_size"),
+            "pool_limit": stats.get("pool_limit"),
+            "ratio": orig / compr if _num(orig) and _num(compr) and compr else None,
+            "swap": bool(stats.get("swap")), "swap_devices": swap_devices}
+
+
+def format_list(rows: list[dict]) -> str:
+    """zramctl-like columns; a dead mount's row ends with DEAD after its backing file."""
+    def size(v) -> str:
+        return _human_bytes(v) if _num(v) else "-"
+    table = [LIST_COLUMNS]
+    for r in rows:
+        cells = (r["mountpoint"], r["backing"] or "-")
+        if r["state"] != "ok":
+            table.append(cells + (DEAD,))
+            continue
+        # SWAP: the loop device swapped on, "off" for a --swap mount not in use, "-" for others
+        swap_cell = ",".join(r["swap_devices"]) or ("off" if r["swap"] else "-")
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        table.append(cells + (size(r["size"]), r["compressor"], size(r["pool_total_size"]),
+                              size(r["pool_limit"]), ratio, swap_cell))
+    # widths from full rows: a dead row's last cell runs on unpadded
+    widths = [max(len(t[i]) for t in table if len(t) == len(LIST_COLUMNS)) for i in range(len(LIST_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(t, widths)).rstrip() for t in table]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_list(args, argv) -> int:
+    from . import daemon
+    mountpoints = dict.fromkeys(m.mountpoint for m in daemon.mounts() if m.fstype == daemon.FSTYPE)
+    rows = [r for r in (list_row(mp, args.timeout) for mp in mountpoints) if r is not None]
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    else:
+        sys.stdout.write(format_list(rows))
+    return 0
+
+
+def _add_list(sub) -> None:
+    p = _help_parser(
+        sub, "list", "list the zblock mounts on this machine",
+        "One line per zblock mount (from /proc/self/mountinfo), like zramctl: mount point,\n"
+        "backing file, disk size, compressor, pool bytes, pool limit, compression ratio and\n"
+        "swap (the loop device swapped on; \"off\" for a --swap mount not in use). A mount\n"
+        f"that does not answer within --timeout is listed as \"{DEAD}\".",
+        _exit_status((0, "listed (dead mounts are rows, not errors)"),
+                     (UsageError.exit_code, "usage error")))
+    p.add_argument("--json", action="store_true", help="a JSON list, sizes in bytes")
+    p.add_argument("--timeout", type=float, default=LIST_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for each mount to answer (default: %(default).0f)")
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -479,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats(sub)
     _add_set(sub)
     _add_fsck(sub)
+    _add_list(sub)
     from . import bench, swap       # their commands live beside their code
     swap.register_cli(sub)
     bench.register_cli(sub)
@@ -486,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "stats": cmd_stats, "set": cmd_set,
-            "fsck": cmd_fsck}
+            "fsck": cmd_fsck, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
