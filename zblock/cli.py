@@ -219,8 +219,8 @@ def _add_umount(sub) -> None:
 def read_mount_file(mountpoint: str, name: str, timeout: float = ANSWER_TIMEOUT) -> str:
     """The text of MOUNTPOINT/NAME on a zblock mount, within a deadline. The check that it is a
     zblock mount runs under the deadline too: resolving the path stats the mount's root, which
-    waits on a hung server like any read (measured: lstat blocks once the kernel's cached
-    attributes expire, after 1 s)."""
+    waits on a hung server like any read (measured: lstat of a stopped server's mount point
+    blocks once the kernel's cached attributes have expired)."""
     from . import daemon
 
     def read():
@@ -485,7 +485,7 @@ DEAD = "dead (zblock umount --force)"
 
 
 def _pid_file_backing(mountpoint: str) -> str | None:
-    """The backing file the server wrote into its pid file ("PID\nBACKING\n")."""
+    """The backing file the server wrote into its pid file ("PID\\nBACKING\\n")."""
     from . import daemon
     try:
         with open(daemon.pid_file(mountpoint)) as f:
