@@ -144,7 +144,7 @@ def test_usage_errors_are_one_line():
     [], ["frobnicate"], ["mount", "/mnt"], ["mount", "/mnt", "--backing", "/b.img", "--size", "12X"],
     ["umount"], ["stats"], ["stats", "/mnt", "--json", "--prometheus"], ["set", "/mnt"],
     ["umount", "/mnt", "--timeout", "x"], ["fsck"], ["swapon"], ["swapoff"],
-    ["bench", "--pages", "x"], ["bench", "--zstd-level", "30"],
+    ["bench", "--pages", "x"], ["bench", "--zstd-level", "30"], ["list", "--timeout", "x"],
 ], ids=lambda a: " ".join(a) or "no-command")
 def test_one_prefix_per_error(args):
     """Every command's error starts with exactly one "zblock: " (was "zblock: zblock set: ...")."""
