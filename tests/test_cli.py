@@ -7,14 +7,17 @@ Cases that need no mount run everywhere; the others use real mounts (marker `mou
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
 import mountutil
 from mountutil import Mount, zblock
-from zblock import cli
+from zblock import cli, daemon
+from zblock.config import PARAMS, default_text
 
 
 def one_line_error(res, code=None):
@@ -51,7 +54,9 @@ def mount_args(work, *extra, size="16M", backing=None):
 
 
 @pytest.mark.parametrize("size,what", [("12X", "not a size"), ("1000", "multiple of 4096"),
-                                       ("0", "multiple of 4096"), ("-4096", "not a size")])
+                                       ("0", "multiple of 4096"), ("-4096", "not a size"),
+                                       ("1P", "too large (the maximum is 16T"),
+                                       ("100MB", "100000000 bytes, not a positive multiple of 4096")])
 def test_bad_or_unaligned_size(work, size, what):
     line = one_line_error(zblock(*mount_args(work, size=size)), 2)
     assert what in line
@@ -61,6 +66,13 @@ def test_new_backing_without_size(work):
     line = one_line_error(zblock(*mount_args(work, size=None)), 2)
     assert "--size" in line
     assert not os.path.exists(os.path.join(work, "b.img"))
+
+
+def test_backing_shows_as_required():
+    usage = zblock("mount", "--help").stdout.split("\n\n")[0]
+    assert " --backing PATH " in usage and "[--backing" not in usage, usage
+    line = one_line_error(zblock("mount", "/mnt", "--size", "16M"), 2)
+    assert line == "zblock: mount: the following arguments are required: --backing"
 
 
 def test_missing_mountpoint(work):
@@ -113,6 +125,8 @@ def test_uninstalled_compressor(work, tmp_path):
     (["--pool-limit", "12%%"], "pool_limit"), (["--accept-threshold", "101"], "accept_threshold"),
     (["--hw-batch", "0"], "hw_batch"), (["-o", "nonsense=1"], "unknown option"),
     (["--swap", "--kernel-cache"], "kernel-cache"), (["--limit-policy", "lru"], "limit_policy"),
+    (["--hw-seed", "99999999999999999999"], "hw_seed: '99999999999999999999' is out of range (0..4294967295)"),
+    (["-o", "hw_seed=1e3"], "hw_seed: '1e3' is not a decimal integer"),
 ])
 def test_bad_options(work, args, what):
     assert what in one_line_error(zblock(*mount_args(work, *args)), 2)
@@ -124,6 +138,18 @@ def test_usage_errors_are_one_line():
     one_line_error(zblock("frobnicate"), 2)
     one_line_error(zblock("stats"), 2)
     one_line_error(zblock("set", "/tmp"), 2)
+
+
+@pytest.mark.parametrize("args", [
+    [], ["frobnicate"], ["mount", "/mnt"], ["mount", "/mnt", "--backing", "/b.img", "--size", "12X"],
+    ["umount"], ["stats"], ["stats", "/mnt", "--json", "--prometheus"], ["set", "/mnt"],
+    ["umount", "/mnt", "--timeout", "x"], ["fsck"], ["swapon"], ["swapoff"],
+    ["bench", "--pages", "x"], ["bench", "--zstd-level", "30"], ["list", "--timeout", "x"],
+], ids=lambda a: " ".join(a) or "no-command")
+def test_one_prefix_per_error(args):
+    """Every command's error starts with exactly one "zblock: " (was "zblock: zblock set: ...")."""
+    line = one_line_error(zblock(*args))
+    assert line.count("zblock") == 1, line
 
 
 def test_missing_dev_fuse(work):
@@ -272,9 +298,94 @@ def test_umount_force_on_a_hung_server(work):
         assert mountutil.wait_pid(m.pid, 60)
 
 
+@pytest.mark.mount
+def test_list_live_hung_and_dead_mounts():
+    def row_of(m, *args):
+        res = zblock("list", *args, timeout=90)
+        assert res.returncode == 0 and not res.stderr, res.stderr
+        if "--json" in args:
+            return next(r for r in json.loads(res.stdout) if r["mountpoint"] == m.mountpoint)
+        lines = res.stdout.splitlines()
+        assert lines[0].split() == list(cli.LIST_COLUMNS)
+        return next(line for line in lines if line.split()[0] == m.mountpoint)
+
+    with Mount(size="16M", compressor="zstd") as m:
+        with open(m.disk, "r+b") as f:
+            f.write(b"zblock list " * 50000)             # 600 KB that compress well
+        row = row_of(m, "--json")
+        stats = m.stats()
+        assert (row["state"], row["backing"], row["size"], row["compressor"]) == ("ok", m.backing, 16 << 20, "zstd")
+        assert row["pool_limit"] == stats["pool_limit"] and row["pool_total_size"] > 0
+        assert row["ratio"] > 2 and (row["swap"], row["swap_devices"]) == (False, [])
+        line = row_of(m).split()
+        assert line[1] == m.backing and line[2:4] == ["16.0", "MiB"] and line[4] == "zstd" and line[-1] == "-"
+
+        assert m.pid
+        os.kill(m.pid, signal.SIGSTOP)                 # hung: the deadline makes it a row
+        try:
+            assert row_of(m, "--timeout", "2").endswith(cli.DEAD)
+            assert row_of(m, "--json", "--timeout", "2")["state"] == "dead"
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+        os.kill(m.pid, signal.SIGKILL)                 # gone (ENOTCONN): backing from the pid file
+        assert mountutil.wait_pid(m.pid, 30)
+        line = row_of(m)
+        assert line.split()[:2] == [m.mountpoint, m.backing] and line.endswith(cli.DEAD), line
+        zblock("umount", "--force", m.mountpoint, check=True)
+        assert not mountutil.is_mounted(m.mountpoint)
+        os.unlink(daemon.pid_file(m.mountpoint))        # a killed server leaves it behind
+
+
 @pytest.mark.parametrize("command", ["", "mount", "umount", "stats", "set", "fsck", "swapon",
-                                     "swapoff", "bench"])
+                                     "swapoff", "bench", "list"])
 def test_help_of_every_command(command):
     res = zblock(*([command] if command else []), "--help")
     assert res.returncode == 0, res.stderr
     assert "usage: zblock" in res.stdout and "Traceback" not in res.stderr
+
+
+def _help(command) -> str:
+    res = zblock(command, "--help")
+    assert res.returncode == 0, res.stderr
+    return " ".join(res.stdout.split())         # argparse and textwrap wrap lines: compare words
+
+
+def test_set_help_lists_every_runtime_param_with_its_default():
+    text = _help("set")
+    for name, param in PARAMS.items():
+        if param.runtime:
+            assert f"{name} {param.help}; default {default_text(name)}" in text, name
+    assert "fixed at mount: kernel_cache, swap" in text
+    assert "default 20% of RAM" in text and "hw_seed seed of the engine's faults (0..4294967295)" in text
+    assert "exit status: 0 every value written 1 not a zblock mount" in text
+
+
+def test_fsck_help_states_the_exit_codes_it_returns():
+    from zblock import backing
+    text = _help("fsck")
+    for code, words in [(backing.FSCK_CLEAN, "clean"), (backing.FSCK_PROBLEMS, "problems found"),
+                        (backing.FSCK_DAMAGE, "damage that needs action"),
+                        (backing.FSCK_USAGE, "usage or operational error")]:
+        assert f" {code} {words}" in text, (code, text)
+    assert (backing.FSCK_CLEAN, backing.FSCK_PROBLEMS, backing.FSCK_DAMAGE, backing.FSCK_USAGE) == (0, 1, 4, 8)
+
+
+@pytest.mark.parametrize("command,words", [
+    ("umount", ["return only when the server has exited", "default: 600", "exit status: 0 unmounted",
+                "3 writing back failed"]),
+    ("stats", ["MOUNTPOINT/stats", "Prometheus", "exit status: 0 printed 1 not a zblock mount, or no answer within 30 s"]),
+    ("mount", ["--size SIZE disk size in bytes, a multiple of 4096", "KB, MB, GB, TB = powers of 1000",
+               "0..100% of RAM; 0 or 0%: no pool", "default 20% of RAM", "default one per CPU"]),
+])
+def test_command_help_texts(command, words):
+    text = _help(command)
+    for w in words:
+        assert w in text, (w, text)
+
+
+def test_version():
+    with open(os.path.join(mountutil.REPO, "pyproject.toml"), "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    res = zblock("--version")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"zblock {version}\n"

@@ -8,4 +8,4 @@ PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 PAGE_MASK = PAGE_SIZE - 1
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"          # the same as pyproject.toml's (tests/test_cli.py checks)

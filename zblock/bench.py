@@ -341,10 +341,10 @@ def run(args: argparse.Namespace) -> int:
             plot(rows, args.plot)
         return 0
     except ValueError as e:          # engine/context parameter validation
-        print(f"zblock bench: {e}", file=sys.stderr)
+        print(f"zblock: bench: {e}", file=sys.stderr)
         return 2
     except ZblockError as e:
-        print(str(e).splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr)
+        print(f"zblock: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
 
 

@@ -4,7 +4,8 @@
     zblock umount MOUNTPOINT [--force]
     zblock stats MOUNTPOINT [--json | --prometheus]
     zblock set MOUNTPOINT NAME=VALUE...
-    zblock fsck BACKING
+    zblock fsck BACKING [--json]
+    zblock list [--json]
 
 Every mistake is one line on stderr ("zblock: ...") and a non-zero exit: ZblockError.exit_code
 (2 for usage and config errors, as argparse), never a traceback. Mount options become a
@@ -21,9 +22,11 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
-from .config import PARAMS, Config, parse_disk_size
-from .errors import ConfigError, MountError, UsageError, ZblockError
+from . import PAGE_SIZE, __version__
+from .config import PARAMS, SIZE_SUFFIXES, Config, default_text, parse_disk_size
+from .errors import ConfigError, MountError, NotAZblockMount, UsageError, WritebackFailed, ZblockError
 
 
 # --option -> param name. Flags (store_true) are marked by None in _FLAGS.
@@ -59,7 +62,39 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit 2), not usage text plus the error."""
 
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
+        # main() puts "zblock: " before every error, so name only the command ("set", from the
+        # prog "zblock set"): the prog itself would print "zblock: zblock set: ...".
+        command = self.prog.partition(" ")[2]
+        raise UsageError(f"{command}: {message}" if command else message)
+
+    def format_help(self):
+        # An epilog may be a function, run only when help is shown: fsck's imports the backing
+        # module (numpy: ~0.1 s), which no other command should pay for.
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+# Width of the hand-laid parts of help texts (argparse wraps the rest to the terminal).
+_HELP_WIDTH = 79
+
+
+def _exit_status(*codes: tuple[int, str]) -> str:
+    """The "exit status" part of a command's help: (code, meaning) pairs."""
+    lines = ["exit status:"]
+    for code, meaning in codes:
+        lines += textwrap.wrap(meaning, _HELP_WIDTH, initial_indent=f"  {code}  ", subsequent_indent=" " * 5)
+    return "\n".join(lines)
+
+
+def _help_parser(sub, name: str, summary: str, description: str, epilog) -> argparse.ArgumentParser:
+    """A subcommand whose description and epilog keep their line breaks."""
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# How long stats and set wait for a mount to answer: a hung server must not hang the command.
+ANSWER_TIMEOUT = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,9 +115,7 @@ def _parse_o(text_list: list[str]) -> dict[str, str]:
                 name = _OPTION_PARAMS[key]
             elif key in _FLAGS:
                 name = _FLAGS[key]
-            if name in ("size", "backing"):
-                pass
-            elif name not in PARAMS:
+            if name != "size" and name not in PARAMS:
                 raise UsageError(f"-o {key}: unknown option")
             if not eq:
                 if name in ("kernel_cache", "swap", "same_filled_pages_enabled", "shrinker_enabled"):
@@ -105,14 +138,9 @@ def _mount_config(args) -> tuple[Config, int | None, str]:
     size_text = values.pop("size", None)
     if args.size is not None:
         size_text = args.size
-    backing = values.pop("backing", None)
-    if args.backing is not None:
-        backing = args.backing
-    if not backing:
-        raise UsageError("mount: --backing PATH is required")
     size = parse_disk_size(size_text) if size_text is not None else None
     config = Config.from_strings(values)
-    return config, size, backing
+    return config, size, args.backing
 
 
 def cmd_mount(args, argv) -> int:
@@ -137,12 +165,14 @@ def cmd_mount(args, argv) -> int:
 def _add_mount(sub) -> None:
     p = sub.add_parser("mount", help="mount a store", description="Mount a zblock store.")
     p.add_argument("mountpoint")
-    p.add_argument("--backing", help="backing file (a raw disk image)")
-    p.add_argument("--size", help="disk size, K/M/G/T suffixes, multiple of 4096 (needed for a new backing file)")
+    p.add_argument("--backing", required=True, metavar="PATH", help="backing file (a raw disk image)")
+    p.add_argument("--size", help=f"disk size in bytes, a multiple of {PAGE_SIZE} (needed for a new backing "
+                                  f"file); suffixes: {SIZE_SUFFIXES}")
     p.add_argument("--foreground", "-f", action="store_true", help="run the server in this process")
     p.add_argument("-o", action="append", metavar="OPT[=VAL],...", help="options as for mount -t fuse.zblock")
     for opt, name in _OPTION_PARAMS.items():
-        p.add_argument(f"--{opt}", metavar=name.upper(), help=PARAMS[name].help)
+        p.add_argument(f"--{opt}", metavar=name.upper(),
+                       help=f"{PARAMS[name].help}; default {default_text(name)}".replace("%", "%%"))
     p.add_argument("--kernel-cache", action="store_true", help="let the kernel cache the disk's pages")
     p.add_argument("--swap", action="store_true", help="serve swap (hardening on, backing ephemeral)")
     p.add_argument("--sparse", action="store_true",
@@ -166,14 +196,42 @@ def cmd_umount(args, argv) -> int:
     return 0
 
 
-def read_stats(mountpoint: str, timeout: float = 30.0) -> dict:
+def _add_umount(sub) -> None:
+    p = _help_parser(
+        sub, "umount", "write back, unmount and wait for the server",
+        "Write every page back to the backing file (an fsync through the mount), unmount, and\n"
+        "return only when the server has exited: then the backing file is complete. A dead\n"
+        "mount (its server gone) is cleared, with a note that pages may be missing.",
+        _exit_status(
+            (0, "unmounted; the server wrote everything back and exited"),
+            (MountError.exit_code, "not a zblock mount, the unmount failed, or the server did not exit "
+                                   "cleanly within --timeout"),
+            (UsageError.exit_code, "usage error"),
+            (WritebackFailed.exit_code, "writing back failed: the mount stays up and keeps the data")))
+    p.add_argument("mountpoint")
+    p.add_argument("--force", action="store_true",
+                   help="abort the FUSE connection first and unmount lazily: for a server that no "
+                        "longer answers; pages not yet written back are lost")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for the server to exit (default: %(default).0f)")
+
+
+def read_mount_file(mountpoint: str, name: str, timeout: float = ANSWER_TIMEOUT) -> str:
+    """The text of MOUNTPOINT/NAME on a zblock mount, within a deadline. The check that it is a
+    zblock mount runs under the deadline too: resolving the path stats the mount's root, which
+    waits on a hung server like any read (measured: lstat of a stopped server's mount point
+    blocks once the kernel's cached attributes have expired)."""
     from . import daemon
-    daemon.find_zblock_mount(mountpoint)
 
     def read():
-        with open(os.path.join(mountpoint, "stats")) as f:
+        daemon.find_zblock_mount(mountpoint)
+        with open(os.path.join(mountpoint, name)) as f:
             return f.read()
-    text = daemon._run_with_deadline(read, timeout, "stats")
+    return daemon._run_with_deadline(read, timeout, name)
+
+
+def read_stats(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict:
+    text = read_mount_file(mountpoint, "stats", timeout)
     try:
         return json.loads(text)
     except ValueError:
@@ -298,6 +356,22 @@ def format_table(stats: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
 
 
+def _add_stats(sub) -> None:
+    p = _help_parser(
+        sub, "stats", "show the stats of a mount",
+        "Print the counters and gauges of a mount, read from MOUNTPOINT/stats: a table (with\n"
+        "the compression ratio first), the JSON itself (\"schema\": 1), or the Prometheus text\n"
+        "format. README.md \"How it maps to zswap and zram\" explains the names.",
+        _exit_status(
+            (0, "printed"),
+            (MountError.exit_code, f"not a zblock mount, or no answer within {ANSWER_TIMEOUT:.0f} s"),
+            (UsageError.exit_code, "usage error")))
+    p.add_argument("mountpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="the stats file as it is (sorted, indented)")
+    g.add_argument("--prometheus", action="store_true", help="Prometheus text format (zblock_* metrics)")
+
+
 def cmd_stats(args, argv) -> int:
     stats = read_stats(args.mountpoint)
     if args.json:
@@ -307,6 +381,34 @@ def cmd_stats(args, argv) -> int:
     else:
         sys.stdout.write(format_table(stats))
     return 0
+
+
+def _set_epilog() -> str:
+    """The run-time params, from PARAMS: their values and defaults cannot go out of date here."""
+    lines = ["run-time params (values; default):"]
+    for name, param in PARAMS.items():
+        if param.runtime:
+            lines += textwrap.wrap(f"{param.help}; default {default_text(name)}", _HELP_WIDTH,
+                                   initial_indent=f"  {name:<26}", subsequent_indent=" " * 28)
+    fixed = [name for name, param in PARAMS.items() if not param.runtime]
+    lines += [f"fixed at mount: {', '.join(fixed)}", "",
+              _exit_status(
+                  (0, "every value written"),
+                  (MountError.exit_code, f"not a zblock mount, or no answer within {ANSWER_TIMEOUT:.0f} s"),
+                  (UsageError.exit_code, "usage error, or an unknown, fixed or invalid param "
+                                         "(all are checked before the first is written)"))]
+    return "\n".join(lines)
+
+
+def _add_set(sub) -> None:
+    p = _help_parser(
+        sub, "set", "change params of a mount",
+        "Change run-time params of a mounted store by writing MOUNTPOINT/params/NAME, as one\n"
+        "would /sys/module/zswap/parameters/NAME. Each NAME=VALUE is checked before the first\n"
+        "is written; an invalid value changes nothing. Reading params/NAME shows the value.",
+        _set_epilog)
+    p.add_argument("mountpoint")
+    p.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
 
 
 def cmd_set(args, argv) -> int:
@@ -331,7 +433,7 @@ def cmd_set(args, argv) -> int:
             with open(path, "w") as f:
                 f.write(value + "\n")
         try:
-            daemon._run_with_deadline(write, 30.0, f"set {name}")
+            daemon._run_with_deadline(write, ANSWER_TIMEOUT, f"set {name}")
         except FileNotFoundError:
             raise UsageError(f"set: this mount has no parameter {name!r}") from None
         except OSError as e:
@@ -353,30 +455,136 @@ def cmd_fsck(args, argv) -> int:
     return report.exit_code
 
 
+def _fsck_epilog() -> str:
+    # The codes are backing.py's (e2fsck's convention), which cmd_fsck returns; what each means
+    # to a user is said here, once.
+    from . import backing
+    return _exit_status(
+        (backing.FSCK_CLEAN, "clean: closed cleanly, every page matches its checksum"),
+        (backing.FSCK_PROBLEMS, "problems found: not closed cleanly, or pages written since the last "
+                                "sync (either version may be on disk)"),
+        (backing.FSCK_DAMAGE, "damage that needs action: bad or lost pages (they read as EIO until "
+                              "rewritten), or a sidecar that cannot be used"),
+        (backing.FSCK_USAGE, "usage or operational error, nothing checked: file missing, not a file, "
+                             "or in use by a mount"))
+
+
+def _add_fsck(sub) -> None:
+    p = _help_parser(
+        sub, "fsck", "check an unmounted backing file",
+        "Check an unmounted backing file against its sidecar BACKING.zbmeta (a CRC32C per page):\n"
+        "the header, the size, and every page. It only reads; nothing is repaired.",
+        _fsck_epilog)
+    p.add_argument("backing")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# list
+
+
+# Per mount: list reads every zblock mount in turn, and a hung one must not hold up the rest long.
+LIST_TIMEOUT = 5.0
+LIST_COLUMNS = ("MOUNTPOINT", "BACKING", "SIZE", "COMPRESSOR", "POOL", "LIMIT", "RATIO", "SWAP")
+DEAD = "dead (zblock umount --force)"
+
+
+def _pid_file_backing(mountpoint: str) -> str | None:
+    """The backing file the server wrote into its pid file ("PID\\nBACKING\\n")."""
+    from . import daemon
+    try:
+        with open(daemon.pid_file(mountpoint)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return lines[1] if len(lines) > 1 and lines[1] else None
+
+
+def list_row(mountpoint: str, timeout: float = LIST_TIMEOUT) -> dict | None:
+    """One zblock mount as `list` shows it; a mount that does not answer is a "dead" row, not an
+    error. None if it was unmounted meanwhile."""
+    from . import daemon, swap
+    row: dict = {"mountpoint": mountpoint, "backing": None, "state": "ok"}
+    try:
+        # the pid file's name resolves the mount point, which waits on a hung server: a deadline
+        row["backing"] = daemon._run_with_deadline(lambda: _pid_file_backing(mountpoint), timeout,
+                                                   "pid file")
+        stats = read_stats(mountpoint, timeout)
+        compressor = read_mount_file(mountpoint, "params/compressor", timeout).strip()
+    except NotAZblockMount:
+        return None
+    except (ZblockError, OSError) as e:     # no answer in time, ENOTCONN (server gone), ECONNABORTED
+        return {**row, "state": "dead", "error": str(e)}
+    orig, compr = stats.get("orig_data_size"), stats.get("compr_data_size")
+    swap_devices = [dev for dev in swap.loops_over(os.path.join(mountpoint, "disk")) if swap.swap_entry(dev)]
+    return {**row, "backing": stats.get("backing") or row["backing"], "size": stats.get("disk_size"),
+            "compressor": compressor, "pool_total_size": stats.get("pool_total_size"),
+            "pool_limit": stats.get("pool_limit"),
+            "ratio": orig / compr if _num(orig) and _num(compr) and compr else None,
+            "swap": bool(stats.get("swap")), "swap_devices": swap_devices}
+
+
+def format_list(rows: list[dict]) -> str:
+    """zramctl-like columns; a dead mount's row ends with DEAD after its backing file."""
+    def size(v) -> str:
+        return _human_bytes(v) if _num(v) else "-"
+    table = [LIST_COLUMNS]
+    for r in rows:
+        cells = (r["mountpoint"], r["backing"] or "-")
+        if r["state"] != "ok":
+            table.append(cells + (DEAD,))
+            continue
+        # SWAP: the loop device swapped on, "off" for a --swap mount not in use, "-" for others
+        swap_cell = ",".join(r["swap_devices"]) or ("off" if r["swap"] else "-")
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        table.append(cells + (size(r["size"]), r["compressor"], size(r["pool_total_size"]),
+                              size(r["pool_limit"]), ratio, swap_cell))
+    # widths from full rows: a dead row's last cell runs on unpadded
+    widths = [max(len(t[i]) for t in table if len(t) == len(LIST_COLUMNS)) for i in range(len(LIST_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(t, widths)).rstrip() for t in table]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_list(args, argv) -> int:
+    from . import daemon
+    mountpoints = dict.fromkeys(m.mountpoint for m in daemon.mounts() if m.fstype == daemon.FSTYPE)
+    rows = [r for r in (list_row(mp, args.timeout) for mp in mountpoints) if r is not None]
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    else:
+        sys.stdout.write(format_list(rows))
+    return 0
+
+
+def _add_list(sub) -> None:
+    p = _help_parser(
+        sub, "list", "list the zblock mounts on this machine",
+        "One line per zblock mount (from /proc/self/mountinfo), like zramctl: mount point,\n"
+        "backing file, disk size, compressor, pool bytes, pool limit, compression ratio and\n"
+        "swap (the loop device swapped on; \"off\" for a --swap mount not in use). A mount\n"
+        f"that does not answer within --timeout is listed as \"{DEAD}\".",
+        _exit_status((0, "listed (dead mounts are rows, not errors)"),
+                     (UsageError.exit_code, "usage error")))
+    p.add_argument("--json", action="store_true", help="a JSON list, sizes in bytes")
+    p.add_argument("--timeout", type=float, default=LIST_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for each mount to answer (default: %(default).0f)")
+
+
 # ---------------------------------------------------------------------------------------------
 # entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zblock", description="A compressed, swap-like block store in user space.")
+    parser.add_argument("--version", action="version", version=f"zblock {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_mount(sub)
-    p = sub.add_parser("umount", help="write back, unmount and wait for the server")
-    p.add_argument("mountpoint")
-    p.add_argument("--force", action="store_true", help="abort a dead connection first")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
-    p = sub.add_parser("stats", help="show the stats of a mount")
-    p.add_argument("mountpoint")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--json", action="store_true")
-    g.add_argument("--prometheus", action="store_true")
-    p = sub.add_parser("set", help="change params of a mount")
-    p.add_argument("mountpoint")
-    p.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
-    p = sub.add_parser("fsck", help="check an unmounted backing file")
-    p.add_argument("backing")
-    p.add_argument("--json", action="store_true", help="the report as JSON")
+    _add_umount(sub)
+    _add_stats(sub)
+    _add_set(sub)
+    _add_fsck(sub)
+    _add_list(sub)
     from . import bench, swap       # their commands live beside their code
     swap.register_cli(sub)
     bench.register_cli(sub)
@@ -384,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "stats": cmd_stats, "set": cmd_set,
-            "fsck": cmd_fsck}
+            "fsck": cmd_fsck, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

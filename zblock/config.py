@@ -19,21 +19,44 @@ from .errors import ConfigError
 # ---------------------------------------------------------------------------------------------
 # value parsers
 
-_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# Size suffixes as util-linux reads them (strtosize): K, M, G, T and KiB .. TiB are powers of
+# 1024, KB .. TB powers of 1000; the case of the letters does not matter. P and E are known units
+# too, but beyond MAX_SIZE: refused as too large, not as "not a size".
+_BINARY_UNITS = {p + s: 1024 ** i for i, p in enumerate("KMGTPE", 1) for s in ("", "IB")}
+_DECIMAL_UNITS = {p + "B": 1000 ** i for i, p in enumerate("KMGTPE", 1)}
+_UNITS = {"": 1, "B": 1, **_BINARY_UNITS, **_DECIMAL_UNITS}
+SIZE_SUFFIXES = "K/KiB, M/MiB, G/GiB, T/TiB = powers of 1024; KB, MB, GB, TB = powers of 1000"
+
+# The largest size taken: 16 TiB = 2**32 pages. Every page costs 43 bytes of RAM in the entry
+# table (cache.py: 35) and the checksum table (backing.py: 8), so a disk this big already needs
+# 185 GB of RAM; the cap catches typos such as 1P rather than marking what a machine can hold.
+MAX_SIZE = 16 << 40
+
+
+def _parse_size_unit(text: str, name: str) -> tuple[int, str]:
+    """(bytes, the suffix as written, upper case) of a size; ConfigError naming `name`."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if unit not in _UNITS:
+        raise ConfigError(f"{name}: {text!r} is not a size (a number with an optional suffix: {SIZE_SUFFIXES})")
+    digits = m.group(1).lstrip("0") or "0"
+    # more digits than MAX_SIZE is too large whatever the unit (and int() refuses 4300 digits)
+    if len(digits) > len(str(MAX_SIZE)) or int(digits) * _UNITS[unit] > MAX_SIZE:
+        raise ConfigError(f"{name}: {text!r} is too large (the maximum is {MAX_SIZE >> 40}T = {MAX_SIZE} bytes)")
+    return int(digits) * _UNITS[unit], unit
 
 
 def parse_size(text: str, name: str = "size") -> int:
-    """Bytes with an optional binary K/M/G/T suffix (also KiB, KB, k...)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", str(text))
-    if not m:
-        raise ConfigError(f"{name}: {text!r} is not a size (a number with an optional K/M/G/T suffix)")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    """Bytes, with an optional suffix (SIZE_SUFFIXES), at most MAX_SIZE."""
+    return _parse_size_unit(text, name)[0]
 
 
 def parse_disk_size(text: str) -> int:
-    size = parse_size(text, "--size")
+    size, unit = _parse_size_unit(text, "--size")
     if size <= 0 or size % PAGE_SIZE:
-        raise ConfigError(f"--size: {text!r} must be a positive multiple of {PAGE_SIZE} bytes")
+        hint = f" ({unit} is a power of 1000; {unit[0]} or {unit[0]}iB is a power of 1024)" \
+            if unit in _DECIMAL_UNITS else ""
+        raise ConfigError(f"--size: {text!r} is {size} bytes, not a positive multiple of {PAGE_SIZE}{hint}")
     return size
 
 
@@ -42,32 +65,38 @@ def total_ram() -> int:
 
 
 def parse_pool_limit(text: str) -> int:
-    """`N%` of RAM (zswap's max_pool_percent) or bytes with a suffix."""
+    """`N%` of RAM, 0..100 (zswap's max_pool_percent), or bytes with a suffix: 0 or at least a page.
+
+    0 (or 0%) is a pool of no bytes, as zswap's max_pool_percent=0 is: the pool is always full,
+    so each compressed page goes on to disk right away (written back at once, or rejected under
+    the zswap policy). tests/test_config.py checks the data and the counters."""
     t = str(text).strip()
     if t.endswith("%"):
         try:
             pct = float(t[:-1])
         except ValueError:
             raise ConfigError(f"pool_limit: {text!r} is not a percentage") from None
-        if not 0 < pct <= 100:
+        if not 0 <= pct <= 100:
             raise ConfigError(f"pool_limit: {text!r} must be between 0% and 100%")
         return int(total_ram() * pct / 100)
     limit = parse_size(t, "pool_limit")
-    if limit < PAGE_SIZE:
-        raise ConfigError(f"pool_limit: {text!r} is smaller than one page")
+    if 0 < limit < PAGE_SIZE:
+        raise ConfigError(f"pool_limit: {text!r} is smaller than one page ({PAGE_SIZE} bytes; 0 means no pool)")
     return limit
 
 
-def _int_range(name: str, lo: int, hi: int | None) -> Callable[[str], int]:
+def _int_range(name: str, lo: int, hi: int) -> Callable[[str], int]:
+    """Plain decimal digits (and a minus) in lo..hi. Not int()'s other spellings: 1_000, +5, digits
+    of other scripts; 1e3 is refused too, not read as 1000."""
     def parse(text: str) -> int:
-        try:
-            v = int(str(text).strip())
-        except ValueError:
-            raise ConfigError(f"{name}: {text!r} is not an integer") from None
-        if v < lo or (hi is not None and v > hi):
-            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            raise ConfigError(f"{name}: {v} is out of range ({bound})")
-        return v
+        m = re.fullmatch(r"\s*(-?)([0-9]+)\s*", str(text))
+        if not m:
+            raise ConfigError(f"{name}: {text!r} is not a decimal integer ({lo}..{hi})")
+        sign, digits = m.group(1), m.group(2).lstrip("0") or "0"
+        # lengths first: int() refuses 4300 digits, and anything that long is out of range
+        if len(digits) > len(str(max(-lo, hi))) or not lo <= int(sign + digits) <= hi:
+            raise ConfigError(f"{name}: {str(text).strip()!r} is out of range ({lo}..{hi})")
+        return int(sign + digits)
     return parse
 
 
@@ -133,12 +162,20 @@ class Param:
     help: str = ""
 
 
+def _int_param(name: str, lo: int, hi: int, help: str) -> Param:
+    """An integer param: one parser (_int_range) for all, and the range stated in its help."""
+    return Param(name, _int_range(name, lo, hi), help=f"{help} ({lo}..{hi})")
+
+
+# random.Random (accel.py) takes any int; 32 bits are plenty to tell runs apart and to note down.
+HW_SEED_MAX = 2**32 - 1
+
 PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("compressor", _parse_compressor, help="lz4, lzo, zstd or deflate: algorithm of the current pool"),
-    Param("zstd_level", _int_range("zstd_level", 1, 19), help="zstd level, 1..19"),
-    Param("pool_limit", parse_pool_limit, help="pool limit: bytes with suffix, or N%% of RAM"),
-    Param("accept_threshold", _int_range("accept_threshold", 0, 100),
-          help="%% of the limit to fall below before accepting again (zswap policy)"),
+    _int_param("zstd_level", 1, 19, "zstd level"),
+    Param("pool_limit", parse_pool_limit, help=f"pool limit: bytes ({SIZE_SUFFIXES}) or 0..100% of RAM; 0 or 0%: "
+               "no pool, every compressed page goes on to disk at once"),
+    _int_param("accept_threshold", 0, 100, "zswap policy: % of the limit to fall below before accepting again"),
     Param("limit_policy", _choice("limit_policy", ("evict", "zswap")),
           help="full pool: evict the coldest (evict) or reject until below the threshold (zswap)"),
     Param("incompressible_policy", _choice("incompressible_policy", ("store_raw", "reject")),
@@ -148,16 +185,16 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("shrinker_enabled", _bool("shrinker_enabled"), _fmt_bool,
           help="proactive writeback of cold pages below the limit"),
     Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
-    Param("hw_queues", _int_range("hw_queues", 1, 64), help="engine work queues"),
-    Param("hw_depth", _int_range("hw_depth", 1, 4096), help="entries per engine queue"),
+    _int_param("hw_queues", 1, 64, "engine work queues"),
+    _int_param("hw_depth", 1, 4096, "entries per engine queue"),
     Param("hw_latency_us", _float_range("hw_latency_us", 0, 1e6), _fmt_float, help="per-request latency"),
     Param("hw_throughput_mbps", _float_range("hw_throughput_mbps", 0, 1e6, lo_open=True), _fmt_float,
           help="per-queue throughput, MB/s"),
     Param("hw_mode", _choice("hw_mode", ("sync", "async")), help="sync (submitter polls) or async (callback)"),
-    Param("hw_batch", _int_range("hw_batch", 1, 256), help="pages submitted together"),
+    _int_param("hw_batch", 1, 256, "pages submitted together"),
     Param("hw_fault_rate", _float_range("hw_fault_rate", 0, 1), _fmt_float, help="injected engine error rate"),
-    Param("hw_seed", _int_range("hw_seed", 0, None), help="seed of the engine's faults"),
-    Param("contexts", _int_range("contexts", 1, 256), help="acomp contexts per pool (default: CPUs)"),
+    _int_param("hw_seed", 0, HW_SEED_MAX, "seed of the engine's faults"),
+    _int_param("contexts", 1, 256, "acomp contexts per pool"),
     Param("kernel_cache", _bool("kernel_cache"), _fmt_bool, runtime=False,
           help="let the kernel cache the file's pages"),
     Param("swap", _bool("swap"), _fmt_bool, runtime=False, help="serve swap (hardening, ephemeral backing)"),
@@ -166,11 +203,14 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 ]}
 
 
+DEFAULT_POOL_LIMIT = "20%"       # zswap's max_pool_percent default
+
+
 @dataclass
 class Config:
     compressor: str = "lz4"
     zstd_level: int = 1
-    pool_limit: int = field(default_factory=lambda: parse_pool_limit("20%"))
+    pool_limit: int = field(default_factory=lambda: parse_pool_limit(DEFAULT_POOL_LIMIT))
     accept_threshold: int = 90
     limit_policy: str = "evict"
     incompressible_policy: str = "store_raw"
@@ -217,3 +257,13 @@ class Config:
 
     def copy(self) -> "Config":
         return dataclasses.replace(self)
+
+
+# Defaults that depend on the machine, as a user would say them (Config computes the number).
+_MACHINE_DEFAULTS = {"pool_limit": f"{DEFAULT_POOL_LIMIT} of RAM", "contexts": "one per CPU"}
+
+
+def default_text(name: str) -> str:
+    """A param's default for help texts: the rule for machine-dependent ones, else the value as
+    its params/ file reads it."""
+    return _MACHINE_DEFAULTS.get(name) or Config().get(name)
