@@ -752,9 +752,11 @@ class Backing:
         crash or a failed write) is read once and its pair collapsed to the value its data
         matches, so a later sync does not keep reporting it. Pages matching neither keep their
         pair (they read EIO; fsck lists them)."""
+        step = 1 << 20              # rows per scan: no full-size temporary for a large disk
         with self._lock:
-            pair = self._crc[:self.npages]
-            pages = np.flatnonzero((pair[:, 0] != pair[:, 1]))
+            pages = np.concatenate([np.zeros(0, np.int64)] + [
+                np.flatnonzero(self._crc[lo:lo + step, 0] != self._crc[lo:lo + step, 1]) + lo
+                for lo in range(0, self.npages, step)])
         if not len(pages):
             return
         try:
