@@ -185,6 +185,22 @@ def test_fsck_missing_file(work):
     one_line_error(zblock("fsck", work), 8)
 
 
+def test_bench_plot_without_matplotlib_fails_before_any_work(monkeypatch, capsys, tmp_path):
+    """`bench --plot` checks for matplotlib first: one line naming the install command, exit 2,
+    and no data read, no configuration run."""
+    from zblock import bench
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # `import matplotlib` fails
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("bench started working before it checked for matplotlib")
+    for name in ("builtin_pages", "file_pages", "run_config"):
+        monkeypatch.setattr(bench, name, no_work)
+    assert cli.main(["bench", "--plot", str(tmp_path / "bench.png")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "needs matplotlib" in lines[0], lines
+    assert "-m pip install 'zblock[bench]'" in lines[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # output formats (pure functions)
 
