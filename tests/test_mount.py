@@ -7,6 +7,7 @@ is torn down (abort + umount -l) whatever happens.
 """
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -368,3 +369,29 @@ def test_fuse_workers_keep_their_thread_states(fuse_version):
         faults = _minor_faults(m.pid) - before
         print(f"{faults} minor faults in the server for 2000 4 KiB reads")
         assert faults < 400
+
+
+# ---------------------------------------------------------------------------------------------
+# what the mount looks like from outside
+
+
+def _findmnt(mountpoint: str, column: str) -> str:
+    res = subprocess.run(["findmnt", "-n", "-o", column, mountpoint], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+@pytest.mark.parametrize("fuse_version", VERSIONS)
+def test_mount_source_is_the_backing_file(fuse_version):
+    """findmnt shows the backing file as the SOURCE (commas and spaces in its name included:
+    libfuse splits options at commas)."""
+    workdir = mountutil.new_workdir()
+    backing = os.path.join(workdir, "disk, one.img")
+    try:
+        with Mount(size="16M", fuse_version=fuse_version, backing=backing, workdir=workdir) as m:
+            assert _findmnt(m.mountpoint, "SOURCE") == backing
+            assert _findmnt(m.mountpoint, "FSTYPE") == "fuse.zblock"
+            assert json.loads(mountutil.zblock("stats", m.mountpoint, "--json", check=True).stdout)
+    finally:
+        mountutil.cleanup_dir(workdir)

@@ -392,7 +392,7 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
 
         ops = fuse_ops.ZblockOps(store, kernel_cache=config.kernel_cache, on_init=on_init,
                                  on_destroy=close_store)
-        opts = fuse_ops.mount_options(kernel_cache=config.kernel_cache)
+        opts = fuse_ops.mount_options(os.path.realpath(backing), kernel_cache=config.kernel_cache)
         if debug:
             opts["debug"] = True
         try:

@@ -73,15 +73,22 @@ def fuse_version_major() -> int:
     return mfusepy.fuse_version_major
 
 
-def mount_options(kernel_cache: bool = False, allow_other: bool | None = None) -> dict:
+def fuse_option_value(text: str) -> str:
+    """`text` as the value of a libfuse -o option: libfuse splits options at commas and takes
+    a backslash as an escape (sshfs escapes its fsname the same way)."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def mount_options(backing: str, kernel_cache: bool = False, allow_other: bool | None = None) -> dict:
     """Options for mfusepy.FUSE(...) on the loaded library.
 
-    fsname/subtype make /proc/mounts say `zblock /mnt fuse.zblock`, which is how the CLI tells
-    a zblock mount from any other. libfuse 3 refuses `max_write`/`big_writes` as options (see
-    init_with_config); libfuse 2 needs them for anything above 4 KiB writes.
-    `direct_io` is set per open file (open), not per mount, because stats/params always need it.
+    fsname/subtype make the mount table say `BACKING MOUNTPOINT fuse.zblock` (findmnt's SOURCE
+    is the backing file); the CLI tells a zblock mount from any other by the type. libfuse 3
+    refuses `max_write`/`big_writes` as options (see init_with_config); libfuse 2 needs them for
+    anything above 4 KiB writes. `direct_io` is set per open file (open), not per mount, because
+    stats/params always need it.
     """
-    opts: dict = {"foreground": True, "fsname": "zblock", "subtype": "zblock"}
+    opts: dict = {"foreground": True, "fsname": fuse_option_value(backing), "subtype": "zblock"}
     if allow_other is None:
         allow_other = os.geteuid() == 0
     if allow_other:
