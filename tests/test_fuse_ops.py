@@ -106,6 +106,8 @@ def test_init_sets_max_write(store, monkeypatch, major, expected):
     assert opts["fsname"] == "/var/lib/zblock/disk.img" and opts["subtype"] == "zblock"
     assert opts["foreground"]
     assert ("max_write" in opts) == (major == 2)       # libfuse 3 refuses it as an option
+    # libfuse 2 has no such option; 3 needs a valid one (test_mount: nothing in the log)
+    assert ("max_idle_threads" in opts) == (major == 3)
 
 
 def test_fsname_escapes_what_libfuse_splits_options_at():

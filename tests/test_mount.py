@@ -383,9 +383,10 @@ def _findmnt(mountpoint: str, column: str) -> str:
 
 
 @pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_mount_source_is_the_backing_file(fuse_version):
+def test_mount_source_is_the_backing_file_and_the_log_is_clean(fuse_version):
     """findmnt shows the backing file as the SOURCE (commas and spaces in its name included:
-    libfuse splits options at commas)."""
+    libfuse splits options at commas), and libfuse logs no complaint about its options."""
+    from zblock import daemon
     workdir = mountutil.new_workdir()
     backing = os.path.join(workdir, "disk, one.img")
     try:
@@ -393,5 +394,9 @@ def test_mount_source_is_the_backing_file(fuse_version):
             assert _findmnt(m.mountpoint, "SOURCE") == backing
             assert _findmnt(m.mountpoint, "FSTYPE") == "fuse.zblock"
             assert json.loads(mountutil.zblock("stats", m.mountpoint, "--json", check=True).stdout)
+            m.umount()
+            with open(daemon.log_file(m.mountpoint)) as f:
+                log = f.read()
+        assert "mounted" in log and "Ignoring invalid" not in log, log
     finally:
         mountutil.cleanup_dir(workdir)

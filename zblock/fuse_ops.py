@@ -73,6 +73,14 @@ def fuse_version_major() -> int:
     return mfusepy.fuse_version_major
 
 
+# libfuse 3.12-3.16's fuse_main() logs "Ignoring invalid max threads value 4294967295" at every
+# mount: it hands its default max_idle_threads (-1: never stop an idle worker) to a setter that
+# refuses it. At most max_threads (default 10) workers exist, so a limit of 10 idle ones never
+# stops one either (workers keep their Python thread states, threadstate.py). max_threads itself
+# is not passed: libfuse before 3.12 does not know the option and would refuse the mount.
+MAX_IDLE_THREADS_FUSE3 = 10
+
+
 def fuse_option_value(text: str) -> str:
     """`text` as the value of a libfuse -o option: libfuse splits options at commas and takes
     a backslash as an escape (sshfs escapes its fsname the same way)."""
@@ -99,6 +107,8 @@ def mount_options(backing: str, kernel_cache: bool = False, allow_other: bool | 
     if fuse_version_major() == 2:
         opts["big_writes"] = True
         opts["max_write"] = MAX_WRITE_FUSE2
+    else:
+        opts["max_idle_threads"] = MAX_IDLE_THREADS_FUSE3
     return opts
 
 
