@@ -127,6 +127,7 @@ def test_uninstalled_compressor(work, tmp_path):
     (["--swap", "--kernel-cache"], "kernel-cache"), (["--limit-policy", "lru"], "limit_policy"),
     (["--hw-seed", "99999999999999999999"], "hw_seed: '99999999999999999999' is out of range (0..4294967295)"),
     (["-o", "hw_seed=1e3"], "hw_seed: '1e3' is not a decimal integer"),
+    (["--read-only", "--swap"], "--read-only"), (["-o", "ro,swap"], "--read-only"),
 ])
 def test_bad_options(work, args, what):
     assert what in one_line_error(zblock(*mount_args(work, *args)), 2)
@@ -150,6 +151,12 @@ def test_one_prefix_per_error(args):
     """Every command's error starts with exactly one "zblock: " (was "zblock: zblock set: ...")."""
     line = one_line_error(zblock(*args))
     assert line.count("zblock") == 1, line
+
+
+def test_read_only_mount_of_a_missing_backing_file(work):
+    line = one_line_error(zblock(*mount_args(work, "-o", "ro")))
+    assert "does not exist (nothing to mount read-only)" in line
+    assert not os.path.exists(os.path.join(work, "b.img"))
 
 
 def test_missing_dev_fuse(work):

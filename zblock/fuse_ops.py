@@ -87,16 +87,20 @@ def fuse_option_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def mount_options(backing: str, kernel_cache: bool = False, allow_other: bool | None = None) -> dict:
+def mount_options(backing: str, kernel_cache: bool = False, allow_other: bool | None = None,
+                  read_only: bool = False) -> dict:
     """Options for mfusepy.FUSE(...) on the loaded library.
 
     fsname/subtype make the mount table say `BACKING MOUNTPOINT fuse.zblock` (findmnt's SOURCE
     is the backing file); the CLI tells a zblock mount from any other by the type. libfuse 3
     refuses `max_write`/`big_writes` as options (see init_with_config); libfuse 2 needs them for
-    anything above 4 KiB writes. `direct_io` is set per open file (open), not per mount, because
-    stats/params always need it.
+    anything above 4 KiB writes. `read_only`: the kernel answers EROFS to every write, params
+    included. `direct_io` is set per open file (open), not per mount, because stats/params
+    always need it.
     """
     opts: dict = {"foreground": True, "fsname": fuse_option_value(backing), "subtype": "zblock"}
+    if read_only:
+        opts["ro"] = True
     if allow_other is None:
         allow_other = os.geteuid() == 0
     if allow_other:
