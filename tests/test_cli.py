@@ -170,13 +170,18 @@ def test_missing_dev_fuse(work):
 
 
 @pytest.mark.parametrize("fuse_version", [2, 3])
-def test_missing_fuse_library(work, fuse_version):
+def test_missing_fuse_library(work, fuse_version, tmp_path):
+    """libfuse hidden from ctypes.util.find_library (zblock's check and mfusepy's lookup alike),
+    on any machine: an empty ld.so.cache hides it from ldconfig -p, and a PATH without gcc, cc
+    or ld turns off find_library's fallbacks (which find it through the libfuse3.so of a -dev
+    package)."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare")
-    # An empty ld.so.cache hides every library from ctypes.util.find_library.
-    cmd = ["unshare", "-m", "sh", "-c", 'mount --bind /dev/null /etc/ld.so.cache && exec "$@"', "sh",
+    script = f'{shutil.which("mount")} --bind /dev/null /etc/ld.so.cache && exec "$@"'
+    cmd = [shutil.which("unshare"), "-m", "/bin/sh", "-c", script, "sh",
            sys.executable, "-m", "zblock", *mount_args(work, "--fuse-version", str(fuse_version))]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=mountutil.env(), cwd=mountutil.REPO)
+    env = {**mountutil.env(), "PATH": str(tmp_path)}       # an empty directory: no tools
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=mountutil.REPO)
     assert f"libfuse {fuse_version} is not installed" in one_line_error(res)
 
 
