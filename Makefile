@@ -39,7 +39,12 @@ test: deps
 test-fast: deps
 	$(PY) -m pytest -q tests -m 'not mount and not slow'
 
-demo: deps
+# matplotlib (the `bench` extra) for `zblock bench --plot`: README's commands work after make demo
+$(VENV)/.bench: $(VENV)/.installed
+	$(PIP) install -q -e '.[test,bench]'
+	touch $@
+
+demo: deps $(VENV)/.bench
 	$(PY) -m zblock.demo
 
 bench: deps

@@ -115,6 +115,35 @@ def test_second_open_is_locked(img):
         assert b2.npages == 256
 
 
+def test_read_only_open_writes_nothing_and_shares_the_lock(img):
+    with Backing.open(img, 1 << 20) as b:
+        b.write_pages([2], [page("two")])
+    files = (img, meta_path(img))
+    before = [(pathlib.Path(p).read_bytes(), os.stat(p).st_mtime_ns) for p in files]
+    with Backing.open(img, read_only=True) as ro, Backing.open(img, read_only=True) as ro2:
+        assert ro.open_state == "clean" and ro.read_page(2) == page("two") == ro2.read_page(2)
+        with pytest.raises(BackingLocked):
+            Backing.open(img)                                # a writer waits for the readers
+        ro.sync()
+    assert [(pathlib.Path(p).read_bytes(), os.stat(p).st_mtime_ns) for p in files] == before
+    assert fsck(img).ok
+
+
+def test_read_only_open_needs_an_existing_image_and_makes_no_sidecar(img):
+    with pytest.raises(BackingError, match="does not exist"):
+        Backing.open(img, 1 << 20, read_only=True)
+    assert not os.path.exists(img)
+    open(img, "wb").close()
+    with pytest.raises(BackingError, match="empty"):
+        Backing.open(img, read_only=True)
+    raw = os.urandom(4 * PS)
+    with open(img, "wb") as f:
+        f.write(raw)
+    with Backing.open(img, read_only=True) as ro:            # a raw image: read unchecked
+        assert ro.open_state == "imported" and ro.read_pages(0, 4) == raw
+    assert not os.path.exists(meta_path(img))
+
+
 def test_bad_sidecar_header_refused(img):
     Backing.open(img, 1 << 20).close()
     with open(meta_path(img), "r+b") as f:

@@ -127,6 +127,7 @@ def test_uninstalled_compressor(work, tmp_path):
     (["--swap", "--kernel-cache"], "kernel-cache"), (["--limit-policy", "lru"], "limit_policy"),
     (["--hw-seed", "99999999999999999999"], "hw_seed: '99999999999999999999' is out of range (0..4294967295)"),
     (["-o", "hw_seed=1e3"], "hw_seed: '1e3' is not a decimal integer"),
+    (["--read-only", "--swap"], "--read-only"), (["-o", "ro,swap"], "--read-only"),
 ])
 def test_bad_options(work, args, what):
     assert what in one_line_error(zblock(*mount_args(work, *args)), 2)
@@ -152,6 +153,12 @@ def test_one_prefix_per_error(args):
     assert line.count("zblock") == 1, line
 
 
+def test_read_only_mount_of_a_missing_backing_file(work):
+    line = one_line_error(zblock(*mount_args(work, "-o", "ro")))
+    assert "does not exist (nothing to mount read-only)" in line
+    assert not os.path.exists(os.path.join(work, "b.img"))
+
+
 def test_missing_dev_fuse(work):
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare")
@@ -163,13 +170,18 @@ def test_missing_dev_fuse(work):
 
 
 @pytest.mark.parametrize("fuse_version", [2, 3])
-def test_missing_fuse_library(work, fuse_version):
+def test_missing_fuse_library(work, fuse_version, tmp_path):
+    """libfuse hidden from ctypes.util.find_library (zblock's check and mfusepy's lookup alike),
+    on any machine: an empty ld.so.cache hides it from ldconfig -p, and a PATH without gcc, cc
+    or ld turns off find_library's fallbacks (which find it through the libfuse3.so of a -dev
+    package)."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare")
-    # An empty ld.so.cache hides every library from ctypes.util.find_library.
-    cmd = ["unshare", "-m", "sh", "-c", 'mount --bind /dev/null /etc/ld.so.cache && exec "$@"', "sh",
+    script = f'{shutil.which("mount")} --bind /dev/null /etc/ld.so.cache && exec "$@"'
+    cmd = [shutil.which("unshare"), "-m", "/bin/sh", "-c", script, "sh",
            sys.executable, "-m", "zblock", *mount_args(work, "--fuse-version", str(fuse_version))]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=mountutil.env(), cwd=mountutil.REPO)
+    env = {**mountutil.env(), "PATH": str(tmp_path)}       # an empty directory: no tools
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=mountutil.REPO)
     assert f"libfuse {fuse_version} is not installed" in one_line_error(res)
 
 
@@ -183,6 +195,22 @@ def test_fsck_missing_file(work):
     # e2fsck's "operational error": nothing was checked
     one_line_error(zblock("fsck", os.path.join(work, "nope")), 8)
     one_line_error(zblock("fsck", work), 8)
+
+
+def test_bench_plot_without_matplotlib_fails_before_any_work(monkeypatch, capsys, tmp_path):
+    """`bench --plot` checks for matplotlib first: one line naming the install command, exit 2,
+    and no data read, no configuration run."""
+    from zblock import bench
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # `import matplotlib` fails
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("bench started working before it checked for matplotlib")
+    for name in ("builtin_pages", "file_pages", "run_config"):
+        monkeypatch.setattr(bench, name, no_work)
+    assert cli.main(["bench", "--plot", str(tmp_path / "bench.png")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "needs matplotlib" in lines[0], lines
+    assert "-m pip install 'zblock[bench]'" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

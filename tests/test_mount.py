@@ -6,7 +6,9 @@ runs its own library (mfusepy picks it at import). Every mount lives under mount
 is torn down (abort + umount -l) whatever happens.
 """
 
+import contextlib
 import errno
+import json
 import os
 import random
 import shutil
@@ -368,3 +370,88 @@ def test_fuse_workers_keep_their_thread_states(fuse_version):
         faults = _minor_faults(m.pid) - before
         print(f"{faults} minor faults in the server for 2000 4 KiB reads")
         assert faults < 400
+
+
+# ---------------------------------------------------------------------------------------------
+# what the mount looks like from outside
+
+
+def _findmnt(mountpoint: str, column: str) -> str:
+    res = subprocess.run(["findmnt", "-n", "-o", column, mountpoint], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+@pytest.mark.parametrize("fuse_version", VERSIONS)
+def test_mount_source_is_the_backing_file_and_the_log_is_clean(fuse_version):
+    """findmnt shows the backing file as the SOURCE (commas and spaces in its name included:
+    libfuse splits options at commas), and libfuse logs no complaint about its options."""
+    from zblock import daemon
+    workdir = mountutil.new_workdir()
+    backing = os.path.join(workdir, "disk, one.img")
+    try:
+        with Mount(size="16M", fuse_version=fuse_version, backing=backing, workdir=workdir) as m:
+            assert _findmnt(m.mountpoint, "SOURCE") == backing
+            assert _findmnt(m.mountpoint, "FSTYPE") == "fuse.zblock"
+            assert json.loads(mountutil.zblock("stats", m.mountpoint, "--json", check=True).stdout)
+            m.umount()
+            with open(daemon.log_file(m.mountpoint)) as f:
+                log = f.read()
+        assert "mounted" in log and "Ignoring invalid" not in log, log
+    finally:
+        mountutil.cleanup_dir(workdir)
+
+
+def _file_state(path: str) -> tuple:
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return f.read(), st.st_mtime_ns, st.st_size
+
+
+@contextlib.contextmanager
+def _immutable(*paths):
+    """chattr +i: not even root can open the files for writing (skips where unsupported)."""
+    done = []
+    try:
+        for p in paths:
+            if subprocess.run(["chattr", "+i", p], capture_output=True).returncode != 0:
+                pytest.skip("chattr +i is not supported here")
+            done.append(p)
+        yield
+    finally:
+        for p in done:
+            subprocess.run(["chattr", "-i", p], capture_output=True)
+
+
+@pytest.mark.parametrize("fuse_version,how", [(3, ["--read-only"]), (2, ["-o", "ro"])],
+                         ids=["fuse3-read-only", "fuse2-o-ro"])
+def test_read_only_mount_reads_and_writes_nothing(fuse_version, how, data32):
+    """A read-only mount serves the data; every write (disk, params) fails with EROFS; the
+    backing file and its sidecar are opened for reading only (immutable files mount) and are
+    byte for byte and mtime as they were after the unmount."""
+    with Mount(size="64M", fuse_version=fuse_version, pool_limit="64M") as m:
+        with open(m.disk, "r+b", buffering=0) as f:
+            f.seek(4096 * 3 + 5)
+            f.write(data32)
+        m.umount()
+        meta = m.backing + ".zbmeta"
+        before = [_file_state(p) for p in (m.backing, meta)]
+        ro = Mount(size=None, fuse_version=fuse_version, backing=m.backing, workdir=m.workdir,
+                   extra=how)
+        with _immutable(m.backing, meta):
+            ro.start()
+            try:
+                assert "ro" in _findmnt(ro.mountpoint, "OPTIONS").split(",")
+                got = read_all(ro.disk, 64 << 20)
+                assert got[4096 * 3 + 5:4096 * 3 + 5 + len(data32)] == data32
+                for path in (ro.disk, os.path.join(ro.mountpoint, "params", "compressor")):
+                    with pytest.raises(OSError) as e:
+                        open(path, "r+b").close()
+                    assert e.value.errno == errno.EROFS, path
+                assert ro.param("compressor") == "lz4"       # params still read
+                res = mountutil.zblock("set", ro.mountpoint, "compressor=zstd")
+                assert res.returncode != 0 and "Read-only" in res.stderr
+            finally:
+                ro.umount()
+        assert [_file_state(p) for p in (m.backing, meta)] == before

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from zblock import PAGE_SIZE
-from zblock.cache import COMP, DISK, RAW, SAME
+from zblock.cache import COMP, DISK, HW_COUNTERS, RAW, SAME
 from zblock.config import Config
 from zblock.errors import DataError, OutOfRange
 from zblock.store import Store
@@ -783,6 +783,53 @@ def test_simulated_engine_with_faults(backing_path, mode):
         assert store.stats()["pools"][0]["compressor"] == "deflate@sim"
         store.set_param("accelerator", "none")           # old pool keeps serving its pages
         assert store.read(0, len(data)) == data
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+def test_pools_differing_only_in_engine_settings_have_distinct_names(backing_path):
+    rng = random.Random(15)
+    store = Store.open(backing_path, 1 * MiB, make_config(accelerator="sim", compressor="lzo"))
+    try:
+        a = b"".join(text_page(rng) for _ in range(8))
+        store.write(0, a)
+        store.set_param("hw_queues", "2")                    # a second lzo@sim pool
+        store.write(8 * PAGE_SIZE, a)
+        assert [p["compressor"] for p in store.stats()["pools"]] == ["lzo@sim#0", "lzo@sim#1"]
+        store.write(0, a)                                    # the first pool's pages: it goes
+        assert [p["compressor"] for p in store.stats()["pools"]] == ["lzo@sim"]
+        assert store.read(0, 16 * PAGE_SIZE) == a + a
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+def _hw_counts(hw: dict) -> dict:
+    return {k: hw[k] for k in HW_COUNTERS}
+
+
+def test_hw_counters_keep_growing_across_accelerator_toggles(backing_path):
+    """sim -> none -> sim: the first engine is closed with its pool, its counts stay in `hw`."""
+    rng = random.Random(16)
+    store = Store.open(backing_path, 4 * MiB, make_config(accelerator="sim", compressor="lzo"))
+    try:
+        data = mixed_bytes(rng, 1 * MiB)
+        store.write(0, data)
+        first = store.stats()["hw"]
+        assert first["submitted"] > 0 and first["completed"] > 0
+        store.set_param("accelerator", "none")
+        store.write(0, data)                 # rewrites every engine-pool page: pool and engine go
+        st = store.stats()
+        assert [p["compressor"] for p in st["pools"]] == ["lzo"] and not store.cache._engines
+        assert _hw_counts(st["hw"]) == _hw_counts(first)
+        store.set_param("accelerator", "sim")
+        store.write(MiB, data)
+        hw = store.stats()["hw"]
+        assert hw["submitted"] > first["submitted"] and hw["completed"] > first["completed"]
+        assert all(hw[k] >= first[k] for k in HW_COUNTERS)
+        assert hw["latency_us"]["max"] >= first["latency_us"]["max"]
+        assert store.read(0, 2 * MiB) == data + data
         check_consistency(store)
     finally:
         store.close()

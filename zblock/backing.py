@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -270,9 +271,9 @@ def _no_space(path: str, size: int) -> BackingError:
         f"to take the risk that writes fail once it is full)")
 
 
-def _default_factory(path: str, role: str):
+def _default_factory(path: str, role: str, writable: bool = True):
     # The data file bypasses the page cache; the sidecar is small and ordered by fsync.
-    return FileDisk(path, direct=(role == "data"))
+    return FileDisk(path, direct=(role == "data"), writable=writable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,12 +286,14 @@ class Backing:
     _NSTRIPES = 64
 
     def __init__(self, path: str, size: int, lock_fd: int, data, meta, table: np.ndarray,
-                 ephemeral: bool, open_state: str, *, sparse: bool = False):
+                 ephemeral: bool, open_state: str, *, sparse: bool = False,
+                 read_only: bool = False):
         self.path = path
         self.size = size
         self.npages = size // PAGE_SIZE
         self.ephemeral = ephemeral
         self.sparse = sparse        # space not reserved: a write may meet ENOSPC
+        self.read_only = read_only  # nothing is written: no sidecar header, no sync
         # Pages marked zero are read and checked like any other when the file was changed
         # outside zblock: a never-written page someone wrote into must read EIO, not zeros.
         self.verify_zero = open_state == "changed"
@@ -317,7 +320,8 @@ class Backing:
 
     @classmethod
     def open(cls, path: str, size: int | None = None, *, ephemeral: bool = False,
-             sparse: bool = False, disk_factory: DiskFactory | None = None,
+             sparse: bool = False, read_only: bool = False,
+             disk_factory: DiskFactory | None = None,
              progress: Callable[[str], None] | None = None) -> "Backing":
         """Create (needs `size`) or open the backing file at `path`, locked while open.
 
@@ -327,28 +331,36 @@ class Backing:
         acknowledged later can meet ENOSPC; BackingError names the sizes when it cannot be.
         `sparse` skips that (writes may then fail when the filesystem fills). `progress`
         receives one-line messages during a long reservation (writing zeros).
+        `read_only` opens an existing file and its sidecar for reading only and writes nothing
+        (no reservation; the sidecar keeps its state; without one, pages read unchecked);
+        several read-only opens may share the file (LOCK_SH). Writing is the caller's to refuse.
         Raises BackingError with a one-line message, BackingLocked if another Backing has it.
         """
         path = os.path.abspath(os.fspath(path))
-        factory = disk_factory or _default_factory
+        factory = disk_factory or functools.partial(_default_factory, writable=not read_only)
         if size is not None and (not isinstance(size, int) or size <= 0 or size % PAGE_SIZE):
             raise BackingError(f"{path}: size {size!r} must be a positive multiple of {PAGE_SIZE}")
         st = _stat_backing(path)
+        if st is None and read_only:
+            raise BackingError(f"{path} does not exist (nothing to open read-only)")
         if st is None and size is None:
             raise BackingError(f"{path} does not exist (a new backing file needs --size)")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            access = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
+            fd = os.open(path, access | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise BackingError(f"{path}: cannot open: {e.strerror}") from None
         created = st is None
         data = meta = None
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise BackingLocked(f"{path} is in use (locked by another zblock)") from None
             cur = os.fstat(fd).st_size
             new = cur == 0
+            if new and read_only:
+                raise BackingError(f"{path} is empty (nothing to open read-only)")
             if new:
                 if size is None:
                     raise BackingError(f"{path} is empty (a new backing file needs --size)")
@@ -380,6 +392,8 @@ class Backing:
                     os.unlink(meta_path(path))  # checksums of discarded contents
                 except FileNotFoundError:
                     pass
+            elif read_only:
+                state, _ = cls._load_table(path, size, new, fd, table, read_only=True)
             else:
                 state, version = cls._load_table(path, size, new, fd, table)
                 meta = factory(meta_path(path), "meta")
@@ -403,8 +417,9 @@ class Backing:
             elif sparse:
                 log.warning("%s: sparse (--sparse): its space is not reserved, writes fail "
                             "once the filesystem is full", path)
-            backing = cls(path, size, fd, data, meta, table, ephemeral, state, sparse=sparse)
-            if not ephemeral:
+            backing = cls(path, size, fd, data, meta, table, ephemeral, state, sparse=sparse,
+                          read_only=read_only)
+            if not (ephemeral or read_only):
                 backing._settle_pairs()
             return backing
         except BaseException as e:
@@ -423,10 +438,10 @@ class Backing:
             raise
 
     @staticmethod
-    def _load_table(path: str, size: int, new: bool, data_fd: int,
-                    table: np.ndarray) -> tuple[str, int]:
-        """Fill `table` from the sidecar (creating it if needed); return how the file was found
-        and the sidecar's format version."""
+    def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray,
+                    read_only: bool = False) -> tuple[str, int]:
+        """Fill `table` from the sidecar (creating it if needed, unless `read_only`); return how
+        the file was found and the sidecar's format version."""
         mpath = meta_path(path)
         nbytes = HEADER_SIZE + table.nbytes
         if new:
@@ -437,13 +452,14 @@ class Backing:
                 os.close(mfd)
             return "new", META_VERSION
         try:
-            mfd = os.open(mpath, os.O_RDWR | os.O_CLOEXEC)
+            mfd = os.open(mpath, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except FileNotFoundError:
-            mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(mfd, nbytes)
-            finally:
-                os.close(mfd)
+            if not read_only:
+                mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(mfd, nbytes)
+                finally:
+                    os.close(mfd)
             table[:] = UNCHECKED
             return "imported", META_VERSION
         try:
@@ -800,7 +816,7 @@ class Backing:
             with self._lock:
                 cand = np.flatnonzero(self._unsynced & ~self._inflight & ~self._failed)
                 snap = self._crc[cand, 1].copy()
-            if self.ephemeral:
+            if self.ephemeral or self.read_only:    # no sidecar to write
                 with self._lock:
                     self._crc[cand, 0] = snap
                     self._unsynced[cand] = False
@@ -828,7 +844,7 @@ class Backing:
         if self._closed:
             return
         try:
-            if clean and not self.ephemeral:
+            if clean and not (self.ephemeral or self.read_only):
                 self.sync()
                 st = os.fstat(self._lock_fd)
                 self._meta.pwrite(0, _pack_header(self.size, True, st.st_mtime_ns, st.st_ino))

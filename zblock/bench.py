@@ -231,26 +231,62 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed), or a UsageError saying how
+    to install it: run() calls this first, so a missing matplotlib fails before the runs do."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("bench: --plot needs matplotlib (pip install 'zblock[bench]')") from None
-    labels = [f"{r['compressor']}/{r['accelerator']}{'/' + r['mode'] if r['mode'] != '-' else ''}"
-              f"/{r['submit']}" for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(max(12, 1.2 * len(rows) * 2), 5))
-    series = [("write MB/s", [r["write_MBps"] or 0 for r in rows]),
-              ("read MB/s", [r["read_MBps"] or 0 for r in rows]),
-              ("ratio", [r["ratio"] or 0 for r in rows]),
-              ("write p99 latency (us)", [r["write_lat_us"]["p99"] for r in rows])]
-    for ax, (title, vals) in zip(axes, series):
-        ax.bar(range(len(rows)), vals)
-        ax.set_title(title)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
-    fig.tight_layout()
+        raise UsageError(f"bench: --plot needs matplotlib: {sys.executable} -m pip install "
+                         "'zblock[bench]'") from None
+    return plt
+
+
+# (panel title, value of a row); one panel each, in a grid of 2 rows
+PLOT_PANELS = (
+    ("write MB/s", lambda r: r["write_MBps"]),
+    ("read MB/s", lambda r: r["read_MBps"]),
+    ("compression ratio", lambda r: r["ratio"]),
+    ("write latency p99 (ms per request)", lambda r: r["write_lat_us"]["p99"] / 1000),
+    ("read latency p99 (ms per request)", lambda r: r["read_lat_us"]["p99"] / 1000),
+    ("host CPU (us per page)", lambda r: r["host_cpu_us_per_page"]),
+)
+
+
+def _plot_group(r: dict) -> str:
+    """The x-axis label of a row: everything but the compressor, in the options' words, on two
+    short lines (six groups fit side by side at 1600 pixels)."""
+    accel = r["accelerator"] if r["mode"] == "-" else f"{r['accelerator']} {r['mode']}"
+    return f"{accel}\n{r['submit']}"
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> None:
+    """One panel per measure; in each, a group of bars per setting, one bar (colour) per
+    compressor. 1600x1000 pixels."""
+    plt = _pyplot()
+    comps = list(dict.fromkeys(r["compressor"] for r in rows))
+    groups = list(dict.fromkeys(_plot_group(r) for r in rows))
+    by_key = {(r["compressor"], _plot_group(r)): r for r in rows}
+    width = 0.8 / len(comps)
+    fig, axes = plt.subplots(2, (len(PLOT_PANELS) + 1) // 2, figsize=(16, 10), dpi=100)
+    for ax, (name, value) in zip(axes.flat, PLOT_PANELS):
+        for i, comp in enumerate(comps):
+            xs = [g + (i - (len(comps) - 1) / 2) * width for g in range(len(groups))]
+            ys = [value(by_key[comp, g]) or 0 for g in groups]     # None: nothing measured
+            ax.bar(xs, ys, width, label=comp, color=f"C{i}")
+        ax.set_title(name)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="compressor", loc="upper right", ncols=len(comps))
+    fig.suptitle(title, x=0.02, ha="left", fontsize=13)
+    fig.supxlabel("--accelerator (none: software; sim: the simulated engine, --hw-mode) and "
+                  "--submit (page: one page at a time; batch: a whole request at once)",
+                  fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path)
     plt.close(fig)
 
@@ -305,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """The command on parsed arguments (see build_parser)."""
     try:
+        if args.plot:
+            _pyplot()               # now, not after minutes of runs
+            if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+                raise UsageError(f"bench: --plot: the directory of {args.plot} does not exist")
         from .compressors import ALGORITHMS, check_available
         algs = _list(args.compressor, ALGORITHMS, "--compressor")
         for a in algs:
@@ -330,15 +370,15 @@ def run(args: argparse.Namespace) -> int:
                         hw = {**hw_base, "mode": mode} if accel == "sim" else {}
                         for submit in submits:
                             rows.append(run_config(pages, trace, alg, level, accel, submit, hw))
+        what = (f"zblock bench: {len(pages)} pages of {args.file or 'built-in mixed set'}, "
+                f"{len(trace)} requests{' from ' + args.trace if args.trace else ''}")
         if args.json:
             print(json.dumps({"pages": len(pages), "requests": len(trace), "results": rows}, indent=1))
         else:
-            src = args.file or "built-in mixed set"
-            print(f"zblock bench: {len(pages)} pages of {src}, {len(trace)} requests"
-                  f"{' from ' + args.trace if args.trace else ''}; latency per request (us)")
+            print(f"{what}; latency per request (us)")
             print(table(rows))
         if args.plot:
-            plot(rows, args.plot)
+            plot(rows, args.plot, title=what)
         return 0
     except ValueError as e:          # engine/context parameter validation
         print(f"zblock: bench: {e}", file=sys.stderr)

@@ -51,7 +51,7 @@ from .acomp import ContextSet
 from .compressors import CompressionError
 from .config import Config
 from .errors import DataError, DiskError
-from .pool import BYTES_HEADER, MALLOC_OVERHEAD, RAW_CHARGE, Pool, Trimmer, charge
+from .pool import BYTES_HEADER, MALLOC_OVERHEAD, RAW_CHARGE, Pool, Trimmer, charge, labels
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,9 @@ class Cache:
         self.pools: list[Pool | None] = [None] * MAX_POOLS
         self._engine_factory = engine_factory
         self._engines: dict[tuple, object] = {}
+        # the `hw` stats of the engines closed so far, so its counters keep growing when the
+        # accelerator goes sim -> none -> sim (a new engine starts from zero)
+        self._hw_closed = _merge_hw([])
         self.pool = self._pool_find_get()
         self.trimmer = Trimmer()
         self.memory_pressure = memory_pressure or _system_memory_pressure
@@ -286,7 +289,9 @@ class Cache:
     def _engines_put_unused(self) -> None:
         used = {p.key[3] for p in self.pools if p is not None and p.key[2] == "sim"}
         for hw in [hw for hw in self._engines if hw not in used]:
-            self._engines.pop(hw).close()
+            engine = self._engines.pop(hw)
+            self._hw_closed = _merge_hw([self._hw_closed, engine.stats()])
+            engine.close()
 
     # =========================================================================================
     # helpers (caller holds the tree lock)
@@ -1185,33 +1190,37 @@ class Cache:
                 **self.c.as_dict(),
                 "mem_used_max": self.mem_used_max,
                 "acomp_contexts": sum(p.contexts.live for p in pools),
-                "pools": [{"compressor": p.label, "stored_pages": p.stored_pages, "refs": p.refs}
-                          for p in pools],
+                "pools": [{"compressor": label, "stored_pages": p.stored_pages, "refs": p.refs}
+                          for p, label in zip(pools, labels(pools))],
                 "compr_data_size": int(self.length[(self.state == COMP) | (self.state == RAW)]
                                        .astype(np.int64).sum()),
                 "engines": [e for e in self._engines.values()],
+                "hw_closed": self._hw_closed,
             }
             cached = d["stored_pages"]
             d["orig_data_size"] = cached * PAGE_SIZE
             d["dirty_pages"] = int(np.count_nonzero(self.dirty))
         engines = d.pop("engines")
-        d["hw"] = _merge_hw([e.stats() for e in engines])
+        d["hw"] = _merge_hw([d.pop("hw_closed")] + [e.stats() for e in engines])
         return d
 
 
+HW_COUNTERS = ("submitted", "completed", "backlogged", "rejected_full", "errors", "fallbacks")
+
+
 def _merge_hw(stats: list[dict]) -> dict:
-    """The `hw` object: the engine of the current configuration's stats, or zeros."""
-    empty = {"submitted": 0, "completed": 0, "backlogged": 0, "rejected_full": 0, "errors": 0,
-             "fallbacks": 0, "inflight_max": 0,
-             "latency_us": {"p50": 0, "p90": 0, "p99": 0, "max": 0}}
+    """The `hw` object of engines' stats, oldest first: counters summed, `inflight_max` and the
+    latency `max` the largest, everything else (percentiles, mode, queues) the newest engine's;
+    zeros without any engine."""
     if not stats:
-        return empty
-    if len(stats) == 1:
-        return stats[0]
+        return {**dict.fromkeys(HW_COUNTERS, 0), "inflight_max": 0,
+                "latency_us": {"p50": 0, "p90": 0, "p99": 0, "max": 0}}
     merged = dict(stats[-1])
-    for key in ("submitted", "completed", "backlogged", "rejected_full", "errors", "fallbacks"):
+    for key in HW_COUNTERS:
         merged[key] = sum(s.get(key, 0) for s in stats)
     merged["inflight_max"] = max(s.get("inflight_max", 0) for s in stats)
+    merged["latency_us"] = {**merged["latency_us"],
+                            "max": max(s["latency_us"]["max"] for s in stats)}
     return merged
 
 

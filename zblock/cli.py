@@ -50,7 +50,10 @@ _OPTION_PARAMS = {
     "hw-seed": "hw_seed",
     "contexts": "contexts",
 }
-_FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap", "sparse": "sparse"}
+_FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap", "sparse": "sparse",
+          "read-only": "read_only"}
+# -o names mount(8) uses for a zblock option
+_O_ALIASES = {"ro": "read_only"}
 
 # -o options mount(8) passes that mean nothing to zblock.
 _IGNORED_O = {"rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
@@ -115,10 +118,13 @@ def _parse_o(text_list: list[str]) -> dict[str, str]:
                 name = _OPTION_PARAMS[key]
             elif key in _FLAGS:
                 name = _FLAGS[key]
+            elif key in _O_ALIASES:
+                name = _O_ALIASES[key]
             if name != "size" and name not in PARAMS:
                 raise UsageError(f"-o {key}: unknown option")
             if not eq:
-                if name in ("kernel_cache", "swap", "same_filled_pages_enabled", "shrinker_enabled"):
+                if name in ("kernel_cache", "swap", "read_only", "same_filled_pages_enabled",
+                            "shrinker_enabled"):
                     value = "Y"
                 else:
                     raise UsageError(f"-o {key}: needs a value ({key}=VALUE)")
@@ -149,7 +155,7 @@ def cmd_mount(args, argv) -> int:
     fuse_version = int(args.fuse_version)
     daemon.check_fuse(fuse_version)
     daemon.check_mountpoint(args.mountpoint)
-    daemon.check_backing(backing, size)
+    daemon.check_backing(backing, size, read_only=config.read_only)
     if config.swap and not args.foreground:
         from . import swap
         for warning in swap.preflight_warnings(config):
@@ -178,6 +184,8 @@ def _add_mount(sub) -> None:
     p.add_argument("--sparse", action="store_true",
                    help="do not reserve the backing file's space up front (writes fail once its "
                         "filesystem is full)")
+    p.add_argument("--read-only", action="store_true",
+                   help="mount read-only (-o ro): writes fail with EROFS, the backing file is not written")
     p.add_argument("--fuse-version", choices=("2", "3"), default="3", help="libfuse major version (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -200,6 +200,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("swap", _bool("swap"), _fmt_bool, runtime=False, help="serve swap (hardening, ephemeral backing)"),
     Param("sparse", _bool("sparse"), _fmt_bool, runtime=False,
           help="do not reserve the backing file's space (writes fail once its filesystem is full)"),
+    Param("read_only", _bool("read_only"), _fmt_bool, runtime=False,
+          help="mount read-only: every write fails with EROFS, params too; nothing is written"),
 ]}
 
 
@@ -229,6 +231,7 @@ class Config:
     kernel_cache: bool = False
     swap: bool = False
     sparse: bool = False
+    read_only: bool = False
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> "Config":
@@ -254,6 +257,8 @@ class Config:
         if self.swap and self.sparse:
             raise ConfigError("--sparse cannot be used with --swap (swap space is always reserved: "
                               "reclaim must never meet ENOSPC)")
+        if self.swap and self.read_only:
+            raise ConfigError("--read-only cannot be used with --swap (swap writes)")
 
     def copy(self) -> "Config":
         return dataclasses.replace(self)

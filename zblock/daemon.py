@@ -224,13 +224,17 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mount point {mountpoint} is not readable") from None
 
 
-def check_backing(backing: str, size: int | None) -> None:
+def check_backing(backing: str, size: int | None, read_only: bool = False) -> None:
     """Errors the user can fix before a server starts. The Store re-checks (and locks)."""
     if os.path.isdir(backing):
         raise BackingError(f"backing file {backing} is a directory")
     if os.path.exists(backing):
-        if not os.access(backing, os.R_OK | os.W_OK):
-            raise BackingError(f"backing file {backing} is not readable and writable")
+        need, what = ((os.R_OK, "readable") if read_only
+                      else (os.R_OK | os.W_OK, "readable and writable"))
+        if not os.access(backing, need):
+            raise BackingError(f"backing file {backing} is not {what}")
+    elif read_only:
+        raise BackingError(f"backing file {backing} does not exist (nothing to mount read-only)")
     else:
         parent = os.path.dirname(os.path.abspath(backing))
         if not os.path.isdir(parent):
@@ -392,7 +396,8 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
 
         ops = fuse_ops.ZblockOps(store, kernel_cache=config.kernel_cache, on_init=on_init,
                                  on_destroy=close_store)
-        opts = fuse_ops.mount_options(kernel_cache=config.kernel_cache)
+        opts = fuse_ops.mount_options(os.path.realpath(backing), kernel_cache=config.kernel_cache,
+                                      read_only=config.read_only)
         if debug:
             opts["debug"] = True
         try:

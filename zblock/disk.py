@@ -125,23 +125,26 @@ class FileDisk:
     """One open file. `mode` says which I/O path is in use: "direct" (O_DIRECT), "dropbehind"
     (buffered + sync_file_range + fadvise DONTNEED) or "buffered" (page cache kept)."""
 
-    def __init__(self, path: str, direct: bool = True, *, drop_cache: bool | None = None):
+    def __init__(self, path: str, direct: bool = True, *, drop_cache: bool | None = None,
+                 writable: bool = True):
         """`direct`: try O_DIRECT. Without it (refused, or direct=False) `drop_cache` (default:
-        the value of `direct`) chooses drop-behind over plain buffered I/O."""
+        the value of `direct`) chooses drop-behind over plain buffered I/O. `writable=False`
+        opens the file read-only (a read-only mount)."""
         if drop_cache is None:
             drop_cache = direct
         self.path = path
         self.mode = "buffered"
+        access = os.O_RDWR if writable else os.O_RDONLY
         fd = -1
         if direct:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+                fd = os.open(path, access | os.O_DIRECT | os.O_CLOEXEC)
                 self.mode = "direct"
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: the filesystem refuses O_DIRECT
                     raise
         if fd < 0:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, access | os.O_CLOEXEC)
             if drop_cache:
                 self.mode = "dropbehind"
                 # No readahead: pages read ahead of a pread are still under I/O when the

@@ -73,15 +73,34 @@ def fuse_version_major() -> int:
     return mfusepy.fuse_version_major
 
 
-def mount_options(kernel_cache: bool = False, allow_other: bool | None = None) -> dict:
+# libfuse 3.12-3.16's fuse_main() logs "Ignoring invalid max threads value 4294967295" at every
+# mount: it hands its default max_idle_threads (-1: never stop an idle worker) to a setter that
+# refuses it. At most max_threads (default 10) workers exist, so a limit of 10 idle ones never
+# stops one either (workers keep their Python thread states, threadstate.py). max_threads itself
+# is not passed: libfuse before 3.12 does not know the option and would refuse the mount.
+MAX_IDLE_THREADS_FUSE3 = 10
+
+
+def fuse_option_value(text: str) -> str:
+    """`text` as the value of a libfuse -o option: libfuse splits options at commas and takes
+    a backslash as an escape (sshfs escapes its fsname the same way)."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def mount_options(backing: str, kernel_cache: bool = False, allow_other: bool | None = None,
+                  read_only: bool = False) -> dict:
     """Options for mfusepy.FUSE(...) on the loaded library.
 
-    fsname/subtype make /proc/mounts say `zblock /mnt fuse.zblock`, which is how the CLI tells
-    a zblock mount from any other. libfuse 3 refuses `max_write`/`big_writes` as options (see
-    init_with_config); libfuse 2 needs them for anything above 4 KiB writes.
-    `direct_io` is set per open file (open), not per mount, because stats/params always need it.
+    fsname/subtype make the mount table say `BACKING MOUNTPOINT fuse.zblock` (findmnt's SOURCE
+    is the backing file); the CLI tells a zblock mount from any other by the type. libfuse 3
+    refuses `max_write`/`big_writes` as options (see init_with_config); libfuse 2 needs them for
+    anything above 4 KiB writes. `read_only`: the kernel answers EROFS to every write, params
+    included. `direct_io` is set per open file (open), not per mount, because stats/params
+    always need it.
     """
-    opts: dict = {"foreground": True, "fsname": "zblock", "subtype": "zblock"}
+    opts: dict = {"foreground": True, "fsname": fuse_option_value(backing), "subtype": "zblock"}
+    if read_only:
+        opts["ro"] = True
     if allow_other is None:
         allow_other = os.geteuid() == 0
     if allow_other:
@@ -92,6 +111,8 @@ def mount_options(kernel_cache: bool = False, allow_other: bool | None = None) -
     if fuse_version_major() == 2:
         opts["big_writes"] = True
         opts["max_write"] = MAX_WRITE_FUSE2
+    else:
+        opts["max_idle_threads"] = MAX_IDLE_THREADS_FUSE3
     return opts
 
 

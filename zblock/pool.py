@@ -16,6 +16,7 @@ ref goes is closed (contexts freed); a store in progress holds a `users` ref. Po
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import os
@@ -54,6 +55,7 @@ class Pool:
 
     @property
     def label(self) -> str:
+        """`zstd-3`, `lzo@sim`: the algorithm and accelerator (see labels() for the stats)."""
         name, level, accel = self.key[0], self.key[1], self.key[2]
         label = name if level is None else f"{name}-{level}"
         return label if accel == "none" else f"{label}@{accel}"
@@ -64,6 +66,13 @@ class Pool:
 
     def close(self) -> None:
         self.contexts.close()
+
+
+def labels(pools: list[Pool]) -> list[str]:
+    """The pools' names in the stats: each its label, with `#id` where two live pools share one
+    (engine pools that differ only in hw_* settings: `lzo@sim#0`, `lzo@sim#1`)."""
+    counts = collections.Counter(p.label for p in pools)
+    return [p.label if counts[p.label] == 1 else f"{p.label}#{p.id}" for p in pools]
 
 
 # ---------------------------------------------------------------------------------------------

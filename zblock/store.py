@@ -82,7 +82,8 @@ class Store:
     def open(cls, backing_path: str, size: int | None, config: Config, *, disk_factory=None,
              progress=None, **kw) -> "Store":
         backing = Backing.open(backing_path, size, ephemeral=config.swap, sparse=config.sparse,
-                               disk_factory=disk_factory, progress=progress)
+                               read_only=config.read_only, disk_factory=disk_factory,
+                               progress=progress)
         try:
             return cls(backing, config, **kw)
         except BaseException:

@@ -2,6 +2,7 @@
 command itself (exit 1 on a mismatch), so a pass means the replay and the table both work."""
 
 import json
+import struct
 
 import pytest
 
@@ -18,3 +19,16 @@ def test_zblock_bench_runs(tmp_path, capsys):
         ("none", "page"), ("none", "batch"), ("sim", "page"), ("sim", "batch")}
     assert all(r["ratio"] and r["ratio"] > 1.0 for r in rows)   # the mixed set compresses
     assert bench.main(["--compressor", "nope"]) == 2
+
+
+def test_plot_is_a_readable_grid(tmp_path):
+    """--plot draws 1600x1000 pixels, whatever the number of settings (the old strip grew
+    1200 pixels wide per row)."""
+    pytest.importorskip("matplotlib")
+    bench = pytest.importorskip("zblock.bench")
+    png = tmp_path / "bench.png"
+    assert bench.main(["--pages", "64", "--compressor", "lz4,zstd", "--accelerator", "none,sim",
+                       "--hw-mode", "sync,async", "--plot", str(png)]) == 0
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (1600, 1000)
