@@ -128,6 +128,7 @@ def test_uninstalled_compressor(work, tmp_path):
     (["--hw-seed", "99999999999999999999"], "hw_seed: '99999999999999999999' is out of range (0..4294967295)"),
     (["-o", "hw_seed=1e3"], "hw_seed: '1e3' is not a decimal integer"),
     (["--read-only", "--swap"], "--read-only"), (["-o", "ro,swap"], "--read-only"),
+    (["-o", "sparse,swap"], "--sparse"),      # a bare flag, as `swap` is
 ])
 def test_bad_options(work, args, what):
     assert what in one_line_error(zblock(*mount_args(work, *args)), 2)

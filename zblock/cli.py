@@ -123,8 +123,7 @@ def _parse_o(text_list: list[str]) -> dict[str, str]:
             if name != "size" and name not in PARAMS:
                 raise UsageError(f"-o {key}: unknown option")
             if not eq:
-                if name in ("kernel_cache", "swap", "read_only", "same_filled_pages_enabled",
-                            "shrinker_enabled"):
+                if name in (*_FLAGS.values(), "same_filled_pages_enabled", "shrinker_enabled"):
                     value = "Y"
                 else:
                     raise UsageError(f"-o {key}: needs a value ({key}=VALUE)")
