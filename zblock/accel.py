@@ -277,13 +277,6 @@ class Engine:
         self._thread = threading.Thread(target=self._device, name="zblock-engine", daemon=True)
         self._thread.start()
 
-    @classmethod
-    def from_config(cls, cfg, clock=None) -> "Engine":
-        """An engine with the hw_* values of a zblock.config.Config."""
-        return cls(queues=cfg.hw_queues, depth=cfg.hw_depth, latency_us=cfg.hw_latency_us,
-                   throughput_mbps=cfg.hw_throughput_mbps, mode=cfg.hw_mode, batch=cfg.hw_batch,
-                   fault_rate=cfg.hw_fault_rate, seed=cfg.hw_seed, clock=clock)
-
     # ---- submission -------------------------------------------------------------------------
 
     def now(self) -> float:

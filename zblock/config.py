@@ -7,7 +7,6 @@ change at run time. Reading a param gives `format(value)`; writing one goes thro
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -259,9 +258,6 @@ class Config:
                               "reclaim must never meet ENOSPC)")
         if self.swap and self.read_only:
             raise ConfigError("--read-only cannot be used with --swap (swap writes)")
-
-    def copy(self) -> "Config":
-        return dataclasses.replace(self)
 
 
 # Defaults that depend on the machine, as a user would say them (Config computes the number).

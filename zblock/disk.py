@@ -501,10 +501,6 @@ class CrashDisk:
     def size(self) -> int:
         return self.inner.size
 
-    @property
-    def unsynced_pages(self) -> int:
-        return len(self._orig)
-
     def pread(self, offset: int, length: int) -> bytes:
         self.plan.tick("read")
         return self.inner.pread(offset, length)
