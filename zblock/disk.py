@@ -36,8 +36,6 @@ and the file agree (it is a test layer: correctness over speed).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -46,23 +44,8 @@ from dataclasses import dataclass, field
 from typing import Collection
 
 from . import PAGE_SIZE
-
-# ---------------------------------------------------------------------------------------------
-# libc: fallocate and sync_file_range are not in the os module
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
-_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-_libc.sync_file_range.restype = ctypes.c_int
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-SYNC_FILE_RANGE_WAIT_BEFORE = 1
-SYNC_FILE_RANGE_WRITE = 2
-SYNC_FILE_RANGE_WAIT_AFTER = 4
-_SFR_ALL = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+from .libc import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate,
+                   sync_file_range)
 
 # Bounce buffers are 1 MiB: the largest FUSE request (libfuse 3 max_write) is 256 pages, so one
 # buffer serves a whole request; longer runs are split. Anonymous mmap memory is page-aligned,
@@ -70,18 +53,6 @@ _SFR_ALL = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE
 BOUNCE_SIZE = 1 << 20
 _BOUNCE_KEEP = 4  # buffers kept for reuse: 2 cores, a few threads; the rest are unmapped
 _IOV_MAX = 1024
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def sync_file_range(fd: int, offset: int, length: int, flags: int = _SFR_ALL) -> None:
-    if _libc.sync_file_range(fd, offset, length, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _check_aligned(offset: int, length: int) -> None:

@@ -47,14 +47,10 @@ import mfusepy
 
 from . import PAGE_SIZE
 from .errors import ZblockError
+from .libc import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .threadstate import pin_thread_state
 
 log = logging.getLogger("zblock.fuse")
-
-# fallocate(2) mode bits (linux/falloc.h)
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
 # libfuse 3 caps a request at FUSE_DEFAULT_MAX_PAGES_LIMIT (256) pages = 1 MiB; libfuse 2 at
 # 32 pages (its receive buffer is 128 KiB + header, libfuse #161).

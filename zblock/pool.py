@@ -17,14 +17,13 @@ ref goes is closed (contexts freed); a store in progress holds a `users` ref. Po
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import os
 import threading
 import time
 
 from . import PAGE_SIZE
 from .acomp import ContextSet
+from .libc import libc as _libc
 
 BYTES_HEADER = 33          # sys.getsizeof(b"") on 64-bit CPython
 MALLOC_OVERHEAD = 8        # glibc chunk header on 64-bit
@@ -78,7 +77,6 @@ def labels(pools: list[Pool]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # giving memory back
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _malloc_trim = getattr(_libc, "malloc_trim", None)
 _mallopt = getattr(_libc, "mallopt", None)
 M_TRIM_THRESHOLD = -1             # malloc.h

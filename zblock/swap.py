@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -62,6 +61,8 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import MountError, UsageError
+from .libc import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, PR_SET_IO_FLUSHER
+from .libc import libc as _libc
 from .pool import MMAP_THRESHOLD, tune_malloc
 
 log = logging.getLogger("zblock.swap")
@@ -69,9 +70,6 @@ log = logging.getLogger("zblock.swap")
 # ---------------------------------------------------------------------------------------------
 # constants
 
-PR_SET_IO_FLUSHER = 57          # linux/prctl.h, Linux 5.6
-PR_GET_IO_FLUSHER = 58
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PF_MEMALLOC_NOIO = 0x00080000   # include/linux/sched.h; what ublksrv tests/generic/008 checks
 PF_LOCAL_THROTTLE = 0x00100000
 PF_IO_FLUSHER = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
@@ -89,16 +87,6 @@ SWAPON_TIMEOUT = 120.0          # losetup + mkswap + swapon of a fresh area: < 1
 SWAPOFF_TIMEOUT = 3600.0        # swapoff reads every swapped page back in: bounded by RAM, not us
 LOOP_DETACH_TIMEOUT = 30.0      # losetup -d is deferred (autoclear) while the device is still open
 NOTIFY_READY_TIMEOUT = 120.0
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-_libc.prctl.restype = ctypes.c_int
-_libc.mlockall.argtypes = (ctypes.c_int,)
-_libc.mlockall.restype = ctypes.c_int
-_libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-_libc.malloc_trim.restype = ctypes.c_int
-_libc.munlockall.argtypes = ()
-_libc.munlockall.restype = ctypes.c_int
 
 
 # ---------------------------------------------------------------------------------------------

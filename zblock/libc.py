@@ -1,0 +1,67 @@
+"""libc through ctypes, loaded once: the calls the os module lacks, and their constants.
+
+One handle, `libc`, with prototypes for what zblock calls: fallocate and sync_file_range
+(zblock.disk), prctl, mlockall and munlockall (zblock.hardening, zblock.memory), malloc_trim and
+mallopt (zblock.pool, zblock.memory). The Linux constants these calls take (linux/falloc.h,
+linux/fs.h, linux/prctl.h, sys/mman.h) are defined here and nowhere else.
+
+Invariant: the handle is opened with use_errno=True, so ctypes.get_errno() right after a call
+that failed is that call's errno; `fallocate()` and `sync_file_range()` raise it as OSError.
+A symbol this libc lacks (malloc_trim and mallopt are glibc's) is simply not given a prototype:
+callers look it up with getattr(libc, name, None).
+
+What this module does not do: decide anything. Callers own the policy and the messages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+# fallocate(2) modes (linux/falloc.h); also the modes the FUSE adapter accepts
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# sync_file_range(2) flags (linux/fs.h)
+SYNC_FILE_RANGE_WAIT_BEFORE = 1
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_AFTER = 4
+SYNC_FILE_RANGE_ALL = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+
+# prctl(2) (linux/prctl.h, Linux 5.6) and mlockall(2) (sys/mman.h)
+PR_SET_IO_FLUSHER = 57
+PR_GET_IO_FLUSHER = 58
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+
+_PROTOTYPES = {
+    "fallocate": (ctypes.c_int, (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)),
+    "sync_file_range": (ctypes.c_int, (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)),
+    "prctl": (ctypes.c_int, (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)),
+    "mlockall": (ctypes.c_int, (ctypes.c_int,)),
+    "munlockall": (ctypes.c_int, ()),
+    "malloc_trim": (ctypes.c_int, (ctypes.c_size_t,)),
+    "mallopt": (ctypes.c_int, (ctypes.c_int, ctypes.c_int)),
+}
+for _name, (_restype, _argtypes) in _PROTOTYPES.items():
+    _fn = getattr(libc, _name, None)
+    if _fn is not None:
+        _fn.restype, _fn.argtypes = _restype, _argtypes
+
+
+def _raise_errno() -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        _raise_errno()
+
+
+def sync_file_range(fd: int, offset: int, length: int, flags: int = SYNC_FILE_RANGE_ALL) -> None:
+    if libc.sync_file_range(fd, offset, length, flags) != 0:
+        _raise_errno()
