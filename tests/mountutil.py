@@ -37,21 +37,8 @@ TESTS = os.path.join(REPO, "tests")
 PREFIX = "/tmp/zblock-test-"
 FSTYPE = "fuse.zblock"
 
-# The real Store once zblock.store (and its backing module) imports; until then a stand-in
-# with the same interface over a plain file, so the adapter and CLI can be tested alone.
-# ZBLOCK_TEST_STORE=module:Class forces one (e.g. a faulty store for reliability tests).
-def _default_store_class() -> str | None:
-    forced = os.environ.get("ZBLOCK_TEST_STORE")
-    if forced:
-        return forced
-    try:
-        import zblock.store  # noqa: F401
-        return None
-    except ImportError:
-        return "mountutil:FileStore"
-
-
-STORE_CLASS = _default_store_class()
+# The fault-injecting entry point (tests/faultserver.py): `zblock mount` with a faulty store.
+FAULTSERVER = os.path.join(TESTS, "faultserver.py")
 
 
 def env() -> dict:
@@ -62,9 +49,12 @@ def env() -> dict:
     return e
 
 
-def zblock(*args, timeout: float = 60, check: bool = False, input=None) -> subprocess.CompletedProcess:
-    """Run `python -m zblock ARGS` with a deadline; output captured as text."""
-    res = subprocess.run([sys.executable, "-m", "zblock", *map(str, args)], capture_output=True,
+def zblock(*args, timeout: float = 60, check: bool = False, input=None,
+           faults: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m zblock ARGS` (with `faults`: tests/faultserver.py ARGS) with a deadline;
+    output captured as text."""
+    program = [FAULTSERVER] if faults else ["-m", "zblock"]
+    res = subprocess.run([sys.executable, *program, *map(str, args)], capture_output=True,
                          text=True, timeout=timeout, env=env(), input=input, cwd=REPO)
     if check and res.returncode != 0:
         raise AssertionError(f"zblock {' '.join(map(str, args))} exited {res.returncode}: {res.stderr.strip()}")
@@ -133,7 +123,8 @@ def server_pids(under: str) -> list[int]:
                 cmd = f.read().split(b"\0")
         except OSError:
             continue
-        if b"zblock" in cmd and b"--foreground" in cmd and any(a.startswith(under.encode()) for a in cmd):
+        server = b"zblock" in cmd or FAULTSERVER.encode() in cmd
+        if server and b"--foreground" in cmd and any(a.startswith(under.encode()) for a in cmd):
             pids.append(int(d))
     return pids
 
@@ -259,11 +250,13 @@ class Mount:
 
     Arguments are `zblock mount` options (size="64M", compressor="zstd", extra=[...]).
     `backing` reuses an existing file (remount tests); otherwise DIR/backing.img is made.
+    `faults=True` starts the server through tests/faultserver.py: its disks follow the rules file
+    named by ZBLOCK_TEST_FAULTS in this process's environment.
     """
 
     def __init__(self, size: str | None = "64M", fuse_version: int = 3, *, backing: str | None = None,
                  workdir: str | None = None, extra: list[str] | None = None, start_timeout: float = 60,
-                 **options):
+                 faults: bool = False, **options):
         self.size = size
         self.fuse_version = fuse_version
         self.workdir = workdir or new_workdir()
@@ -277,19 +270,18 @@ class Mount:
             flag = "--" + k.replace("_", "-")
             self.extra += [flag] if v is True else [flag, str(v)]
         self.start_timeout = start_timeout
+        self.faults = faults
         self.pid: int | None = None
 
     def args(self) -> list[str]:
         a = ["mount", self.mountpoint, "--backing", self.backing, "--fuse-version", str(self.fuse_version)]
         if self.size is not None:
             a += ["--size", self.size]
-        if STORE_CLASS:
-            a += ["--store-class", STORE_CLASS]
         return a + self.extra
 
     def start(self) -> "Mount":
         require_mounts()
-        res = zblock(*self.args(), timeout=self.start_timeout)
+        res = zblock(*self.args(), timeout=self.start_timeout, faults=self.faults)
         if res.returncode != 0:
             self.cleanup()
             raise AssertionError(f"zblock mount failed ({res.returncode}): {res.stderr.strip()}")
@@ -368,83 +360,3 @@ def run_with_deadline(fn, timeout: float, what: str):
     if err:
         raise err[0]
     return out[0] if out else None
-
-
-# ---------------------------------------------------------------------------------------------
-# a stand-in Store over a plain file (only while zblock.store cannot be imported)
-
-
-class FileStore:
-    """Store interface over a raw file: pread/pwrite, flock, no cache. For adapter tests."""
-
-    def __init__(self, path: str, size: int, config):
-        import fcntl
-        self.size = size
-        self.config = config
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            from zblock.errors import BackingLocked
-            raise BackingLocked(f"backing file {path} is in use by another mount") from None
-        os.ftruncate(self.fd, size)
-        self.counts = {"discarded_pages": 0, "zswpout": 0}
-        self.requests: dict[str, dict[str, int]] = {"read": {}, "write": {}}
-        self.lock = threading.Lock()
-
-    @classmethod
-    def open(cls, path, size, config, **kw):
-        from zblock.errors import BackingError
-        if os.path.exists(path):
-            cur = os.path.getsize(path)
-            if size is not None and size != cur:
-                raise BackingError(f"backing file {path} is {cur} bytes, not --size {size}")
-            size = cur
-        elif size is None:
-            raise BackingError(f"backing file {path} does not exist: a new one needs --size")
-        return cls(path, size, config)
-
-    def read(self, offset, length):
-        end = min(offset + length, self.size)
-        return os.pread(self.fd, end - offset, offset) if offset < end else b""
-
-    def write(self, offset, data):
-        from zblock.errors import OutOfRange
-        if offset + len(data) > self.size:
-            raise OutOfRange("past the end")
-        os.pwrite(self.fd, data, offset)
-        with self.lock:
-            self.counts["zswpout"] += len(data) // 4096
-        return len(data)
-
-    def discard(self, offset, length):
-        os.pwrite(self.fd, bytes(length), offset)
-        with self.lock:
-            self.counts["discarded_pages"] += length // 4096
-
-    def fsync(self):
-        os.fsync(self.fd)
-
-    def close(self):
-        if self.fd >= 0:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-
-    def stats(self):
-        return {"schema": 1, "stored_pages": 0, **self.counts, "request_sizes": self.requests}
-
-    def param_names(self):
-        from zblock.config import PARAMS
-        return [n for n, p in PARAMS.items() if p.runtime]
-
-    def get_param(self, name):
-        return self.config.get(name)
-
-    def set_param(self, name, text):
-        self.config.set(name, text)
-
-    def note_request(self, op, nbytes):
-        h = self.requests[op]
-        h[str(nbytes)] = h.get(str(nbytes), 0) + 1

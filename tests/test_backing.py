@@ -1,6 +1,6 @@
 """Backing store tests: open rules, round trips, checksums, fsck, scripted disk faults, crash
 consistency under a power-cut model, and page-cache bypass. Engine tier: real files in tmp_path,
-fault layers from zblock.disk (no mocks)."""
+fault layers from tests/faultdisk.py (no mocks)."""
 
 import errno
 import os
@@ -16,7 +16,8 @@ from conftest import require
 
 from zblock import PAGE_SIZE
 from zblock.backing import Backing, fsck, meta_path
-from zblock.disk import Crash, CrashDisk, CrashPlan, Fault, FaultyDisk, FileDisk
+from faultdisk import Crash, CrashDisk, CrashPlan, Fault, FaultyDisk
+from zblock.disk import FileDisk
 from zblock.errors import BackingError, BackingLocked, DataError, DiskError, OutOfRange
 
 PS = PAGE_SIZE

@@ -44,8 +44,6 @@ def mount_args(work, *extra, size="16M", backing=None):
     a = ["mount", os.path.join(work, "mnt"), "--backing", backing or os.path.join(work, "b.img")]
     if size:
         a += ["--size", size]
-    if mountutil.STORE_CLASS:
-        a += ["--store-class", mountutil.STORE_CLASS]
     return a + list(extra)
 
 

@@ -1,8 +1,9 @@
 """Crash consistency by kill points, not timing (DESIGN "Data semantics", "On-disk format").
 
-Engine tier: a Store over CrashDisks (zblock.disk) runs a seeded workload of writes (whole pages,
-partial pages, incompressible pages), discards, explicit writebacks, fsyncs and a final close,
-while a CrashPlan counts every write, fsync and punch of the data file and its sidecar together.
+Engine tier: a Store over CrashDisks (tests/faultdisk.py) runs a seeded workload of writes
+(whole pages, partial pages, incompressible pages), discards, explicit writebacks, fsyncs and a
+final close, while a CrashPlan counts every write, fsync and punch of the data file and its
+sidecar together.
 A dry run counts the operations (T); then for many N the same workload stops at operation N
 and the files are left as one of three crashes would leave them:
 
@@ -16,7 +17,7 @@ written since the last completed fsync reads exactly; any other page reads as it
 one of the versions written since, or fails with EIO (DataError) - never anything else.
 
 Mount tier (one variant): a real server started with a ZBLOCK_TEST_FAULTS crash rule dies at the
-N-th disk operation after a power cut (zblock.testing.ExitingCrashPlan); a new mount of the
+N-th disk operation after a power cut (tests/faultserver.py, ExitingCrashPlan); a new mount of the
 backing file obeys the same rule.
 """
 
@@ -30,7 +31,8 @@ import pytest
 
 from zblock import PAGE_SIZE
 from zblock.config import Config
-from zblock.disk import Crash, CrashDisk, CrashPlan, FileDisk
+from faultdisk import Crash, CrashDisk, CrashPlan
+from zblock.disk import FileDisk
 from zblock.errors import DataError, ZblockError
 from zblock.store import Store
 
@@ -290,14 +292,14 @@ def test_sidecar_and_data_tear_apart(tmp_path):
 @pytest.mark.timeout(240)
 def test_mount_crash_rule(tmp_path, monkeypatch):
     import mountutil
-    from zblock import testing
+    import faultserver
 
     mountutil.require_mounts()
     rules = str(tmp_path / "faults.json")
     rng = random.Random(7)
     npages = 512                                # 2 MiB disk, 256 KiB pool: writeback runs
     base = [page_content(p, 1, p % 3 == 1) for p in range(npages)]
-    monkeypatch.setenv(testing.ENV_FAULTS, rules)
+    monkeypatch.setenv(faultserver.ENV_FAULTS, rules)
     workdir = mountutil.new_workdir("crash")
     try:
         backing = os.path.join(workdir, "backing.img")
@@ -306,10 +308,9 @@ def test_mount_crash_rule(tmp_path, monkeypatch):
                 if os.path.exists(p):
                     os.unlink(p)
             # a healthy first mount writes the durable base image and unmounts cleanly
-            testing.write_rules(rules, [])
+            faultserver.write_rules(rules, [])
             m = mountutil.Mount(size=str(npages * PAGE_SIZE), backing=backing, workdir=workdir,
-                                pool_limit="256K", shrinker="N",
-                                extra=["--store-class", "zblock.testing:FaultStore"])
+                                pool_limit="256K", shrinker="N", faults=True)
             with m:
                 fd = os.open(m.disk, os.O_RDWR)
                 try:
@@ -318,9 +319,9 @@ def test_mount_crash_rule(tmp_path, monkeypatch):
                 finally:
                     os.close(fd)
             # second mount: dies at its stop_at-th disk operation, after a power cut
-            testing.write_rules(rules, [], crash={"stop_at": stop_at, "power_cut": True})
+            faultserver.write_rules(rules, [], crash={"stop_at": stop_at, "power_cut": True})
             m = mountutil.Mount(size=None, backing=backing, workdir=workdir, pool_limit="256K",
-                                shrinker="N", extra=["--store-class", "zblock.testing:FaultStore"])
+                                shrinker="N", faults=True)
             since: dict[int, list[bytes]] = {}
             durable = list(base)
             synced_ok = False
@@ -354,9 +355,8 @@ def test_mount_crash_rule(tmp_path, monkeypatch):
             finally:
                 m.cleanup(remove=False)
             # a third, healthy mount reads every page by the crash rule
-            testing.write_rules(rules, [])
-            m = mountutil.Mount(size=None, backing=backing, workdir=workdir,
-                                extra=["--store-class", "zblock.testing:FaultStore"])
+            faultserver.write_rules(rules, [])
+            m = mountutil.Mount(size=None, backing=backing, workdir=workdir, faults=True)
             with m:
                 fd = os.open(m.disk, os.O_RDONLY)
                 try:

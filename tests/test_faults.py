@@ -1,6 +1,6 @@
 """Faults: scripted disk errors, engine failures and corruption behind zblock's back.
 
-Disk faults (like nbdkit's error filter): zblock.disk.FaultyDisk under a real Backing raises EIO
+Disk faults (like nbdkit's error filter): faultdisk.FaultyDisk under a real Backing raises EIO
 or ENOSPC on chosen reads, writes, fsyncs and punches of the data file or the sidecar. The rules:
 a write that cannot be made durable fails the writer's fsync and the page stays cached and dirty;
 a read that cannot be served fails with EIO and never returns wrong bytes; other pages keep being
@@ -33,7 +33,8 @@ import pytest
 from zblock import PAGE_SIZE
 from zblock.backing import fsck
 from zblock.config import Config
-from zblock.disk import Fault, FaultyDisk, FileDisk
+from faultdisk import Fault, FaultyDisk
+from zblock.disk import FileDisk
 from zblock.errors import DataError, DiskError, ZblockError
 from zblock.store import Store
 from mountutil import wait_for
@@ -447,12 +448,12 @@ def test_corruption_detected_open_reopen_and_fsck(path):
 @pytest.mark.timeout(180)
 def test_mount_scripted_disk_faults(tmp_path, monkeypatch):
     import mountutil
-    from zblock import testing
+    import faultserver
 
     mountutil.require_mounts()
     rules = str(tmp_path / "faults.json")
-    testing.write_rules(rules, [])
-    monkeypatch.setenv(testing.ENV_FAULTS, rules)
+    faultserver.write_rules(rules, [])
+    monkeypatch.setenv(faultserver.ENV_FAULTS, rules)
     data = text_pages(1024)                                # 4 MiB through a 512 KiB pool
     workdir = mountutil.new_workdir("faults")   # outlives both mounts
     try:
@@ -463,14 +464,13 @@ def test_mount_scripted_disk_faults(tmp_path, monkeypatch):
 
 def mount_faults_then_bitrot(workdir, rules, data):
     import mountutil
-    from zblock import testing
+    import faultserver
 
-    m = mountutil.Mount(size="16M", pool_limit="512K", shrinker="N", workdir=workdir,
-                        extra=["--store-class", "zblock.testing:FaultStore"])
+    m = mountutil.Mount(size="16M", pool_limit="512K", shrinker="N", workdir=workdir, faults=True)
     with m:
         fd = os.open(m.disk, os.O_RDWR)
         try:
-            testing.write_rules(rules, [{"op": "write", "err": "EIO", "times": None}])
+            faultserver.write_rules(rules, [{"op": "write", "err": "EIO", "times": None}])
             os.pwrite(fd, data, 0)
             with pytest.raises(OSError) as ei:
                 os.fsync(fd)
@@ -478,14 +478,14 @@ def mount_faults_then_bitrot(workdir, rules, data):
             assert os.pread(fd, len(data), 0) == data          # served from the cache
             st = m.stats()
             assert st["reject_reclaim_fail"] + st["dirty_pages"] > 0, st
-            testing.write_rules(rules, [])
+            faultserver.write_rules(rules, [])
             os.fsync(fd)
-            testing.write_rules(rules, [{"op": "fsync", "err": "ENOSPC", "times": 1}])
+            faultserver.write_rules(rules, [{"op": "fsync", "err": "ENOSPC", "times": 1}])
             os.pwrite(fd, data[:PAGE_SIZE], 0)
             with pytest.raises(OSError) as ei:
                 os.fsync(fd)
             assert ei.value.errno == errno.ENOSPC
-            testing.write_rules(rules, [])
+            faultserver.write_rules(rules, [])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -493,8 +493,7 @@ def mount_faults_then_bitrot(workdir, rules, data):
     flip_byte(m.backing, 100 * PAGE_SIZE + 5)
     res = mountutil.zblock("fsck", m.backing)
     assert res.returncode != 0 and "100" in res.stdout, res
-    m2 = mountutil.Mount(size=None, backing=m.backing, workdir=m.workdir,
-                         extra=["--store-class", "zblock.testing:FaultStore"])
+    m2 = mountutil.Mount(size=None, backing=m.backing, workdir=m.workdir, faults=True)
     try:
         with m2:
             fd = os.open(m2.disk, os.O_RDONLY)

@@ -186,7 +186,6 @@ def _running_threads(pid: int) -> int:
 
 def test_one_write_uses_both_cores(tmp_path):
     require((os.cpu_count() or 1) >= 2, "needs 2 cores")
-    require(mountutil.STORE_CLASS is None, "needs the real Store")
     data = make_data(96 << 20, 5)
     src = tmp_path / "src"
     src.write_bytes(data)

@@ -245,26 +245,25 @@ def test_unmount_without_waiting_marks_what_did_not_reach_the_file(small_fs, how
 
 @pytest.mark.timeout(300)
 def test_disk_failing_halfway_never_reads_zeros(tmp_path, monkeypatch):
-    from zblock import testing
+    import faultserver
     mountutil.require_mounts()
     rules = str(tmp_path / "faults.json")
-    testing.write_rules(rules, [])
-    monkeypatch.setenv(testing.ENV_FAULTS, rules)
+    faultserver.write_rules(rules, [])
+    monkeypatch.setenv(faultserver.ENV_FAULTS, rules)
     workdir = mountutil.new_workdir("eio")
     try:
-        m = Mount(size="64M", workdir=workdir, pool_limit="2M", shrinker="N",
-                  extra=["--store-class", "zblock.testing:FaultStore"])
+        m = Mount(size="64M", workdir=workdir, pool_limit="2M", shrinker="N", faults=True)
         with m:
             first = pages_of(4096, seed=2)
             write_all(m.disk, first[:8 << 20])
             written_back = m.stats()["written_back_pages"]     # on disk before the fault
-            testing.write_rules(rules, [{"op": "write", "err": "EIO", "times": None}])
+            faultserver.write_rules(rules, [{"op": "write", "err": "EIO", "times": None}])
             write_all(m.disk, first[8 << 20:], at=8 << 20)
             res = zblock("umount", m.mountpoint, timeout=120)
             assert res.returncode == 3, res
             os.kill(m.pid, signal.SIGTERM)         # the disk stays bad: the server must go
             assert mountutil.wait_pid(m.pid, 120)
-        testing.write_rules(rules, [])
+        faultserver.write_rules(rules, [])
         rc, rep = fsck(m.backing)
         assert rc == 4 and rep["lost_pages"], rep
         m2 = Mount(size=None, backing=m.backing, workdir=workdir)

@@ -148,7 +148,7 @@ def _mount_config(args) -> tuple[Config, int | None, str]:
     return config, size, args.backing
 
 
-def cmd_mount(args, argv) -> int:
+def cmd_mount(args, argv, *, store_factory=None, program=None) -> int:
     from . import daemon
     config, size, backing = _mount_config(args)
     fuse_version = int(args.fuse_version)
@@ -162,8 +162,8 @@ def cmd_mount(args, argv) -> int:
     if args.foreground:
         daemon.setup_logging(args.debug)
         return daemon.serve(args.mountpoint, backing, size, config, fuse_version=fuse_version,
-                            ready_fd=args.ready_fd, store_class=args.store_class, debug=args.debug)
-    daemon.start_background(argv, args.mountpoint)
+                            ready_fd=args.ready_fd, store_factory=store_factory, debug=args.debug)
+    daemon.start_background(argv, args.mountpoint, program=program)
     return 0
 
 
@@ -188,7 +188,6 @@ def _add_mount(sub) -> None:
     p.add_argument("--fuse-version", choices=("2", "3"), default="3", help="libfuse major version (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--store-class", help=argparse.SUPPRESS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,10 +601,18 @@ COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "stats": cmd_stats, "set":
             "fsck": cmd_fsck, "list": cmd_list}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, store_factory=None, program: list[str] | None = None) -> int:
+    """Run one command; returns its exit code.
+
+    For test entry points (tests/faultserver.py), not options: a mount's server opens its Store
+    with `store_factory` (see daemon.serve), and a background mount starts `program` (the entry
+    point again) in place of `python -m zblock`.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "mount":
+            return cmd_mount(args, argv, store_factory=store_factory, program=program)
         func = COMMANDS.get(args.command) or getattr(args, "func", None)
         if func is None:
             raise UsageError(f"unknown command {args.command}")

@@ -325,20 +325,20 @@ def _load_fuse(fuse_version: int):
     return mfusepy, fuse_ops
 
 
-def _open_store(backing: str, size: int | None, config, store_class: str | None, progress):
-    if store_class:
-        # module:Class with the Store interface; for fault-injection tests of real mounts.
-        import importlib
-        mod, _, name = store_class.partition(":")
-        cls = getattr(importlib.import_module(mod), name)
-    else:
-        from .store import Store as cls
-    return cls.open(backing, size, config, progress=progress)
+def _open_store(backing: str, size: int | None, config, **kw):
+    # Imported here, after the swap hardening: numpy starts an OpenBLAS thread when it is
+    # imported, and a thread that exists before PR_SET_IO_FLUSHER never gets the flag.
+    from .store import Store
+    return Store.open(backing, size, config, **kw)
 
 
 def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_version: int = 3,
-          ready_fd: int | None = None, store_class: str | None = None, debug: bool = False) -> int:
-    """Run the server in this process until unmounted. Returns the exit code."""
+          ready_fd: int | None = None, store_factory=None, debug: bool = False) -> int:
+    """Run the server in this process until unmounted. Returns the exit code.
+
+    `store_factory(backing, size, config, progress=...)` opens the Store (default Store.open);
+    test entry points pass one that stacks fault layers under the backing file.
+    """
     ready = _Readiness(ready_fd)
     store = None
     close_error: list[BaseException] = []
@@ -373,7 +373,7 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
             harden_for_swap(config)         # before any thread exists (the Store starts some)
         else:
             tune_malloc()
-        store = _open_store(backing, size, config, store_class, ready.progress)
+        store = (store_factory or _open_store)(backing, size, config, progress=ready.progress)
     except ZblockError as e:
         ready.fail(e.exit_code, str(e))
         raise
@@ -430,9 +430,14 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
 # background start
 
 
-def start_background(argv: list[str], mountpoint: str, timeout: float = START_TIMEOUT) -> int:
+def start_background(argv: list[str], mountpoint: str, timeout: float = START_TIMEOUT, *,
+                     program: list[str] | None = None) -> int:
     """Start `zblock mount --foreground` (argv: the arguments after `zblock`) in a new session,
-    wait for the readiness pipe. Returns the server's pid. Raises MountError with its message."""
+    wait for the readiness pipe. Returns the server's pid. Raises MountError with its message.
+
+    `program` is what runs in place of `zblock` (a test entry point that serves with its own
+    store factory); by default this interpreter's `-P -m zblock`.
+    """
     logpath = log_file(mountpoint)
     r, w = os.pipe()
     try:
@@ -441,7 +446,8 @@ def start_background(argv: list[str], mountpoint: str, timeout: float = START_TI
             # -P: the current directory must not shadow the installed package (a `zblock/`
             # folder there would be imported instead)
             proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "zblock", *argv, "--foreground", "--ready-fd", str(w)],
+                [*(program or [sys.executable, "-P", "-m", "zblock"]), *argv,
+                 "--foreground", "--ready-fd", str(w)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                 start_new_session=True, close_fds=True)
     finally:

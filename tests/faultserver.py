@@ -1,9 +1,15 @@
-"""Test hooks a real server reads from its environment: scripted disk faults and crash points.
+"""A zblock server whose backing disks follow a fault script: the test entry point for faulty mounts.
+
+    python tests/faultserver.py mount MOUNTPOINT --backing PATH [zblock mount options]
+
+is `zblock mount` with one difference: the server opens its Store with `open_fault_store`, which
+stacks the layers of tests/faultdisk.py under the real Backing as ZBLOCK_TEST_FAULTS says. A
+background start (no --foreground) starts this same script again in the foreground, so the
+faults reach the server. tests/mountutil.Mount(faults=True) starts mounts this way; every other
+command (umount, stats, fsck) is the plain `zblock` one.
 
 A mounted server cannot be handed Python objects, so a test describes faults in a JSON file and
-starts the server with `ZBLOCK_TEST_FAULTS=/path/to/rules.json`. The backing files are then opened
-through `disk_factory_from_env()`, which stacks the test layers of zblock.disk under the real
-Backing:
+sets `ZBLOCK_TEST_FAULTS=/path/to/rules.json` in the server's environment. The disks are then
 
     FileDisk  ->  CrashDisk (only with a "crash" rule)  ->  EnvFaultDisk (FaultyDisk + reload)
 
@@ -13,7 +19,7 @@ The rules file (every key optional):
                 "torn": false, "role": "data"}, ...],
      "crash": {"stop_at": 40, "ops": ["write", "fsync", "punch"], "power_cut": true}}
 
-- `rules` are zblock.disk.Fault rules (`err` a name such as "EIO"/"ENOSPC" or a number) plus
+- `rules` are faultdisk.Fault rules (`err` a name such as "EIO"/"ENOSPC" or a number) plus
   `role`: "data" (default), "meta" (the .zbmeta sidecar) or "any". `nth` counts the calls of
   that op on that file from the moment the rule set was loaded, so a test that rewrites the file
   while mounted means "the N-th write from now". The file is re-read whenever its mtime, size or
@@ -25,12 +31,9 @@ The rules file (every key optional):
   `os._exit(EXIT_CRASH)`. A plain SIGKILL proves little: the backing file's page cache would
   outlive the process, this does not.
 
-For mounts: the daemon accepts `--store-class zblock.testing:FaultStore`, a Store whose open()
-passes this factory; or the daemon's Store.open call takes `disk_factory=disk_factory_from_env()`
-directly (None when the variable is unset: the default disks).
-
-Nothing here is imported by the server unless a test asks for it. Thread-safety: the rule swap
-happens under the FaultyDisk's own lock, a reload under `_reload_lock` (order: reload -> _lock).
+Only this script reads ZBLOCK_TEST_FAULTS: a plain `zblock` server never does. Thread-safety: the
+rule swap happens under the FaultyDisk's own lock, a reload under `_reload_lock` (order:
+reload -> _lock).
 """
 
 from __future__ import annotations
@@ -39,19 +42,19 @@ import errno
 import json
 import logging
 import os
+import sys
 import threading
 
-from .disk import Crash, CrashDisk, CrashPlan, FaultyDisk, Fault, FileDisk, OPS
+from faultdisk import OPS, Crash, CrashDisk, CrashPlan, Fault, FaultyDisk
+from zblock import cli
+from zblock.disk import FileDisk
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("faultserver")
 
 ENV_FAULTS = "ZBLOCK_TEST_FAULTS"
 EXIT_CRASH = 86          # exit status of a server stopped by a crash rule (tests look for it)
 ROLES = ("data", "meta", "any")
-
-__all__ = ["ENV_FAULTS", "EXIT_CRASH", "parse_err", "rules_from_json", "EnvFaultDisk",
-           "ExitingCrashPlan", "make_disk_factory", "disk_factory_from_env", "FaultStore",
-           "write_rules"]
+SCRIPT = os.path.abspath(__file__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,32 +242,16 @@ def disk_factory_from_env(environ=None):
     return make_disk_factory(path, plan)
 
 
-def _store_base():
-    from .store import Store
-    return Store
+def open_fault_store(backing_path, size, config, **kw):
+    """Store.open with the disks ZBLOCK_TEST_FAULTS asks for: the daemon's store factory."""
+    # imported late, as zblock.daemon does: numpy's OpenBLAS thread must start after the hardening
+    from zblock.store import Store
+    return Store.open(backing_path, size, config, disk_factory=disk_factory_from_env(), **kw)
 
 
-def _make_fault_store():
-    Store = _store_base()
-
-    class FaultStore(Store):
-        """Store whose backing disks follow ZBLOCK_TEST_FAULTS (`--store-class
-        zblock.testing:FaultStore`)."""
-
-        @classmethod
-        def open(cls, backing_path, size, config, *, disk_factory=None, **kw):
-            return super().open(backing_path, size, config,
-                                disk_factory=disk_factory or disk_factory_from_env(), **kw)
-
-    FaultStore.__qualname__ = "FaultStore"
-    return FaultStore
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, store_factory=open_fault_store, program=[sys.executable, SCRIPT])
 
 
-def __getattr__(name):
-    # FaultStore is built on first use so that importing zblock.testing does not pull in the
-    # whole engine (store -> cache -> numpy) for callers that only want the disk factory.
-    if name == "FaultStore":
-        cls = _make_fault_store()
-        globals()["FaultStore"] = cls
-        return cls
-    raise AttributeError(name)
+if __name__ == "__main__":
+    sys.exit(main())
