@@ -257,14 +257,16 @@ def check_fuse(fuse_version: int) -> None:
 # swap hardening and sd_notify hooks (zblock.swap)
 
 
-def harden_for_swap(config) -> None:
-    """Swap mode hardening (PR_SET_IO_FLUSHER, mlockall, small stacks, oom_score_adj).
+def harden_for_swap(config):
+    """Swap mode hardening (PR_SET_IO_FLUSHER, mlockall, small stacks, oom_score_adj). Returns
+    the `release_memory` the Store needs: locked memory can only be given back by unlocking.
 
     The call point: in the server, before the Store opens and before libfuse starts its
     workers, because IO_FLUSHER is per task and only copied at clone().
     """
-    from .swap import harden_for_swap as harden
+    from .swap import harden_for_swap as harden, release_free_memory
     harden(config)
+    return release_free_memory
 
 
 def _swap_hook(name: str, *args) -> None:
@@ -336,8 +338,10 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
           ready_fd: int | None = None, store_factory=None, debug: bool = False) -> int:
     """Run the server in this process until unmounted. Returns the exit code.
 
-    `store_factory(backing, size, config, progress=...)` opens the Store (default Store.open);
-    test entry points pass one that stacks fault layers under the backing file.
+    `store_factory(backing, size, config, progress=..., release_memory=...)` opens the Store
+    (default Store.open); test entry points pass one that stacks fault layers under the backing
+    file. In swap mode the store gets `release_memory`, which gives the memory its pool freed
+    back although the hardening locked it.
     """
     ready = _Readiness(ready_fd)
     store = None
@@ -369,11 +373,13 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
         check_fuse(fuse_version)
         check_mountpoint(mountpoint)
         mfusepy, fuse_ops = _load_fuse(fuse_version)
+        release_memory = None
         if config.swap:
-            harden_for_swap(config)         # before any thread exists (the Store starts some)
+            release_memory = harden_for_swap(config)   # before any thread exists (the Store starts some)
         else:
             tune_malloc()
-        store = (store_factory or _open_store)(backing, size, config, progress=ready.progress)
+        store = (store_factory or _open_store)(backing, size, config, progress=ready.progress,
+                                               release_memory=release_memory)
     except ZblockError as e:
         ready.fail(e.exit_code, str(e))
         raise

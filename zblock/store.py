@@ -45,11 +45,18 @@ POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth
                "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed", "contexts"}
 
 
+def _release_nothing() -> int:
+    """A swap-mode store's release without the daemon's: memory stays as it is (0 bytes)."""
+    return 0
+
+
 class Store:
     """A disk of `size` bytes: read, write, discard, fsync, close. Thread-safe."""
 
     def __init__(self, backing, config: Config, *, memory_pressure=None, engine_factory=None,
-                 write_behind: int = WRITE_BEHIND_BYTES):
+                 write_behind: int = WRITE_BEHIND_BYTES, release_memory=None):
+        """`release_memory()` (swap mode; the daemon's zblock.swap.release_free_memory) gives
+        back memory the pool freed although mlockall holds it; None releases nothing."""
         self.backing = backing
         self.config = config
         self.size = backing.size
@@ -60,9 +67,8 @@ class Store:
         if config.swap:
             # after a burst of swap, give the locked memory the pool freed back (not per page:
             # the unlock-trim-relock costs tens of ms; not during the burst: see Trimmer.quiet)
-            from .swap import release_free_memory
             self.cache.trimmer = Trimmer(threshold=max(config.pool_limit // 4, 8 << 20),
-                                         min_interval=5.0, release=release_free_memory,
+                                         min_interval=5.0, release=release_memory or _release_nothing,
                                          quiet=SWAP_TRIM_QUIET)
         # When the queue runs empty its request buffers are free heap: have them trimmed, within
         # the trimmer's interval. (In swap mode a trim unlocks and relocks the whole server and
