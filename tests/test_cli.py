@@ -16,7 +16,7 @@ import pytest
 
 import mountutil
 from mountutil import Mount, zblock
-from zblock import cli, daemon
+from zblock import cli, runtime
 from zblock.config import PARAMS, default_text
 
 
@@ -360,7 +360,7 @@ def test_list_live_hung_and_dead_mounts():
         assert line.split()[:2] == [m.mountpoint, m.backing] and line.endswith(cli.DEAD), line
         zblock("umount", "--force", m.mountpoint, check=True)
         assert not mountutil.is_mounted(m.mountpoint)
-        os.unlink(daemon.pid_file(m.mountpoint))        # a killed server leaves it behind
+        os.unlink(runtime.pid_file(m.mountpoint))        # a killed server leaves it behind
 
 
 @pytest.mark.parametrize("command", ["", "mount", "umount", "stats", "set", "fsck", "swapon",

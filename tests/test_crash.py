@@ -349,8 +349,8 @@ def test_mount_crash_rule(tmp_path, monkeypatch):
                 mountutil.wait_for(lambda: not os.path.exists(f"/proc/{m.pid}") or
                                    open(f"/proc/{m.pid}/stat").read().split()[2] == "Z",
                                    30, "the server to die at its crash point")
-                from zblock import daemon
-                with open(daemon.log_file(m.mountpoint)) as f:
+                from zblock import runtime
+                with open(runtime.log_file(m.mountpoint)) as f:
                     assert "test crash point reached" in f.read(), "the server died of something else"
             finally:
                 m.cleanup(remove=False)

@@ -263,8 +263,8 @@ def test_signals_and_umount_write_back(how, data32):
 
 
 def mountutil_pid_file(m) -> str:
-    from zblock import daemon
-    return daemon.pid_file(m.mountpoint)
+    from zblock import runtime
+    return runtime.pid_file(m.mountpoint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def _findmnt(mountpoint: str, column: str) -> str:
 def test_mount_source_is_the_backing_file_and_the_log_is_clean(fuse_version):
     """findmnt shows the backing file as the SOURCE (commas and spaces in its name included:
     libfuse splits options at commas), and libfuse logs no complaint about its options."""
-    from zblock import daemon
+    from zblock import runtime
     workdir = mountutil.new_workdir()
     backing = os.path.join(workdir, "disk, one.img")
     try:
@@ -395,7 +395,7 @@ def test_mount_source_is_the_backing_file_and_the_log_is_clean(fuse_version):
             assert _findmnt(m.mountpoint, "FSTYPE") == "fuse.zblock"
             assert json.loads(mountutil.zblock("stats", m.mountpoint, "--json", check=True).stdout)
             m.umount()
-            with open(daemon.log_file(m.mountpoint)) as f:
+            with open(runtime.log_file(m.mountpoint)) as f:
                 log = f.read()
         assert "mounted" in log and "Ignoring invalid" not in log, log
     finally:

@@ -259,8 +259,8 @@ def test_swapon_swapoff_cycle_and_state_refusals():
 
 
 def _server_log(m: Mount) -> str:
-    from zblock import daemon
-    with open(daemon.log_file(os.path.realpath(m.mountpoint))) as f:
+    from zblock import runtime
+    with open(runtime.log_file(os.path.realpath(m.mountpoint))) as f:
         return f.read()
 
 

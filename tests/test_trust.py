@@ -232,8 +232,8 @@ def test_unmount_without_waiting_marks_what_did_not_reach_the_file(small_fs, how
         os.kill(m.pid, signal.SIGTERM)
     assert mountutil.wait_pid(m.pid, 120), "the server did not exit"
     assert not mountutil.is_mounted(m.mountpoint, None)
-    from zblock import daemon
-    with open(daemon.log_file(m.mountpoint)) as f:
+    from zblock import runtime
+    with open(runtime.log_file(m.mountpoint)) as f:
         log = f.read()
     assert "did not reach" in log and "CRITICAL" in log
     check_after_failed_close(m, fs, data)

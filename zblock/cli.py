@@ -27,6 +27,8 @@ import textwrap
 from . import PAGE_SIZE, __version__
 from .config import PARAMS, SIZE_SUFFIXES, Config, default_text, parse_disk_size
 from .errors import ConfigError, MountError, NotAZblockMount, UsageError, WritebackFailed, ZblockError
+from .runtime import (ANSWER_TIMEOUT, FSTYPE, find_zblock_mount, mounts, pid_file_backing,
+                      read_mount_file, read_stats, run_with_deadline)
 
 
 # --option -> param name. Flags (store_true) are marked by None in _FLAGS.
@@ -94,10 +96,6 @@ def _help_parser(sub, name: str, summary: str, description: str, epilog) -> argp
     """A subcommand whose description and epilog keep their line breaks."""
     return sub.add_parser(name, help=summary, description=description, epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-# How long stats and set wait for a mount to answer: a hung server must not hang the command.
-ANSWER_TIMEOUT = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,28 +218,6 @@ def _add_umount(sub) -> None:
                         "longer answers; pages not yet written back are lost")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long to wait for the server to exit (default: %(default).0f)")
-
-
-def read_mount_file(mountpoint: str, name: str, timeout: float = ANSWER_TIMEOUT) -> str:
-    """The text of MOUNTPOINT/NAME on a zblock mount, within a deadline. The check that it is a
-    zblock mount runs under the deadline too: resolving the path stats the mount's root, which
-    waits on a hung server like any read (measured: lstat of a stopped server's mount point
-    blocks once the kernel's cached attributes have expired)."""
-    from . import daemon
-
-    def read():
-        daemon.find_zblock_mount(mountpoint)
-        with open(os.path.join(mountpoint, name)) as f:
-            return f.read()
-    return daemon._run_with_deadline(read, timeout, name)
-
-
-def read_stats(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict:
-    text = read_mount_file(mountpoint, "stats", timeout)
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise MountError(f"{mountpoint}/stats is not JSON") from None
 
 
 # Classification for the Prometheus names and the table (DESIGN.md "Stats").
@@ -418,8 +394,7 @@ def _add_set(sub) -> None:
 
 
 def cmd_set(args, argv) -> int:
-    from . import daemon
-    daemon.find_zblock_mount(args.mountpoint)
+    find_zblock_mount(args.mountpoint)
     pairs = []
     for item in args.assignments:
         name, eq, value = item.partition("=")
@@ -439,7 +414,7 @@ def cmd_set(args, argv) -> int:
             with open(path, "w") as f:
                 f.write(value + "\n")
         try:
-            daemon._run_with_deadline(write, ANSWER_TIMEOUT, f"set {name}")
+            run_with_deadline(write, ANSWER_TIMEOUT, f"set {name}")
         except FileNotFoundError:
             raise UsageError(f"set: this mount has no parameter {name!r}") from None
         except OSError as e:
@@ -495,26 +470,14 @@ LIST_COLUMNS = ("MOUNTPOINT", "BACKING", "SIZE", "COMPRESSOR", "POOL", "LIMIT", 
 DEAD = "dead (zblock umount --force)"
 
 
-def _pid_file_backing(mountpoint: str) -> str | None:
-    """The backing file the server wrote into its pid file ("PID\\nBACKING\\n")."""
-    from . import daemon
-    try:
-        with open(daemon.pid_file(mountpoint)) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    return lines[1] if len(lines) > 1 and lines[1] else None
-
-
 def list_row(mountpoint: str, timeout: float = LIST_TIMEOUT) -> dict | None:
     """One zblock mount as `list` shows it; a mount that does not answer is a "dead" row, not an
     error. None if it was unmounted meanwhile."""
-    from . import daemon, swap
+    from . import swap
     row: dict = {"mountpoint": mountpoint, "backing": None, "state": "ok"}
     try:
         # the pid file's name resolves the mount point, which waits on a hung server: a deadline
-        row["backing"] = daemon._run_with_deadline(lambda: _pid_file_backing(mountpoint), timeout,
-                                                   "pid file")
+        row["backing"] = run_with_deadline(lambda: pid_file_backing(mountpoint), timeout, "pid file")
         stats = read_stats(mountpoint, timeout)
         compressor = read_mount_file(mountpoint, "params/compressor", timeout).strip()
     except NotAZblockMount:
@@ -552,8 +515,7 @@ def format_list(rows: list[dict]) -> str:
 
 
 def cmd_list(args, argv) -> int:
-    from . import daemon
-    mountpoints = dict.fromkeys(m.mountpoint for m in daemon.mounts() if m.fstype == daemon.FSTYPE)
+    mountpoints = dict.fromkeys(m.mountpoint for m in mounts() if m.fstype == FSTYPE)
     rows = [r for r in (list_row(mp, args.timeout) for mp in mountpoints) if r is not None]
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")

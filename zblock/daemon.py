@@ -16,9 +16,7 @@ file is removed only after a clean close, so `zblock umount` can tell a clean ex
 failed one. Signals arriving during the close are ignored: a second Ctrl-C must not cut the
 write-back short.
 
-Runtime files: RUNTIME_DIR/<quoted mount point>.pid ("PID\\nBACKING\\n") and .log (server output).
-RUNTIME_DIR is $ZBLOCK_RUNTIME_DIR, else /run/zblock for root, else $XDG_RUNTIME_DIR/zblock or
-/tmp/zblock-UID.
+The pid and log files and the mount table are zblock.runtime's.
 
 What this module does not do: option parsing (zblock.cli), FUSE semantics (zblock.fuse_ops).
 """
@@ -31,67 +29,22 @@ import logging
 import logging.handlers
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-from dataclasses import dataclass
 
-from .errors import (BackingError, DeadMount, MountError, NotAZblockMount, WritebackFailed,
-                     ZblockError)
+from .errors import BackingError, DeadMount, MountError, UsageError, WritebackFailed, ZblockError
 from .pool import tune_malloc
+from .runtime import (FSTYPE, MountEntry, find_mount, find_zblock_mount, log_file, pid_file,
+                      read_pid_file, run_with_deadline)
 
 log = logging.getLogger("zblock.daemon")
 
-FSTYPE = "fuse.zblock"
 START_TIMEOUT = 60.0       # imports + Store.open + mount take ~0.5 s here; a big fsck-on-open may take longer
 UMOUNT_TIMEOUT = 600.0     # write-back of a full pool: ~1 GiB at disk speed
-
-
-# ---------------------------------------------------------------------------------------------
-# runtime files
-
-
-def runtime_dir() -> str:
-    d = os.environ.get("ZBLOCK_RUNTIME_DIR")
-    if not d:
-        if os.geteuid() == 0:
-            d = "/run/zblock"
-        elif os.environ.get("XDG_RUNTIME_DIR"):
-            d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "zblock")
-        else:
-            d = f"/tmp/zblock-{os.getuid()}"
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
-
-
-def _runtime_path(mountpoint: str, ext: str) -> str:
-    return os.path.join(runtime_dir(), urllib.parse.quote(os.path.realpath(mountpoint), safe="") + ext)
-
-
-def pid_file(mountpoint: str) -> str:
-    return _runtime_path(mountpoint, ".pid")
-
-
-def log_file(mountpoint: str) -> str:
-    return _runtime_path(mountpoint, ".log")
-
-
-def read_pid_file(mountpoint: str) -> int | None:
-    """The server's pid if its pid file names a live zblock process, else None."""
-    try:
-        with open(pid_file(mountpoint)) as f:
-            pid = int(f.readline())
-    except (OSError, ValueError):
-        return None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-    except OSError:
-        return None
-    return pid if b"zblock" in cmd else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,62 +77,6 @@ def setup_logging(debug: bool = False) -> None:
     else:
         return
     logging.getLogger().addHandler(handler)
-
-
-# ---------------------------------------------------------------------------------------------
-# mount table
-
-
-@dataclass
-class MountEntry:
-    mountpoint: str
-    fstype: str
-    source: str
-    major: int
-    minor: int       # for FUSE: the connection number under /sys/fs/fuse/connections/
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> list[MountEntry]:
-    """/proc/self/mountinfo, parsed. Never touches the mounts themselves (a dead one would hang)."""
-    entries = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            major, minor = parts[2].split(":")
-            entries.append(MountEntry(_unescape(parts[4]), parts[sep + 1], _unescape(parts[sep + 2]),
-                                      int(major), int(minor)))
-    return entries
-
-
-def find_mount(mountpoint: str) -> MountEntry | None:
-    path = os.path.realpath(mountpoint)
-    found = None
-    for m in mounts():
-        if m.mountpoint == path:
-            found = m           # the last one is on top
-    return found
-
-
-def find_zblock_mount(mountpoint: str) -> MountEntry:
-    m = find_mount(mountpoint)
-    if m is None or m.fstype != FSTYPE:
-        what = "not mounted" if m is None else f"a {m.fstype} mount"
-        raise NotAZblockMount(f"{mountpoint}: not a zblock mount ({what})")
-    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +137,6 @@ def check_backing(backing: str, size: int | None, read_only: bool = False) -> No
         if not os.path.isdir(parent):
             raise BackingError(f"directory of the backing file {parent} does not exist")
         if size is None:
-            from .errors import UsageError
             raise UsageError(f"backing file {backing} does not exist: a new one needs --size")
 
 
@@ -543,27 +439,6 @@ def wait_pid_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def _run_with_deadline(fn, timeout: float, what: str):
-    """Run fn in a daemon thread; a hung FUSE server must not hang the command."""
-    result: list = []
-    error: list = []
-
-    def run():
-        try:
-            result.append(fn())
-        except BaseException as e:
-            error.append(e)
-
-    t = threading.Thread(target=run, daemon=True, name=what)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise MountError(f"{what}: no answer from the server within {timeout:.0f} s (try --force)")
-    if error:
-        raise error[0]
-    return result[0] if result else None
-
-
 def _fsync_disk(mountpoint: str) -> None:
     fd = os.open(os.path.join(mountpoint, "disk"), os.O_RDONLY)
     try:
@@ -587,14 +462,9 @@ def _umount_cmd(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProc
         # -i: not through umount.fuse.zblock (mount/), which would call zblock umount again
         cmd = ["umount", "-i"] + (["-l"] if lazy else []) + [mountpoint]
     else:
-        tool = "fusermount3" if _which("fusermount3") else "fusermount"
+        tool = "fusermount3" if shutil.which("fusermount3") else "fusermount"
         cmd = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-
-
-def _which(name: str) -> bool:
-    import shutil
-    return shutil.which(name) is not None
 
 
 def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT) -> str | None:
@@ -617,7 +487,7 @@ def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT
         # fsync through the mount first: write-back errors reach the user while the mount is
         # still there, and the unmount's own write-back has nothing left but the clean pages.
         try:
-            _run_with_deadline(lambda: _fsync_disk(entry.mountpoint), 300.0, "fsync")
+            run_with_deadline(lambda: _fsync_disk(entry.mountpoint), 300.0, "fsync")
         except OSError as e:
             raise WritebackFailed(
                 f"writing back {mountpoint} failed ({e.strerror}); the mount stays up and keeps "

@@ -64,6 +64,7 @@ from .errors import MountError, UsageError
 from .libc import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, PR_SET_IO_FLUSHER
 from .libc import libc as _libc
 from .pool import MMAP_THRESHOLD, tune_malloc
+from .runtime import find_zblock_mount, read_pid_file, read_stats, runtime_dir
 
 log = logging.getLogger("zblock.swap")
 
@@ -460,11 +461,11 @@ def mount_is_swap(mountpoint: str) -> bool:
     The stats JSON's "swap" flag when the server reports one; otherwise the server's own
     command line (pid file -> /proc/PID/cmdline), parsed by the CLI's mount parser.
     """
-    from . import cli, daemon
-    stats = cli.read_stats(mountpoint)
+    from . import cli
+    stats = read_stats(mountpoint)
     if "swap" in stats:
         return bool(stats["swap"])
-    pid = daemon.read_pid_file(mountpoint)
+    pid = read_pid_file(mountpoint)
     if pid is None:
         raise MountError(f"{mountpoint}: cannot tell whether it is in swap mode (no stats flag, "
                          "no server pid file)")
@@ -487,8 +488,7 @@ def mount_is_swap(mountpoint: str) -> bool:
 @contextlib.contextmanager
 def _swap_lock(timeout: float = 60.0):
     """One swapon/swapoff at a time on this machine (flock with a deadline)."""
-    from . import daemon
-    fd = os.open(os.path.join(daemon.runtime_dir(), "swap.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(runtime_dir(), "swap.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -521,8 +521,7 @@ def _run(cmd: list[str], timeout: float) -> str:
 
 def _zblock_disk(mountpoint: str) -> tuple[str, str]:
     """(mount point as in the mount table, its disk path); MountError if not a zblock mount."""
-    from . import daemon
-    entry = daemon.find_zblock_mount(mountpoint)
+    entry = find_zblock_mount(mountpoint)
     return entry.mountpoint, os.path.join(entry.mountpoint, "disk")
 
 
