@@ -245,7 +245,7 @@ def test_notify_socket_sees_ready_only_when_the_mount_answers(workdir):
                 left = deadline - time.monotonic()
                 if left <= 0 or proc.poll() is not None:
                     raise AssertionError(f"no READY=1 within 60 s (server exit {proc.poll()}; "
-                                         f"datagrams {events}); does the daemon call zblock.swap.notify_ready?")
+                                         f"datagrams {events}); does the daemon call zblock.sdnotify.notify_ready?")
                 sock.settimeout(min(left, 1.0))
                 try:
                     msg = sock.recv(4096).decode()
@@ -321,8 +321,8 @@ def test_unit_commands_mount_notify_swap_and_stop(workdir):
     mountutil.require_mounts()
     for tool in ("losetup", "mkswap", "swapon", "swapoff"):
         require(shutil.which(tool) is not None, f"{tool} is not installed")
-    from zblock import swap
-    with open(swap.ZSWAP_ENABLED) as f:
+    from zblock import runtime, swapctl
+    with open(runtime.ZSWAP_ENABLED) as f:
         assert f.read().strip() == "N", "kernel zswap is enabled: refusing to swap"
     inst = "t1"
     confdir = os.path.join(workdir, "etc-zblock")
@@ -360,20 +360,20 @@ def test_unit_commands_mount_notify_swap_and_stop(workdir):
                                  timeout=120)
             assert res.returncode == 0, res.stderr
             loop = res.stdout.strip()
-            entry = swap.swap_entry(loop)
+            entry = swapctl.swap_entry(loop)
             assert entry is not None and entry["priority"] == 32000
             # stop: the swap unit first (BindsTo/After), then the mount
             res = subprocess.run(_expand(swp["ExecStop"][0], senv, inst), capture_output=True, text=True,
                                  timeout=300)
             assert res.returncode == 0, res.stderr
-            assert swap.swap_entry(loop) is None and swap.loop_backing_file(loop) is None
+            assert swapctl.swap_entry(loop) is None and swapctl.loop_backing_file(loop) is None
             res = subprocess.run(_expand(main["ExecStop"][0], env, inst), capture_output=True, text=True,
                                  timeout=300)
             assert res.returncode == 0, res.stderr
             assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
             assert not is_mounted(mp, None)
         finally:
-            for loop in swap.loops_over(os.path.join(mp, "disk")):
+            for loop in swapctl.loops_over(os.path.join(mp, "disk")):
                 subprocess.run(["swapoff", loop], capture_output=True, timeout=300)
                 subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
             if proc is not None:

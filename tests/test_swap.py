@@ -1,4 +1,4 @@
-"""Swap mode: zblock.swap without a mount, then real swap through `zblock swapon` under a memory hog.
+"""Swap mode: hardening, memory release, sd_notify and swap control without a mount, then real swap through `zblock swapon` under a memory hog.
 
 Tiers:
   - pure functions (no root): /proc parsing, sd_notify datagrams, CLI refusals without a mount;
@@ -28,7 +28,7 @@ import mountutil
 from conftest import require
 from mountutil import Mount, wait_for, zblock
 
-from zblock import swap
+from zblock import hardening, runtime, sdnotify, swapctl
 
 HOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hog.py")
 MIB = 1 << 20
@@ -37,12 +37,42 @@ MIB = 1 << 20
 # ---------------------------------------------------------------------------------------------
 # helpers: kernel state
 
+PF_MEMALLOC_NOIO = 0x00080000   # include/linux/sched.h; what ublksrv tests/generic/008 checks
+PF_LOCAL_THROTTLE = 0x00100000
+PF_IO_FLUSHER = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
+
+
+def task_flags(pid: int | str = "self") -> dict[int, int]:
+    """Per thread of a process: the `flags` field of /proc/PID/task/TID/stat (PF_* bits)."""
+    flags = {}
+    base = f"/proc/{pid}/task"
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue            # the thread exited meanwhile
+        # comm may contain spaces and parentheses: fields start after the last ')'
+        rest = stat[stat.rindex(")") + 2:].split()
+        flags[int(tid)] = int(rest[6])      # field 9: state ppid pgrp session tty tpgid FLAGS
+    return flags
+
+
+def status_kib(field_name: str, pid: int | str = "self") -> int:
+    """A `kB` line of /proc/PID/status (VmLck, VmRSS, ...), in KiB; 0 if absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 
 def zswap_must_be_off() -> None:
-    if os.path.exists(swap.ZSWAP_ENABLED):
-        with open(swap.ZSWAP_ENABLED) as f:
+    if os.path.exists(runtime.ZSWAP_ENABLED):
+        with open(runtime.ZSWAP_ENABLED) as f:
             value = f.read().strip()
-        assert value == "N", f"kernel zswap is enabled ({swap.ZSWAP_ENABLED} = {value}): it would take " \
+        assert value == "N", f"kernel zswap is enabled ({runtime.ZSWAP_ENABLED} = {value}): it would take " \
                              "the pages before zblock; this test refuses to run (echo N > it)"
 
 
@@ -69,10 +99,10 @@ def teardown_swap(m: Mount, *known: str | None) -> None:
     now reads "/disk" (the mount was lazily unmounted under them, e.g. by another run's sweep).
     """
     disk = os.path.join(os.path.realpath(m.mountpoint), "disk")
-    loops = set(swap.loops_over(disk))
-    loops.update(d for d in known if d and swap.loop_backing_file(d) in (disk, "/disk"))
+    loops = set(swapctl.loops_over(disk))
+    loops.update(d for d in known if d and swapctl.loop_backing_file(d) in (disk, "/disk"))
     for loop in sorted(loops):
-        if swap.swap_entry(loop):
+        if swapctl.swap_entry(loop):
             subprocess.run(["swapoff", loop], capture_output=True, timeout=600)
         subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
 
@@ -86,15 +116,15 @@ def MemCgroup(limit: int) -> cgroups.MemCgroup:
 
 
 def test_task_flags_and_status_parse_own_process():
-    flags = swap.task_flags()
+    flags = task_flags()
     assert os.getpid() in flags                       # the main thread's tid is the pid
     assert all(isinstance(v, int) for v in flags.values())
-    assert swap.status_kib("VmRSS") > 0
-    assert isinstance(swap.capabilities(), int)
+    assert status_kib("VmRSS") > 0
+    assert isinstance(hardening.capabilities(), int)
 
 
 def test_swaps_parses_proc_swaps():
-    for s in swap.swaps():
+    for s in swapctl.swaps():
         assert s["name"] and s["size_kib"] >= s["used_kib"] >= 0
 
 
@@ -104,11 +134,11 @@ def test_notify_sends_datagram_to_notify_socket(monkeypatch, tmp_path):
         s.bind(path)
         s.settimeout(5)
         monkeypatch.setenv("NOTIFY_SOCKET", path)
-        assert swap.notify("STATUS=hello")
+        assert sdnotify.notify("STATUS=hello")
         assert s.recv(4096) == b"STATUS=hello"
     monkeypatch.delenv("NOTIFY_SOCKET")
-    assert swap.notify("READY=1") is False
-    assert swap.notify_ready("/nonexistent") is None
+    assert sdnotify.notify("READY=1") is False
+    assert sdnotify.notify_ready("/nonexistent") is None
 
 
 def test_notify_abstract_socket(monkeypatch):
@@ -117,7 +147,7 @@ def test_notify_abstract_socket(monkeypatch):
         s.bind("\0" + name)
         s.settimeout(5)
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        assert swap.notify("STOPPING=1")
+        assert sdnotify.notify("STOPPING=1")
         assert s.recv(4096) == b"STOPPING=1"
 
 
@@ -130,7 +160,7 @@ def test_notify_ready_waits_for_the_path(monkeypatch, tmp_path):
         s.bind(sock)
         s.settimeout(0.5)
         monkeypatch.setenv("NOTIFY_SOCKET", sock)
-        t = swap.notify_ready(str(mp), timeout=20)
+        t = sdnotify.notify_ready(str(mp), timeout=20)
         with pytest.raises(socket.timeout):
             s.recv(4096)
         (mp / "stats").write_text("{}")
@@ -144,15 +174,15 @@ def test_zswap_and_capability_warnings(monkeypatch, tmp_path):
     """The warnings read the real sysfs file; a stand-in file shows both states without ever
     touching the kernel's setting."""
     fake = tmp_path / "enabled"
-    monkeypatch.setattr(swap, "ZSWAP_ENABLED", str(fake))
+    monkeypatch.setattr(runtime, "ZSWAP_ENABLED", str(fake))
     fake.write_text("N\n")
-    assert not swap.kernel_zswap_enabled()
-    assert not any("zswap" in w for w in swap.preflight_warnings())
+    assert not runtime.kernel_zswap_enabled()
+    assert not any("zswap" in w for w in hardening.preflight_warnings())
     fake.write_text("Y\n")
-    assert swap.kernel_zswap_enabled()
-    assert any("kernel zswap is enabled" in w for w in swap.preflight_warnings())
-    caps = swap.preflight_warnings()
-    assert swap.has_capability(swap.CAP_SYS_RESOURCE) or any("CAP_SYS_RESOURCE" in w for w in caps)
+    assert runtime.kernel_zswap_enabled()
+    assert any("kernel zswap is enabled" in w for w in hardening.preflight_warnings())
+    caps = hardening.preflight_warnings()
+    assert hardening.has_capability(hardening.CAP_SYS_RESOURCE) or any("CAP_SYS_RESOURCE" in w for w in caps)
 
 
 def test_swap_refuses_kernel_cache(tmp_path):
@@ -163,9 +193,12 @@ def test_swap_refuses_kernel_cache(tmp_path):
 
 RELEASE_CHILD = r"""
 import json, os, sys, threading
-from zblock import swap
-before_hardening = swap.release_free_memory(min_available=0.0)   # not hardened yet: no-op
-h = swap.harden_for_swap()
+from zblock import hardening, memory
+def status_kib(name):
+    with open("/proc/self/status") as f:
+        return next((int(ln.split()[1]) for ln in f if ln.startswith(name + ":")), 0)
+before_hardening = memory.release_free_memory(None, min_available=0.0)   # not hardened: no-op
+h = hardening.harden_for_swap()
 objs = []
 def work(n):       # libfuse's workers allocate like this: in threads, so in glibc's mmap'd arenas
     objs.extend(os.urandom(1000 + (i * 7919) % 3000) for i in range(n))
@@ -176,11 +209,11 @@ ts = [threading.Thread(target=work, args=(150000,))]
 [t.start() for t in ts]
 [t.join() for t in ts]
 del objs[:int(len(objs) * 0.9)]      # the pool shrinks; what is left pins nothing much
-rss_held = swap.status_kib("VmRSS")
-released = swap.release_free_memory(min_available=0.0)
+rss_held = status_kib("VmRSS")
+released = memory.release_free_memory(h, min_available=0.0)
 print(json.dumps({"mlocked": h.mlocked, "before_hardening": before_hardening, "held": rss_held,
-                  "released": released, "after": swap.status_kib("VmRSS"),
-                  "vmlck": swap.status_kib("VmLck"), "still_locked": swap._hardening.mlocked}))
+                  "released": released, "after": status_kib("VmRSS"),
+                  "vmlck": status_kib("VmLck"), "still_locked": h.mlocked}))
 """
 
 
@@ -222,7 +255,7 @@ def test_swapon_refuses_a_mount_not_in_swap_mode():
                 res = zblock(cmd, m.mountpoint)
                 assert res.returncode == 1, res
                 assert "swap mode" in res.stderr, res.stderr
-            assert swap.loops_over(os.path.join(os.path.realpath(m.mountpoint), "disk")) == []
+            assert swapctl.loops_over(os.path.join(os.path.realpath(m.mountpoint), "disk")) == []
         finally:
             teardown_swap(m)
 
@@ -240,9 +273,9 @@ def test_swapon_swapoff_cycle_and_state_refusals():
             res = zblock("swapon", m.mountpoint, "--priority", "7", timeout=120)
             assert res.returncode == 0, res.stderr
             loop = res.stdout.strip()
-            assert loop.startswith("/dev/loop") and swap.loops_over(disk) == [loop]
-            assert swap.loop_dio(loop), "loop device without direct I/O"
-            entry = swap.swap_entry(loop)
+            assert loop.startswith("/dev/loop") and swapctl.loops_over(disk) == [loop]
+            assert swapctl.loop_dio(loop), "loop device without direct I/O"
+            entry = swapctl.swap_entry(loop)
             assert entry is not None and entry["priority"] == 7
             discarded0 = m.stats()["discarded_pages"]
             assert discarded0 > 0, "swapon --discard's initial discard did not reach zblock"
@@ -250,16 +283,15 @@ def test_swapon_swapoff_cycle_and_state_refusals():
             assert res.returncode == 1 and "already on" in res.stderr, res
             res = zblock("swapoff", m.mountpoint, timeout=300)
             assert res.returncode == 0, res.stderr
-            assert swap.swap_entry(loop) is None
-            assert swap.loops_over(disk) == []
+            assert swapctl.swap_entry(loop) is None
+            assert swapctl.loops_over(disk) == []
             assert m.stats()["discarded_pages"] > discarded0, "swapoff's blkdiscard did not reach zblock"
         finally:
             teardown_swap(m, loop)
-        assert swap.loops_over(disk) == []
+        assert swapctl.loops_over(disk) == []
 
 
 def _server_log(m: Mount) -> str:
-    from zblock import runtime
     with open(runtime.log_file(os.path.realpath(m.mountpoint))) as f:
         return f.read()
 
@@ -272,15 +304,15 @@ def test_hardening_is_visible_in_proc():
             Mount(size="256M", pool_limit="64M") as plain:
         assert hard.pid and plain.pid
         pid = hard.pid
-        assert swap.status_kib("VmLck", pid) > 0, "the --swap server has no locked memory (mlockall)"
-        assert swap.status_kib("VmLck", plain.pid) == 0
+        assert status_kib("VmLck", pid) > 0, "the --swap server has no locked memory (mlockall)"
+        assert status_kib("VmLck", plain.pid) == 0
         log = _server_log(hard)
-        if swap.has_capability(swap.CAP_SYS_RESOURCE, pid):
-            flags = swap.task_flags(pid)
-            missing = [tid for tid, fl in flags.items() if fl & swap.PF_IO_FLUSHER != swap.PF_IO_FLUSHER]
+        if hardening.has_capability(hardening.CAP_SYS_RESOURCE, pid):
+            flags = task_flags(pid)
+            missing = [tid for tid, fl in flags.items() if fl & PF_IO_FLUSHER != PF_IO_FLUSHER]
             assert not missing, f"threads without PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE: {missing} of {flags}"
             with open(f"/proc/{pid}/oom_score_adj") as f:
-                assert int(f.read()) == swap.OOM_SCORE_ADJ_MIN
+                assert int(f.read()) == hardening.OOM_SCORE_ADJ_MIN
         else:
             assert "PR_SET_IO_FLUSHER refused" in log, log
             assert "oom_score_adj" in log, log
@@ -293,9 +325,9 @@ def test_hardening_is_visible_in_proc():
                 os.fsync(f.fileno())
                 f.seek(0)
                 assert f.read(len(data)) == data
-        rss_hard = swap.status_kib("VmRSS", hard.pid)
-        rss_plain = swap.status_kib("VmRSS", plain.pid)
-        print(f"VmRSS --swap {rss_hard} KiB, without {rss_plain} KiB, VmLck {swap.status_kib('VmLck', pid)} KiB")
+        rss_hard = status_kib("VmRSS", hard.pid)
+        rss_plain = status_kib("VmRSS", plain.pid)
+        print(f"VmRSS --swap {rss_hard} KiB, without {rss_plain} KiB, VmLck {status_kib('VmLck', pid)} KiB")
         assert abs(rss_hard - rss_plain) < 8 * 1024, (rss_hard, rss_plain)
 
 
@@ -308,8 +340,8 @@ def test_swap_mode_gives_freed_memory_back_once_quiet():
     need = shutil.which("fallocate")
     require(need, "util-linux fallocate is missing")
     with Mount(size="256M", swap=True) as m:
-        require(swap.status_kib("VmLck", m.pid) > 0, "mlockall refused here")
-        base = swap.status_kib("VmRSS", m.pid)
+        require(status_kib("VmLck", m.pid) > 0, "mlockall refused here")
+        base = status_kib("VmRSS", m.pid)
         half_random = (os.urandom(MIB // 2) + bytes(MIB // 2)) * 4
         with open(m.disk, "r+b") as f:
             for off in range(0, 160 * MIB, len(half_random)):
@@ -320,15 +352,15 @@ def test_swap_mode_gives_freed_memory_back_once_quiet():
             f.write(half_random * 4)
             f.flush()
             os.fsync(f.fileno())
-        grown = swap.status_kib("VmRSS", m.pid) - base
+        grown = status_kib("VmRSS", m.pid) - base
         assert grown > 60 * 1024, f"the pool did not grow: {grown} KiB"
         subprocess.run([need, "--punch-hole", "--keep-size", "--offset", "0", "--length",
                         str(160 * MIB), m.disk], check=True, timeout=60)
         t0 = time.monotonic()
-        wait_for(lambda: swap.status_kib("VmRSS", m.pid) - base < grown // 3, timeout=60,
+        wait_for(lambda: status_kib("VmRSS", m.pid) - base < grown // 3, timeout=60,
                  what="the discarded pool's memory to be given back", interval=0.2)
         print(f"grew {grown} KiB; given back {time.monotonic() - t0:.1f} s after the discard")
-        assert swap.status_kib("VmLck", m.pid) > 0, "the server is no longer locked"
+        assert status_kib("VmLck", m.pid) > 0, "the server is no longer locked"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +384,7 @@ def test_hog_really_swaps_through_zblock():
             res = zblock("swapon", m.mountpoint, "--priority", "32767", timeout=120)
             assert res.returncode == 0, res.stderr
             loop = res.stdout.strip()
-            others0 = {s["name"]: s["used_kib"] for s in swap.swaps() if s["name"] != loop}
+            others0 = {s["name"]: s["used_kib"] for s in swapctl.swaps() if s["name"] != loop}
             stats0 = m.stats()
             kernel_zswpout0 = vmstat("zswpout")
             with MemCgroup(LIMIT) as cg:
@@ -363,7 +395,7 @@ def test_hog_really_swaps_through_zblock():
                 line = ""
                 deadline = time.monotonic() + 420
                 while not line:
-                    e = swap.swap_entry(loop)
+                    e = swapctl.swap_entry(loop)
                     max_used = max(max_used, e["used_kib"] if e else 0)
                     if hog.poll() is not None:
                         break
@@ -378,7 +410,7 @@ def test_hog_really_swaps_through_zblock():
                 assert result["errors"] == 0 and result["verified"] == result["pages"] == WORKING_SET_MIB * 256, result
                 # the hog still holds its pages: some are in zblock now
                 held = m.stats()
-                held_used = swap.swap_entry(loop)["used_kib"]
+                held_used = swapctl.swap_entry(loop)["used_kib"]
                 assert held["stored_pages"] > 0 and held_used > 0, (held["stored_pages"], held_used)
                 hog.stdin.write("exit\n")
                 hog.stdin.close()
@@ -392,7 +424,7 @@ def test_hog_really_swaps_through_zblock():
             stats1 = m.stats()
             grew = stats1["zswpout"] - stats0["zswpout"]
             assert grew * 4096 >= (WORKING_SET_MIB * MIB - LIMIT) // 2, f"zswpout grew by {grew} pages only"
-            for s in swap.swaps():
+            for s in swapctl.swaps():
                 if s["name"] in others0:
                     assert s["used_kib"] <= others0[s["name"]], f"another swap device took pages: {s}"
             assert vmstat("zswpout") == kernel_zswpout0, "kernel zswap stored pages during the test"
@@ -406,17 +438,17 @@ def test_hog_really_swaps_through_zblock():
             print(f"discards arrived within {time.monotonic() - t0:.2f} s; zswpout +{grew}, "
                   f"written back {stats1['written_back_pages'] - stats0['written_back_pages']} pages, "
                   f"stored {held['stored_pages']} -> {m.stats()['stored_pages']} pages")
-            e = swap.swap_entry(loop)
+            e = swapctl.swap_entry(loop)
             assert e is not None and e["used_kib"] < held_used
             res = zblock("swapoff", m.mountpoint, timeout=600)
             assert res.returncode == 0, res.stderr
-            assert swap.swap_entry(loop) is None and swap.loops_over(disk) == []
+            assert swapctl.swap_entry(loop) is None and swapctl.loops_over(disk) == []
         finally:
             if hog is not None:
                 mountutil.kill_and_wait(hog.pid)
                 hog.communicate(timeout=30)
             teardown_swap(m, loop)
     assert not mountutil.is_mounted(m.mountpoint)
-    assert swap.loops_over(disk) == []
-    assert all(not s["name"].startswith("/dev/loop") or swap.loop_backing_file(s["name"]) != disk
-               for s in swap.swaps())
+    assert swapctl.loops_over(disk) == []
+    assert all(not s["name"].startswith("/dev/loop") or swapctl.loop_backing_file(s["name"]) != disk
+               for s in swapctl.swaps())

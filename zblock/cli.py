@@ -12,7 +12,7 @@ Every mistake is one line on stderr ("zblock: ...") and a non-zero exit: ZblockE
 zblock.config.Config through Config.from_strings, so each value is validated once, by the same
 parser that validates writes to params/.
 
-swap.py (swapon/swapoff) and bench.py (bench) add their commands with `register_cli(subparsers)`,
+swapctl.py (swapon/swapoff) and bench.py (bench) add their commands with `register_cli(subparsers)`,
 so each command's options live beside its code.
 """
 
@@ -24,11 +24,15 @@ import os
 import sys
 import textwrap
 
-from . import PAGE_SIZE, __version__
+from . import PAGE_SIZE, __version__, bench, swapctl
 from .config import PARAMS, SIZE_SUFFIXES, Config, default_text, parse_disk_size
 from .errors import ConfigError, MountError, NotAZblockMount, UsageError, WritebackFailed, ZblockError
 from .runtime import (ANSWER_TIMEOUT, FSTYPE, find_zblock_mount, mounts, pid_file_backing,
                       read_mount_file, read_stats, run_with_deadline)
+
+# zblock.daemon and zblock.hardening (they load the compressors) and zblock.backing (numpy) are
+# imported inside the commands that use them, so that stats, set, list, swapon and swapoff load
+# no engine code.
 
 
 # --option -> param name. Flags (store_true) are marked by None in _FLAGS.
@@ -147,15 +151,14 @@ def _mount_config(args) -> tuple[Config, int | None, str]:
 
 
 def cmd_mount(args, argv, *, store_factory=None, program=None) -> int:
-    from . import daemon
+    from . import daemon, hardening
     config, size, backing = _mount_config(args)
     fuse_version = int(args.fuse_version)
     daemon.check_fuse(fuse_version)
     daemon.check_mountpoint(args.mountpoint)
     daemon.check_backing(backing, size, read_only=config.read_only)
     if config.swap and not args.foreground:
-        from . import swap
-        for warning in swap.preflight_warnings(config):
+        for warning in hardening.preflight_warnings(config):
             print(f"zblock: warning: {warning}", file=sys.stderr)
     if args.foreground:
         daemon.setup_logging(args.debug)
@@ -473,7 +476,6 @@ DEAD = "dead (zblock umount --force)"
 def list_row(mountpoint: str, timeout: float = LIST_TIMEOUT) -> dict | None:
     """One zblock mount as `list` shows it; a mount that does not answer is a "dead" row, not an
     error. None if it was unmounted meanwhile."""
-    from . import swap
     row: dict = {"mountpoint": mountpoint, "backing": None, "state": "ok"}
     try:
         # the pid file's name resolves the mount point, which waits on a hung server: a deadline
@@ -485,7 +487,8 @@ def list_row(mountpoint: str, timeout: float = LIST_TIMEOUT) -> dict | None:
     except (ZblockError, OSError) as e:     # no answer in time, ENOTCONN (server gone), ECONNABORTED
         return {**row, "state": "dead", "error": str(e)}
     orig, compr = stats.get("orig_data_size"), stats.get("compr_data_size")
-    swap_devices = [dev for dev in swap.loops_over(os.path.join(mountpoint, "disk")) if swap.swap_entry(dev)]
+    swap_devices = [dev for dev in swapctl.loops_over(os.path.join(mountpoint, "disk"))
+                    if swapctl.swap_entry(dev)]
     return {**row, "backing": stats.get("backing") or row["backing"], "size": stats.get("disk_size"),
             "compressor": compressor, "pool_total_size": stats.get("pool_total_size"),
             "pool_limit": stats.get("pool_limit"),
@@ -553,8 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(sub)
     _add_fsck(sub)
     _add_list(sub)
-    from . import bench, swap       # their commands live beside their code
-    swap.register_cli(sub)
+    swapctl.register_cli(sub)       # their commands live beside their code
     bench.register_cli(sub)
     return parser
 

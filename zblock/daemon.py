@@ -16,7 +16,14 @@ file is removed only after a clean close, so `zblock umount` can tell a clean ex
 failed one. Signals arriving during the close are ignored: a second Ctrl-C must not cut the
 write-back short.
 
-The pid and log files and the mount table are zblock.runtime's.
+Swap mode: the server hardens itself (zblock.hardening) before any thread exists, and hands the
+Store a `release_memory` (zblock.memory) that can give locked memory back; it tells systemd
+when it is ready and stopping (zblock.sdnotify). The pid and log files and the mount table are
+zblock.runtime's.
+
+Two imports wait until they are needed: the store's (numpy starts an OpenBLAS thread at import,
+which must come after PR_SET_IO_FLUSHER) and mfusepy's (FUSE_LIBRARY_NAME picks the library
+before it loads).
 
 What this module does not do: option parsing (zblock.cli), FUSE semantics (zblock.fuse_ops).
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import ctypes.util
 import errno
+import functools
 import logging
 import logging.handlers
 import os
@@ -36,6 +44,7 @@ import sys
 import threading
 import time
 
+from . import hardening, memory, sdnotify
 from .errors import BackingError, DeadMount, MountError, UsageError, WritebackFailed, ZblockError
 from .pool import tune_malloc
 from .runtime import (FSTYPE, MountEntry, find_mount, find_zblock_mount, log_file, pid_file,
@@ -150,32 +159,15 @@ def check_fuse(fuse_version: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# swap hardening and sd_notify hooks (zblock.swap)
-
-
-def harden_for_swap(config):
-    """Swap mode hardening (PR_SET_IO_FLUSHER, mlockall, small stacks, oom_score_adj). Returns
-    the `release_memory` the Store needs: locked memory can only be given back by unlocking.
-
-    The call point: in the server, before the Store opens and before libfuse starts its
-    workers, because IO_FLUSHER is per task and only copied at clone().
-    """
-    from .swap import harden_for_swap as harden, release_free_memory
-    harden(config)
-    return release_free_memory
-
-
-def _swap_hook(name: str, *args) -> None:
-    """sd_notify hooks of zblock.swap (notify_ready, notify_stopping); a failure is logged."""
-    from . import swap
-    try:
-        getattr(swap, name)(*args)
-    except Exception:
-        log.warning("%s failed", name, exc_info=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # the foreground server
+
+
+def _notify(fn, *args) -> None:
+    """An sd_notify call (zblock.sdnotify); a failure is logged, never raised into the server."""
+    try:
+        fn(*args)
+    except Exception:
+        log.warning("%s failed", fn.__name__, exc_info=True)
 
 
 class _Readiness:
@@ -251,7 +243,7 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
         if closed.is_set():
             return
         closed.set()
-        _swap_hook("notify_stopping")
+        _notify(sdnotify.notify_stopping)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             try:
                 signal.signal(sig, signal.SIG_IGN)
@@ -271,7 +263,9 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
         mfusepy, fuse_ops = _load_fuse(fuse_version)
         release_memory = None
         if config.swap:
-            release_memory = harden_for_swap(config)   # before any thread exists (the Store starts some)
+            # before any thread exists (the Store starts some)
+            release_memory = functools.partial(memory.release_free_memory,
+                                               hardening.harden_for_swap(config))
         else:
             tune_malloc()
         store = (store_factory or _open_store)(backing, size, config, progress=ready.progress,
@@ -294,7 +288,7 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
             log.info("mounted %s on %s (libfuse %d)", backing, mountpoint, fuse_version)
             mounted.set()
             ready.ok()
-            _swap_hook("notify_ready", mountpoint)      # systemd Type=notify; a thread of its own
+            _notify(sdnotify.notify_ready, mountpoint)  # systemd Type=notify; a thread of its own
 
         ops = fuse_ops.ZblockOps(store, kernel_cache=config.kernel_cache, on_init=on_init,
                                  on_destroy=close_store)

@@ -6,11 +6,12 @@
 - The mount table: /proc/self/mountinfo, parsed, never touching the mounts themselves.
 - A mount's files (stats, params/NAME), read under a deadline: a hung server must not hang the
   command that asks.
+- Kernel zswap's switch, which decides whether swapped pages reach zblock at all.
 
 Invariant: nothing here waits on a mount without a deadline (read_mount_file runs the whole
 lookup, the path resolution included, in a thread it gives up on). No locks.
 
-What this module does not do: start, stop or change anything (zblock.daemon, zblock.swap),
+What this module does not do: start, stop or change anything (zblock.daemon, zblock.swapctl),
 or know about the engine: the daemon, the CLI and swapctl use it without loading numpy or the
 compressors.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from .errors import MountError, NotAZblockMount
 
 FSTYPE = "fuse.zblock"
+ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
 # How long stats and set wait for a mount to answer: a hung server must not hang the command.
 ANSWER_TIMEOUT = 30.0
 
@@ -184,3 +186,16 @@ def read_stats(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict:
         return json.loads(text)
     except ValueError:
         raise MountError(f"{mountpoint}/stats is not JSON") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+
+
+def kernel_zswap_enabled() -> bool:
+    """True when kernel zswap would take swapped pages before they reach any swap device."""
+    try:
+        with open(ZSWAP_ENABLED) as f:
+            return f.read().strip().upper() in ("Y", "1")
+    except OSError:
+        return False            # no zswap in this kernel

@@ -55,7 +55,7 @@ class Store:
 
     def __init__(self, backing, config: Config, *, memory_pressure=None, engine_factory=None,
                  write_behind: int = WRITE_BEHIND_BYTES, release_memory=None):
-        """`release_memory()` (swap mode; the daemon's zblock.swap.release_free_memory) gives
+        """`release_memory()` (swap mode; the daemon's zblock.memory.release_free_memory) gives
         back memory the pool freed although mlockall holds it; None releases nothing."""
         self.backing = backing
         self.config = config

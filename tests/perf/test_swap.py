@@ -41,7 +41,7 @@ import pytest
 
 import cgroups
 import harness as h
-from zblock import swap as zswap_util
+from zblock import swapctl as zswap_util
 
 MiB = 1 << 20
 HOG = h.ROOT / "tests" / "hog.py"
