@@ -1,0 +1,97 @@
+"""Layers point down: the import graph has no cycle, the core imports nothing above it, and the
+commands that need no engine load none.
+
+The graph comes from the source (tests/importgraph.py, ast), with imports inside functions
+counted like the others: a lazy import is still a dependency. The core is every module not
+named in UPPER, so a module added to the engine is checked without editing this file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import importgraph
+import mountutil
+
+# The layers above the core: the CLI and its commands, the daemon and its leaf modules, the FUSE
+# adapter. Everything else in the package is the core (store, cache, pools, acomp, engine,
+# compressors, backing, disk, staging, readahead, and what they share: config, errors, libc).
+UPPER = {"zblock.__main__", "zblock.cli", "zblock.bench", "zblock.demo", "zblock.daemon",
+         "zblock.hardening", "zblock.memory", "zblock.sdnotify", "zblock.runtime",
+         "zblock.swapctl", "zblock.fuse_ops", "zblock.threadstate"}
+ENGINE = {"zblock.compressors", "zblock.acomp", "zblock.accel", "zblock.cache", "numpy"}
+
+
+def run_python(code: str) -> str:
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         timeout=60, env=mountutil.env(), cwd="/")
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_the_graph_is_read_and_has_no_cycle():
+    g = importgraph.graph()
+    assert {"zblock.store", "zblock.cli", "zblock.daemon", "zblock.swapctl"} <= set(g)
+    assert UPPER <= set(g), f"UPPER names modules that no longer exist: {UPPER - set(g)}"
+    assert "zblock.store" in g["zblock.daemon"]          # lazy imports are edges too
+    assert importgraph.cycles(g) == []
+
+
+def test_the_core_imports_nothing_above_it():
+    g = importgraph.graph()
+    bad = {m: sorted(set(edges) & UPPER) for m, edges in g.items()
+           if m not in UPPER and set(edges) & UPPER}
+    assert not bad, f"core modules importing upper layers: {bad}"
+
+
+def test_the_leaf_modules_import_only_downwards():
+    """daemon -> leaf modules + store; the leaves import no daemon, CLI or each other's callers."""
+    g = importgraph.graph()
+    above_leaves = {"zblock.__main__", "zblock.cli", "zblock.bench", "zblock.demo", "zblock.daemon"}
+    for leaf in ("zblock.hardening", "zblock.memory", "zblock.sdnotify", "zblock.runtime",
+                 "zblock.swapctl"):
+        assert not set(g[leaf]) & above_leaves, (leaf, g[leaf])
+    assert not set(g["zblock.daemon"]) & {"zblock.cli", "zblock.bench", "zblock.swapctl"}
+
+
+def test_the_core_imports_without_the_upper_layers():
+    core = sorted(m for m in importgraph.graph() if m not in UPPER and m != "zblock._lz4pages")
+    loaded = json.loads(run_python(
+        "import importlib, json, sys\n"
+        f"for m in {core!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('zblock'))))"))
+    assert set(core) <= set(loaded)
+    assert not set(loaded) & UPPER, sorted(set(loaded) & UPPER)
+
+
+def _imported_by(*argv: str) -> set[str]:
+    """Modules `python -X importtime -m zblock ARGV` imports (its stderr names each one)."""
+    res = subprocess.run([sys.executable, "-P", "-X", "importtime", "-m", "zblock", *argv],
+                         capture_output=True, text=True, timeout=60, env=mountutil.env(), cwd="/")
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = {ln.rsplit("|", 1)[1].strip() for ln in res.stderr.splitlines()
+             if ln.startswith("import time:") and ln.count("|") == 2}
+    assert "zblock.cli" in names, res.stderr[-2000:]
+    return names
+
+
+def test_swapoff_and_list_load_no_compression_code():
+    for argv in (["swapoff", "--help"], ["swapon", "--help"], ["list", "--help"]):
+        names = _imported_by(*argv)
+        assert "zblock.swapctl" in names
+        assert not names & ENGINE, (argv, sorted(names & ENGINE))
+    # what swapoff runs, imported on its own
+    loaded = set(json.loads(run_python(
+        "import json, sys, zblock.swapctl\nprint(json.dumps(sorted(sys.modules)))")))
+    assert not loaded & ENGINE, sorted(loaded & ENGINE)
+
+
+def test_the_printer_runs():
+    res = subprocess.run([sys.executable, importgraph.__file__], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert any(ln.startswith("zblock.cli -> ") for ln in lines)
+    assert not any(ln.startswith("cycle:") for ln in lines)
