@@ -11,8 +11,9 @@ import threading
 import pytest
 
 from zblock import PAGE_SIZE
-from zblock.accel import Engine, FakeClock, HwBatch, HwJob
-from zblock.acomp import ContextSet, ENOSPC
+from zblock import scan
+from zblock.accel import Engine, FakeClock, HwJob
+from zblock.acomp import CRYPTO_TFM_REQ_MAY_BACKLOG, EINPROGRESS, AcompTransform, ContextSet
 from pages import text_page
 
 pytestmark = pytest.mark.timeout(30)
@@ -36,6 +37,12 @@ def make_engine():
     yield make
     for e in engines:
         e.close()
+
+
+def compressed(cs, pages, **kw) -> list:
+    """Each page compressed by one request on `cs`: the stream, or None where it did not fit."""
+    sc = cs.compress(b"".join(pages), raw_poor=False, **kw)
+    return [o if st == scan.COMP else None for st, o in zip(sc.states.tolist(), sc.objs)]
 
 
 def recorder(log):
@@ -92,23 +99,26 @@ def test_completions_out_of_order_across_queues(clock, make_engine):
     assert [c for _, c, _ in log] == ["small", "big"]
 
 
-def test_batch_wakes_its_waiter_once(clock, make_engine):
-    eng = make_engine(queues=4, depth=8, latency_us=10, throughput_mbps=1e9, clock=clock)
-    batch = HwBatch(16)
-    jobs = [HwJob("compress", text_page(i), CODEC, on_done=batch.job_done) for i in range(16)]
-    assert eng.submit_batch(jobs) == [-errno.EINPROGRESS] * 16
-    woke = []
-    waiter = threading.Thread(target=lambda: woke.append(batch.wait(10)))
-    waiter.start()
-    try:
-        for _ in range(3):
-            clock.advance(10.01)
-            assert not woke and batch.wakeups == 0   # 12 of 16 done: still asleep
+def test_a_batch_request_completes_once(clock, make_engine):
+    """16 pages in one request over 4 queues: its callback runs once, after the last page."""
+    eng = make_engine(queues=4, depth=8, latency_us=10, throughput_mbps=1e9, clock=clock,
+                      mode="async")
+    tfm = AcompTransform("lz4", engine=eng)
+    req = tfm.alloc_request()
+    calls = []
+    req.set_callback(CRYPTO_TFM_REQ_MAY_BACKLOG, lambda data, err: calls.append(err), None)
+    pages = [text_page(i) for i in range(16)]
+    req.set_compress(b"".join(pages))
+    assert tfm.compress(req) == -EINPROGRESS
+    for _ in range(3):
         clock.advance(10.01)
-    finally:
-        waiter.join(10)
-    assert woke == [True] and batch.wakeups == 1
-    assert batch.t_done_max == pytest.approx(40.0, abs=1e-3)
+        assert calls == []                    # at most 12 of 16 done: not yet
+    clock.advance(15)                         # the last 4 pages, and the completion interrupt
+    assert calls == [0]
+    sc = tfm.complete(req, 0)
+    assert (sc.states == scan.COMP).all()
+    assert [tfm.compressor.decompress(o) for o in sc.objs] == pages
+    assert eng.stats()["model_wait_us"] == pytest.approx(40 + 3.6, abs=0.1)
 
 
 def test_faults_are_seeded_and_fall_back(make_engine):
@@ -117,14 +127,14 @@ def test_faults_are_seeded_and_fall_back(make_engine):
     for _ in range(2):
         eng = make_engine(queues=4, latency_us=0, fault_rate=0.3, seed=7)
         with ContextSet("lz4", n=2, engine=eng) as cs:
-            comp = cs.compress_pages(pages)
-            assert comp[-1] == -ENOSPC            # incompressible is a result, not a fault
+            comp = compressed(cs, pages)
+            assert comp[-1] is None               # incompressible is a result, not a fault
             assert all(isinstance(c, bytes) and len(c) < PAGE_SIZE for c in comp[:-1])
-            back = cs.decompress_pages(comp[:-1])
+            back = cs.decompress(comp[:-1])
             assert back == pages[:-1]             # engine and software output interchangeable
-            assert cs.decompress_page(comp[3]) == pages[3]
+            assert cs.decompress([comp[3]], join=True) == pages[3]
             st = eng.stats()
-            assert st["errors"] > 0 and st["fallbacks"] == st["errors"] == cs.fallbacks
+            assert st["errors"] > 0 and st["fallbacks"] == st["errors"]
             errors.append(st["errors"])
     assert errors[0] == errors[1]                 # same seed, same faults
 
@@ -134,14 +144,14 @@ def test_hang_dead_and_close_fall_back(make_engine):
     eng = make_engine(queues=2, latency_us=0)
     with ContextSet("lz4", n=2, engine=eng, hw_timeout=0.2) as cs:
         eng.set_fault("hang")                     # accepted, never completes: deadline, software
-        comp = cs.compress_pages(pages)
-        assert cs.decompress_pages(comp) == pages
-        assert cs.fallbacks == 32 and eng.stats()["errors"] >= 16
+        comp = compressed(cs, pages)
+        assert cs.decompress(comp) == pages
+        assert eng.stats()["fallbacks"] == 32 and eng.stats()["errors"] >= 16
         eng.set_fault(None)                       # the stuck jobs complete late, harmlessly
         eng.set_fault("dead")
         assert eng.submit(HwJob("compress", pages[0], CODEC)) == -errno.ENODEV
-        comp = cs.compress_pages(pages)
-        assert cs.decompress_pages(comp) == pages
+        comp = compressed(cs, pages)
+        assert cs.decompress(comp) == pages
     # close() fails pending jobs with -ENODEV through their callbacks
     clock = FakeClock()
     eng2 = make_engine(queues=1, depth=4, latency_us=10, clock=clock)
@@ -161,9 +171,11 @@ def test_batch_speedup_on_engine_clock(make_engine):
     for mode in ("page", "batch"):
         eng = make_engine(queues=8, depth=128, latency_us=50, throughput_mbps=1e12, batch=8)
         with ContextSet("lz4", n=2, engine=eng) as cs:
-            comp = cs.compress_pages(pages, wait_each=(mode == "page"))
+            # page at a time (the seed's model): a request per page, each waited for
+            comp = [c for p in pages for c in compressed(cs, [p])] if mode == "page" \
+                else compressed(cs, pages)
             waits[mode] = eng.stats()["model_wait_us"]
-            assert cs.decompress_pages(comp) == pages
+            assert cs.decompress(comp) == pages
     ideal = 8
     speedup = waits["page"] / waits["batch"]
     assert waits["page"] == pytest.approx(32 * 50, rel=1e-6)
@@ -175,14 +187,14 @@ def test_batch_speedup_on_engine_clock(make_engine):
 def test_async_mode_charges_irq_and_latency_reservoir_is_bounded(make_engine):
     eng = make_engine(queues=1, latency_us=3, throughput_mbps=2000, mode="async")
     with ContextSet("lz4", n=1, engine=eng) as cs:
-        cs.compress_pages([text_page(0)], wait_each=True)
+        cs.compress(text_page(0))
     lat = eng.stats()["latency_us"]
     assert lat["max"] == pytest.approx(3 + 4096 / 2000 + 3.6, abs=1e-3)
     eng2 = make_engine(queues=4, latency_us=0)
     with ContextSet("lz4", n=1, engine=eng2) as cs:
         page = text_page(1)
         for _ in range(40):
-            cs.compress_pages([page] * 256)
+            cs.compress(page * 256)
     st = eng2.stats()
     assert st["completed"] == 40 * 256 and len(eng2._lat) <= 8192
     assert st["host_cpu_us_per_page"] > 0

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from zblock import PAGE_SIZE
+from zblock import PAGE_SIZE, scan
 from zblock.accel import Engine, FakeClock
 from zblock.acomp import (CRYPTO_TFM_REQ_MAY_BACKLOG, EBUSY, EINPROGRESS, ENOSPC, ETIMEDOUT,
                           AcompTimeout, AcompTransform, ContextSet, CryptoWait, crypto_req_done,
                           crypto_wait_req)
-from zblock.compressors import CompressionError, get_compressor
+from zblock.compressors import CompressionError, Compressor, get_compressor
 from pages import text_page
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,21 +32,35 @@ def closing():
 # ---- crypto API semantics ----------------------------------------------------------------------
 
 
+def compressed(cs_or_ctx, pages, **kw) -> list:
+    """Each page's compress result from one request: the stream, or -ENOSPC (did not fit)."""
+    sc = cs_or_ctx.compress(b"".join(pages), raw_poor=False, **kw)
+    return [o if st == scan.COMP else -ENOSPC for st, o in zip(sc.states.tolist(), sc.objs)]
+
+
 def test_software_tfm_is_synchronous_scomp():
     tfm = AcompTransform("lz4")
     assert not tfm.is_async
     req = tfm.alloc_request()
     calls = []
     req.set_callback(CRYPTO_TFM_REQ_MAY_BACKLOG, lambda d, e: calls.append(e), None)
-    req.set_params(text_page(1), PAGE_SIZE)
-    assert tfm.compress(req) == 0 and req.err == 0 and 0 < req.dlen < PAGE_SIZE
-    comp = req.result
-    req.set_params(os.urandom(PAGE_SIZE), PAGE_SIZE)
-    assert tfm.compress(req) == -ENOSPC and req.result is None    # dlen >= PAGE_SIZE: poor
-    req.set_params(comp, PAGE_SIZE, PAGE_SIZE)
-    assert tfm.decompress(req) == 0 and req.result == text_page(1)
-    req.set_params(b"\xff" * 50, PAGE_SIZE, PAGE_SIZE)
+    req.set_compress(text_page(1) + os.urandom(PAGE_SIZE) + bytes(PAGE_SIZE), detect_same=True,
+                     raw_poor=False)
+    assert tfm.compress(req) == 0
+    sc = tfm.complete(req, 0)
+    # compressed; did not fit (dlen >= PAGE_SIZE: poor, rejected); same-filled
+    assert sc.states.tolist() == [scan.COMP, scan.NONE, scan.SAME]
+    assert 0 < sc.lengths[0] < PAGE_SIZE and sc.objs[1:] == [None, None]
+    req.set_decompress([sc.objs[0], text_page(2)], join=True)     # a whole page is copied
+    assert tfm.decompress(req) == 0 and tfm.complete(req, 0) == text_page(1) + text_page(2)
+    req.set_decompress([b"\xff" * 50], join=True)
     assert tfm.decompress(req) == -errno.EINVAL
+    with pytest.raises(CompressionError):
+        tfm.complete(req, -errno.EINVAL)
+    req.set_decompress([b"\xff" * 50, sc.objs[0]])
+    assert tfm.decompress(req) == 0
+    bad, good = tfm.complete(req, 0)
+    assert isinstance(bad, CompressionError) and good == text_page(1)
     assert calls == []                       # scomp never calls the callback
     wait = CryptoWait()
     assert crypto_wait_req(0, wait) == 0 and crypto_wait_req(-ENOSPC, wait) == -ENOSPC
@@ -72,11 +86,11 @@ def test_async_engine_inprogress_backlog_and_full(closing):
         r = tfm.alloc_request()
         flags = CRYPTO_TFM_REQ_MAY_BACKLOG if i < 2 else 0
         r.set_callback(flags, lambda d, e: events[d].append(e), i)
-        r.set_params(text_page(i), PAGE_SIZE)
+        r.set_compress(text_page(i))
         reqs.append(r)
     assert tfm.compress(reqs[0]) == -EINPROGRESS
     assert tfm.compress(reqs[1]) == -EBUSY          # queue full, MAY_BACKLOG: backlogged
-    assert tfm.compress(reqs[2]) == -ENOSPC         # queue full, no MAY_BACKLOG: rejected
+    assert tfm.compress(reqs[2]) == -ENOSPC         # queue full, no MAY_BACKLOG: refused
     assert events == {0: [], 1: [], 2: []}
     clock.advance(20)
     clock.advance(20)
@@ -85,11 +99,13 @@ def test_async_engine_inprogress_backlog_and_full(closing):
     assert events[2] == []
     st = eng.stats()
     assert (st["backlogged"], st["rejected_full"], st["completed"]) == (1, 1, 2)
-    tfm2 = AcompTransform("lz4")
-    for i in (0, 1):
-        r = tfm2.alloc_request()
-        r.set_params(reqs[i].result, PAGE_SIZE, PAGE_SIZE)
-        assert tfm2.decompress(r) == 0 and r.result == text_page(i)
+    # the refused page is done in software by complete(), as IAA falls back
+    soft = get_compressor("lz4")
+    for i in range(3):
+        sc = tfm.complete(reqs[i], 0 if i < 2 else -ENOSPC)
+        assert sc.states.tolist() == [scan.COMP]
+        assert soft.decompress(sc.objs[0]) == text_page(i)
+    assert eng.stats()["fallbacks"] == 1
 
 
 def test_crypto_wait_req_waits_for_the_engine(closing):
@@ -100,7 +116,7 @@ def test_crypto_wait_req_waits_for_the_engine(closing):
     closing(cs)
     ctx = cs.get()
     got = []
-    t = threading.Thread(target=lambda: got.append(ctx.compress(text_page(5), timeout=10)))
+    t = threading.Thread(target=lambda: got.append(compressed(ctx, [text_page(5)], timeout=10)))
     t.start()
     try:
         deadline = time.monotonic() + 10
@@ -111,8 +127,8 @@ def test_crypto_wait_req_waits_for_the_engine(closing):
     finally:
         t.join(10)
     cs.put(ctx)
-    ret, data = got[0]
-    assert ret == 0 and get_compressor("lz4").decompress(data) == text_page(5)
+    assert get_compressor("lz4").decompress(got[0][0]) == text_page(5)
+    assert eng.stats()["fallbacks"] == 0
 
 
 def test_sync_engine_polls_inside_compress(closing):
@@ -121,9 +137,11 @@ def test_sync_engine_polls_inside_compress(closing):
     tfm = AcompTransform("zstd", 3, engine=eng)
     assert not tfm.is_async
     req = tfm.alloc_request()
-    req.set_params(text_page(9), PAGE_SIZE)
+    req.set_compress(text_page(9))
     assert tfm.compress(req) == 0                # IAA sync: the result, not -EINPROGRESS
-    assert get_compressor("zstd", 3).decompress(req.result) == text_page(9)
+    sc = tfm.complete(req, 0)
+    assert get_compressor("zstd", 3).decompress(sc.objs[0]) == text_page(9)
+    assert eng.stats()["fallbacks"] == 0
 
 
 def test_late_completion_does_not_corrupt_a_reused_context(closing):
@@ -133,12 +151,14 @@ def test_late_completion_does_not_corrupt_a_reused_context(closing):
     cs = ContextSet("lz4", n=1, engine=eng)
     closing(cs)
     with cs.context() as ctx:
-        ret, data = ctx.compress(text_page(1), timeout=0.05)     # nobody advances: timeout
-        assert ret == -ETIMEDOUT and data is None
+        # nobody advances the clock: the deadline passes and software does the page
+        first = compressed(ctx, [text_page(1)], timeout=0.05)
+        assert get_compressor("lz4").decompress(first[0]) == text_page(1)
+        assert eng.stats()["fallbacks"] == 1
         gen_a = ctx.req.gen
         # reuse the context for page 2 while page 1's completion is still in the engine
         got = []
-        t = threading.Thread(target=lambda: got.append(ctx.compress(text_page(2), timeout=10)))
+        t = threading.Thread(target=lambda: got.append(compressed(ctx, [text_page(2)], timeout=10)))
         t.start()
         try:
             deadline = time.monotonic() + 10
@@ -149,10 +169,9 @@ def test_late_completion_does_not_corrupt_a_reused_context(closing):
             clock.advance(10)
         finally:
             t.join(10)
-        ret, data = got[0]
-        assert ret == 0 and ctx.req.gen > gen_a
-        assert get_compressor("lz4").decompress(data) == text_page(2)
-        assert ctx.req.result == data and ctx.wait.err == 0
+        assert ctx.req.gen > gen_a and ctx.wait.err == 0
+        assert get_compressor("lz4").decompress(got[0][0]) == text_page(2)
+        assert eng.stats()["fallbacks"] == 1    # page 2 came from the engine
 
 
 # ---- context sets ------------------------------------------------------------------------------
@@ -216,8 +235,10 @@ def test_get_put_under_contention_loses_no_wakeup(closing):
     assert sorted(map(id, (cs.get(), cs.get()))) == sorted(map(id, cs._contexts))
 
 
-class BarrierCompressor:
+class BarrierCompressor(Compressor):
     """A compressor fake: each compress() waits for another thread's compress() to arrive."""
+
+    name = "lz4"
 
     def __init__(self, barrier):
         self.inner = get_compressor("lz4")
@@ -229,7 +250,7 @@ class BarrierCompressor:
         self.barrier.wait()                 # raises BrokenBarrierError after its timeout
         return self.inner.compress(src)
 
-    def decompress(self, src, out_len=PAGE_SIZE):
+    def _decompress(self, src, out_len):
         return self.inner.decompress(src, out_len)
 
 
@@ -241,10 +262,11 @@ def test_two_threads_compress_at_the_same_time(closing):
 
     def one(i):
         with cs.context() as ctx:
-            ctx.comp = BarrierCompressor(barrier)
-            with ctx.mutex:
-                results.append(ctx.comp.compress(text_page(i)))
-            ctx.comp = ctx.tfm.compressor
+            real, ctx.tfm.compressor = ctx.tfm.compressor, BarrierCompressor(barrier)
+            try:
+                results.append(compressed(ctx, [text_page(i)]))
+            finally:
+                ctx.tfm.compressor = real
     ts = [threading.Thread(target=one, args=(i,)) for i in range(2)]
     for t in ts:
         t.start()
@@ -253,45 +275,48 @@ def test_two_threads_compress_at_the_same_time(closing):
     assert len(results) == 2 and not barrier.broken
 
 
-def test_one_compress_pages_call_uses_two_threads(closing):
+def test_one_compress_call_uses_two_threads(closing):
     # zstd: lz4 is not split (it uses the second core through the store's write-behind pipeline)
     cs = ContextSet("zstd", n=2, split_min=8)
     closing(cs)
     barrier = threading.Barrier(2, timeout=5)
     fakes = []
+    reals = []
     for ctx in cs._contexts:
-        ctx.comp = BarrierCompressor(barrier)
-        fakes.append(ctx.comp)
+        reals.append(ctx.tfm.compressor)
+        ctx.tfm.compressor = BarrierCompressor(barrier)
+        fakes.append(ctx.tfm.compressor)
     pages = [text_page(i) for i in range(32)]
-    comp = cs.compress_pages(pages)          # each page meets one page of the other chunk
+    comp = compressed(cs, pages)             # each page meets one page of the other chunk
     assert all(isinstance(c, bytes) for c in comp), comp
     assert len(set().union(*(f.tids for f in fakes))) == 2
-    assert cs.decompress_pages(comp) == pages
-    # below the split threshold the caller's thread does it all (no barrier partner: use lz4)
-    for ctx in cs._contexts:
-        ctx.comp = ctx.tfm.compressor
+    assert cs.decompress(comp) == pages
+    # below the split threshold the caller's thread does it all (no barrier partner: the real
+    # compressors again)
+    for ctx, real in zip(cs._contexts, reals):
+        ctx.tfm.compressor = real
     cs.worker_tids.clear()
-    assert cs.decompress_pages(cs.compress_pages(pages[:4])) == pages[:4]
+    assert cs.decompress(compressed(cs, pages[:4]), join=True) == b"".join(pages[:4])
     assert cs.worker_tids == set()
 
 
-def test_compress_pages_results_and_errors(closing):
+def test_compress_results_and_errors(closing):
     cs = ContextSet("lz4", n=2)
     closing(cs)
     pages = [text_page(i) for i in range(200)] + [os.urandom(PAGE_SIZE), bytes(PAGE_SIZE)]
-    comp = cs.compress_pages(pages)
+    comp = compressed(cs, pages)
     assert comp[200] == -ENOSPC
     assert all(isinstance(c, bytes) and len(c) < PAGE_SIZE for i, c in enumerate(comp) if i != 200)
     srcs = [c for c in comp if isinstance(c, bytes)] + [b"\x00garbage"]
-    back = cs.decompress_pages(srcs)
+    back = cs.decompress(srcs)
     assert back[:-1] == [p for i, p in enumerate(pages) if i != 200]
     assert isinstance(back[-1], CompressionError)
     with pytest.raises(CompressionError):
-        cs.decompress_page(b"\x00garbage")
-    assert cs.decompress_page(comp[0]) == pages[0]
+        cs.decompress([b"\x00garbage"], join=True)
+    assert cs.decompress([comp[0]], join=True) == pages[0]
 
 
-class BrokenCompressor:
+class BrokenCompressor(Compressor):
     """Returns a non-bytes object: a bug that must reach the caller, not vanish in a worker."""
 
     def compress(self, src):
@@ -301,21 +326,21 @@ class BrokenCompressor:
 def test_worker_exception_reaches_the_caller(closing):
     cs = ContextSet("zstd", n=2, split_min=4)      # zstd batches are split across threads
     closing(cs)
-    cs._contexts[0].comp = cs._contexts[1].comp = BrokenCompressor()
+    cs._contexts[0].tfm.compressor = cs._contexts[1].tfm.compressor = BrokenCompressor()
     with pytest.raises(TypeError):
-        cs.compress_pages([text_page(i) for i in range(16)])
+        cs.compress(b"".join(text_page(i) for i in range(16)))
     assert len(cs._free) == 2                # every context came back
 
 
 def test_lzo_is_not_split_and_close_is_bounded(closing):
     cs = ContextSet("lzo", n=2)
     pages = [text_page(i) for i in range(64)]
-    assert cs.decompress_pages(cs.compress_pages(pages)) == pages
+    assert cs.decompress(compressed(cs, pages)) == pages
     assert cs._workers is None               # python-lzo holds the GIL: never split
     cs.close()
     cs.close()                               # idempotent
     cs2 = ContextSet("zstd", 3, n=2)
-    cs2.compress_pages(pages)
+    cs2.compress(b"".join(pages))
     workers = cs2._workers._threads
     t0 = time.monotonic()
     cs2.close()

@@ -128,7 +128,7 @@ def run_workload(store: Store, ops: list[tuple], model: Model) -> None:
             store.discard(start * PAGE_SIZE, n * PAGE_SIZE)
         elif kind == "shrink":
             store.cache.check_worker()
-            if not store.cache.shrink(0):
+            if not store.cache.writeback.shrink(0):
                 raise ZblockError("writeback failed")
         elif kind == "fsync":
             store.fsync()

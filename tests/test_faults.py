@@ -179,7 +179,7 @@ def test_read_eio_on_one_page(path):
         data = text_pages(16)
         s.write(0, data)
         s.fsync()
-        assert s.cache.shrink(0)                   # every page to disk, none cached
+        assert s.cache.writeback.shrink(0)                   # every page to disk, none cached
         assert s.stats()["stored_pages"] == 0
         f.data.add(Fault("read", errno.EIO, pages={5}, times=None))
         assert_eio(s.read, 5 * PAGE_SIZE, PAGE_SIZE)
@@ -342,7 +342,7 @@ def mixed(n: int, seed: int) -> bytes:
 def test_engine_fault_on_compress_and_decompress(path, mode):
     s = Store.open(path, 8 * MiB, sim_cfg(), disk_factory=None)
     try:
-        engine = s.cache.pool.contexts.engine
+        engine = s.cache.registry.current.contexts.engine
         assert engine is not None
         before = mixed(256, 1)
         s.write(0, before)                       # healthy engine
@@ -359,7 +359,7 @@ def test_engine_fault_on_compress_and_decompress(path, mode):
         assert s.stats()["decompress_fail"] == 0
         # writeback and fsync with a broken engine
         s.fsync()
-        assert s.cache.shrink(0)
+        assert s.cache.writeback.shrink(0)
         assert s.read(0, 2 * len(before)) == before + during
         engine.set_fault(None)
     finally:
@@ -412,7 +412,7 @@ def test_corruption_detected_open_reopen_and_fsck(path):
     try:
         s.write(0, data)
         s.fsync()
-        assert s.cache.shrink(0)
+        assert s.cache.writeback.shrink(0)
         flip_byte(path, 7 * PAGE_SIZE + 123)              # while open: the disk changed under it
         with pytest.raises(DataError):
             s.read(7 * PAGE_SIZE, PAGE_SIZE)
@@ -558,7 +558,7 @@ def test_fsync_while_writeback_fails(path):
         s.write(0, data)
         assert s.stats()["stored_pages"] == 32       # stored (stats wait for the write-behind)
         gate.armed = True
-        wb = threading.Thread(target=s.cache.shrink, args=(0,), daemon=True)
+        wb = threading.Thread(target=s.cache.writeback.shrink, args=(0,), daemon=True)
         wb.start()                                   # writeback of all 32 pages, stuck in the disk
         assert gate.blocked.wait(10)
         result = {}

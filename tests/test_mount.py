@@ -89,6 +89,9 @@ def test_dd_write_then_cmp(fuse_version, notrunc, data32, tmp_path):
         assert read_all(m.disk, 64 << 20)[len(data32):] == bytes((64 << 20) - len(data32))
         st = m.stats()
         assert st["zswpout"] >= len(data32) // 4096
+        # make test runs this once more without the C extension (ZBLOCK_NO_EXTENSION=1)
+        no_c = os.environ.get("ZBLOCK_NO_EXTENSION") == "1"
+        assert st["lz4_backend"] == ("python-lz4" if no_c else "c")
         sizes = {int(k) for k, v in st["request_sizes"]["write"].items() if v}
         expect = (1 << 20) if fuse_version == 3 else (128 << 10)
         assert max(sizes) == expect, st["request_sizes"]

@@ -14,7 +14,9 @@ import psutil
 import pytest
 
 from zblock import PAGE_SIZE
-from zblock.cache import COMP, DISK, HW_COUNTERS, RAW, SAME
+from zblock.entries import COMP, DISK, RAW, SAME
+from zblock.lru import select_victims
+from zblock.pools import HW_COUNTERS
 from zblock.config import Config
 from zblock.errors import DataError, OutOfRange
 from zblock.store import Store
@@ -62,18 +64,23 @@ def make_config(**kw) -> Config:
 def check_consistency(store: Store) -> None:
     """fsck for the cache: gauges agree with the entry table (s3ql ends tests with fsck)."""
     c = store.cache
+    t = c.table
     with c.tree_lock:
-        st = c.state
-        pools = [p for p in c.pools if p is not None]
-        assert sum(p.stored_pages for p in pools) == int(np.count_nonzero((st == COMP) | (st == RAW)))
-        assert c.same_filled_pages == int(np.count_nonzero(st == SAME))
-        assert c.stored_incompressible_pages == int(np.count_nonzero(st == RAW))
-        assert c.pool_total_size == sum(p.total_size for p in pools)
+        st = t.state
+        pools = c.registry.live()
+        cached = (st == COMP) | (st == RAW)
+        assert sum(p.stored_pages for p in pools) == int(np.count_nonzero(cached))
+        assert t.same_filled_pages == int(np.count_nonzero(st == SAME))
+        assert t.stored_incompressible_pages == int(np.count_nonzero(st == RAW))
+        assert t.pool_total_size == sum(p.total_size for p in pools)
         for p in pools:
-            mine = (c.pool_id == p.id) & ((st == COMP) | (st == RAW))
+            mine = (t.pool_id == p.id) & cached
             assert p.stored_pages == int(np.count_nonzero(mine))
         # a page under writeback is always a cached one (the worker may be mid-batch)
-        assert ((st[c.under_wb] == COMP) | (st[c.under_wb] == RAW)).all()
+        assert cached[t.under_wb].all()
+        # a page has an object exactly when it is cached
+        has = np.array([t.obj(p) is not None for p in range(t.npages)])
+        assert (has == cached).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,21 +195,21 @@ def test_lru_second_chance(backing_path):
             store.read(p * PAGE_SIZE, PAGE_SIZE)
         c = store.cache
         with c.tree_lock:
-            victims, gens = c._select_victims(10)
+            victims, gens = select_victims(c.table, 10)
         # the 10 coldest pages not read since stored; 0..4 were read: they get a second chance
         assert victims.tolist() == list(range(5, 15))
-        assert c._writeback(victims, gens)
+        assert c.writeback._write_back(victims, gens)
         st = store.stats()
         assert st["written_back_pages"] == 10
-        assert (c.state[0:5] == COMP).all() and (c.state[5:15] == DISK).all()
-        assert not c.referenced[0:5].any()              # ... but only one
+        assert (c.table.state[0:5] == COMP).all() and (c.table.state[5:15] == DISK).all()
+        assert not c.table.referenced[0:5].any()              # ... but only one
         with c.tree_lock:
-            victims, gens = c._select_victims(5)
+            victims, gens = select_victims(c.table, 5)
         assert victims.tolist() == list(range(15, 20))  # rotated pages are now the youngest
-        assert c._writeback(victims, gens)
+        assert c.writeback._write_back(victims, gens)
         with c.tree_lock:
-            victims, _ = c._select_victims(5)
-            c.under_wb[victims] = False
+            victims, _ = select_victims(c.table, 5)
+            c.table.under_wb[victims] = False
         assert victims.tolist() == list(range(0, 5))    # unread since: no third chance
         check_consistency(store)
     finally:
@@ -227,19 +234,20 @@ def test_zswap_policy_rejects_until_threshold(backing_path):
         # the hysteresis itself, on the gauge: once full, stores are rejected until the pool is
         # at or below accept_threshold % of the limit
         c = store.cache
+        t = c.table
         with c.tree_lock:
-            real = c.pool_total_size
+            real = t.pool_total_size
             try:
                 c.reached_full = False
-                c.pool_total_size = cfg.pool_limit
+                t.pool_total_size = cfg.pool_limit
                 assert c._check_limits()                     # at the limit: reject
-                c.pool_total_size = cfg.pool_limit * 70 // 100
+                t.pool_total_size = cfg.pool_limit * 70 // 100
                 assert c._check_limits()                     # below the limit, above 50%
-                c.pool_total_size = cfg.pool_limit * 50 // 100
+                t.pool_total_size = cfg.pool_limit * 50 // 100
                 assert not c._check_limits()                 # at the threshold: accept again
                 assert not c._check_limits()
             finally:
-                c.pool_total_size = real
+                t.pool_total_size = real
     finally:
         store.close()
 
@@ -273,49 +281,53 @@ def _entries_and_gauges(store: Store) -> tuple:
     """What two ways of storing the same pages must agree on: the entry table (fill only where
     it means something, for same-filled pages), the gauges and counters; after the fsck."""
     check_consistency(store)
-    c = store.cache
+    t = store.cache.table
     stats = store.stats()
-    return (c.state.tolist(), c.fill[c.state == SAME].tolist(), c.length.tolist(),
-            c.referenced.tolist(), c.dirty.tolist(),
+    return (t.state.tolist(), t.fill[t.state == SAME].tolist(), t.length.tolist(),
+            t.referenced.tolist(), t.dirty.tolist(),
             {k: stats[k] for k in ("same_filled_pages", "stored_pages", "stored_incompressible_pages",
                                    "pool_total_size", "reject_compress_poor", "zswpout", "zswpin",
                                    "bd_writes")})
 
 
-# 6 pages: the generic path stores them one by one in Python (_store_one), 40 scans them with numpy
-@pytest.mark.parametrize("npages", [6, 40])
+@pytest.mark.parametrize("npages", [1, 6, 40])
 @pytest.mark.parametrize("same, policy", [(True, "store_raw"), (True, "reject"),
                                           (False, "store_raw")])
-def test_scan_pages_stores_what_the_generic_path_stores(tmp_path, monkeypatch, npages, same,
-                                                        policy):
-    """Software lz4 scans a write request in one C call (ContextSet.scan_pages) and installs it
-    with another (_lz4pages.install); other compressors go page by page or through numpy. Both
-    must leave the same entries, gauges and counters, including over older entries and with
-    incompressible pages sent to disk."""
-    from zblock.acomp import ContextSet
+def test_the_c_scan_stores_what_the_python_scan_stores(tmp_path, monkeypatch, npages, same,
+                                                       policy):
+    """With the C extension, software lz4 checks and compresses a write request in one C call;
+    without it, python-lz4 and numpy do (zblock.scan). Both must leave the same entries, gauges
+    and counters, including over older entries and with incompressible pages sent to disk."""
+    from zblock import compressors
     rng = random.Random(npages)
     old = mixed_bytes(rng, npages * PAGE_SIZE)
     # every kind of page, in an order the first store did not use
-    seeds = [_SEED_OF_KIND[i % 4] for i in range(npages)]
+    seeds = [_SEED_OF_KIND[i % 4] for i in range(max(npages, 4))][:npages]
     rng.shuffle(seeds)
     new = b"".join(mixed_bytes(random.Random(seed), PAGE_SIZE) for seed in seeds)
     results = []
-    for scans in (True, False):
-        if not scans:
-            monkeypatch.setattr(ContextSet, "scans", property(lambda self: False))
-        store = Store.open(str(tmp_path / f"{scans}.img"), 1 * MiB, make_config(
+    for c_ext in (True, False):
+        if not c_ext:
+            monkeypatch.setattr(compressors, "_lz4pages", None)
+        store = Store.open(str(tmp_path / f"{c_ext}.img"), 1 * MiB, make_config(
             same_filled_pages_enabled=same, incompressible_policy=policy), write_behind=0)
         try:
             c = store.cache
-            assert c.pool.contexts.scans is scans
+            assert (c.registry.current.contexts._contexts[0].tfm.compressor._c is not None) is c_ext
             c.store_pages(3, old)
             c.store_pages(3, new)           # frees the entries the first store made
             assert store.read(3 * PAGE_SIZE, len(new)) == new
             results.append(_entries_and_gauges(store))
         finally:
             store.close()
+    # liblz4 and python-lz4's bundled lz4 may differ by a few bytes on a page: compare sizes
+    # only where both are exact (raw pages), the rest whole
+    for r in results:
+        r[2][:] = [n if n == PAGE_SIZE else 0 for n in r[2]]
+        del r[5]["pool_total_size"]
     assert results[0] == results[1]
-    assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
+    if npages >= 4:
+        assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
 
 
 def _stored_two_ways(tmp_path, where: list[int], store_news, **config) -> list:
@@ -332,34 +344,13 @@ def _stored_two_ways(tmp_path, where: list[int], store_news, **config) -> list:
         try:
             c = store.cache
             for page, data in zip(where, olds):
-                assert c.store_page(page, data)
+                assert c.store_pages(page, data)
             store_news(c, way, news)
             assert [c.load_page(p) for p in where] == news
             results.append(_entries_and_gauges(store))
         finally:
             store.close()
     return results
-
-
-@pytest.mark.parametrize("same, policy", [(True, "store_raw"), (True, "reject"),
-                                          (False, "store_raw")])
-def test_one_page_direct_path_stores_what_the_context_path_stores(tmp_path, same, policy):
-    """A stateless compressor (software lz4) stores and loads single pages without a context or
-    a pool hold (Pool.direct); other pools go through their contexts. Both must leave the same
-    entries, gauges and counters, over older entries and with incompressible pages on disk."""
-    where = list(range(3, 15))
-
-    def store_news(c, direct, news):
-        assert c.pool.direct is not None
-        if not direct:
-            c.pool.direct = None
-        for page, data in zip(where, news):
-            assert c.store_page(page, data)
-
-    results = _stored_two_ways(tmp_path, where, store_news, same_filled_pages_enabled=same,
-                               incompressible_policy=policy)
-    assert results[0] == results[1]
-    assert (SAME in results[0][0]) is same and (DISK in results[0][0]) is (policy == "reject")
 
 
 @pytest.mark.parametrize("compressor, policy", [("lz4", "store_raw"), ("lz4", "reject"),
@@ -377,7 +368,7 @@ def test_a_batch_at_scattered_pages_stores_what_page_by_page_stores(tmp_path, co
             c.store_pages(np.array(where, np.int64), b"".join(news))
         else:
             for page, data in zip(where, news):
-                c.store_page(page, data)
+                c.store_pages(page, data)
 
     results = _stored_two_ways(tmp_path, where, store_news, compressor=compressor,
                                incompressible_policy=policy)
@@ -385,26 +376,29 @@ def test_a_batch_at_scattered_pages_stores_what_page_by_page_stores(tmp_path, co
     assert (DISK in results[0][0]) is (policy == "reject")
 
 
-def test_one_page_store_whose_pool_closed_meanwhile_goes_to_the_current_pool(backing_path):
-    """The direct path holds no pool while it compresses: if a param change closed the pool
-    meanwhile (it had no entries left), the page must not be installed into the dead pool's id."""
+def test_a_store_holds_its_pool_while_it_compresses(backing_path):
+    """A store compresses with the pool unlocked: a param change meanwhile makes another pool
+    current, but the store's pool lives until its pages are in (and then serves them)."""
     store = Store.open(backing_path, 1 * MiB, Config(), write_behind=0)
     try:
         c = store.cache
-        old = c.pool
-        scan = old.direct.scan_page
+        old = c.registry.current
+        compress = old.contexts.compress
 
-        def scan_then_switch(page, detect_same, raw_poor):
-            result = scan(page, detect_same, raw_poor)
-            store.set_param("compressor", "zstd")       # the old pool has no entries: closed
+        def compress_then_switch(*args, **kw):
+            result = compress(*args, **kw)
+            store.set_param("compressor", "zstd")       # the old pool has no entries yet
             return result
 
-        old.direct = type("Scan", (), {"scan_page": staticmethod(scan_then_switch)})()
+        old.contexts.compress = compress_then_switch
         page = text_page(random.Random(1))
-        assert c.store_page(5, page)
-        assert c.pools[old.id] is not old
-        assert c.pools[c.pool_id[5]] is c.pool and c.pool.label == "zstd-1"
+        assert c.store_pages(5, page)
+        assert c.registry.pools[old.id] is old and c.table.pool_id[5] == old.id
+        assert c.registry.current.label == "zstd-1"
         assert store.read(5 * PAGE_SIZE, PAGE_SIZE) == page
+        store.write(5 * PAGE_SIZE, page)                 # its last page rewritten: it dies
+        store.stats()
+        assert c.registry.pools[old.id] is None
         check_consistency(store)
     finally:
         store.close()
@@ -481,7 +475,7 @@ def test_contexts_param_takes_effect(backing_path):
         a = b"".join(text_page(rng) for _ in range(8))
         store.write(0, a)
         store.set_param("contexts", "1")
-        assert store.cache.pool.contexts.n == 1
+        assert store.cache.registry.current.contexts.n == 1
         store.write(8 * PAGE_SIZE, a)
         assert len(store.stats()["pools"]) == 2
         store.write(0, a)                              # the 2-context pool's pages rewritten
@@ -618,14 +612,15 @@ def test_corrupt_object_in_a_read_names_its_page(backing_path, npages):
             store.staging.drain()
         c = store.cache
         bad = npages - 3
-        assert c.state[bad] == COMP
-        good, c.objs[bad] = c.objs[bad], b"\xff" * 40
+        assert c.table.state[bad] == COMP
+        good = c.table.obj(bad)
+        c.table._set_obj(bad, b"\xff" * 40)
         with pytest.raises(DataError, match=f"page {bad}:"):
             store.read(0, npages * PAGE_SIZE)
         assert store.stats()["decompress_fail"] == 1
-        assert c.pool.users == 0
+        assert c.registry.current.users == 0
         assert store.read(0, bad * PAGE_SIZE) == data[:bad * PAGE_SIZE]
-        c.objs[bad] = good                           # so that close() can write it back
+        c.table._set_obj(bad, good)                  # so that close() can write it back
         assert store.read(0, npages * PAGE_SIZE) == data
     finally:
         store.close()
@@ -821,7 +816,7 @@ def test_hw_counters_keep_growing_across_accelerator_toggles(backing_path):
         store.set_param("accelerator", "none")
         store.write(0, data)                 # rewrites every engine-pool page: pool and engine go
         st = store.stats()
-        assert [p["compressor"] for p in st["pools"]] == ["lzo"] and not store.cache._engines
+        assert [p["compressor"] for p in st["pools"]] == ["lzo"] and not store.cache.registry._engines
         assert _hw_counts(st["hw"]) == _hw_counts(first)
         store.set_param("accelerator", "sim")
         store.write(MiB, data)

@@ -40,7 +40,7 @@ only thread that touches `_codecs` (compressor instances are not thread-safe).
 
 Not modelled: DMA, address translation, per-device work-queue mapping by NUMA node; hw_batch
 only sets how many requests one submission carries (one lock hold); the waiter is woken once
-per batch (see HwBatch).
+per batch (zblock.acomp completes a request once, after its last page).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from .compressors import get_compressor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "HwJob", "HwBatch", "MonotonicClock", "FakeClock", "FAULT_MODES"]
+__all__ = ["Engine", "HwJob", "MonotonicClock", "FakeClock", "FAULT_MODES"]
 
 FAULT_MODES = (None, "error", "hang", "dead")
 
@@ -162,47 +162,6 @@ class HwJob:
         self.t_done = 0.0
         self.queue = -1
         self.seq = 0
-
-
-class HwBatch:
-    """Waits for a group of jobs and wakes its waiter ONCE, when the last one completes.
-
-    Lock: `_lock` guards `remaining`; the waiter sleeps on a pre-acquired Lock released once.
-    `wakeups` counts those releases (1 per batch: the oracle of "a batch wakes its waiter once").
-    """
-
-    __slots__ = ("remaining", "wakeups", "_lock", "_gate", "t_done_max")
-
-    def __init__(self, count: int):
-        self.remaining = count
-        self.wakeups = 0
-        self.t_done_max = 0.0
-        self._lock = threading.Lock()
-        self._gate = threading.Lock()
-        self._gate.acquire()
-        if count == 0:
-            self._release()
-
-    def _release(self):
-        self.wakeups += 1
-        self._gate.release()
-
-    def job_done(self, job: HwJob, err: int) -> None:
-        """An `on_done` for the jobs of this batch."""
-        with self._lock:
-            if job.t_done > self.t_done_max:
-                self.t_done_max = job.t_done
-            self.remaining -= 1
-            last = self.remaining == 0
-        if last:
-            self._release()
-
-    def wait(self, timeout: float | None) -> bool:
-        """True when every job completed; False when the deadline passed first."""
-        ok = self._gate.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
-        if ok:
-            self._gate.release()      # later waits (and late checks) see it done
-        return ok
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,46 +1,51 @@
-"""The crypto acomp API as zswap uses it, and the per-CPU-like context sets built on it.
+"""The crypto acomp API as zswap uses it, and the per-CPU-like context sets built on it: the
+only way zblock compresses or decompresses a page that serves I/O.
 
-Kernel model (reference §1.9, §3.1): a transform (tfm) per algorithm, a request with
-src / dst capacity (dlen in) / dlen out, a completion callback with MAY_BACKLOG, and
-crypto_wait_req() turning an asynchronous submit back into a synchronous wait. Software
-compressors behave like scomp: compress() runs inline and returns 0 (the callback is not
-called). The simulated engine (zblock.accel) behaves like a hardware driver: in async mode
-(IAA async_irq) submit returns -EINPROGRESS, or -EBUSY when backlogged (the callback gets the
--EINPROGRESS notice first, then the result), or -ENOSPC when the queues are full without
-MAY_BACKLOG; in sync mode (IAA sync) the submitter polls inside compress() and gets the result.
+Kernel model (reference §1.9, §3.1): a transform (tfm) per algorithm, a request with its
+source, destination capacity (dlen) and result, a completion callback with MAY_BACKLOG, and
+crypto_wait_req() turning an asynchronous submit back into a synchronous wait. One request
+carries a batch of pages, as the kernel's request chaining and the IAA batching series let
+zswap submit several pages at once; a single page is a batch of one.
 
-Error returns are negative errnos, as in the kernel (`ret == -EINPROGRESS`); the constants
-below are the positive values. A compressed result that does not fit the destination
-(dlen >= capacity, zswap 6.18's "compress poor" rule with capacity PAGE_SIZE) is -ENOSPC:
-the caller stores the page raw or rejects it per policy.
+Backends, behind AcompTransform:
+  - software (scomp): compress()/decompress() run the compressor's batch call inline and return
+    0; the callback is not called. With software lz4 one C call checks and compresses a whole
+    request with the GIL released once (zblock._lz4pages, optional; python-lz4 otherwise).
+  - the simulated engine (zblock.accel), a hardware driver: in async mode (IAA async_irq)
+    submit returns -EINPROGRESS, or -EBUSY when some pages were backlogged, and the callback
+    runs once the whole batch has completed; in sync mode (IAA sync) the submitter polls inside
+    compress() for the batch. Pages the engine failed (faults, a dead or hung engine, the
+    deadline) are done in software by the context that submitted them (IAA falls back to
+    deflate-generic the same way).
+
+Results: a compress request's result is a zblock.scan.Scan (its pages' states: same-filled,
+compressed, raw or rejected; zswap_compress()'s "compress poor" rule is dlen >= PAGE_SIZE). A
+decompress request gives one joined destination (a read request's reply) or one result per
+source (bytes, or the CompressionError it failed with).
 
 ContextSet: each pool owns a bounded set of n contexts (n = CPUs) taken with get() and given
 back with put(), like the kernel's per-CPU crypto_acomp_ctx and zram's zcomp_stream_get/put.
 Per-thread contexts are not an option: libfuse's worker threads give each callback a fresh
 Python thread state, so threading.local data is gone by the next request (DESIGN.md).
-
-The batch path (compress_pages, decompress_pages) is the hot path: FUSE writes arrive one at
-a time (the kernel serialises them), so one call of up to 256 pages must use both cores. It
-splits the pages across the contexts it can get, runs one chunk in the calling thread and the
-others on a persistent pool of n-1 worker threads, and waits once. lz4, zstd and zlib release
-the GIL while compressing; python-lzo does not (measured: 2 threads ran lzo at 0.9x one
-thread), so lzo is never split. With the engine, the pages go through the engine queues in
-batches of hw_batch, submitted at one engine time, and the call waits once.
+compress()/decompress() on the set split a large software batch of a compressor that releases
+the GIL (zstd, deflate) across the contexts it can get, one chunk in the calling thread and
+the others on n-1 worker threads, and wait once: FUSE writes arrive one at a time, so one
+request must use both cores.
 
 Invariants:
   - a context is owned by at most one caller between get() and put(); its mutex is held while
-    its compressor or request is in use (the compressor objects are not thread-safe);
+    its request is in use (compressor objects are not thread-safe);
   - at most n-1 worker tasks exist at once (each holds a context other than the caller's),
     so the worker task queue is bounded by construction;
-  - a completion for a request generation that its waiter gave up on (timeout) is dropped:
-    it never writes into a context that has been reused.
+  - a completion of a request generation that its waiter gave up on (the deadline) is dropped:
+    it never touches a request that has been reused.
 
 Lock protocol: ContextSet._free is popped and appended without a lock (each is atomic under the
 GIL); _cond guards _closed, _waiters and the sleep of a get() that found none free (never held
-across compression).
-AcompRequest._lock guards gen/result/dlen/err and is held while the completion callback runs,
-so a stale completion cannot race a resubmission; callbacks must not submit (crypto_req_done
-only sets the wait). Lock order: AcompRequest._lock -> CryptoWait._cond -> Engine._lock.
+across compression). AcompRequest._lock guards gen and the completion state and is held while
+the completion callback runs, so a stale completion cannot race a resubmission; callbacks must
+not submit (crypto_req_done only sets the wait). Lock order: AcompContext.mutex ->
+AcompRequest._lock -> CryptoWait._cond -> Engine._lock.
 """
 
 from __future__ import annotations
@@ -54,8 +59,10 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from . import PAGE_SIZE
-from .accel import Engine, HwBatch, HwJob
+import numpy as np
+
+from . import PAGE_SIZE, scan
+from .accel import Engine, HwJob
 from .compressors import CompressionError, get_compressor
 from .errors import ZblockError
 
@@ -64,7 +71,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EINPROGRESS", "EBUSY", "ENOSPC", "ETIMEDOUT", "ENODEV", "CRYPTO_TFM_REQ_MAY_BACKLOG",
     "AcompTransform", "AcompRequest", "CryptoWait", "crypto_req_done", "crypto_wait_req",
-    "acomp_request_alloc", "AcompContext", "ContextSet", "AcompTimeout", "SPLIT_MIN",
+    "AcompContext", "ContextSet", "AcompTimeout", "SPLIT_MIN",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -79,25 +86,12 @@ EINVAL = errno.EINVAL
 EIO = errno.EIO
 CRYPTO_TFM_REQ_MAY_BACKLOG = 0x00000400        # include/linux/crypto.h
 
-# Split a batch only into chunks of at least this many pages (so from 2 x SPLIT_MIN pages on):
-# handing a chunk to a worker costs a wake-up, and every page then costs GIL hand-offs (each C
-# call releases and re-takes the GIL). Measured on the idle 2-core machine, one cache, a
-# 256-page batch of 1/4 zero, 1/4 random, 1/2 text pages, 6 interleaved rounds, medians, MB/s,
-# split in 2 vs one thread:
-#   compress     lz4 468 vs 449 (a wash); zstd-1 271 vs 218; deflate 92 vs 61
-#   decompress   lz4 1039 vs 2032 (a 1-3 us call loses to the hand-offs); zstd-1 657 vs 502;
-#                deflate 367 vs 216
-# and through a mount (store.py's write-behind queue compressing while the next FUSE request
-# arrives), dd 256 MiB bs=1M, medians of 3, lz4 write mix / usr: split 332 / 250 MB/s, one
-# thread 366 / 324. So lz4 uses the second core by pipelining, not by splitting; lzo holds the
-# GIL while compressing, so splitting it only adds contention.
-# Measured again once lz4 ran through zblock/_lz4pages.c (the GIL released once per list, not
-# per page): 256-page /usr reads in-process, split vs one thread, 3 runs: 356/422/518 vs
-# 462/452/504 us a batch. Waking the worker took 70-470 us on this VM (timestamps taken in the
-# chunks), so splitting is a wash at best and stays off for lz4.
+# Split a batch only into chunks of at least this many pages: handing a chunk to a worker
+# costs a wake-up (70-470 us on the project machine), more than a few pages' compression.
 SPLIT_MIN = 32
-SPLIT_COMPRESS = {"lz4": False, "lzo": False, "zstd": True, "deflate": True}
-SPLIT_DECOMPRESS = {"lz4": False, "lzo": False, "zstd": True, "deflate": True}
+# Which software compressors a batch is split for: those that release the GIL for long enough
+# (lzo never releases it; lz4's calls are too short to pay for the hand-off).
+SPLITS = {"lz4": False, "lzo": False, "zstd": True, "deflate": True}
 
 # A context is held for at most one 256-page batch (milliseconds); waiting longer than this
 # for one means something is stuck, and the caller gets AcompTimeout instead of hanging.
@@ -173,90 +167,55 @@ def crypto_wait_req(ret: int, wait: CryptoWait, timeout: float | None = HW_TIMEO
 # transform and request
 
 
-class AcompTransform:
-    """crypto_acomp tfm: one algorithm+level on a backend (software, or the simulated engine).
-
-    Software: compress()/decompress() run inline and return 0 or -errno (scomp).
-    Engine async: return -EINPROGRESS / -EBUSY / -ENOSPC (full, no MAY_BACKLOG) / -ENODEV.
-    Engine sync: the submitter polls until the result (deadline `timeout`, then -ETIMEDOUT).
-    """
-
-    def __init__(self, alg: str, level: int | None = None, engine: Engine | None = None,
-                 timeout: float = HW_TIMEOUT):
-        self.alg = alg
-        self.level = level
-        self.codec = (alg, level)
-        self.compressor = get_compressor(alg, level)      # software path; not thread-safe
-        self.engine = engine
-        self.timeout = timeout
-        self.stale_completions = 0                        # approximate (not locked)
-
-    @property
-    def is_async(self) -> bool:
-        """acomp_is_async(): completions come through the callback."""
-        return self.engine is not None and self.engine.mode == "async"
-
-    def alloc_request(self) -> "AcompRequest":
-        return AcompRequest(self)
-
-    def compress(self, req: "AcompRequest") -> int:
-        return self._run(req, "compress")
-
-    def decompress(self, req: "AcompRequest") -> int:
-        return self._run(req, "decompress")
-
-    def _run(self, req: "AcompRequest", op: str) -> int:
-        if self.engine is None:
-            return req._run_soft(op)
-        with req._lock:
-            req.gen += 1
-            gen = req.gen
-            req.err = None
-            req.result = None
-            req._polled.clear()
-        job = HwJob(op, req.src, self.codec, req.cap, req.out_len,
-                    on_done=req._hw_done, on_notice=req._hw_notice, cookie=gen)
-        ret = self.engine.submit(job, bool(req.flags & CRYPTO_TFM_REQ_MAY_BACKLOG))
-        if self.engine.mode == "async" or ret not in (-EINPROGRESS, -EBUSY):
-            return ret
-        # IAA sync mode: the driver polls for the completion before returning
-        if req._polled.wait(self.timeout):
-            return req.err
-        req.abandon()
-        self.engine.note_timeout()
-        return -ETIMEDOUT
-
-    def free(self) -> None:
-        self.compressor = None
-
-
 class AcompRequest:
-    """acomp_req: src, destination capacity (dlen in), dlen out and result, flags, callback.
+    """acomp_req for a batch of pages: source, destination capacity (dlen), expected output
+    length, flags and callback; the result of the last submission.
 
+    Compress: `src` is n whole pages in one buffer; `detect_same` and `raw_poor` are zswap's
+    same-filled check and 6.18's "store incompressible pages raw" rule, so that one backend call
+    does a request's whole per-page work. Result: `scan` (zblock.scan.Scan).
+    Decompress: `src` is a list of compressed streams (and, with `join`, whole pages that are
+    copied as they are). Result: `dst` (one bytes, with `join`) or `results`.
     `gen` counts submissions; a completion carries the gen it was submitted with and is dropped
     when the request has moved on (abandoned by a timed-out waiter, or resubmitted).
     """
 
-    def __init__(self, tfm: AcompTransform):
+    def __init__(self, tfm: "AcompTransform"):
         self.tfm = tfm
         self.src = b""
-        self.cap = PAGE_SIZE           # dlen in: destination capacity
-        self.out_len = PAGE_SIZE       # decompress: expected output length
-        self.dlen = 0                  # dlen out
-        self.result: bytes | None = None
-        self.err: int | None = None
+        self.n = 0
+        self.dlen = PAGE_SIZE          # destination capacity per page
+        self.out_len = PAGE_SIZE       # decompress: expected output length per page
+        self.detect_same = False
+        self.raw_poor = True
+        self.join = False
+        self.scan: scan.Scan | None = None
+        self.dst: bytes | None = None
+        self.results: list | None = None
+        self.err = 0
         self.flags = 0
         self.callback: Callable | None = None
         self.data = None
         self.gen = 0
+        self.hw = None                 # the engine submission in flight (_HwSubmission)
         self._lock = threading.Lock()
         self._polled = threading.Event()   # sync-mode engine completions
 
-    def set_params(self, src, dlen: int = PAGE_SIZE, out_len: int = PAGE_SIZE) -> None:
-        """acomp_request_set_params: input, destination capacity, (decompress) expected length."""
+    def set_compress(self, src, *, detect_same: bool = False, raw_poor: bool = True,
+                     dlen: int = PAGE_SIZE) -> None:
+        """acomp_request_set_params for a compress of the whole pages in `src`."""
         self.src = src
-        self.cap = dlen
+        self.n = len(src) // PAGE_SIZE
+        self.dlen = dlen
+        self.detect_same = detect_same
+        self.raw_poor = raw_poor
+
+    def set_decompress(self, src: Sequence, *, out_len: int = PAGE_SIZE, join: bool = False) -> None:
+        """acomp_request_set_params for a decompress of the streams in `src`."""
+        self.src = src
+        self.n = len(src)
         self.out_len = out_len
+        self.join = join
 
     def set_callback(self, flags: int, callback: Callable | None, data=None) -> None:
         """acomp_request_set_callback(req, flags, cb, data): cb(data, err) on completion."""
@@ -269,49 +228,208 @@ class AcompRequest:
         with self._lock:
             self.gen += 1
 
-    def _run_soft(self, op: str) -> int:
-        """scomp: synchronous, inline; the callback is not called."""
-        comp = self.tfm.compressor
+    def _begin(self) -> int:
+        """A new submission. Only an engine completes requests from another thread, so only
+        then is the request's lock needed to move its generation."""
+        if self.tfm.engine is None:
+            self.scan = self.dst = self.results = None
+            return self.gen
         with self._lock:
             self.gen += 1
-            try:
-                if op == "compress":
-                    out = comp.compress(self.src)
-                    if len(out) >= self.cap:
-                        self.result, self.dlen, self.err = None, 0, -ENOSPC
-                        return -ENOSPC
-                else:
-                    out = comp.decompress(self.src, self.out_len)
-            except CompressionError:
-                self.result, self.dlen, self.err = None, 0, -EINVAL
-                return -EINVAL
-            self.result, self.dlen, self.err = out, len(out), 0
-            return 0
+            self.scan = self.dst = self.results = self.hw = None
+            self.err = 0
+            self._polled.clear()
+            return self.gen
 
     def _hw_notice(self, job: HwJob, err: int) -> None:
         with self._lock:
-            if job.cookie != self.gen:
-                return
-            if self.callback is not None and self.tfm.is_async:
+            if job.cookie == self.gen and self.callback is not None and self.tfm.is_async:
                 self.callback(self.data, err)
 
     def _hw_done(self, job: HwJob, err: int) -> None:
+        """A page of the submission in flight completed (device thread). The last one
+        completes the request once: the callback (async) or the submitter's poll (sync)."""
         with self._lock:
-            if job.cookie != self.gen:
+            sub = self.hw
+            if job.cookie != self.gen or sub is None:
                 self.tfm.stale_completions += 1      # its waiter gave up: drop it
                 return
-            self.err = err
-            self.result = job.result if err == 0 else None
-            self.dlen = len(job.result) if err == 0 else 0
+            sub.remaining -= 1
+            if job.t_done > sub.t_done_max:
+                sub.t_done_max = job.t_done
+            if sub.remaining or sub.submitting:
+                return                              # more to come, or the submitter finishes it
             if self.tfm.is_async:
                 if self.callback is not None:
-                    self.callback(self.data, err)
+                    self.callback(self.data, 0)
             else:
                 self._polled.set()
 
 
-def acomp_request_alloc(tfm: AcompTransform) -> AcompRequest:
-    return AcompRequest(tfm)
+class _HwSubmission:
+    """The pages of one request in the engine: which items went, their jobs, and when.
+    `remaining`, `submitting` and `t_done_max` are guarded by the request's _lock."""
+
+    __slots__ = ("items", "jobs", "t0", "cpu0", "remaining", "submitting", "t_done_max")
+
+    def __init__(self, items: list, jobs: list, t0: float, cpu0: int):
+        self.items, self.jobs, self.t0, self.cpu0 = items, jobs, t0, cpu0
+        self.remaining = len(jobs)
+        self.submitting = True
+        self.t_done_max = t0
+
+
+class AcompTransform:
+    """crypto_acomp tfm: one algorithm+level on a backend (software, or the simulated engine).
+
+    compress(req)/decompress(req) submit: software returns 0 (done, scomp); the engine returns
+    -EINPROGRESS/-EBUSY (async), or 0/-ETIMEDOUT after polling (sync). complete(req, ret) then
+    gives the request's result, serving what the engine failed in software.
+    """
+
+    def __init__(self, alg: str, level: int | None = None, engine: Engine | None = None,
+                 timeout: float = HW_TIMEOUT):
+        self.alg = alg
+        self.level = level
+        self.codec = (alg, level)
+        self.compressor = get_compressor(alg, level)      # software; not thread-safe
+        self.engine = engine
+        self.timeout = timeout
+        self.stale_completions = 0                        # approximate (not locked)
+
+    @property
+    def is_async(self) -> bool:
+        """acomp_is_async(): completions come through the callback."""
+        return self.engine is not None and self.engine.mode == "async"
+
+    def alloc_request(self) -> AcompRequest:
+        """acomp_request_alloc()"""
+        return AcompRequest(self)
+
+    def compress(self, req: AcompRequest) -> int:
+        """crypto_acomp_compress()"""
+        gen = req._begin()
+        if self.engine is None:
+            req.scan = self.compressor.scan_pages(req.src, req.n, req.detect_same, req.raw_poor)
+            return 0
+        mv = memoryview(req.src).cast("B")
+        words = np.frombuffer(mv, np.uint64, count=req.n * scan.WORDS).reshape(req.n, scan.WORDS)
+        states = np.full(req.n, scan.COMP, np.uint8)
+        if req.detect_same:
+            states[scan.same_filled(words)] = scan.SAME     # the host's check, not the engine's
+        todo = np.flatnonzero(states == scan.COMP).tolist()
+        req.scan = scan.Scan([], states, np.zeros(0, np.uint16),
+                             np.ascontiguousarray(words[:, 0]), 0)    # completed in complete()
+        return self._hw_submit(req, gen, "compress",
+                               [(i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in todo])
+
+    def decompress(self, req: AcompRequest) -> int:
+        """crypto_acomp_decompress()"""
+        gen = req._begin()
+        if self.engine is None:
+            comp = self.compressor
+            if req.join:
+                try:
+                    req.dst = comp.decompress_join(req.src, req.out_len)
+                except CompressionError as e:
+                    req.results = [e]
+                    return -errno.EINVAL
+            else:
+                req.results = comp.decompress_many(req.src, req.out_len)
+            return 0
+        return self._hw_submit(req, gen, "decompress",
+                               [(i, s) for i, s in enumerate(req.src) if len(s) != req.out_len])
+
+    def _hw_submit(self, req: AcompRequest, gen: int, op: str, items: list) -> int:
+        """Submit the items (index, source) through the engine in groups of its batch size,
+        at one engine time; the request completes when its last page does."""
+        eng = self.engine
+        cap = req.dlen if op == "compress" else req.out_len
+        jobs = [HwJob(op, src, self.codec, cap, req.out_len, on_done=req._hw_done,
+                      on_notice=req._hw_notice, cookie=gen) for _, src in items]
+        t0 = eng.now()
+        sub = _HwSubmission(items, jobs, t0, time.thread_time_ns())
+        with req._lock:
+            req.hw = sub
+        accepted, backlogged, refused = 0, False, 0
+        may_backlog = bool(req.flags & CRYPTO_TFM_REQ_MAY_BACKLOG)
+        for s in range(0, len(jobs), eng.batch):
+            part = jobs[s:s + eng.batch]
+            for j, r in zip(part, eng.submit_batch(part, may_backlog, t0)):
+                if r == -EINPROGRESS or r == -EBUSY:
+                    accepted += 1
+                    backlogged |= r == -EBUSY
+                else:                               # never reached the engine
+                    j.err, j.cookie = r, None
+                    refused = refused or r
+        with req._lock:
+            sub.remaining -= len(jobs) - accepted
+            sub.submitting = False
+            finished = sub.remaining == 0
+        if finished:        # nothing in flight (refused, or done already): a synchronous return
+            return refused if not accepted else 0
+        if self.is_async:
+            return -EBUSY if backlogged else -EINPROGRESS
+        # IAA sync mode: the driver polls for the completion before returning
+        if req._polled.wait(self.timeout):
+            return 0
+        req.abandon()
+        return -ETIMEDOUT
+
+    def complete(self, req: AcompRequest, ret: int):
+        """The result of a finished submission (`ret` from crypto_wait_req): a Scan for a
+        compress, dst or results for a decompress. Engine failures are done in software here,
+        in the submitter's thread. Caller holds the request's context."""
+        sub = req.hw
+        if sub is None:                             # software: done at submit
+            if req.scan is not None:
+                return req.scan
+            if req.dst is not None:
+                return req.dst
+            if req.join:
+                raise req.results[0]
+            return req.results
+        eng = self.engine
+        done, failed = [], []
+        for (i, src), j in zip(sub.items, sub.jobs):
+            err = j.err                             # None: still pending at the deadline
+            if err == 0:
+                done.append((i, j.result))
+            elif err == -ENOSPC and j.cookie is not None and j.op == "compress":
+                done.append((i, -ENOSPC))           # a real result: the page did not fit
+            else:
+                failed.append((i, src))             # fault, dead, full, the deadline
+        if ret == -ETIMEDOUT:
+            eng.note_timeout(sum(1 for j in sub.jobs if j.err is None))
+        else:
+            eng.note_wait(max(sub.t_done_max - sub.t0, 0.0))
+        if failed:
+            eng.note_fallback(len(failed))
+            srcs = [src for _, src in failed]
+            soft = (scan.compress_each(self.compressor, srcs) if req.scan is not None
+                    else self.compressor.decompress_many(srcs, req.out_len))
+            done += [(i, r) for (i, _), r in zip(failed, soft)]
+        eng.note_host_cpu(time.thread_time_ns() - sub.cpu0, req.n)
+        with req._lock:
+            req.hw = None
+        if req.scan is not None:                    # compress: the Scan's remaining fields
+            done.sort()
+            s = req.scan
+            states = s.states.copy()
+            return scan.assemble(memoryview(req.src).cast("B"), req.n, states,
+                                 [i for i, _ in done], [r for _, r in done], s.fills, req.raw_poor)
+        out = list(req.src)
+        for i, r in done:
+            out[i] = r
+        if not req.join:
+            return out
+        for i, r in done:
+            if not isinstance(r, bytes):
+                raise r
+        return b"".join(out)
+
+    def free(self) -> None:
+        self.compressor = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,13 +437,9 @@ def acomp_request_alloc(tfm: AcompTransform) -> AcompRequest:
 
 
 class AcompContext:
-    """struct crypto_acomp_ctx: {tfm, req, wait, buffer, mutex}, one per "CPU" of a pool.
+    """struct crypto_acomp_ctx: {tfm, req, wait, buffer, mutex}, one per "CPU" of a pool."""
 
-    `comp` is the software compressor of the tfm, used directly by the batch path (scomp runs
-    inline, so the request machinery would only add per-page Python work).
-    """
-
-    __slots__ = ("index", "tfm", "req", "wait", "buffer", "mutex", "comp")
+    __slots__ = ("index", "tfm", "req", "wait", "buffer", "mutex")
 
     def __init__(self, index: int, alg: str, level: int | None, engine: Engine | None,
                  hw_timeout: float):
@@ -336,25 +450,27 @@ class AcompContext:
         self.req.set_callback(CRYPTO_TFM_REQ_MAY_BACKLOG, crypto_req_done, self.wait)
         self.buffer = bytearray(PAGE_SIZE)
         self.mutex = threading.Lock()
-        self.comp = self.tfm.compressor
 
-    def compress(self, src, timeout: float | None = None) -> tuple[int, bytes | None]:
-        """zswap_compress() on this context: (0, bytes) or (-errno, None). Caller owns ctx."""
+    def compress(self, src, *, detect_same: bool = False, raw_poor: bool = True,
+                 timeout: float | None = None) -> scan.Scan:
+        """zswap_compress() of the whole pages in `src` on this context. Caller owns ctx."""
         with self.mutex:
             req = self.req
-            req.set_params(src, PAGE_SIZE)
+            req.set_compress(src, detect_same=detect_same, raw_poor=raw_poor)
             ret = crypto_wait_req(self.tfm.compress(req), self.wait,
                                   self.tfm.timeout if timeout is None else timeout, req)
-            return ret, (req.result if ret == 0 else None)
+            return self.tfm.complete(req, ret)
 
-    def decompress(self, src, out_len: int = PAGE_SIZE,
-                   timeout: float | None = None) -> tuple[int, bytes | None]:
+    def decompress(self, srcs: Sequence, *, join: bool = False, out_len: int = PAGE_SIZE,
+                   timeout: float | None = None):
+        """zswap_decompress() of `srcs`: one bytes (join; CompressionError on a bad stream) or
+        a list of bytes / CompressionError. Caller owns ctx."""
         with self.mutex:
             req = self.req
-            req.set_params(src, out_len, out_len)
+            req.set_decompress(srcs, out_len=out_len, join=join)
             ret = crypto_wait_req(self.tfm.decompress(req), self.wait,
                                   self.tfm.timeout if timeout is None else timeout, req)
-            return ret, (req.result if ret == 0 else None)
+            return self.tfm.complete(req, ret)
 
     def free(self) -> None:
         self.tfm.free()
@@ -437,58 +553,19 @@ class _Workers:
 
 
 # ---------------------------------------------------------------------------------------------
-# chunk kernels (run in the caller or a worker; the context's mutex is held by the caller)
-
-
-def _compress_chunk(comp, pages, lo: int, hi: int, out: list) -> None:
-    try:
-        res = comp.compress_many(pages[lo:hi])        # the fast path: one comprehension
-    except Exception:
-        res = []
-        for p in pages[lo:hi]:                        # find the page that failed
-            try:
-                res.append(comp.compress(p))
-            except Exception:
-                res.append(-EINVAL)
-    # len() of anything but bytes or an errno is a bug that must reach the caller (TypeError)
-    out[lo:hi] = [c if type(c) is int or len(c) < PAGE_SIZE else -ENOSPC for c in res]
-
-
-def _decompress_chunk(comp, srcs, lo: int, hi: int, out: list, out_len: int) -> None:
-    try:
-        out[lo:hi] = comp.decompress_many(srcs[lo:hi], out_len)
-        return
-    except Exception:
-        pass
-    res = []
-    for s in srcs[lo:hi]:                             # find the source that failed
-        try:
-            res.append(comp.decompress(s, out_len))
-        except Exception as e:
-            res.append(e if isinstance(e, CompressionError) else CompressionError(repr(e)))
-    out[lo:hi] = res
-
-
-def _locked(ctx: AcompContext, fn, *args):
-    with ctx.mutex:
-        fn(ctx.comp, *args)
-
-
-# ---------------------------------------------------------------------------------------------
 # context set
 
 
 class ContextSet:
-    """A pool's bounded set of n acomp contexts plus the batch API the cache calls.
+    """A pool's bounded set of n acomp contexts, and the batch calls the cache makes on it.
 
     get()/put() (or `with cs.context() as ctx`) hand out whole contexts; `live` counts them.
-    compress_pages / decompress_pages / decompress_page take contexts themselves.
+    compress()/decompress() take contexts themselves and split big software batches.
     """
 
     def __init__(self, alg: str, level: int | None = None, n: int | None = None,
                  engine: Engine | None = None, *, split_min: int = SPLIT_MIN,
-                 hw_batch: int | None = None, hw_timeout: float = HW_TIMEOUT,
-                 get_timeout: float = GET_TIMEOUT):
+                 hw_timeout: float = HW_TIMEOUT, get_timeout: float = GET_TIMEOUT):
         n = (os.cpu_count() or 1) if n is None else int(n)
         if n < 1:
             raise ValueError(f"n: {n} contexts; at least 1 is needed")
@@ -497,8 +574,6 @@ class ContextSet:
         self.alg, self.level, self.n = alg, level, n
         self.engine = engine
         self.split_min = split_min
-        self.hw_batch = int(hw_batch or (engine.batch if engine is not None else 8))
-        self.hw_timeout = hw_timeout
         self.get_timeout = get_timeout
         self._contexts = [AcompContext(i, alg, level, engine, hw_timeout) for i in range(n)]
         self._free = list(self._contexts)
@@ -507,7 +582,7 @@ class ContextSet:
         self._closed = False
         self._workers: _Workers | None = None
         self._workers_lock = threading.Lock()
-        self.fallbacks = 0                   # engine faults served by software (approximate)
+        self._splits = engine is None and SPLITS[alg]
         self.worker_tids: set[int] = set()   # threads that ran chunks (tests' oracle)
 
     # ---- get / put ------------------------------------------------------------------------
@@ -565,116 +640,65 @@ class ContextSet:
         finally:
             self.put(ctx)
 
-    # ---- batch API ------------------------------------------------------------------------
+    # ---- the batch calls ------------------------------------------------------------------
 
-    def compress_pages(self, pages: Sequence, *, wait_each: bool = False) -> list:
-        """Compress whole pages: each item is bytes (len < PAGE_SIZE) or a negative errno
-        (-ENOSPC: did not fit; other: compressor error). `wait_each` (engine only) submits and
-        waits page by page, the seed's model, for comparisons."""
-        if self.engine is not None:
-            return self._hw_pages("compress", pages, PAGE_SIZE, wait_each)
-        return self._split(pages, _compress_chunk, (), SPLIT_COMPRESS[self.alg])
-
-    def decompress_pages(self, srcs: Sequence, out_len: int = PAGE_SIZE) -> list:
-        """Decompress; each item is bytes of out_len or a CompressionError (not raised)."""
-        if self.engine is not None:
-            return self._hw_pages("decompress", srcs, out_len, False)
-        return self._split(srcs, _decompress_chunk, (out_len,), SPLIT_DECOMPRESS[self.alg])
-
-    def compress_page(self, src) -> bytes | int:
-        """compress_pages for one page without the batch machinery (a 4 KiB write's path)."""
-        if self.engine is not None:
-            return self._hw_pages("compress", (src,), PAGE_SIZE, False)[0]
+    def compress(self, buf, *, detect_same: bool = False, raw_poor: bool = True) -> scan.Scan:
+        """The whole pages of `buf` through contexts of this set (see AcompContext.compress)."""
+        mv = memoryview(buf).cast("B")
+        n = len(mv) // PAGE_SIZE
+        if self._splits and n >= 2 * self.split_min:
+            calls = [(AcompContext.compress, (mv[a * PAGE_SIZE:b * PAGE_SIZE],),
+                      {"detect_same": detect_same, "raw_poor": raw_poor}) for a, b in self._split(n)]
+            return scan.concat(self._run_split(calls))
         ctx = self.get()
         try:
-            with ctx.mutex:
-                c = ctx.comp.compress(src)
-        except Exception:
-            return -EINVAL
-        finally:
-            self.put(ctx)
-        return c if len(c) < PAGE_SIZE else -ENOSPC
-
-    def decompress_page(self, src, out_len: int = PAGE_SIZE) -> bytes:
-        """One page; raises CompressionError on corrupt data."""
-        if self.engine is not None:
-            r = self._hw_pages("decompress", (src,), out_len, True)[0]
-            if isinstance(r, Exception):
-                raise r
-            return r
-        ctx = self.get()
-        try:
-            with ctx.mutex:
-                return ctx.comp.decompress(src, out_len)
+            return ctx.compress(mv, detect_same=detect_same, raw_poor=raw_poor)
         finally:
             self.put(ctx)
 
-    @property
-    def joins(self) -> bool:
-        """decompress_join is one library call here (software lz4): worth it for a request."""
-        return self.engine is None and self._contexts[0].comp.joins
-
-    def decompress_join(self, items: Sequence, out_len: int = PAGE_SIZE) -> bytes:
-        """Compressor.decompress_join in one context; raises CompressionError."""
+    def decompress(self, srcs: Sequence, *, join: bool = False, out_len: int = PAGE_SIZE):
+        """`srcs` through contexts of this set (see AcompContext.decompress)."""
+        if self._splits and len(srcs) >= 2 * self.split_min:
+            calls = [(AcompContext.decompress, (srcs[a:b],), {"out_len": out_len, "join": join})
+                     for a, b in self._split(len(srcs))]
+            outs = self._run_split(calls)
+            return b"".join(outs) if join else [r for out in outs for r in out]
         ctx = self.get()
         try:
-            with ctx.mutex:
-                return ctx.comp.decompress_join(items, out_len)
+            return ctx.decompress(srcs, join=join, out_len=out_len)
         finally:
             self.put(ctx)
 
-    @property
-    def stateless_compressor(self):
-        """The compressor itself where a page needs no context (software, Compressor.stateless):
-        the cache's one-page paths call it directly. None otherwise."""
-        comp = self._contexts[0].comp
-        return comp if self.engine is None and comp.stateless else None
+    def _split(self, n: int) -> list[tuple[int, int]]:
+        """How a splittable batch of n items is cut: one chunk per context it may use."""
+        k = min(self.n, n // self.split_min)
+        return [(n * i // k, n * (i + 1) // k) for i in range(k)]
 
-    @property
-    def scans(self) -> bool:
-        """scan_pages is one library call here (software lz4)."""
-        return self.engine is None and self._contexts[0].comp.scans
-
-    def scan_pages(self, buf, detect_same: bool, raw_poor: bool) -> tuple:
-        """Compressor.scan_pages in one context: a write request's pages, GIL released once."""
-        ctx = self.get()
+    def _run_split(self, calls: list) -> list:
+        """Run calls (method, args, kwargs) each on its own context: the first in this
+        thread, the others on the workers; wait once. Fewer contexts free: fewer, bigger
+        chunks are not made, the calls queue for contexts instead (bounded by get())."""
+        ctxs = [self.get()]
         try:
-            with ctx.mutex:
-                return ctx.comp.scan_pages(buf, detect_same, raw_poor)
-        finally:
-            self.put(ctx)
-
-    def _split(self, items: Sequence, chunk_fn, extra: tuple, split: bool = True) -> list:
-        n_items = len(items)
-        ctx0 = self.get()
-        ctxs = [ctx0]
-        try:
-            if split and self.n > 1:
-                want = min(self.n, n_items // self.split_min) - 1
-                while want > 0:
-                    c = self.try_get()
-                    if c is None:
-                        break
-                    ctxs.append(c)
-                    want -= 1
-            k = len(ctxs)
-            if k == 1:
-                out = [None] * n_items
-                with ctx0.mutex:
-                    chunk_fn(ctx0.comp, items, 0, n_items, out, *extra)
+            while len(ctxs) < len(calls):
+                c = self.try_get()
+                if c is None:
+                    break
+                ctxs.append(c)
+            out: list = [None] * len(calls)
+            if len(ctxs) < len(calls):              # the others are busy: do it all here
+                for i, (fn, args, kw) in enumerate(calls):
+                    out[i] = fn(ctxs[0], *args, **kw)
                 return out
-            out = [None] * n_items
-            bounds = [n_items * i // k for i in range(k + 1)]
-            latch = _Latch(k - 1)
+            latch = _Latch(len(calls) - 1)
             tasks = []
             workers = self._get_workers()
-            for i in range(1, k):
-                t = _Task(_locked, (ctxs[i], chunk_fn, items, bounds[i], bounds[i + 1], out) + extra,
-                          latch)
+            for i in range(1, len(calls)):
+                t = _Task(_call_into, (out, i, ctxs[i]) + calls[i], latch)
                 tasks.append(t)
                 workers.submit(t)
-            with ctx0.mutex:
-                chunk_fn(ctx0.comp, items, bounds[0], bounds[1], out, *extra)
+            fn, args, kw = calls[0]
+            out[0] = fn(ctxs[0], *args, **kw)
             if not latch.wait(self.get_timeout):
                 # a worker is stuck: its contexts stay out of the set rather than be shared
                 del ctxs[1:]
@@ -701,76 +725,6 @@ class ContextSet:
                 w = self._workers
         return w
 
-    # ---- engine path ------------------------------------------------------------------------
-
-    def _hw_pages(self, op: str, items: Sequence, out_len: int, wait_each: bool) -> list:
-        """Submit through the engine in batches of hw_batch, wait once; faults -> software."""
-        ctx = self.get()      # bounds concurrent submitters to n, as zswap's per-CPU ctx does
-        try:
-            with ctx.mutex:
-                return self._hw_pages_locked(ctx, op, items, out_len, wait_each)
-        finally:
-            self.put(ctx)
-
-    def _hw_pages_locked(self, ctx: AcompContext, op: str, items: Sequence, out_len: int,
-                         wait_each: bool) -> list:
-        """Caller owns ctx and holds its mutex."""
-        eng = self.engine
-        codec = (self.alg, self.level)
-        n_items = len(items)
-        cpu0 = time.thread_time_ns()
-        out: list = [None] * n_items
-        failed: list[int] = []
-        groups = [range(i, i + 1) for i in range(n_items)] if wait_each else \
-            [range(0, n_items)]
-        for group in groups:
-            jobs = []
-            batch = HwBatch(len(group))
-            t0 = eng.now()
-            for i in group:
-                jobs.append(HwJob(op, items[i], codec, PAGE_SIZE, out_len, on_done=batch.job_done))
-            hb = self.hw_batch
-            for s in range(0, len(jobs), hb):
-                part = jobs[s:s + hb]
-                rets = eng.submit_batch(part, True, t0)
-                for j, r in zip(part, rets):
-                    if r == -EINPROGRESS or r == -EBUSY:
-                        j.cookie = True               # accepted
-                    else:
-                        j.err = r                     # never reached the engine
-                        batch.job_done(j, r)
-            ok = batch.wait(self.hw_timeout)
-            if not ok:
-                eng.note_timeout(sum(1 for j in jobs if j.err is None))
-            else:
-                eng.note_wait(max(batch.t_done_max - t0, 0.0))
-            for j, i in zip(jobs, group):
-                err = j.err
-                if err == 0:
-                    out[i] = j.result
-                elif err == -ENOSPC and j.cookie and op == "compress":
-                    out[i] = -ENOSPC                  # a real result: the page did not fit
-                else:
-                    failed.append(i)                  # fault, dead, full, timeout
-        eng.note_host_cpu(time.thread_time_ns() - cpu0, n_items)
-        if failed:
-            self._fallback_locked(ctx, op, items, failed, out, out_len)
-        return out
-
-    def _fallback_locked(self, ctx, op, items, idx: list[int], out: list, out_len: int) -> None:
-        """Serve engine failures in software (IAA falls back to deflate-generic).
-        Caller owns ctx and holds its mutex."""
-        self.fallbacks += len(idx)
-        self.engine.note_fallback(len(idx))
-        sub = [items[i] for i in idx]
-        res = [None] * len(sub)
-        if op == "compress":
-            _compress_chunk(ctx.comp, sub, 0, len(sub), res)
-        else:
-            _decompress_chunk(ctx.comp, sub, 0, len(sub), res, out_len)
-        for i, r in zip(idx, res):
-            out[i] = r
-
     # ---- teardown -------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -793,3 +747,7 @@ class ContextSet:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _call_into(out: list, i: int, ctx: AcompContext, fn, args, kw) -> None:
+    out[i] = fn(ctx, *args, **kw)

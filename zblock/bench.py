@@ -113,10 +113,6 @@ def sequential_trace(npages: int, req_pages: int) -> list[tuple[str, int, int]]:
 # one configuration
 
 
-def _same_filled(p: bytes) -> bool:
-    return p[:8] * (PAGE_SIZE // 8) == p
-
-
 def _pct(xs: list[float], p: float) -> float:
     if not xs:
         return 0.0
@@ -128,9 +124,10 @@ def run_config(pages: list[bytes], trace, alg: str, level, accel: str, submit: s
     from .accel import Engine
     from .acomp import ContextSet
     from .pool import charge
+    from . import scan
 
     engine = Engine(**hw) if accel == "sim" else None
-    cs = ContextSet(alg, level, engine=engine, hw_batch=hw.get("batch") if engine else None)
+    cs = ContextSet(alg, level, engine=engine)
     store: dict[int, tuple[str, object]] = {}   # page -> ("same", fill) | ("raw", bytes) | ("c", bytes)
     lat_w, lat_r = [], []
     wbytes = rbytes = 0
@@ -144,22 +141,15 @@ def run_config(pages: list[bytes], trace, alg: str, level, accel: str, submit: s
                 continue
             t0 = time.perf_counter()
             if op == "W":
-                todo = []
-                for i in range(first, first + n):
-                    p = pages[i]
-                    if _same_filled(p):
-                        store[i] = ("same", p[:8])
-                    else:
-                        todo.append(i)
-                srcs = [pages[i] for i in todo]
-                if submit == "batch" or not srcs:
-                    res = cs.compress_pages(srcs) if srcs else []
-                elif engine is not None:
-                    res = cs.compress_pages(srcs, wait_each=True)
-                else:
-                    res = [cs.compress_pages([s])[0] for s in srcs]
-                for i, r in zip(todo, res):
-                    store[i] = ("c", r) if isinstance(r, bytes) else ("raw", pages[i])
+                span = range(first, first + n)
+                # batch: one acomp request for the write; page: one request per page, each
+                # waited for (the seed's model)
+                scans = [cs.compress(b"".join(pages[first:first + n]), detect_same=True)] \
+                    if submit == "batch" else [cs.compress(pages[i], detect_same=True) for i in span]
+                sc = scan.concat(scans)
+                for i, st, obj, fill in zip(span, sc.states.tolist(), sc.objs, sc.fills.tolist()):
+                    store[i] = ("same", fill) if st == scan.SAME else \
+                        ("c", obj) if st == scan.COMP else ("raw", pages[i])
                 dt = time.perf_counter() - t0
                 lat_w.append(dt * 1e6)
                 t_w += dt
@@ -168,9 +158,9 @@ def run_config(pages: list[bytes], trace, alg: str, level, accel: str, submit: s
                 idx = [i for i in range(first, first + n) if store.get(i, ("", None))[0] == "c"]
                 srcs = [store[i][1] for i in idx]
                 if submit == "batch" or not srcs:
-                    res = cs.decompress_pages(srcs) if srcs else []
+                    res = cs.decompress(srcs) if srcs else []
                 else:
-                    res = [cs.decompress_page(s) for s in srcs]
+                    res = [cs.decompress([s])[0] for s in srcs]
                 dt = time.perf_counter() - t0
                 lat_r.append(dt * 1e6)
                 t_r += dt

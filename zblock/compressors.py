@@ -12,9 +12,10 @@ result that is not exactly `out_len` bytes.
 
 from __future__ import annotations
 
+import os
 import zlib
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, scan
 from .errors import UnknownCompressor
 
 ALGORITHMS = ("lz4", "lzo", "zstd", "deflate")
@@ -24,8 +25,26 @@ class CompressionError(Exception):
     """The library failed to compress or decompress (corrupt input, wrong length)."""
 
 
+def _load_extension():
+    """zblock._lz4pages, the optional C accelerator, or None: not built here, or switched off
+    with ZBLOCK_NO_EXTENSION=1 (the tests run both ways)."""
+    if os.environ.get("ZBLOCK_NO_EXTENSION") == "1":
+        return None
+    try:
+        from . import _lz4pages
+    except ImportError:
+        return None
+    return _lz4pages
+
+
+_lz4pages = _load_extension()
+# which code serves lz4 (shown in the stats): the C extension, or python-lz4 and numpy
+LZ4_BACKEND = "c" if _lz4pages is not None else "python-lz4"
+
+
 class Compressor:
-    """One small interface: compress(bytes-like) -> bytes, decompress(bytes, out_len) -> bytes."""
+    """One small interface: compress(bytes-like) -> bytes, decompress(bytes, out_len) -> bytes,
+    and their batch forms, which acomp calls."""
 
     name = ""
     level = None
@@ -48,16 +67,19 @@ class Compressor:
         raise NotImplementedError
 
     def compress_many(self, pages) -> list[bytes]:
-        """compress() of each page; raises on the first failure (the caller then goes page by
-        page to find it). Subclasses make this one comprehension over the library call."""
+        """compress() of each page; raises on the first failure (scan.compress_each then goes
+        page by page to find it)."""
         return [self.compress(p) for p in pages]
 
-    def decompress_many(self, srcs, out_len: int = PAGE_SIZE) -> list[bytes]:
-        """decompress() of each source; raises CompressionError on the first failure."""
-        return [self.decompress(s, out_len) for s in srcs]
-
-    # True where decompress_join is one library call rather than decompress_many plus a join
-    joins = False
+    def decompress_many(self, srcs, out_len: int = PAGE_SIZE) -> list:
+        """Each source decompressed: bytes, or the CompressionError it failed with."""
+        out = []
+        for s in srcs:
+            try:
+                out.append(self.decompress(s, out_len))
+            except CompressionError as e:
+                out.append(e)
+        return out
 
     def decompress_join(self, items, out_len: int = PAGE_SIZE) -> bytes:
         """A read request's pages as one bytes object: items shorter than out_len are streams
@@ -65,22 +87,10 @@ class Compressor:
         Raises CompressionError on the first failure."""
         return b"".join([i if len(i) == out_len else self.decompress(i, out_len) for i in items])
 
-    # True where scan_pages exists: a write request's same-filled checks and compression in one
-    # library call (the cache otherwise does them with numpy and compress_many)
-    scans = False
-
-    def scan_pages(self, buf, detect_same: bool, raw_poor: bool) -> tuple:
-        """See zblock/_lz4pages.c scan_pages: (objs, states, lengths, fills) of buf's pages."""
-        raise NotImplementedError
-
-    # True where one page needs no acomp context: compress, decompress and scan_page keep no
-    # state between calls, so any thread may call them at once (the cache's 4 KiB paths then
-    # skip the context and the pool hold; see Cache.store_page)
-    stateless = False
-
-    def scan_page(self, page, detect_same: bool, raw_poor: bool) -> tuple:
-        """scan_pages for one page: (state, obj, length, fill); see zblock/_lz4pages.c."""
-        raise NotImplementedError
+    def scan_pages(self, mv, n: int, detect_same: bool, raw_poor: bool) -> scan.Scan:
+        """zswap_store()'s per-page checks and compression of n pages (see zblock.scan)."""
+        return scan.scan_pages(mv, n, lambda pages: scan.compress_each(self, pages),
+                               detect_same, raw_poor)
 
     @property
     def label(self) -> str:
@@ -88,53 +98,47 @@ class Compressor:
 
 
 class LZ4(Compressor):
-    """LZ4 blocks through zblock._lz4pages (the system liblz4). python-lz4 writes the same block
-    format, but releases and re-takes the GIL around every page: with a second thread at work
-    the GIL changes hands twice per page, and splitting a 256-page read in two ran at half the
-    speed of one thread (1335 -> 675 MB/s, /usr pages, in-process)."""
+    """LZ4 blocks (no size header), as the kernel's lz4. The C extension zblock._lz4pages works
+    on a whole request with the GIL released once; without it, python-lz4 (which releases and
+    re-takes the GIL around every page: with a second thread at work that costs about half the
+    speed) and the numpy checks of zblock.scan."""
 
     name = "lz4"
 
     def __init__(self, level=None):
-        from . import _lz4pages
-        self._lz4 = _lz4pages
+        self._c = _lz4pages
+        if self._c is None:
+            import lz4.block
+            self._block = lz4.block
 
     def compress(self, src) -> bytes:
-        return self._lz4.compress(src)
+        if self._c is not None:
+            return self._c.compress(src)
+        return self._block.compress(src, store_size=False)
 
-    def decompress(self, src, out_len: int = PAGE_SIZE) -> bytes:
-        # Compressor.decompress without its layers: the C call checks the length itself
-        try:
-            return self._lz4.decompress(src, out_len)
-        except ValueError as e:
-            raise CompressionError(f"lz4: {e}") from None
+    def _decompress(self, src, out_len) -> bytes:
+        if self._c is not None:
+            return self._c.decompress(src, out_len)
+        return self._block.decompress(src, uncompressed_size=out_len)
 
     def compress_many(self, pages) -> list[bytes]:
-        return self._lz4.compress_many(pages)
-
-    def decompress_many(self, srcs, out_len=PAGE_SIZE) -> list[bytes]:
-        try:
-            return self._lz4.decompress_many(srcs, out_len)
-        except ValueError as e:
-            raise CompressionError(f"lz4: {e}") from None
-
-    joins = True
+        if self._c is not None:
+            return self._c.compress_many(pages)
+        compress = self._block.compress
+        return [compress(p, store_size=False) for p in pages]
 
     def decompress_join(self, items, out_len=PAGE_SIZE) -> bytes:
+        if self._c is None:
+            return super().decompress_join(items, out_len)
         try:
-            return self._lz4.join(items, out_len)
+            return self._c.join(items, out_len)
         except ValueError as e:
             raise CompressionError(f"lz4: {e}") from None
 
-    scans = True
-
-    def scan_pages(self, buf, detect_same: bool, raw_poor: bool) -> tuple:
-        return self._lz4.scan_pages(buf, PAGE_SIZE, detect_same, raw_poor)
-
-    stateless = True
-
-    def scan_page(self, page, detect_same: bool, raw_poor: bool) -> tuple:
-        return self._lz4.scan_page(page, detect_same, raw_poor)
+    def scan_pages(self, mv, n: int, detect_same: bool, raw_poor: bool) -> scan.Scan:
+        if self._c is None:
+            return super().scan_pages(mv, n, detect_same, raw_poor)
+        return scan.from_c(self._c.scan_pages(mv, PAGE_SIZE, detect_same, raw_poor))
 
 
 class LZO(Compressor):

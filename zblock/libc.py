@@ -45,6 +45,7 @@ _PROTOTYPES = {
     "munlockall": (ctypes.c_int, ()),
     "malloc_trim": (ctypes.c_int, (ctypes.c_size_t,)),
     "mallopt": (ctypes.c_int, (ctypes.c_int, ctypes.c_int)),
+    "madvise": (ctypes.c_int, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)),
 }
 for _name, (_restype, _argtypes) in _PROTOTYPES.items():
     _fn = getattr(libc, _name, None)

@@ -29,8 +29,9 @@ BYTES_HEADER = 33          # sys.getsizeof(b"") on 64-bit CPython
 MALLOC_OVERHEAD = 8        # glibc chunk header on 64-bit
 
 
-def charge(length: int) -> int:
-    """Bytes one stored object of `length` costs: bytes header + malloc chunk, 16-byte aligned."""
+def charge(length):
+    """Bytes one stored object of `length` costs: bytes header + malloc chunk, 16-byte aligned
+    (an int, or an int64 numpy array of lengths)."""
     return (length + BYTES_HEADER + MALLOC_OVERHEAD + 15) & ~15
 
 
@@ -44,9 +45,6 @@ class Pool:
         self.id = pool_id
         self.key = key
         self.contexts = contexts
-        # the compressor for one-page stores and loads without a context or a `users` hold, or
-        # None (an engine, a compressor with state): see Cache.store_page
-        self.direct = contexts.stateless_compressor
         self.stored_pages = 0      # entries that point at this pool (compressed + raw)
         self.total_size = 0        # charge() of every object held
         self.users = 0             # stores compressing with it right now
@@ -55,7 +53,7 @@ class Pool:
     @property
     def label(self) -> str:
         """`zstd-3`, `lzo@sim`: the algorithm and accelerator (see labels() for the stats)."""
-        name, level, accel = self.key[0], self.key[1], self.key[2]
+        name, level, accel = self.key[:3]
         label = name if level is None else f"{name}-{level}"
         return label if accel == "none" else f"{label}@{accel}"
 
@@ -92,14 +90,11 @@ def tune_malloc() -> None:
     One arena per CPU instead of one per thread (libfuse runs up to 10 workers, each of which
     would keep its own heap with a freed 1 MiB request buffer in it), and a fixed mmap threshold
     above the request size (glibc otherwise raises it towards 32 MiB as big buffers are freed, and
-    those buffers then sit between pool objects in the heap). Measured: `dd` 256 MiB of `mix`
-    through a mount: RSS growth 175 MiB with glibc defaults, 161 with these, against a pool of
-    153 MiB.
+    those buffers then sit between pool objects in the heap).
 
     Fixing the mmap threshold also freezes the trim threshold at 128 KiB, so free() would give
-    back (and the next request fault in again) every 1 MiB read buffer: reads fell from 703-928
-    to 443-560 MB/s. A high trim threshold keeps them; the Trimmer's malloc_trim(0) still gives
-    freed pool memory back.
+    back (and the next request fault in again) every 1 MiB read buffer; a high trim threshold
+    keeps them, and the Trimmer's malloc_trim(0) still gives freed pool memory back.
     """
     if _mallopt is None:
         return
@@ -113,8 +108,7 @@ class Trimmer:
     peak since the last trim, or when asked (request(): free heap outside the pool, such as
     request buffers after a burst of writes); at most every `min_interval` seconds. Not on frees
     alone: while pages are overwritten the pool frees as much as it allocates, and a trim would
-    only give back memory the next stores fault in again (~25k random 4 KiB overwrites through a
-    mount: 3247 minor faults with a trim every 0.2 s, 353 without). The cache's writeback
+    only give back memory the next stores fault in again. The cache's writeback
     worker does the trimming, outside every lock: malloc_trim walks every arena (about 1 ms for
     a few hundred MiB of heap), too slow for the tree lock or a request path.
 
@@ -123,8 +117,7 @@ class Trimmer:
     unlocks and relocks the whole server (tens of ms with mmap_lock held for writing: every
     thread's page faults wait), and in a swap storm the memory it gives back is allocated and
     faulted in again at once; unlocking while the kernel is swapping hard is also exactly when a
-    page of ours could be reclaimed. Measured (strace, swap benchmark): a release every 5 s,
-    each 20-60 ms from unlock to relock (once 0.65 s).
+    page of ours could be reclaimed.
     """
 
     def __init__(self, threshold: int = 8 << 20, min_interval: float = 0.2, release=None,

@@ -34,9 +34,8 @@ CHUNK_PAGES = 256
 # request is received while this one compresses (staging.py): two 1 MiB requests waiting and
 # one compressing are enough to keep both cores busy. 0 stores synchronously.
 WRITE_BEHIND_BYTES = 2 << 20
-# Writes of 2 pages up to this size are stored at once: one item each, waking the worker costs
-# more than it overlaps (in-process: 250 us per 4 KiB write stored at once, 289 us queued one by
-# one). Single pages are queued as well, but stored in batches (WriteBehind.put_page).
+# Writes of 2 pages up to this size are stored at once: waking the worker costs more than it
+# overlaps. Single pages are queued as well, but stored in batches (WriteBehind.put_page).
 WRITE_BEHIND_MIN = 64 << 10
 # swap mode: give freed memory back only after this many seconds without cache activity
 SWAP_TRIM_QUIET = 2.0
@@ -133,7 +132,7 @@ class Store:
             if self.staging:
                 self.staging.put_page(page, data)
             else:
-                self.cache.store_page(page, data)
+                self.cache.store_pages(page, data)
             return PAGE_SIZE
         mv = memoryview(data).cast("B")
         n = len(mv)
@@ -283,9 +282,7 @@ class Store:
         value = param.parse(text)        # ConfigError leaves everything unchanged
         with self._param_lock, self.cache.tree_lock:
             setattr(self.config, name, value)
-            if name == "limit_policy":
-                self.cache.reached_full = False
-            self.cache._wake_writeback()     # a lower limit or a policy change may need writeback
+            self.cache.params_changed(name)
         if name in POOL_PARAMS:
             if self.staging:
                 self.staging.settle()       # writes acknowledged before the change use the old pool

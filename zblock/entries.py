@@ -1,0 +1,277 @@
+"""The entry table: one slot per page of the disk (zswap's xarray of entries), and the only code
+that installs, frees and accounts for entries.
+
+Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
+(second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp and generation; `objs` holds the
+stored object of a COMP or RAW page. Memory follows the pages in use: the kernel gives
+np.zeros memory on first write, and `objs` is made of chunks created by the first store into
+them.
+
+Page states:
+    NONE  never written or discarded: reads as zeros, nothing on disk
+    SAME  same-filled page: a fill value, no pool memory, not on the LRU (zswap 4.14-6.9)
+    COMP  compressed object in a pool, on the LRU
+    RAW   incompressible page stored as-is in a pool, on the LRU (zswap 6.18)
+    DISK  not cached: the backing file holds it
+A cached page (SAME/COMP/RAW) is `dirty` until the backing file holds the same bytes durably.
+
+Invariants (each method keeps them; the caller holds the cache's tree lock for every call):
+    * gen[p] changes whenever page p's entry changes (slow work re-validates against it);
+    * a page has an object in `objs` exactly when it is COMP or RAW;
+    * pool_total_size == sum of charge(length) over COMP and RAW entries == sum of the pools'
+      total_size; each pool's stored_pages counts its COMP and RAW entries;
+    * same_filled_pages and stored_incompressible_pages count SAME and RAW entries.
+
+Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' lifetime
+(zblock.pools: a pool that loses its last entry is handed to put_if_dead).
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import numpy as np
+
+from . import PAGE_SIZE
+from .libc import libc
+from .pool import Pool, charge
+from .scan import COMP, NONE, RAW, SAME, Scan
+
+DISK = 4
+# `objs` is a list of chunks of OBJ_CHUNK slots, each None until a page in it is cached: one flat
+# list cost 8 bytes a page up front (2 GiB for an empty 1 TiB disk).
+OBJ_SHIFT = 12
+OBJ_CHUNK = 1 << OBJ_SHIFT
+OBJ_MASK = OBJ_CHUNK - 1
+# arrays at least this big get small pages (see no_huge_pages)
+HUGE_ARRAY = 2 << 20
+
+
+class EntryTable:
+    """The entries of `npages` pages, and the gauges they add up to."""
+
+    def __init__(self, npages: int, registry, on_disk: np.ndarray | None = None):
+        self.npages = npages
+        self.registry = registry            # zblock.pools.PoolRegistry: put_if_dead, pools
+        self.state = np.zeros(npages, np.uint8)
+        self.length = np.zeros(npages, np.uint16)
+        self.pool_id = np.zeros(npages, np.uint8)
+        self.fill = np.zeros(npages, np.uint64)
+        self.dirty = np.zeros(npages, np.bool_)
+        self.referenced = np.zeros(npages, np.bool_)
+        self.under_wb = np.zeros(npages, np.bool_)
+        self.stamp = np.zeros(npages, np.int64)
+        self.gen = np.zeros(npages, np.uint32)
+        self.arrays = (self.state, self.length, self.pool_id, self.fill, self.dirty,
+                       self.referenced, self.under_wb, self.stamp, self.gen)
+        no_huge_pages(self.arrays)
+        if on_disk is not None:
+            self.state[on_disk] = DISK
+        self.objs: list[list | None] = [None] * ((npages + OBJ_MASK) >> OBJ_SHIFT)
+        # The same memory as memoryviews, for the one-page paths: indexing one with a Python int
+        # takes half the time of a numpy scalar access and gives Python ints back.
+        self.st = memoryview(self.state)
+        self.ln = memoryview(self.length)
+        self.pid = memoryview(self.pool_id)
+        self.fl = memoryview(self.fill)
+        self.dt = memoryview(self.dirty)
+        self.ref = memoryview(self.referenced)
+        self.uwb = memoryview(self.under_wb)
+        self.stp = memoryview(self.stamp)
+        self.gn = memoryview(self.gen)
+        self.seq = 1                        # next LRU stamp
+        self.same_filled_pages = 0
+        self.stored_incompressible_pages = 0
+        self.pool_total_size = 0
+        self.mem_used_max = 0
+        self.on_freed = None                # called with the bytes a free gave back (trimmer)
+
+    # ---- objects --------------------------------------------------------------------------
+
+    def obj(self, page: int):
+        """The object of `page` (None unless it is COMP or RAW)."""
+        chunk = self.objs[page >> OBJ_SHIFT]
+        return None if chunk is None else chunk[page & OBJ_MASK]
+
+    def objs_range(self, start: int, end: int) -> list:
+        """A new list of the objects of pages start .. end (None where a page has none)."""
+        c0, c1 = start >> OBJ_SHIFT, (end - 1) >> OBJ_SHIFT
+        if c0 == c1:                        # a request within one chunk: nearly always
+            chunk = self.objs[c0]
+            return [None] * (end - start) if chunk is None else \
+                chunk[start & OBJ_MASK:(end - 1 & OBJ_MASK) + 1]
+        return [self.obj(p) for p in range(start, end)]
+
+    def _set_obj(self, page: int, obj) -> None:
+        chunk = self.objs[page >> OBJ_SHIFT]
+        if chunk is None:
+            if obj is None:
+                return
+            chunk = self.objs[page >> OBJ_SHIFT] = [None] * OBJ_CHUNK
+        chunk[page & OBJ_MASK] = obj
+
+    # ---- install and free -----------------------------------------------------------------
+
+    def install(self, where, scan: Scan, pool: Pool) -> int:
+        """A store's scanned pages into the table, replacing their old entries: at pages
+        where, where+1 .. (an int) or at the page numbers in `where` (an int64 array). Pages
+        scanned NONE are left as they are (they go to disk). Returns how many went in."""
+        states = scan.states
+        if len(states) == 1:
+            return self._install_one(where if type(where) is int else int(where[0]), scan, pool)
+        keep = states != NONE
+        sel = np.flatnonzero(keep) if not keep.all() else None
+        if type(where) is int:
+            pages = np.arange(where, where + len(states)) if sel is not None else \
+                slice(where, where + len(states))
+        else:
+            pages = where
+        if sel is not None:
+            pages = pages[sel]
+            states, lengths, fills = states[sel], scan.lengths[sel], scan.fills[sel]
+            objs = [scan.objs[i] for i in sel.tolist()]
+        else:
+            lengths, fills, objs = scan.lengths, scan.fills, scan.objs
+        n = len(states)
+        if not n:
+            return 0
+        self.free(pages)
+        self.state[pages] = states
+        self.length[pages] = lengths
+        self.fill[pages] = fills
+        self.pool_id[pages] = pool.id
+        self.dirty[pages] = True
+        self.stamp[pages] = self.seq
+        self.seq += 1
+        first = pages.start if type(pages) is slice else None
+        for i, o in enumerate(objs):
+            if o is not None:
+                self._set_obj(first + i if first is not None else int(pages[i]), o)
+        cached = states >= COMP
+        ncached = int(np.count_nonzero(cached))
+        size = int(charge(lengths[cached].astype(np.int64)).sum()) if ncached else 0
+        self._account(pool, ncached, size, n - ncached,
+                      int(np.count_nonzero(states == RAW)))
+        return n
+
+    def _install_one(self, page: int, scan: Scan, pool: Pool) -> int:
+        """install() for one page with scalar code (a numpy call costs 1-6 us)."""
+        state = int(scan.states[0])
+        if state == NONE:
+            return 0
+        self.free_one(page)
+        length = int(scan.lengths[0])
+        self.st[page] = state
+        self.ln[page] = length
+        self.fl[page] = int(scan.fills[0])
+        self.pid[page] = pool.id
+        self.dt[page] = True
+        self.stp[page] = self.seq
+        self.seq += 1
+        self._set_obj(page, scan.objs[0])
+        cached = state >= COMP
+        self._account(pool, int(cached), charge(length) if cached else 0, int(not cached),
+                      int(state == RAW))
+        return 1
+
+    def _account(self, pool: Pool, ncached: int, size: int, nsame: int, nraw: int) -> None:
+        pool.stored_pages += ncached
+        pool.total_size += size
+        self.pool_total_size += size
+        self.same_filled_pages += nsame
+        self.stored_incompressible_pages += nraw
+        if self.pool_total_size > self.mem_used_max:
+            self.mem_used_max = self.pool_total_size
+
+    def free(self, pages) -> None:
+        """Drop the entries of `pages` (a slice or an index array) and their accounting; their
+        state is the caller's to set (NONE, DISK or a new entry)."""
+        st = self.state[pages]
+        cached = (st == COMP) | (st == RAW)
+        if cached.any():
+            ids = self.pool_id[pages][cached]
+            sizes = charge(self.length[pages][cached].astype(np.int64))
+            freed = int(sizes.sum())
+            if (ids == ids[0]).all():       # one pool, as nearly always
+                self._unaccount(self.registry.pools[int(ids[0])], len(ids), freed)
+            else:
+                counts = np.bincount(ids, minlength=len(self.registry.pools))
+                per_pool = np.bincount(ids, weights=sizes, minlength=len(self.registry.pools))
+                for pid in np.flatnonzero(counts).tolist():
+                    self._unaccount(self.registry.pools[pid], int(counts[pid]), int(per_pool[pid]))
+            self.pool_total_size -= freed
+            self.stored_incompressible_pages -= int(np.count_nonzero(st == RAW))
+            if self.on_freed is not None:
+                self.on_freed(freed)
+            if type(pages) is slice:
+                for p in (np.flatnonzero(cached) + pages.start).tolist():
+                    self._set_obj(p, None)
+            else:
+                for p in pages[cached].tolist():
+                    self._set_obj(p, None)
+        self.same_filled_pages -= int(np.count_nonzero(st == SAME))
+        self.gen[pages] += 1
+        self.dirty[pages] = False
+        self.referenced[pages] = False
+        self.under_wb[pages] = False
+
+    def free_one(self, page: int) -> None:
+        """free() for one page with scalar code."""
+        st = self.st[page]
+        if st == COMP or st == RAW:
+            size = charge(self.ln[page])
+            self._unaccount(self.registry.pools[self.pid[page]], 1, size)
+            self.pool_total_size -= size
+            if st == RAW:
+                self.stored_incompressible_pages -= 1
+            if self.on_freed is not None:
+                self.on_freed(size)
+            self._set_obj(page, None)
+        elif st == SAME:
+            self.same_filled_pages -= 1
+        self.gn[page] = (self.gn[page] + 1) & 0xFFFFFFFF       # wraps as the uint32 array does
+        self.dt[page] = False
+        self.ref[page] = False
+        self.uwb[page] = False
+
+    def _unaccount(self, pool: Pool, count: int, size: int) -> None:
+        pool.stored_pages -= count
+        pool.total_size -= size
+        self.registry.put_if_dead(pool)
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def cached(self, pages=slice(None)) -> np.ndarray:
+        """Bool per page: COMP or RAW (on the LRU, holding pool memory)."""
+        st = self.state[pages]
+        return (st == COMP) | (st == RAW)
+
+    def stored_pages(self) -> int:
+        return sum(p.stored_pages for p in self.registry.live()) + self.same_filled_pages
+
+    def table_bytes(self, more_arrays=()) -> int:
+        """Memory the table holds now, with `more_arrays` (other per-page arrays): the chunks of
+        `objs` that exist and the arrays' resident pages."""
+        chunks = sum(map(sys.getsizeof, filter(None, self.objs)))
+        return sys.getsizeof(self.objs) + chunks + resident_bytes([*self.arrays, *more_arrays])
+
+
+# ---------------------------------------------------------------------------------------------
+# memory of per-page arrays
+
+
+def no_huge_pages(arrays) -> None:
+    """Small pages under per-page arrays, asked for before anything writes them: a huge page is
+    committed whole by its first write, so metadata spread over a disk (ext4's) would make
+    nearly all of a table resident. A refusal only costs memory."""
+    for a in arrays:
+        if a.nbytes >= HUGE_ARRAY:
+            lo = -(-a.ctypes.data & -mmap.PAGESIZE)
+            hi = (a.ctypes.data + a.nbytes) & -mmap.PAGESIZE
+            libc.madvise(lo, hi - lo, mmap.MADV_NOHUGEPAGE)
+
+
+def resident_bytes(arrays) -> int:
+    """Bytes of `arrays` in memory now (placeholder until the merge of the large-disk work)."""
+    return sum(a.nbytes for a in arrays)

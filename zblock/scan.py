@@ -1,0 +1,120 @@
+"""What a store request's pages become: zswap_store()'s per-page checks, for a whole request.
+
+Every page of a write request is one of
+    SAME  one 8-byte word repeated (zswap 4.14-6.9 same-filled pages): kept as that word
+    COMP  compressed below a page: kept as the compressed stream
+    RAW   did not compress below a page (or the compressor failed) and the policy stores such
+          pages as they are (zswap 6.18): kept as a copy of the page
+    NONE  did not compress below a page and the policy rejects such pages: sent to disk
+A `Scan` holds the result per page: objs (the stream, the copy, or None), states (uint8),
+lengths (uint16; a page's length for RAW), fills (uint64, the page's first word for every
+page) and `failed`, how many pages the compressor failed on.
+
+The checks are done here once, in numpy and the compressor's batch call; zblock._lz4pages does
+the same checks and lz4 in one C call with the GIL released (`Compressor.scan_pages`), and
+tests/test_compressors.py holds the two to the same results.
+
+Not here: where the results go (zblock.entries), which compressor or context runs them
+(zblock.acomp).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from . import PAGE_SIZE
+
+NONE, SAME, COMP, RAW = 0, 1, 2, 3
+WORDS = PAGE_SIZE // 8
+
+
+class Scan(NamedTuple):
+    objs: list
+    states: np.ndarray      # uint8
+    lengths: np.ndarray     # uint16
+    fills: np.ndarray       # uint64
+    failed: int             # compressor failures (stored raw, counted as reject_compress_fail)
+
+
+def filled_page(fill: int) -> bytes:
+    """The page a same-filled entry stands for."""
+    return int(fill).to_bytes(8, "little") * WORDS
+
+
+def same_filled(words: np.ndarray) -> np.ndarray:
+    """Bool per page (rows of `words`): the page is one word repeated."""
+    # first word == last word rules out nearly every other page before the full compare
+    cand = np.flatnonzero(words[:, 0] == words[:, -1])
+    mask = np.zeros(len(words), bool)
+    if len(cand):
+        mask[cand[(words[cand] == words[cand, :1]).all(axis=1)]] = True
+    return mask
+
+
+def compress_each(comp, pages: Sequence) -> list:
+    """Each page compressed: bytes shorter than a page, -ENOSPC (did not fit: zswap's "compress
+    poor" rule) or -EINVAL (the compressor failed on it)."""
+    try:
+        res = comp.compress_many(pages)             # one library loop
+    except Exception:
+        res = []
+        for p in pages:                             # find the page that failed
+            try:
+                res.append(comp.compress(p))
+            except Exception:
+                res.append(-errno.EINVAL)
+    return [c if type(c) is int or len(c) < PAGE_SIZE else -errno.ENOSPC for c in res]
+
+
+def scan_pages(mv: memoryview, n: int, compress: Callable[[list], list], detect_same: bool,
+               raw_poor: bool) -> Scan:
+    """The checks for n pages of `mv`; `compress` maps a list of pages to compress_each()'s
+    results (a compressor's, or an engine's)."""
+    words = np.frombuffer(mv, dtype=np.uint64, count=n * WORDS).reshape(n, WORDS)
+    states = np.full(n, COMP, np.uint8)
+    if detect_same:
+        states[same_filled(words)] = SAME
+    todo = np.flatnonzero(states == COMP).tolist()
+    results = compress([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in todo]) if todo else []
+    return assemble(mv, n, states, todo, results, np.ascontiguousarray(words[:, 0]), raw_poor)
+
+
+def assemble(mv: memoryview, n: int, states: np.ndarray, todo: list, results: list,
+             fills: np.ndarray, raw_poor: bool) -> Scan:
+    """A Scan from the compression results of pages `todo` (the others are SAME already)."""
+    objs: list = [None] * n
+    lengths = np.zeros(n, np.uint16)
+    failed = 0
+    for i, r in zip(todo, results):
+        if type(r) is bytes:
+            objs[i] = r
+            lengths[i] = len(r)
+            continue
+        if r == -errno.ENOSPC and not raw_poor:
+            states[i] = NONE
+            continue
+        if r != -errno.ENOSPC:
+            failed += 1                             # 6.18 stores a page it failed on as-is
+        states[i] = RAW
+        objs[i] = bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+        lengths[i] = PAGE_SIZE
+    return Scan(objs, states, lengths, fills, failed)
+
+
+def from_c(result: tuple) -> Scan:
+    """zblock._lz4pages.scan_pages' (objs, states, lengths, fills) buffers as a Scan."""
+    objs, states, lengths, fills = result
+    return Scan(objs, np.frombuffer(states, np.uint8), np.frombuffer(lengths, np.uint16),
+                np.frombuffer(fills, np.uint64), 0)
+
+
+def concat(scans: list[Scan]) -> Scan:
+    """The scans of consecutive chunks of one request, as one."""
+    if len(scans) == 1:
+        return scans[0]
+    return Scan([o for s in scans for o in s.objs], np.concatenate([s.states for s in scans]),
+                np.concatenate([s.lengths for s in scans]),
+                np.concatenate([s.fills for s in scans]), sum(s.failed for s in scans))

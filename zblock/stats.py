@@ -1,0 +1,57 @@
+"""The cache's counters and its part of the stats (names after zswap debugfs and zram mm_stat).
+
+Counters only grow; each is moved by exactly its trigger, under the cache's tree lock. The
+snapshot is taken under the tree lock, so `stored_pages` equals the sum over `pools` plus the
+same-filled pages in every snapshot.
+
+Not here: the store's own keys (backing counters, request sizes: zblock.store).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import PAGE_SIZE
+from .compressors import LZ4_BACKEND
+from .pools import merge_hw
+
+
+class Counters:
+    """zswap/zram event counters."""
+
+    NAMES = ("pool_limit_hit", "written_back_pages", "flushed_pages", "reject_compress_poor",
+             "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail", "decompress_fail",
+             "zswpout", "zswpin", "zswpwb", "discarded_pages")
+
+    def __init__(self):
+        for name in self.NAMES:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+
+def snapshot(cache) -> dict:
+    """The cache's stats: gauges, counters, pools and the engines' `hw` object."""
+    table, registry = cache.table, cache.registry
+    with cache.tree_lock:
+        pools = registry.stats()
+        cached = table.cached()
+        d = {
+            "stored_pages": table.stored_pages(),
+            "same_filled_pages": table.same_filled_pages,
+            "stored_incompressible_pages": table.stored_incompressible_pages,
+            "pool_total_size": table.pool_total_size,
+            # held over the limit: writeback is catching up, or the disk refuses it
+            "pool_over_limit": max(table.pool_total_size - cache.config.pool_limit, 0),
+            **cache.c.as_dict(),
+            "mem_used_max": table.mem_used_max,
+            "acomp_contexts": pools["acomp_contexts"],
+            "pools": pools["pools"],
+            "compr_data_size": int(table.length[cached].sum(dtype=np.int64)),
+            "dirty_pages": int(np.count_nonzero(table.dirty)),
+            "lz4_backend": LZ4_BACKEND,
+        }
+        d["orig_data_size"] = d["stored_pages"] * PAGE_SIZE
+    d["hw"] = merge_hw([pools["hw_closed"]] + [e.stats() for e in pools["engines"]])
+    return d

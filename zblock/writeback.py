@@ -1,0 +1,313 @@
+"""Writeback, shrink and flush: moving cached pages to the backing file.
+
+- The worker (one thread): when a store finds the pool at its limit, it writes back the coldest
+  pages until the pool is below the accept threshold (zswap's shrink_worker); when the system is
+  short of memory (the shrinker), a quarter of the pool per pass; and it gives freed heap back
+  to the system (the Trimmer), outside every lock.
+- flush (fsync and unmount): every dirty page to disk, then the backing made durable; entries
+  stay, now clean.
+Writeback writes the uncompressed page, as zswap does.
+
+Invariants: a page's disk write happens under that page's lock, and its entry stays in the
+table, marked under_wb, until the write completes (zram ZRAM_UNDER_WB); the entry is dropped
+only if its generation did not change meanwhile. Decompression and disk I/O run without the
+tree lock.
+
+Lock order: page locks -> tree lock (the cache's); the worker sleeps on the cache's wb_cond.
+
+Not here: which pages are coldest (zblock.lru), the entries (zblock.entries), store and load
+(zblock.cache). `cache` is the owning zblock.cache.Cache, whose locks, table, registry, backing,
+config and counters this shares.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import psutil
+
+from .compressors import CompressionError
+from .entries import DISK
+from .errors import DataError, DiskError
+from .lru import select_victims
+from .pool import Trimmer
+from .scan import COMP, RAW, SAME, filled_page
+
+log = logging.getLogger(__name__)
+
+BATCH = 256                 # pages per writeback/flush disk batch (1 MiB)
+SHRINK_INTERVAL = 1.0       # seconds between shrinker passes when idle
+FLUSH_WAIT = 30.0           # fsync waits this long for the worker's writes in flight
+FAILURE_PAUSE = 0.5         # the worker waits this long after a failed write before retrying
+
+
+def system_memory_pressure() -> bool:
+    """The shrinker's trigger: less than 10% of RAM available (kernel shrinkers run on reclaim)."""
+    vm = psutil.virtual_memory()
+    return vm.available < vm.total // 10
+
+
+class Writeback:
+    """The writeback worker, writeback of victims, flush and close for one cache."""
+
+    def __init__(self, cache, memory_pressure: Callable[[], bool] | None = None):
+        self.cache = cache
+        self.trimmer = Trimmer()
+        self.memory_pressure = memory_pressure or system_memory_pressure
+        self.closing = False
+        self.failed_at = -1e9               # when a writeback last failed (monotonic)
+        self._wanted = False
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._run, name="zblock-writeback", daemon=True)
+        self._worker.start()
+
+    # ---- the worker -----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Have the worker look now. Caller holds the tree lock."""
+        self._wanted = True
+        self.cache.wb_cond.notify_all()
+
+    def _run(self) -> None:
+        cache = self.cache
+        try:
+            while True:
+                with cache.tree_lock:
+                    if not self._wanted and not self.closing:
+                        cache.wb_cond.wait(SHRINK_INTERVAL)
+                    if self.closing:
+                        return
+                    wanted, self._wanted = self._wanted, False
+                    over = cache.over_limit() or (cache.reached_full and
+                                                  cache.table.pool_total_size > cache.accept_level())
+                    shrinker = cache.config.shrinker_enabled
+                    lru = sum(p.stored_pages for p in cache.registry.live())
+                if wanted or over:
+                    if not self.shrink(cache.accept_level()):
+                        self._pause_after_failure()
+                elif shrinker and lru and self.memory_pressure():
+                    # the shrinker: under memory pressure give back a quarter of the pool a pass
+                    with cache.tree_lock:
+                        target = cache.table.pool_total_size * 3 // 4
+                    if not self.shrink(target):
+                        self._pause_after_failure()
+                c = cache.c             # read unlocked: any change is activity
+                self.trimmer.trim(activity=c.zswpout + c.zswpin + c.discarded_pages,
+                                  pool_size=cache.table.pool_total_size)
+                cache.registry.reap()
+        except BaseException as e:  # no worker exception is lost: check() re-raises it
+            log.critical("writeback worker died: %s", e, exc_info=True)
+            self._error = e
+            with cache.tree_lock:
+                cache.wb_cond.notify_all()
+
+    def _pause_after_failure(self) -> None:
+        with self.cache.tree_lock:
+            if not self.closing:
+                self.cache.wb_cond.wait(FAILURE_PAUSE)
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise DataError(f"writeback worker failed: {self._error}")
+
+    # ---- writeback of victims -------------------------------------------------------------
+
+    def shrink(self, target: int) -> bool:
+        """Write back cold pages until the pool holds at most `target` bytes (shrink_worker).
+        Returns False if a disk error stopped it."""
+        cache = self.cache
+        while True:
+            with cache.tree_lock:
+                table = cache.table
+                excess = table.pool_total_size - target
+                if excess <= 0 or self.closing:
+                    return True
+                lru = max(sum(p.stored_pages for p in cache.registry.live()), 1)
+                avg = max(table.pool_total_size // lru, 64)
+                victims, gens = select_victims(table, int(min(max(excess // avg + 1, 64), 8192)))
+            if not len(victims):
+                return True
+            if not self._write_back(victims, gens):
+                return False
+
+    def _write_back(self, victims: np.ndarray, gens: np.ndarray) -> bool:
+        """Write victims to disk and drop them from the cache. False if the disk failed: the
+        victims not written stay cached, dirty, off writeback."""
+        cache = self.cache
+        try:
+            for lo in range(0, len(victims), BATCH):
+                if not self._write_back_batch(victims[lo:lo + BATCH], gens[lo:lo + BATCH]):
+                    return False
+            return True
+        finally:
+            with cache.tree_lock:
+                left = victims[cache.table.gen[victims] == gens]
+                cache.table.under_wb[left] = False
+                cache.wb_cond.notify_all()
+
+    def _write_back_batch(self, pages: np.ndarray, pgens: np.ndarray) -> bool:
+        cache = self.cache
+        table = cache.table
+        with cache.page_locks.hold(pages.tolist()):
+            with cache.tree_lock:
+                valid = table.gen[pages] == pgens
+                pages, pgens = pages[valid], pgens[valid]
+                dirty = table.dirty[pages].copy()
+            wpages, wdata, _ = self.materialize(pages[dirty])
+            try:
+                if wpages:
+                    cache.backing.write_pages(wpages, wdata)
+            except DiskError as e:
+                log.warning("writeback failed: %s", e)
+                with cache.tree_lock:
+                    cache.c.reject_reclaim_fail += 1
+                    self.failed_at = time.monotonic()
+                return False
+            written = np.isin(pages, wpages)
+            with cache.tree_lock:
+                still = table.gen[pages] == pgens
+                # clean pages were already on disk; dirty ones only if their write happened
+                drop = pages[still & (~dirty | written)]
+                table.free(drop)
+                table.state[drop] = DISK
+                cache.c.written_back_pages += len(wpages)
+                cache.c.zswpwb += len(wpages)
+        return True
+
+    def materialize(self, pages: np.ndarray) -> tuple[list[int], list[bytes], list[int]]:
+        """Uncompressed bytes of cached pages (caller holds their page locks, not the tree
+        lock). Returns (pages, data, failed): pages whose decompression failed are left out."""
+        cache = self.cache
+        table = cache.table
+        with cache.tree_lock:
+            st = table.state[pages].copy()
+            objs = [table.obj(p) for p in pages.tolist()]
+            pids = table.pool_id[pages].copy()
+            fills = table.fill[pages].copy()
+            pools = cache.registry.hold(np.unique(pids[st == COMP]))
+        try:
+            data: dict[int, bytes] = {}
+            failed = []
+            for pid, pool in pools.items():
+                items = np.flatnonzero((st == COMP) & (pids == pid)).tolist()
+                for i, r in zip(items, pool.contexts.decompress([objs[i] for i in items])):
+                    if type(r) is bytes:
+                        data[i] = r
+                    else:
+                        failed.append(int(pages[i]))
+        finally:
+            with cache.tree_lock:
+                cache.registry.release(pools.values())
+                if failed:
+                    cache.c.decompress_fail += len(failed)
+            cache.registry.reap()
+        out_pages, out_data = [], []
+        for i, p in enumerate(pages.tolist()):
+            s = st[i]
+            if s == RAW:
+                data[i] = objs[i]
+            elif s == SAME:
+                data[i] = filled_page(fills[i])
+            if i in data:
+                out_pages.append(p)
+                out_data.append(data[i])
+        return out_pages, out_data, failed
+
+    # ---- flush and close ------------------------------------------------------------------
+
+    def flush(self, keep_going: bool = False) -> int:
+        """Write every dirty page to disk and make the backing durable; entries stay, now clean.
+        Returns the number of pages flushed. Raises DiskError (pages stay dirty): at the first
+        failed write, or with `keep_going` (a close) after trying every page."""
+        cache = self.cache
+        table = cache.table
+        with cache.tree_lock:
+            dirty = np.flatnonzero(table.dirty & ~table.under_wb)
+            in_writeback = np.flatnonzero(table.dirty & table.under_wb)
+        flushed: list[tuple[np.ndarray, np.ndarray]] = []
+        lost: list[int] = []
+        errors: list[DiskError] | None = [] if keep_going else None
+        self._flush_pages(dirty, flushed, lost, errors)
+        if len(in_writeback):
+            # The worker is writing these. Wait for it; any it left dirty (its disk write failed,
+            # or the entry changed) were written before this fsync, so write them here.
+            self._wait_under_wb(in_writeback)
+            with cache.tree_lock:
+                again = in_writeback[table.dirty[in_writeback]]
+            self._flush_pages(again, flushed, lost, errors)
+        try:
+            cache.backing.sync()
+            synced = flushed
+        except DiskError as e:
+            if errors is None:
+                raise
+            errors.append(e)
+            synced = []         # written, not durable: they stay dirty
+        n = 0
+        with cache.tree_lock:
+            for pages, gens in synced:
+                same = pages[table.gen[pages] == gens]
+                table.dirty[same] = False
+                n += len(same)
+            cache.c.flushed_pages += n
+        if errors:
+            raise errors[0]
+        if lost:
+            raise DataError(f"fsync: {len(lost)} page(s) could not be decompressed (first: "
+                            f"page {lost[0]}); they read as EIO")
+        return n
+
+    def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list,
+                     errors: list | None) -> None:
+        """Write dirty pages (not yet durable); append (pages, gens) written to `flushed` and
+        pages whose data could not be decompressed to `lost`. A failed write raises, or with
+        `errors` (a list) is appended there and the next batch is tried."""
+        cache = self.cache
+        for lo in range(0, len(dirty), BATCH):
+            pages = dirty[lo:lo + BATCH]
+            with cache.page_locks.hold(pages.tolist()):
+                with cache.tree_lock:
+                    pages = pages[cache.table.dirty[pages]]
+                    gens = cache.table.gen[pages].copy()
+                wpages, wdata, failed = self.materialize(pages)
+                try:
+                    if wpages:
+                        cache.backing.write_pages(wpages, wdata)
+                except DiskError as e:
+                    if errors is None:
+                        raise
+                    errors.append(e)
+                    continue
+                ok = ~np.isin(pages, failed)
+                flushed.append((pages[ok], gens[ok]))
+                lost.extend(failed)
+
+    def _wait_under_wb(self, pages: np.ndarray) -> None:
+        cache = self.cache
+        deadline = time.monotonic() + FLUSH_WAIT
+        with cache.tree_lock:
+            while cache.table.under_wb[pages].any():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DiskError(f"fsync: writeback still running after {FLUSH_WAIT:.0f} s",
+                                    errno.EIO)
+                cache.wb_cond.wait(min(left, 0.05))
+
+    def close(self, write_back: bool = True) -> None:
+        """Stop the worker, then write everything back (unless `write_back` is False)."""
+        cache = self.cache
+        with cache.tree_lock:
+            if self.closing:
+                return
+            self.closing = True
+            cache.wb_cond.notify_all()
+        self._worker.join(timeout=30)
+        if self._worker.is_alive():
+            log.warning("writeback worker did not stop within 30 s")
+        if write_back:
+            self.flush(keep_going=True)
