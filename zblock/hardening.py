@@ -146,11 +146,7 @@ def harden_for_swap(config=None) -> Hardening:
 
         # 2b. malloc for a locked process. glibc gives freed heap memory back with
         #     madvise(MADV_DONTNEED), which fails on locked pages (EINVAL): under mlockall whatever an
-        #     arena once held stays resident. Measured after 128 MiB of 1 MiB writes and reads
-        #     (VmRSS, same server without --swap: 83.7 MiB): glibc defaults 103.5 MiB; a fixed 4 MiB
-        #     mmap threshold (glibc otherwise raises it to 32 MiB as big buffers are freed) 92.9;
-        #     that plus one arena per CPU 84.0. Every allocation from mmap (128 KiB threshold) held
-        #     RSS too but halved read speed (a fault per page of every 1 MiB request buffer).
+        #     arena once held stays resident; tune_malloc keeps that near the unlocked server's.
         tune_malloc()
         h.mmap_threshold = MMAP_THRESHOLD
 

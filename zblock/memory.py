@@ -40,8 +40,7 @@ def release_free_memory(hardening, min_available: float = 0.25) -> int:
     """Give memory that malloc has freed back to the system; returns the RSS drop in bytes.
 
     `hardening` is the Hardening that zblock.hardening.harden_for_swap() returned (None: not
-    hardened). Measured: a 768 MiB hog in a 256 MiB cgroup left VmRSS at 528 MiB with lz4,
-    955 MiB with zstd, against 85 / 353 MiB without --swap; this unlocks, runs malloc_trim(0)
+    hardened): under mlockall freed heap stays resident, so this unlocks, runs malloc_trim(0)
     and locks again.
 
     The window between unlock and relock (tens of ms) is the risk: a page of ours reclaimed in it

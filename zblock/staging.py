@@ -2,15 +2,13 @@
 
 The kernel hands the server one write to the file at a time, so with synchronous stores the FUSE
 path (receiving the request, copying its 1 MiB) and compression take turns on the cores. Queueing
-the pages lets the next request arrive while the previous one compresses. Measured with
-`dd bs=1M oflag=direct` of 256 MiB through a mount (tests/perf/test_seq.py): see the closing
-note of the performance issue and the comment at WRITE_BEHIND_BYTES in store.py.
+the pages lets the next request arrive while the previous one compresses (docs/performance.md
+has the measurements).
 
 4 KiB writes (put_page) are batched: the worker waits up to GATHER after the first for more and
-stores up to BATCH_PAGES in one call (Cache.store_pages at their page numbers: one C scan, one C
-install). Their compression then runs on the other core while the next write comes in, and the
-worker is woken about once per batch, not per write (fio randwrite 4 KiB, two jobs, through a
-mount: 6.1k -> 7.2k IOPS; see the performance issue's closing note).
+stores up to BATCH_PAGES in one call (Cache.store_pages at their page numbers: one acomp request,
+one install). Their compression then runs on the other core while the next write comes in, and
+the worker is woken about once per batch, not per write.
 
 Invariants:
     * Items are stored in the order they were queued (one worker, FIFO), so a later write to a

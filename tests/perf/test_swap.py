@@ -26,6 +26,10 @@ parameter restored to the value read before the test (enabled first when it was 
 Knobs: ZBLOCK_BENCH_SWAP_MIB (working set, default 512), ZBLOCK_BENCH_SWAP_LIMIT_MIB (cgroup
 limit, default 160), ZBLOCK_BENCH_SWAP_PASSES (verify+rewrite passes, default 1),
 ZBLOCK_BENCH_ROUNDS (default 3 here), ZBLOCK_BENCH_TARGETS (names above).
+Kernel fidelity under a limit: ZBLOCK_BENCH_POOL_PERCENT=N gives zblock `--pool-limit N%` and
+kernel zswap max_pool_percent=N (instead of a pool that holds the whole area), and
+ZBLOCK_BENCH_LIMIT_POLICY=evict|zswap zblock's limit policy; both report their counters
+(zblock's stats, the kernel's /sys/kernel/debug/zswap) beside the times.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from zblock import swapctl as zswap_util
 
 MiB = 1 << 20
 HOG = h.ROOT / "tests" / "hog.py"
+POOL_PERCENT = int(os.environ["ZBLOCK_BENCH_POOL_PERCENT"]) \
+    if os.environ.get("ZBLOCK_BENCH_POOL_PERCENT") else None
+LIMIT_POLICY = os.environ.get("ZBLOCK_BENCH_LIMIT_POLICY")
 ZSWAP_DIR = Path("/sys/module/zswap/parameters")
 LOOP_FLAGS = ["--direct-io=on", "--sector-size", "4096"]      # what `zblock swapon` uses
 SWAPON = ["swapon", "--discard"]                                 # likewise
@@ -136,6 +143,10 @@ def zswap_in_front(zs: KernelZswap, swap_size: int):
     """Enable kernel zswap (lz4 if offered) with a pool able to hold the swap area; restores all."""
     if not zs.saved:
         raise h.TargetUnavailable("kernel zswap not built in (/sys/module/zswap/parameters missing)")
+    # zswap's counters are in debugfs: mounted for the run if it is not, unmounted after
+    debugfs = Path("/sys/kernel/debug")
+    mounted_debugfs = not os.path.ismount(debugfs) and subprocess.run(
+        ["mount", "-t", "debugfs", "none", str(debugfs)], capture_output=True).returncode == 0
     try:
         info = {}
         if zs.get("compressor") != "lz4" and not zs.set("compressor", "lz4"):
@@ -143,16 +154,47 @@ def zswap_in_front(zs: KernelZswap, swap_size: int):
         ram = h.psutil.virtual_memory().total
         pct = int(zs.get("max_pool_percent"))
         need = min(100, -(-swap_size * 100 // ram) + 1)
-        if pct * ram // 100 < swap_size:
+        if POOL_PERCENT is not None:
+            if not zs.set("max_pool_percent", str(POOL_PERCENT)):
+                raise BenchBroken(f"zswap: max_pool_percent={POOL_PERCENT} refused")
+        elif pct * ram // 100 < swap_size:
             if not zs.set("max_pool_percent", str(need)):
                 raise BenchBroken(f"zswap: max_pool_percent={need} refused")
         if not zs.set("enabled", "Y") or not zs.enabled():
             raise BenchBroken("zswap: enabled=Y refused")
         info.update({k: zs.get(k) for k in zs.saved})
         info["max_pool_bytes"] = int(info["max_pool_percent"]) * ram // 100
+        before = _kernel_zswap_counters()
         yield info
+        # what kernel zswap did during the run (beside zblock's server_stats, for the reader)
+        after = _kernel_zswap_counters()
+        info["counters"] = {k: v - before.get(k, 0) if k in _ZSWAP_EVENTS else v
+                            for k, v in after.items()}
     finally:
         zs.restore()
+        if mounted_debugfs:
+            subprocess.run(["umount", str(debugfs)], capture_output=True)
+
+
+_ZSWAP_EVENTS = {"pool_limit_hit", "written_back_pages", "reject_compress_poor",
+                 "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail",
+                 "reject_kmemcache_fail", "decompress_fail", "zswpout", "zswpin", "zswpwb"}
+
+
+def _kernel_zswap_counters() -> dict:
+    """Kernel zswap's debugfs counters and gauges, and its /proc/vmstat events."""
+    out = {}
+    d = Path("/sys/kernel/debug/zswap")
+    if d.is_dir():
+        for f in d.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                out[f.name] = int(f.read_text())
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            if k in ("zswpout", "zswpin", "zswpwb"):
+                out[k] = int(v)
+    return out
 
 
 # =============================================================================================
@@ -240,7 +282,12 @@ def swap_memfile_loop(swap_size: int, zs: KernelZswap):
 @contextlib.contextmanager
 def swap_zblock(swap_size: int, zs: KernelZswap):
     zs.force_off()
-    with h.ZblockTarget(swap_size, options=["--swap"], name="zblock") as z:
+    options = ["--swap"]
+    if POOL_PERCENT is not None:
+        options += ["--pool-limit", f"{POOL_PERCENT}%"]
+    if LIMIT_POLICY:
+        options += ["--limit-policy", LIMIT_POLICY]
+    with h.ZblockTarget(swap_size, options=options, name="zblock") as z:
         loop = None
         try:
             p = h._run([*z.cmd, "swapon", str(z.mp)], timeout=180, cwd=h.ROOT)
@@ -248,14 +295,16 @@ def swap_zblock(swap_size: int, zs: KernelZswap):
             if zswap_util.swap_entry(loop) is None:
                 raise BenchBroken(f"zblock swapon printed {loop!r}, which is not an active swap area")
             info = {"device": loop, "loop_dio": zswap_util.loop_dio(loop), "server_pid": z.pid,
-                    "options": "--swap (defaults otherwise)"}
+                    "options": " ".join(options) + " (defaults otherwise)"}
             yield info
             # what the server saw during the run (its counters: for the reader, not a measurement)
             with contextlib.suppress(Exception):
                 st = z.stats()
                 info["server_stats"] = {k: st.get(k) for k in (
                     "zswpout", "zswpin", "written_back_pages", "discarded_pages", "pool_limit_hit",
-                    "orig_data_size", "compr_data_size", "request_sizes")}
+                    "reject_compress_poor", "stored_incompressible_pages", "bd_writes",
+                    "bd_reads", "pool_total_size", "orig_data_size", "compr_data_size",
+                    "request_sizes")}
         finally:
             p = subprocess.run([*z.cmd, "swapoff", str(z.mp)], capture_output=True, text=True,
                                timeout=SWAPOFF_DEADLINE_S + 120, cwd=h.ROOT)
