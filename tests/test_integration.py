@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -32,7 +31,7 @@ HELPERS = ("mount.fuse.zblock", "umount.fuse.zblock")
 
 @pytest.fixture
 def workdir():
-    d = tempfile.mkdtemp(prefix=mountutil.PREFIX)
+    d = mountutil.new_workdir()
     try:
         yield d
     finally:
