@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from conftest import require
@@ -342,21 +341,3 @@ class Mount:
         finally:
             self.cleanup()
 
-
-def run_with_deadline(fn, timeout: float, what: str):
-    """Run fn in a thread (a hung mount must fail the test, not hang it)."""
-    out, err = [], []
-
-    def run():
-        try:
-            out.append(fn())
-        except BaseException as e:
-            err.append(e)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise AssertionError(f"{what} did not finish within {timeout} s")
-    if err:
-        raise err[0]
-    return out[0] if out else None

@@ -22,7 +22,8 @@ import pytest
 
 import mountutil
 from conftest import require
-from mountutil import is_mounted, run_with_deadline, wait_pid
+from mountutil import is_mounted, wait_pid
+from zblock.runtime import run_with_deadline
 
 REPO = mountutil.REPO
 INSTALL = os.path.join(REPO, "mount", "install.sh")
