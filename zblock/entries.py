@@ -4,7 +4,7 @@ that installs, frees and accounts for entries.
 Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
 (second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp and generation; `objs` holds the
 stored object of a COMP or RAW page. Memory follows the pages in use: the kernel gives
-np.zeros memory on first write, and `objs` is made of chunks created by the first store into
+np.zeros memory on first write (small pages: zblock.pagemem), and `objs` is made of chunks created by the first store into
 them.
 
 Page states:
@@ -28,13 +28,11 @@ Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' l
 
 from __future__ import annotations
 
-import mmap
 import sys
 
 import numpy as np
 
-from . import PAGE_SIZE
-from .libc import libc
+from .pagemem import no_huge_pages, resident_bytes
 from .pool import Pool, charge
 from .scan import COMP, NONE, RAW, SAME, Scan
 
@@ -44,8 +42,6 @@ DISK = 4
 OBJ_SHIFT = 12
 OBJ_CHUNK = 1 << OBJ_SHIFT
 OBJ_MASK = OBJ_CHUNK - 1
-# arrays at least this big get small pages (see no_huge_pages)
-HUGE_ARRAY = 2 << 20
 
 
 class EntryTable:
@@ -255,23 +251,3 @@ class EntryTable:
         `objs` that exist and the arrays' resident pages."""
         chunks = sum(map(sys.getsizeof, filter(None, self.objs)))
         return sys.getsizeof(self.objs) + chunks + resident_bytes([*self.arrays, *more_arrays])
-
-
-# ---------------------------------------------------------------------------------------------
-# memory of per-page arrays
-
-
-def no_huge_pages(arrays) -> None:
-    """Small pages under per-page arrays, asked for before anything writes them: a huge page is
-    committed whole by its first write, so metadata spread over a disk (ext4's) would make
-    nearly all of a table resident. A refusal only costs memory."""
-    for a in arrays:
-        if a.nbytes >= HUGE_ARRAY:
-            lo = -(-a.ctypes.data & -mmap.PAGESIZE)
-            hi = (a.ctypes.data + a.nbytes) & -mmap.PAGESIZE
-            libc.madvise(lo, hi - lo, mmap.MADV_NOHUGEPAGE)
-
-
-def resident_bytes(arrays) -> int:
-    """Bytes of `arrays` in memory now (placeholder until the merge of the large-disk work)."""
-    return sum(a.nbytes for a in arrays)
