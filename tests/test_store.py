@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from zblock import PAGE_SIZE
-from zblock.entries import COMP, DISK, RAW, SAME
+from zblock.entries import COMP, DISK, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME
 from zblock.lru import select_victims
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
@@ -78,9 +78,17 @@ def check_consistency(store: Store) -> None:
             assert p.stored_pages == int(np.count_nonzero(mine))
         # a page under writeback is always a cached one (the worker may be mid-batch)
         assert cached[t.under_wb].all()
-        # a page has an object exactly when it is cached
-        has = np.array([t.obj(p) is not None for p in range(t.npages)])
-        assert (has == cached).all()
+        # a page has an object exactly when it is cached, and every entry is in a live chunk
+        for c, chunk in enumerate(t.objs):
+            lo = c * OBJ_CHUNK
+            want = cached[lo:lo + OBJ_CHUNK]
+            if chunk is None:
+                assert not want.any(), c
+            else:
+                has = np.array([o is not None for o in chunk[:len(want)]])
+                assert (has == want).all(), c
+        entries = np.flatnonzero((st != NONE) & (st != DISK))
+        assert t.live[entries >> OBJ_SHIFT].all()
 
 
 # ---------------------------------------------------------------------------------------------

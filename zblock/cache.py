@@ -417,7 +417,7 @@ class Cache:
         """Pages whose data the backing file does not hold durably (after a failed close: the
         pages to mark lost)."""
         with self.tree_lock:
-            return np.flatnonzero(self.table.dirty)
+            return self.table.find(lambda s: self.table.dirty[s])
 
     def close(self, write_back: bool = True) -> None:
         """Stop the worker, write everything back (unless `write_back` is False), free pools."""

@@ -4,8 +4,10 @@ that installs, frees and accounts for entries.
 Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
 (second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp and generation; `objs` holds the
 stored object of a COMP or RAW page. Memory follows the pages in use: the kernel gives
-np.zeros memory on first write (small pages: zblock.pagemem), and `objs` is made of chunks created by the first store into
-them.
+np.zeros memory on first write (small pages: zblock.pagemem), `objs` is made of chunks created
+by the first store into them, and nothing writes the entries of pages that hold nothing. Work
+that looks for entries (dirty, cached, under writeback) looks only at `live` chunks, so it is
+in proportion to the parts of the disk in use, with temporaries of at most SPAN pages.
 
 Page states:
     NONE  never written or discarded: reads as zeros, nothing on disk
@@ -18,6 +20,7 @@ A cached page (SAME/COMP/RAW) is `dirty` until the backing file holds the same b
 Invariants (each method keeps them; the caller holds the cache's tree lock for every call):
     * gen[p] changes whenever page p's entry changes (slow work re-validates against it);
     * a page has an object in `objs` exactly when it is COMP or RAW;
+    * every SAME, COMP or RAW page lies in a chunk marked `live` (a live chunk may hold none);
     * pool_total_size == sum of charge(length) over COMP and RAW entries == sum of the pools'
       total_size; each pool's stored_pages counts its COMP and RAW entries;
     * same_filled_pages and stored_incompressible_pages count SAME and RAW entries.
@@ -42,6 +45,9 @@ DISK = 4
 OBJ_SHIFT = 12
 OBJ_CHUNK = 1 << OBJ_SHIFT
 OBJ_MASK = OBJ_CHUNK - 1
+# Scans of the table (spans()) take at most this many pages at a time: their temporaries stay
+# at a few MiB however large the disk.
+SPAN = 1 << 20
 
 
 class EntryTable:
@@ -59,12 +65,15 @@ class EntryTable:
         self.under_wb = np.zeros(npages, np.bool_)
         self.stamp = np.zeros(npages, np.int64)
         self.gen = np.zeros(npages, np.uint32)
+        nchunks = (npages + OBJ_MASK) >> OBJ_SHIFT
+        # per chunk of OBJ_CHUNK pages: set by the first install into it
+        self.live = np.zeros(nchunks, np.bool_)
         self.arrays = (self.state, self.length, self.pool_id, self.fill, self.dirty,
-                       self.referenced, self.under_wb, self.stamp, self.gen)
+                       self.referenced, self.under_wb, self.stamp, self.gen, self.live)
         no_huge_pages(self.arrays)
         if on_disk is not None:
             self.state[on_disk] = DISK
-        self.objs: list[list | None] = [None] * ((npages + OBJ_MASK) >> OBJ_SHIFT)
+        self.objs: list[list | None] = [None] * nchunks
         # The same memory as memoryviews, for the one-page paths: indexing one with a Python int
         # takes half the time of a numpy scalar access and gives Python ints back.
         self.st = memoryview(self.state)
@@ -76,6 +85,7 @@ class EntryTable:
         self.uwb = memoryview(self.under_wb)
         self.stp = memoryview(self.stamp)
         self.gn = memoryview(self.gen)
+        self.lv = memoryview(self.live)
         self.seq = 1                        # next LRU stamp
         self.same_filled_pages = 0
         self.stored_incompressible_pages = 0
@@ -133,6 +143,10 @@ class EntryTable:
         if not n:
             return 0
         self.free(pages)
+        if type(pages) is slice:
+            self.live[pages.start >> OBJ_SHIFT:((pages.stop - 1) >> OBJ_SHIFT) + 1] = True
+        else:
+            self.live[pages >> OBJ_SHIFT] = True
         self.state[pages] = states
         self.length[pages] = lengths
         self.fill[pages] = fills
@@ -157,6 +171,7 @@ class EntryTable:
         if state == NONE:
             return 0
         self.free_one(page)
+        self.lv[page >> OBJ_SHIFT] = True
         length = int(scan.lengths[0])
         self.st[page] = state
         self.ln[page] = length
@@ -238,16 +253,45 @@ class EntryTable:
 
     # ---- queries --------------------------------------------------------------------------
 
-    def cached(self, pages=slice(None)) -> np.ndarray:
+    def cached(self, pages) -> np.ndarray:
         """Bool per page: COMP or RAW (on the LRU, holding pool memory)."""
         st = self.state[pages]
         return (st == COMP) | (st == RAW)
 
+    def spans(self):
+        """Slices of at most SPAN pages that together cover every live chunk, ascending: every
+        SAME, COMP and RAW page, so every dirty, referenced or under_wb one, lies in them."""
+        live = np.flatnonzero(self.live)
+        if not len(live):
+            return
+        cuts = np.flatnonzero(np.diff(live) != 1) + 1
+        for run in np.split(live, cuts):
+            lo = int(run[0]) << OBJ_SHIFT
+            hi = min((int(run[-1]) + 1) << OBJ_SHIFT, self.npages)
+            for a in range(lo, hi, SPAN):
+                yield slice(a, min(a + SPAN, hi))
+
+    def find(self, pred) -> np.ndarray:
+        """The pages (int64, ascending) where `pred(span)`, a bool array for the pages of a
+        slice from spans(), is True. `pred` must be False wherever a page has no entry."""
+        found = [np.flatnonzero(pred(s)) + s.start for s in self.spans()]
+        if not found:
+            return np.zeros(0, np.int64)
+        return found[0] if len(found) == 1 else np.concatenate(found)
+
+    def count(self, pred) -> int:
+        """How many pages find(pred) would return, without listing them."""
+        return sum(int(np.count_nonzero(pred(s))) for s in self.spans())
+
     def stored_pages(self) -> int:
         return sum(p.stored_pages for p in self.registry.live()) + self.same_filled_pages
 
+    def objs_bytes(self) -> int:
+        """Memory `objs` holds for its slots now: the list of chunks and the chunks that exist
+        (not the objects: they are the pool's)."""
+        return sys.getsizeof(self.objs) + sum(map(sys.getsizeof, filter(None, self.objs)))
+
     def table_bytes(self, more_arrays=()) -> int:
-        """Memory the table holds now, with `more_arrays` (other per-page arrays): the chunks of
-        `objs` that exist and the arrays' resident pages."""
-        chunks = sum(map(sys.getsizeof, filter(None, self.objs)))
-        return sys.getsizeof(self.objs) + chunks + resident_bytes([*self.arrays, *more_arrays])
+        """Memory the table holds now, with `more_arrays` (other layers' per-page arrays): the
+        slots of `objs` and the arrays' resident pages (zblock.pagemem.resident_bytes)."""
+        return self.objs_bytes() + resident_bytes([*self.arrays, *more_arrays])

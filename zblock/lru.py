@@ -22,7 +22,7 @@ def select_victims(table: EntryTable, want: int) -> tuple[np.ndarray, np.ndarray
     One pass in stamp order over the coldest k candidates (k grows until enough unreferenced
     ones are found): rotating referenced pages one scan at a time held the tree lock for over a
     minute with half a million referenced pages."""
-    lru = np.flatnonzero(table.cached() & ~table.under_wb)
+    lru = table.find(lambda s: table.cached(s) & ~table.under_wb[s])
     if not len(lru):
         return lru, lru
     stamp, referenced = table.stamp, table.referenced

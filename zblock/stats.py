@@ -36,7 +36,6 @@ def snapshot(cache) -> dict:
     table, registry = cache.table, cache.registry
     with cache.tree_lock:
         pools = registry.stats()
-        cached = table.cached()
         d = {
             "stored_pages": table.stored_pages(),
             "same_filled_pages": table.same_filled_pages,
@@ -48,8 +47,9 @@ def snapshot(cache) -> dict:
             "mem_used_max": table.mem_used_max,
             "acomp_contexts": pools["acomp_contexts"],
             "pools": pools["pools"],
-            "compr_data_size": int(table.length[cached].sum(dtype=np.int64)),
-            "dirty_pages": int(np.count_nonzero(table.dirty)),
+            "compr_data_size": sum(int(table.length[s][table.cached(s)].sum(dtype=np.int64))
+                                   for s in table.spans()),
+            "dirty_pages": table.count(lambda s: table.dirty[s]),
             "lz4_backend": LZ4_BACKEND,
         }
         d["orig_data_size"] = d["stored_pages"] * PAGE_SIZE

@@ -227,8 +227,9 @@ class Writeback:
         cache = self.cache
         table = cache.table
         with cache.tree_lock:
-            dirty = np.flatnonzero(table.dirty & ~table.under_wb)
-            in_writeback = np.flatnonzero(table.dirty & table.under_wb)
+            dirty = table.find(lambda s: table.dirty[s])
+            wb = table.under_wb[dirty]
+            dirty, in_writeback = dirty[~wb], dirty[wb]
         flushed: list[tuple[np.ndarray, np.ndarray]] = []
         lost: list[int] = []
         errors: list[DiskError] | None = [] if keep_going else None
