@@ -526,6 +526,56 @@ def test_compressor_switch_pools(backing_path):
 # memory
 
 
+def test_discard_of_unused_pages_leaves_their_entries_alone(backing_path):
+    """A discard of a whole 64 GiB disk (as mkfs does) changes the entries of the pages that
+    held something and gives no table memory to the others."""
+    from zblock.pagemem import resident_bytes
+    size = 64 << 30
+    data = b"".join(text_page(random.Random(14)) for _ in range(8))
+    store = Store.open(backing_path, size, make_config(sparse=True))
+    try:
+        store.write(0, data)
+        store.write(size - len(data), data)
+        store.fsync()
+        store.discard(0, size)
+        zeros = bytes(len(data))
+        assert store.read(0, len(data)) == store.read(size - len(data), len(data)) == zeros
+        assert store.stats()["discarded_pages"] == size // PAGE_SIZE
+        check_consistency(store)
+        # 27 bytes a page (432 MiB) if every entry had been written: a few pages at each end
+        assert resident_bytes(store.cache.table.arrays) < 2 * MiB
+    finally:
+        store.close()
+
+
+def test_discard_gives_back_the_chunks_it_empties(backing_path):
+    """objs chunks and live marks go when a discard leaves their chunk without entries: whole
+    chunks at once, a chunk discarded in part once nothing in it is left."""
+    chunk = OBJ_CHUNK * PAGE_SIZE
+    page = text_page(random.Random(16))
+    store = Store.open(backing_path, 4 * chunk, make_config())
+    t = store.cache.table
+    try:
+        for off in (0, 2 * PAGE_SIZE, chunk + 5 * PAGE_SIZE, 3 * chunk):
+            store.write(off, page)
+        store.write(2 * chunk, bytes(PAGE_SIZE))            # same-filled: live, no objs chunk
+        store.fsync()
+        assert t.live.tolist() == [True] * 4
+        assert [c is not None for c in t.objs] == [True, True, False, True]
+        store.discard(0, 2 * chunk)                         # two whole chunks
+        store.discard(2 * chunk, PAGE_SIZE)                 # the only entry of chunk 2
+        store.discard(3 * chunk + PAGE_SIZE, PAGE_SIZE)     # next to chunk 3's entry: it stays
+        assert t.live.tolist() == [False, False, False, True]
+        assert [c is not None for c in t.objs] == [False, False, False, True]
+        assert store.read(3 * chunk, PAGE_SIZE) == page
+        check_consistency(store)
+        store.write(0, page)                                # a chunk comes back when used again
+        assert store.read(0, 2 * PAGE_SIZE) == page + bytes(PAGE_SIZE) and t.live[0]
+        check_consistency(store)
+    finally:
+        store.close()
+
+
 def _pool_and_rss(backing_path: str) -> dict:
     """Write 64 MiB, then overwrite and discard it all; the pool's and the process's view of
     the memory at each step. Runs in a fresh process (test below)."""

@@ -297,7 +297,8 @@ class Cache:
             st = table.state[sel].copy()
             parts = table.objs_range(start, start + n)   # COMP/RAW objects; the rest set below
             cached = (st == COMP) | (st == RAW)
-            table.referenced[sel] |= cached
+            if cached.any():        # else the write would only give `referenced` memory
+                table.referenced[sel] |= cached
             self.c.zswpin += int(np.count_nonzero(cached | (st == SAME)))
             comp = np.flatnonzero(st == COMP)
             pids = table.pool_id[sel][comp]
@@ -400,9 +401,7 @@ class Cache:
         """Drop whole pages (discard): cached entries freed, backing punched, reads give zeros."""
         with self.page_locks.hold_range(start, n):
             with self.tree_lock:
-                sel = slice(start, start + n)
-                self.table.free(sel)
-                self.table.state[sel] = NONE
+                self.table.discard(start, start + n)
                 self.c.discarded_pages += n
             self.backing.discard(start, n)
         self.registry.reap()

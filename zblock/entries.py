@@ -66,7 +66,8 @@ class EntryTable:
         self.stamp = np.zeros(npages, np.int64)
         self.gen = np.zeros(npages, np.uint32)
         nchunks = (npages + OBJ_MASK) >> OBJ_SHIFT
-        # per chunk of OBJ_CHUNK pages: set by the first install into it
+        # per chunk of OBJ_CHUNK pages: set by the first install into it, cleared by a discard
+        # that leaves it without entries
         self.live = np.zeros(nchunks, np.bool_)
         self.arrays = (self.state, self.length, self.pool_id, self.fill, self.dirty,
                        self.referenced, self.under_wb, self.stamp, self.gen, self.live)
@@ -250,6 +251,29 @@ class EntryTable:
         pool.stored_pages -= count
         pool.total_size -= size
         self.registry.put_if_dead(pool)
+
+    def discard(self, start: int, end: int) -> None:
+        """Pages start .. end read as zeros (NONE), their entries freed. Only the span of pages
+        that are not NONE is written: writing every entry gave table memory to pages that never
+        held data, as when mkfs discards a whole disk. Chunks left without entries are given
+        back (their `objs` chunk and `live` mark)."""
+        if end <= start:
+            return
+        used = np.flatnonzero(self.state[start:end])
+        if len(used):
+            span = slice(start + int(used[0]), start + int(used[-1]) + 1)
+            self.free(span)
+            self.state[span] = NONE
+        for c in range(start >> OBJ_SHIFT, ((end - 1) >> OBJ_SHIFT) + 1):
+            if not self.lv[c]:
+                continue
+            lo, hi = c << OBJ_SHIFT, min((c + 1) << OBJ_SHIFT, self.npages)
+            if lo < start or hi > end:      # a chunk the discard covers in part: look at it
+                st = self.state[lo:hi]
+                if ((st != NONE) & (st != DISK)).any():
+                    continue
+            self.live[c] = False
+            self.objs[c] = None
 
     # ---- queries --------------------------------------------------------------------------
 
