@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 
+import numpy as np
 import pytest
 from conftest import require
 
@@ -841,3 +842,54 @@ def test_version_1_sidecar_is_converted(img):
             b.read_page(1)
         assert int(b._crc[1, 0]) == bk._FOLD
     assert fsck(img).version == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# memory of large disks
+
+
+def _table_resident(b) -> int:
+    from zblock.pagemem import resident_bytes as table_resident
+    return table_resident([b._crc, b._unsynced, b._inflight, b._failed])
+
+
+def test_large_sidecar_reopens_and_loads_only_what_holds_entries(img):
+    """A 1 TiB disk's sidecar (2 GiB of table) reopens: one read returns at most 2 GiB less a
+    page, and a whole read of it came back short ("sidecar is truncated"). Only the blocks
+    that hold entries are loaded, so the table takes memory near the pages in use."""
+    size = 1 << 40
+    npages = size // PS
+    with Backing.open(img, size, sparse=True) as b:
+        assert b.written_mask().sum() == 0
+        b.write_pages([0, npages // 2, npages - 1], [page("a"), page("m"), page("z")])
+    try:
+        with Backing.open(img, sparse=True) as b:       # sparse: do not reserve 1 TiB
+            assert b.open_state == "clean"
+            assert [b.read_page(p) for p in (0, npages // 2, npages - 1)] == \
+                [page("a"), page("m"), page("z")]
+            assert b._loaded == [(0, 512), (npages // 2, npages // 2 + 512),
+                                 (npages - 512, npages)]
+            assert np.flatnonzero(b.written_mask()).tolist() == [0, npages // 2, npages - 1]
+            assert _table_resident(b) < 1 << 20, _table_resident(b)  # 2.75 GiB if all
+    finally:
+        for p in (img, meta_path(img)):                # 2 GiB of sidecar reserved
+            os.unlink(p)
+
+
+def test_sidecar_without_holes_loads_only_blocks_with_entries(img):
+    """A sidecar whose zeros are written out (copied without its holes; or read through the
+    page cache, which SEEK_DATA then reports as data) still loads only its non-zero blocks."""
+    size = 64 << 20
+    with Backing.open(img, size) as b:
+        b.write_pages([3, 10000], [page("a"), page("b")])
+    with open(meta_path(img), "r+b") as f:       # every block of the sidecar becomes data
+        raw = f.read()
+        f.seek(0)
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    with Backing.open(img) as b:
+        assert b._loaded == [(0, 512), (9728, 10240)]
+        assert b.read_page(3) == page("a") and b.read_page(10000) == page("b")
+        assert np.flatnonzero(b.written_mask()).tolist() == [3, 10000]
+

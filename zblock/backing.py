@@ -86,6 +86,7 @@ import numpy as np
 from . import PAGE_SIZE
 from .disk import FileDisk
 from .errors import BackingError, BackingLocked, DataError, DiskError, OutOfRange
+from .pagemem import no_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,12 @@ ZERO_PAGE_CRC = int(_fold(np.array([_crc(bytes(PAGE_SIZE))], np.uint32))[0])
 
 # A page-read run in fsck; reads in Backing follow the caller's runs.
 _FSCK_RUN = 256
+# Scans of the table take this many rows at a time: no temporary the table's size.
+_SCAN_ROWS = 1 << 20
+# The table is read from the sidecar through a buffer this big, and written to a new sidecar in
+# steps this big (one pwrite returns at most 2 GiB).
+_READ_STEP = 1 << 20
+_WRITE_STEP = 64 << 20
 
 DiskFactory = Callable[[str, str], object]  # (path, role "data" | "meta") -> disk
 
@@ -179,6 +186,75 @@ def _parse_header(raw: bytes, where: str) -> _Header:
 
 def _table_rows(npages: int) -> int:
     return -(-npages // ENTRIES_PER_BLOCK) * ENTRIES_PER_BLOCK
+
+
+def _read_table(fd: int, table: np.ndarray, where: str) -> list[tuple[int, int]]:
+    """Fill the zeroed `table` from the sidecar and return the row ranges (first, end) it
+    wrote; every other row is (ZERO, ZERO). Only the file's data extents are read, and only
+    their 4 KiB blocks that hold something are copied in: the rest of `table` stays memory the
+    kernel has not given (a new disk's sidecar is one hole; a sidecar copied without its holes,
+    or read through the page cache by fsck, is data that reads as zeros).
+    BackingError if the file is shorter than the table."""
+    dst = memoryview(table).cast("B")
+    end = HEADER_SIZE + len(dst)
+    if os.fstat(fd).st_size < end:
+        raise BackingError(f"{where}: sidecar is truncated")
+    scratch = bytearray(_READ_STEP)
+    view = memoryview(scratch)
+    ranges: list[tuple[int, int]] = []
+    pos = HEADER_SIZE
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # nothing but holes from here on
+                break
+            raise
+        if pos >= end:
+            break
+        stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE   # whole blocks
+        stop = min(end, HEADER_SIZE + -(-(stop - HEADER_SIZE) // PAGE_SIZE) * PAGE_SIZE)
+        while pos < stop:
+            count = min(len(scratch), stop - pos)
+            got = 0
+            while got < count:              # one read may return less than asked
+                n = os.preadv(fd, [view[got:count]], pos + got)
+                if n == 0:
+                    raise BackingError(f"{where}: sidecar is truncated")
+                got += n
+            blocks = np.frombuffer(scratch, np.uint64, count // 8).reshape(-1, ENTRIES_PER_BLOCK)
+            used = np.flatnonzero(blocks.any(axis=1))
+            base = (pos - HEADER_SIZE) // PAGE_SIZE       # the table block at `pos`
+            for run in np.split(used, np.flatnonzero(np.diff(used) != 1) + 1) if len(used) else ():
+                a, b = int(run[0]), int(run[-1]) + 1
+                dst[(base + a) * PAGE_SIZE:(base + b) * PAGE_SIZE] = view[a * PAGE_SIZE:b * PAGE_SIZE]
+                first, last = (base + a) * ENTRIES_PER_BLOCK, (base + b) * ENTRIES_PER_BLOCK
+                if ranges and ranges[-1][1] == first:
+                    ranges[-1] = (ranges[-1][0], last)
+                else:
+                    ranges.append((first, last))
+            pos += count
+    return ranges
+
+
+def _write_table(meta, table: np.ndarray, ranges) -> None:
+    """Write the rows `ranges` ((first, end) rows) of `table` to the sidecar disk `meta`, in
+    steps: no copy of the table, and no pwrite longer than one can be."""
+    buf = memoryview(table).cast("B")
+    for first, end in ranges:
+        for lo in range(first * ENTRY_SIZE, end * ENTRY_SIZE, _WRITE_STEP):
+            hi = min(lo + _WRITE_STEP, end * ENTRY_SIZE)
+            meta.pwrite(HEADER_SIZE + lo, buf[lo:hi])
+
+
+def _row_steps(ranges, npages: int):
+    """Slices of at most _SCAN_ROWS rows over `ranges` ((first, end) rows), clipped to the
+    disk's `npages` rows."""
+    for first, end in ranges:
+        end = min(end, npages)
+        for lo in range(first, end, _SCAN_ROWS):
+            yield slice(lo, min(lo + _SCAN_ROWS, end))
 
 
 def _stat_backing(path: str) -> os.stat_result | None:
@@ -287,7 +363,7 @@ class Backing:
 
     def __init__(self, path: str, size: int, lock_fd: int, data, meta, table: np.ndarray,
                  ephemeral: bool, open_state: str, *, sparse: bool = False,
-                 read_only: bool = False):
+                 read_only: bool = False, loaded: list[tuple[int, int]] | None = None):
         self.path = path
         self.size = size
         self.npages = size // PAGE_SIZE
@@ -304,9 +380,12 @@ class Backing:
         self._meta = meta
         self._crc = table  # (rows, 2) uint32: durable, latest
         n = self.npages
+        # the rows that may be other than (ZERO, ZERO) as opened: every other row is
+        self._loaded = [(0, n)] if loaded is None else loaded
         self._unsynced = np.zeros(n, bool)  # written/discarded since the last sync
         self._inflight = np.zeros(n, bool)  # disk write or punch in progress
         self._failed = np.zeros(n, bool)  # last write failed: keep both values across sync
+        no_huge_pages((self._unsynced, self._inflight, self._failed))
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(self._NSTRIPES)]
         self._sync_lock = threading.Lock()
@@ -373,6 +452,8 @@ class Backing:
                 size = cur
             npages = size // PAGE_SIZE
             table = np.zeros((_table_rows(npages), 2), np.uint32)
+            no_huge_pages((table,))
+            loaded: list[tuple[int, int]] = []      # a new or ephemeral table is all ZERO
             data = factory(path, "data")
             if ephemeral:
                 state = "ephemeral"
@@ -393,16 +474,16 @@ class Backing:
                 except FileNotFoundError:
                     pass
             elif read_only:
-                state, _ = cls._load_table(path, size, new, fd, table, read_only=True)
+                state, _, loaded = cls._load_table(path, size, new, fd, table, read_only=True)
             else:
-                state, version = cls._load_table(path, size, new, fd, table)
+                state, version, loaded = cls._load_table(path, size, new, fd, table)
                 meta = factory(meta_path(path), "meta")
                 if not sparse:
                     _reserve(data, path, size, progress)
                 # always: a lost page must still be recordable when the filesystem is full
                 _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
                 if state == "imported" or version != META_VERSION:
-                    meta.pwrite(HEADER_SIZE, table.tobytes())
+                    _write_table(meta, table, loaded)
                 meta.pwrite(0, _pack_header(size, clean=False))  # dirty until a clean close
                 meta.fsync()
                 if new:
@@ -418,7 +499,7 @@ class Backing:
                 log.warning("%s: sparse (--sparse): its space is not reserved, writes fail "
                             "once the filesystem is full", path)
             backing = cls(path, size, fd, data, meta, table, ephemeral, state, sparse=sparse,
-                          read_only=read_only)
+                          read_only=read_only, loaded=loaded)
             if not (ephemeral or read_only):
                 backing._settle_pairs()
             return backing
@@ -439,9 +520,10 @@ class Backing:
 
     @staticmethod
     def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray,
-                    read_only: bool = False) -> tuple[str, int]:
-        """Fill `table` from the sidecar (creating it if needed, unless `read_only`); return how
-        the file was found and the sidecar's format version."""
+                    read_only: bool = False) -> tuple[str, int, list[tuple[int, int]]]:
+        """Fill the zeroed `table` from the sidecar (creating it if needed, unless
+        `read_only`); return how the file was found, the sidecar's format version and the row
+        ranges that may hold other than (ZERO, ZERO)."""
         mpath = meta_path(path)
         nbytes = HEADER_SIZE + table.nbytes
         if new:
@@ -450,7 +532,7 @@ class Backing:
                 os.ftruncate(mfd, nbytes)  # sparse zeros: every entry ZERO
             finally:
                 os.close(mfd)
-            return "new", META_VERSION
+            return "new", META_VERSION, []
         try:
             mfd = os.open(mpath, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -461,29 +543,29 @@ class Backing:
                 finally:
                     os.close(mfd)
             table[:] = UNCHECKED
-            return "imported", META_VERSION
+            return "imported", META_VERSION, [(0, len(table))]
         try:
             head = _parse_header(os.pread(mfd, HEADER_SIZE, 0), mpath)
             if head.size != size:
                 raise BackingError(f"{mpath}: sidecar is for a {head.size}-byte file, the backing "
                                    f"file is {size} bytes (remove the sidecar to import it unchecked)")
-            raw = os.pread(mfd, table.nbytes, HEADER_SIZE)
-            if len(raw) != table.nbytes:
-                raise BackingError(f"{mpath}: sidecar is truncated")
+            loaded = _read_table(mfd, table, mpath)
         finally:
             os.close(mfd)
-        table[:] = np.frombuffer(raw, "<u4").reshape(table.shape)
-        if head.version == 1:
-            table[table == 2] = _FOLD  # see "Version 1 sidecars" above; open() rewrites the table
+        if head.version == 1:       # see "Version 1 sidecars" above; open() rewrites the table
+            for rows in _row_steps(loaded, len(table)):
+                part = table[rows]
+                part[part == 2] = _FOLD
         if not head.clean:
-            return "recovered", head.version  # after a crash: trust both values of every pair
+            # after a crash: trust both values of every pair
+            return "recovered", head.version, loaded
         st = os.fstat(data_fd)
         if st.st_mtime_ns != head.mtime_ns:  # not the inode: `cp -p` of both files is fine
             # Written outside zblock (losetup, dd) since the clean unmount. The checksums stay
             # in force: bit rot and a stray dd look alike, and both must read as EIO. A user
             # who edited the image on purpose removes the sidecar to import it unchecked.
-            return "changed", head.version
-        return "clean", head.version
+            return "changed", head.version, loaded
+        return "clean", head.version, loaded
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -522,13 +604,18 @@ class Backing:
     # -- reads -------------------------------------------------------------------------------
 
     def written_mask(self) -> np.ndarray:
-        """Bool per page: the file may hold data for it (not marked zero). The cache starts
-        with these pages on disk and serves the others as zeros without a read."""
+        """Bool per page: the file may hold data for it (not marked zero), as opened. The
+        cache starts with these pages on disk and serves the others as zeros without a read."""
         if self.verify_zero:
             return np.ones(self.npages, bool)
+        # Set only where True, from each pair read as one uint64 (0 is (ZERO, ZERO)), over the
+        # rows loaded at open: comparing each value built temporaries of 3 bytes a page.
+        mask = np.zeros(self.npages, bool)
+        pairs = self._crc.view(np.uint64)[:, 0]
         with self._lock:
-            pair = self._crc[:self.npages]
-            return (pair[:, 0] != ZERO) | (pair[:, 1] != ZERO)
+            for rows in _row_steps(self._loaded, self.npages):
+                mask[np.flatnonzero(pairs[rows]) + rows.start] = True
+        return mask
 
     def read_pages(self, start: int, count: int) -> bytes:
         """`count` pages from page `start`, each verified. DataError (EIO) naming the first bad
@@ -768,11 +855,10 @@ class Backing:
         crash or a failed write) is read once and its pair collapsed to the value its data
         matches, so a later sync does not keep reporting it. Pages matching neither keep their
         pair (they read EIO; fsck lists them)."""
-        step = 1 << 20              # rows per scan: no full-size temporary for a large disk
-        with self._lock:
+        with self._lock:            # only rows loaded at open can hold two values
             pages = np.concatenate([np.zeros(0, np.int64)] + [
-                np.flatnonzero(self._crc[lo:lo + step, 0] != self._crc[lo:lo + step, 1]) + lo
-                for lo in range(0, self.npages, step)])
+                np.flatnonzero(self._crc[rows, 0] != self._crc[rows, 1]) + rows.start
+                for rows in _row_steps(self._loaded, self.npages)])
         if not len(pages):
             return
         try:
