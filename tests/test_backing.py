@@ -893,3 +893,31 @@ def test_sidecar_without_holes_loads_only_blocks_with_entries(img):
         assert b.read_page(3) == page("a") and b.read_page(10000) == page("b")
         assert np.flatnonzero(b.written_mask()).tolist() == [3, 10000]
 
+
+def test_discard_of_never_written_pages_leaves_table_and_sidecar_alone(img):
+    """A discard of a whole 64 GiB disk (mkfs does it) changes the pairs of the pages that hold
+    something: two sidecar blocks written, not 32768, and the table's other rows not touched."""
+    writes = []
+
+    class Counting(FileDisk):
+        def pwrite(self, offset, data):
+            writes.append(offset)
+            super().pwrite(offset, data)
+
+    def factory(path, role):
+        return Counting(path, direct=False) if role == "meta" else FileDisk(path, direct=True)
+
+    size = 64 << 30
+    npages = size // PS
+    with Backing.open(img, size, sparse=True, disk_factory=factory) as b:
+        b.write_pages([1, npages - 2], [page("a"), page("z")])
+        b.sync()
+        del writes[:]
+        b.discard(0, npages)
+        assert sorted(set(writes)) == [4096, 4096 + (npages // 512 - 1) * PS], writes
+        assert b.read_page(1) == b.read_page(npages - 2) == bytes(PS)
+        assert _table_resident(b) < 1 << 20, _table_resident(b)   # 704 MiB if all written
+        b.sync()
+    with Backing.open(img, sparse=True) as b:           # sparse: do not reserve 64 GiB
+        assert b.read_page(1) == b.read_page(npages - 2) == bytes(PS)
+        assert b._loaded == []          # discarded pairs are (ZERO, ZERO): nothing to load

@@ -784,30 +784,34 @@ class Backing:
         if count == 0:
             return
         end = start + count
-        if self.ephemeral:
-            with self._lock:
-                self._crc[start:end] = ZERO
-            return
         with self._lock:
-            self._crc[start:end, 0] = self._on_disk(slice(start, end))
-            self._crc[start:end, 1] = ZERO
-            self._inflight[start:end] = True
-            self._unsynced[start:end] = True
+            # Only pairs not already (ZERO, ZERO) change (and a failed page's, whose disk is
+            # unknown): writing every pair gave table memory and sidecar writes to pages that
+            # never held data, as when mkfs discards a whole disk.
+            pairs = self._crc.view(np.uint64)[start:end, 0]
+            idx = np.flatnonzero((pairs != 0) | self._failed[start:end]) + start
+            if self.ephemeral:
+                self._crc[idx] = ZERO
+                return
+            self._crc[idx, 0] = self._on_disk(idx)
+            self._crc[idx, 1] = ZERO
+            self._inflight[idx] = True
+            self._unsynced[idx] = True
         try:
-            self._put_meta_blocks(range(start // ENTRIES_PER_BLOCK, (end - 1) // ENTRIES_PER_BLOCK + 1))
+            self._put_meta_blocks(np.unique(idx // ENTRIES_PER_BLOCK))
             self._punch(start, count)
         except OSError as e:
             with self._lock:
-                self._failed[start:end] = True
-                self._inflight[start:end] = False
+                self._failed[idx] = True
+                self._inflight[idx] = False
             raise self._disk_error(f"discard of pages {start}..{end - 1}", e) from None
         except BaseException:
             with self._lock:
-                self._inflight[start:end] = False
+                self._inflight[idx] = False
             raise
         with self._lock:
-            self._inflight[start:end] = False
-            self._failed[start:end] = False
+            self._inflight[idx] = False
+            self._failed[idx] = False
 
     def _punch(self, start: int, count: int) -> None:
         """Zero the pages on disk. The space stays reserved unless the file is sparse: a punch
@@ -900,7 +904,9 @@ class Backing:
             raise BackingError(f"{self.path}: backing is closed")
         with self._sync_lock:
             with self._lock:
-                cand = np.flatnonzero(self._unsynced & ~self._inflight & ~self._failed)
+                # the unsynced pages first: three full-size temporaries cost 768 MiB at 1 TiB
+                cand = np.flatnonzero(self._unsynced)
+                cand = cand[~self._inflight[cand] & ~self._failed[cand]]
                 snap = self._crc[cand, 1].copy()
             if self.ephemeral or self.read_only:    # no sidecar to write
                 with self._lock:
