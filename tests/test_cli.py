@@ -218,6 +218,7 @@ def test_bench_plot_without_matplotlib_fails_before_any_work(monkeypatch, capsys
 
 SAMPLE = {"schema": 1, "stored_pages": 10, "same_filled_pages": 2, "pool_total_size": 8192,
           "written_back_pages": 3, "orig_data_size": 40960, "compr_data_size": 8192,
+          "table_bytes": 3 << 20,
           "pools": [{"compressor": "lz4", "stored_pages": 8, "refs": 8}],
           "hw": {"submitted": 5, "latency_us": {"p50": 3.0, "p99": 9.5}},
           "request_sizes": {"write": {"1048576": 4}, "read": {}}}
@@ -228,6 +229,7 @@ def test_prometheus_names():
     assert "zblock_written_back_pages_total 3" in text
     assert "zblock_pool_total_size_bytes 8192" in text
     assert "zblock_stored_pages 10" in text
+    assert "zblock_table_bytes 3145728" in text
     assert 'zblock_pool_stored_pages{pool="0",compressor="lz4"} 8' in text
     assert 'zblock_hw_submitted_total 5' in text
     assert 'zblock_hw_latency_us{quantile="p99"} 9.5' in text
@@ -242,6 +244,7 @@ def test_table_has_ratio():
     text = cli.format_table(SAMPLE)
     assert "compression ratio" in text and "5.00" in text
     assert "stored_pages" in text and "(8.0 KiB)" in text
+    assert "table_bytes" in text and "(3.0 MiB)" in text
     assert "WARNING" not in text
 
 

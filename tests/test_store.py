@@ -19,7 +19,7 @@ from zblock.lru import select_victims
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
 from zblock.errors import DataError, OutOfRange
-from zblock.store import Store
+from zblock.store import TABLE_BYTES_PER_PAGE, Store
 from mountutil import wait_for
 
 MiB = 1 << 20
@@ -524,6 +524,96 @@ def test_compressor_switch_pools(backing_path):
 
 # ---------------------------------------------------------------------------------------------
 # memory
+
+
+def _large_disk_memory(backing_path: str) -> dict:
+    """Open an empty 1 TiB store, read where nothing was written, write a little at both ends
+    and its middle, close, reopen and discard what was written; table_bytes and the process's
+    RSS growth at each step, and its peak. Runs in a fresh process (test below)."""
+    import resource
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    out = {}
+    data = b"".join(text_page(random.Random(13)) for _ in range(300))
+    offsets = [0, 1 << 39, (1 << 40) - len(data)]
+    chunk = OBJ_CHUNK * PAGE_SIZE
+    cfg = make_config(sparse=True)                 # sparse: never reserve 1 TiB
+    try:
+        store = Store.open(backing_path, 1 << 40, cfg)
+        try:
+            out["open"] = (store.stats()["table_bytes"], proc.memory_info().rss - rss0)
+            out["read_empty"] = store.read(1 << 38, 8 * MiB) == bytes(8 * MiB)
+            out["after_read"] = store.stats()["table_bytes"]
+            for off in offsets:
+                store.write(off, data)
+            store.fsync()
+            out["written"] = (store.stats()["table_bytes"], proc.memory_info().rss - rss0)
+        finally:
+            store.close()
+        store = Store.open(backing_path, None, cfg)
+        try:
+            out["reopened_same"] = all(store.read(off, len(data)) == data for off in offsets)
+            out["reopened"] = (store.stats()["table_bytes"], proc.memory_info().rss - rss0)
+            for off in offsets:
+                store.write(off, data)                 # cached again, so that chunks exist
+            for off in offsets:                        # whole chunks: given back
+                store.discard(off // chunk * chunk, chunk)
+            out["chunks_left"] = sum(c is not None for c in store.cache.table.objs)
+            out["live_left"] = int(store.cache.table.live.sum())
+            out["discarded_reads_zero"] = store.read(offsets[1], len(data)) == bytes(len(data))
+        finally:
+            store.close()
+    finally:
+        for p in (backing_path, backing_path + ".zbmeta"):     # 2 GiB of sidecar reserved
+            if os.path.exists(p):
+                os.unlink(p)
+    out["peak"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - peak0
+    return out
+
+
+def test_large_disk_table_memory_follows_pages_in_use(backing_path):
+    """A 1 TiB disk (sparse file) costs table memory for the parts in use, far below the 8
+    bytes a page one object slot alone would take: table_bytes and the RSS growth of a fresh
+    process agree, and no step (open, stats, fsync, close, reopen) builds a temporary the
+    table's size (the peak RSS). The reopen reads a 2 GiB sidecar, which one read cannot."""
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    probe = (f"import json, sys; sys.path.insert(0, {here!r}); import test_store; "
+             f"print(json.dumps(test_store._large_disk_memory({backing_path!r})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    npages = (1 << 40) // PAGE_SIZE
+    table, rss = r["open"]
+    assert table < 2 * MiB and rss < 64 * MiB, r          # 8 bytes a page would be 2 GiB
+    assert r["read_empty"] and r["after_read"] == table, r  # reading unused pages takes none
+    table, rss = r["written"]
+    assert r["open"][0] < table < 4 * MiB, r               # 12.25 GiB, every page used
+    assert rss < table + 64 * MiB, r
+    assert r["reopened_same"] and r["reopened"][0] < 4 * MiB, r
+    assert r["chunks_left"] == r["live_left"] == 0 and r["discarded_reads_zero"], r
+    assert r["peak"] < 64 * MiB, r                         # one bool a page is 256 MiB
+    assert npages * TABLE_BYTES_PER_PAGE > 12 << 30
+
+
+def test_writes_spread_over_a_disk_commit_table_memory_near_them(backing_path):
+    """One page every 128 MiB of a 64 GiB disk (where ext4 puts its metadata) commits table
+    memory by small pages around those pages: with huge pages it was nearly the whole table."""
+    size = 64 << 30
+    page = text_page(random.Random(15))
+    store = Store.open(backing_path, size, make_config(sparse=True))
+    try:
+        for off in range(0, size, 128 * MiB):
+            store.write(off, page)
+        store.fsync()
+        full = size // PAGE_SIZE * TABLE_BYTES_PER_PAGE
+        assert store.stats()["table_bytes"] < full // 8, (store.stats()["table_bytes"], full)
+        assert store.read(size - 128 * MiB, PAGE_SIZE) == page
+    finally:
+        store.close()
 
 
 def test_discard_of_unused_pages_leaves_their_entries_alone(backing_path):

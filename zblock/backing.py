@@ -386,6 +386,7 @@ class Backing:
         self._inflight = np.zeros(n, bool)  # disk write or punch in progress
         self._failed = np.zeros(n, bool)  # last write failed: keep both values across sync
         no_huge_pages((self._unsynced, self._inflight, self._failed))
+        self.arrays = (self._crc, self._unsynced, self._inflight, self._failed)   # table_bytes
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(self._NSTRIPES)]
         self._sync_lock = threading.Lock()

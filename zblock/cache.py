@@ -47,6 +47,7 @@ from .compressors import CompressionError
 from .config import Config
 from .entries import DISK, EntryTable
 from .errors import DataError, DiskError
+from .pagemem import resident_bytes
 from .pool import Trimmer
 from .pools import PoolRegistry
 from .scan import COMP, NONE, RAW, SAME, Scan, filled_page
@@ -430,6 +431,15 @@ class Cache:
 
     def snapshot(self) -> dict:
         return snapshot(self)
+
+    def table_bytes(self, more_arrays=()) -> int:
+        """Memory the per-page tables hold now: the entry table's arrays and object slots, and
+        `more_arrays` (other layers' per-page arrays). Caller holds no lock: reading what is
+        resident (/proc/self/smaps) takes milliseconds, so only the slots are counted under the
+        tree lock."""
+        with self.tree_lock:
+            slots = self.table.objs_bytes()
+        return slots + resident_bytes([*self.table.arrays, *more_arrays])
 
 
 def _pages(where, idx) -> list[int]:

@@ -320,7 +320,7 @@ def format_table(stats: dict) -> str:
             continue
         if _num(value):
             shown = f"{value}"
-            if key in BYTE_GAUGES:
+            if key in BYTE_GAUGES or key.endswith("_bytes"):
                 shown = f"{value}  ({_human_bytes(value)})"
             rows.append((key, shown))
         elif isinstance(value, str):

@@ -35,7 +35,7 @@ import sys
 
 import numpy as np
 
-from .pagemem import no_huge_pages, resident_bytes
+from .pagemem import no_huge_pages
 from .pool import Pool, charge
 from .scan import COMP, NONE, RAW, SAME, Scan
 
@@ -314,8 +314,3 @@ class EntryTable:
         """Memory `objs` holds for its slots now: the list of chunks and the chunks that exist
         (not the objects: they are the pool's)."""
         return sys.getsizeof(self.objs) + sum(map(sys.getsizeof, filter(None, self.objs)))
-
-    def table_bytes(self, more_arrays=()) -> int:
-        """Memory the table holds now, with `more_arrays` (other layers' per-page arrays): the
-        slots of `objs` and the arrays' resident pages (zblock.pagemem.resident_bytes)."""
-        return self.objs_bytes() + resident_bytes([*self.arrays, *more_arrays])

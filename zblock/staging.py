@@ -45,6 +45,7 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .errors import DataError, ZblockError
+from .pagemem import no_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class WriteBehind:
         self._waiters = 0               # callers waiting for queued pages: no gathering
         self._big_since_idle = False    # a request buffer was stored since the queue last ran empty
         self.failed = np.zeros(npages, np.bool_)
+        self.arrays = (self.staged, self.failed)        # per-page: counted in table_bytes
+        no_huge_pages(self.arrays)
         self._nfailed = 0               # pages in `failed`: lets wait_range skip the lock
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0

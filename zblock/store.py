@@ -39,9 +39,28 @@ WRITE_BEHIND_BYTES = 2 << 20
 WRITE_BEHIND_MIN = 64 << 10
 # swap mode: give freed memory back only after this many seconds without cache activity
 SWAP_TRIM_QUIET = 2.0
+# Memory of the per-page tables once every page of the disk is used, checked against the
+# machine's memory at open: the entry table 27 bytes and its object slot 8, the backing's checksum
+# pair and flags 11, the write-behind queue's count and flag 3.
+TABLE_BYTES_PER_PAGE = 49
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
 POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth", "hw_latency_us",
                "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed", "contexts"}
+
+
+def check_table_fits(size: int, memory_total: int | None = None) -> None:
+    """ConfigError unless the per-page tables of a disk of `size` bytes, every page used, fit in
+    `memory_total` bytes (default: this machine's memory)."""
+    total = psutil.virtual_memory().total if memory_total is None else memory_total
+    need = (size >> PAGE_SHIFT) * TABLE_BYTES_PER_PAGE
+    if need > total:
+        raise ConfigError(f"a disk of {_size_text(size)} needs up to {_size_text(need)} of memory "
+                          f"for its page tables ({TABLE_BYTES_PER_PAGE} bytes a page once every "
+                          f"page is used), more than this machine's {_size_text(total)}")
+
+
+def _size_text(n: int) -> str:
+    return f"{n / (1 << 40):.1f} TiB" if n >= 1 << 40 else f"{n / (1 << 30):.1f} GiB"
 
 
 def _release_nothing() -> int:
@@ -314,5 +333,7 @@ class Store:
         d["swap"] = self.config.swap
         d["pool_limit"] = self.config.pool_limit
         d["process_rss_bytes"] = self._proc.memory_info().rss
+        d["table_bytes"] = self.cache.table_bytes(
+            [*self.backing.arrays, *(self.staging.arrays if self.staging else ())])
         d["time"] = time.time()
         return d
