@@ -18,7 +18,7 @@ from zblock.entries import COMP, DISK, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME
 from zblock.lru import select_victims
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
-from zblock.errors import DataError, OutOfRange
+from zblock.errors import ConfigError, DataError, OutOfRange
 from zblock.store import TABLE_BYTES_PER_PAGE, Store
 from mountutil import wait_for
 
@@ -612,6 +612,29 @@ def test_writes_spread_over_a_disk_commit_table_memory_near_them(backing_path):
         full = size // PAGE_SIZE * TABLE_BYTES_PER_PAGE
         assert store.stats()["table_bytes"] < full // 8, (store.stats()["table_bytes"], full)
         assert store.read(size - 128 * MiB, PAGE_SIZE) == page
+    finally:
+        store.close()
+
+
+def test_disk_too_large_for_memory_refused(backing_path):
+    """A size whose tables, every page used, would not fit in memory is refused before any file
+    is made; the per-page cost named in the message is what the tables really take."""
+    with pytest.raises(ConfigError, match=r"1\.0 TiB needs up to 12\.2 GiB .*49 bytes a page"
+                                          r".*this machine's 8\.0 GiB"):
+        Store.open(backing_path, 1 << 40, make_config(sparse=True), memory_total=8 << 30)
+    assert not os.path.exists(backing_path)
+    with open(backing_path, "wb") as f:                # an existing file: its size is checked
+        f.truncate(1 << 40)
+    with pytest.raises(ConfigError, match="49 bytes a page"):
+        Store.open(backing_path, None, make_config(sparse=True), memory_total=8 << 30)
+    assert not os.path.exists(backing_path + ".zbmeta")
+    os.unlink(backing_path)
+    store = Store.open(backing_path, 64 * MiB, make_config(), memory_total=64 * MiB * 49 // 4096)
+    try:
+        t = store.cache.table
+        arrays = [*t.arrays, *store.backing.arrays, *store.staging.arrays]
+        slots = len(t.objs) * OBJ_CHUNK * 8                      # every chunk made
+        assert (sum(a.nbytes for a in arrays) + slots) // store.npages == TABLE_BYTES_PER_PAGE
     finally:
         store.close()
 

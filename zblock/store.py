@@ -12,6 +12,7 @@ What it does not do: FUSE (fuse_ops.py), policy (cache.py), files (backing.py).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -104,7 +105,18 @@ class Store:
 
     @classmethod
     def open(cls, backing_path: str, size: int | None, config: Config, *, disk_factory=None,
-             progress=None, **kw) -> "Store":
+             progress=None, memory_total: int | None = None, **kw) -> "Store":
+        """Open or create the disk. ConfigError, before any file is made, if its tables would
+        not fit in `memory_total` bytes (default: this machine's memory) once every page is
+        used: they are outside pool_limit, so the OOM killer, not a message, would stop them."""
+        disk_size = size
+        if size is None:
+            try:
+                disk_size = os.stat(backing_path).st_size
+            except OSError:
+                pass                # Backing.open says what is wrong
+        if isinstance(disk_size, int) and disk_size > 0:
+            check_table_fits(disk_size, memory_total)
         backing = Backing.open(backing_path, size, ephemeral=config.swap, sparse=config.sparse,
                                read_only=config.read_only, disk_factory=disk_factory,
                                progress=progress)
