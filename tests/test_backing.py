@@ -824,23 +824,23 @@ def test_lost_pages_read_eio_until_rewritten(img):
 def test_version_1_sidecar_is_converted(img):
     """Version 1 folded crcs 0 and 1 to 2 and 3; version 2 keeps 2 for LOST and folds 0..2 to 3."""
     import struct
-    from zblock import backing as bk
+    from zblock import sidecar as sc
     with Backing.open(img, 16 * PS) as b:
         b.write_pages([0, 1], [page("x"), page("y")])
     with open(meta_path(img), "r+b") as f:
-        head = bytearray(f.read(bk.HEADER_SIZE))
+        head = bytearray(f.read(sc.HEADER_SIZE))
         head[8:12] = struct.pack("<I", 1)
-        n = bk._HEADER.size
-        head[n:n + 4] = struct.pack("<I", bk._crc(bytes(head[:n])))
+        n = sc.HEADER.size
+        head[n:n + 4] = struct.pack("<I", sc.crc(bytes(head[:n])))
         f.seek(0)
         f.write(head)
-        f.seek(bk.HEADER_SIZE + 8)              # page 1's pair: as a v1 page whose crc was 0
+        f.seek(sc.HEADER_SIZE + 8)              # page 1's pair: as a v1 page whose crc was 0
         f.write(struct.pack("<II", 2, 2))
     with Backing.open(img) as b:
         assert b.read_page(0) == page("x")
         with pytest.raises(DataError):          # its data's crc is not 0..3: a mismatch, not LOST
             b.read_page(1)
-        assert int(b._crc[1, 0]) == bk._FOLD
+        assert int(b._crc[1, 0]) == sc.FOLD
     assert fsck(img).version == 2
 
 

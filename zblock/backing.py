@@ -1,22 +1,14 @@
 """Backing store: the raw disk image, its `.zbmeta` checksum sidecar, and the file lock.
 
 The backing file is a raw image at the same offsets as the FUSE `disk` file (after a clean
-unmount it is usable directly with losetup). Beside it, `PATH.zbmeta` holds
+unmount it is usable directly with losetup). Beside it, `PATH.zbmeta` holds a header and, per
+page, two CRC32C values (durable, latest) with three sentinels: ZERO (reads as zeros), UNCHECKED
+(imported without a sidecar) and LOST (reads EIO); zblock.sidecar has the format. In memory the
+pairs are the numpy table `_crc`, whose 4 KiB blocks are the sidecar's, so a touched block is
+written straight from the table. zblock.backing_open opens, creates, locks and reserves the
+files, loads the table (only the blocks that hold entries) and settles the pairs a crash left;
+this module serves I/O on what it opened, and checks unmounted images (fsck).
 
-    block 0      header: magic, version, page size, size, flags (bit 0: clean shutdown),
-                 entry size, and at clean shutdown the data file's mtime_ns and inode; crc32c
-    block 1...   per page two uint32 values, (durable, latest), little-endian, 512 pages per
-                 4 KiB block, exactly the in-memory numpy table `_crc` (npages rounded up to
-                 512 rows), so a touched block is written straight from the table.
-
-Entry values: CRC32C of the page, "folded" so that 0, 1 and 2 stay free as sentinels:
-    ZERO (0)       the page reads as zeros without touching the disk (never written, discarded)
-    UNCHECKED (1)  the content predates the sidecar (a raw image imported without one):
-                   accepted as it is until written
-    LOST (2)       acknowledged data that never reached the file (a clean close whose write-back
-                   failed): never matches, so the page reads EIO until it is written again
-Version 1 sidecars kept only 0 and 1 free (crc 0 and 1 folded to 2 and 3); they are converted
-at open (2 -> 3 is exact: both stand for "crc 0..3" under the version 2 fold).
 A page verifies when its data matches `durable` or `latest`. `durable` is the value as of the
 last sync, or of the last completed write since (see write_pages below); `latest` is the value
 of the last write started.
@@ -33,9 +25,13 @@ Without a crash every page reads exactly, failed writes included. How the orderi
                 whatever part of the write lands. (After two writes since a sync a power cut
                 may bring back the synced bytes, which then read as EIO: allowed, and it keeps
                 the running case exact with only two values per page.)
+  discard       the same as a write of zeros, for the pages whose pair is not (ZERO, ZERO)
+                already: pair := (what the disk holds now, ZERO), their sidecar blocks, then
+                the punch of the whole range.
   sync          (1) fsync the sidecar: every pair written so far is durable before (2) fsync of
                 the data (correctness does not need (1); it narrows the EIO window of pages
-                written just before a cut, for one cheap fsync of a small file); (3) collapse durable := latest for pages whose writes had completed
+                written just before a cut, for one cheap fsync of a small file); (3) collapse
+                durable := latest for pages whose writes had completed
                 before (2) began and were not rewritten since, write their blocks, fsync the
                 sidecar. A power cut anywhere leaves each synced page covered: its pair has been
                 (D, D) in every sidecar version written since its last sync.
@@ -61,296 +57,32 @@ Lock protocol. Lock order: _sync_lock -> stripe lock -> _lock.
 The caller (the cache) serialises operations on the same page; different pages may be read and
 written from several threads, and sync() may run while other pages are written.
 
-Not here: caching, compression, byte ranges (zblock.store), retries (the cache keeps a page whose
-writeback failed).
+Not here: opening (zblock.backing_open), the sidecar's format (zblock.sidecar), caching,
+compression, byte ranges (zblock.store), retries (the cache keeps a page whose writeback failed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
-import functools
 import logging
 import os
-import stat
-import struct
 import threading
-import time
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
-import crc32c as _crc32c
 import numpy as np
 
 from . import PAGE_SIZE
-from .disk import FileDisk
+from .backing_open import DiskFactory, Opened, human, open_files, stat_backing
 from .errors import BackingError, BackingLocked, DataError, DiskError, OutOfRange
 from .pagemem import no_huge_pages
+from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, LOST, PAGE_RUN,
+                      UNCHECKED, ZERO, ZERO_PAGE_CRC, crc as _crc, fold, meta_path, pack_header,
+                      page_crcs, parse_header, row_steps, table_rows, verify)
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# on-disk format
-
-META_SUFFIX = ".zbmeta"
-META_MAGIC = b"ZBLKMETA"
-META_VERSION = 2
-HEADER_SIZE = 4096
-ENTRY_SIZE = 8  # two uint32: durable, latest
-ENTRIES_PER_BLOCK = PAGE_SIZE // ENTRY_SIZE  # 512
-FLAG_CLEAN = 1
-# magic, version, page_size, size, flags, entry_size, data_mtime_ns, data_ino; then crc32c
-_HEADER = struct.Struct("<8sIIQIIqQ")
-
-ZERO = 0
-UNCHECKED = 1
-LOST = 2
-_FOLD = 3  # the smallest value a page's checksum takes: 0..2 are the sentinels
-_crc = _crc32c.crc32c
-
-
-def _fold(crcs: np.ndarray) -> np.ndarray:
-    """Keep the sentinels free (crcs 0..3 then share one value: negligible strength lost)."""
-    crcs[crcs < _FOLD] = _FOLD
-    return crcs
-
-
-ZERO_PAGE_CRC = int(_fold(np.array([_crc(bytes(PAGE_SIZE))], np.uint32))[0])
-
-# A page-read run in fsck; reads in Backing follow the caller's runs.
-_FSCK_RUN = 256
-# Scans of the table take this many rows at a time: no temporary the table's size.
-_SCAN_ROWS = 1 << 20
-# The table is read from the sidecar through a buffer this big, and written to a new sidecar in
-# steps this big (one pwrite returns at most 2 GiB).
-_READ_STEP = 1 << 20
-_WRITE_STEP = 64 << 20
-
-DiskFactory = Callable[[str, str], object]  # (path, role "data" | "meta") -> disk
-
-
-def meta_path(path: str) -> str:
-    return path + META_SUFFIX
-
-
-def _page_crcs(data, count: int) -> np.ndarray:
-    mv = memoryview(data)
-    crcs = np.fromiter((_crc(mv[o:o + PAGE_SIZE]) for o in range(0, count * PAGE_SIZE, PAGE_SIZE)),
-                       np.uint32, count)
-    return _fold(crcs)
-
-
-def _verify(crcs: np.ndarray, pair: np.ndarray) -> np.ndarray:
-    """Bool per page: the data matches one of its two values (ZERO means the zero page)."""
-    d, l = pair[:, 0], pair[:, 1]
-    return ((crcs == d) | (crcs == l) | (d == UNCHECKED) | (l == UNCHECKED)
-            | (((d == ZERO) | (l == ZERO)) & (crcs == ZERO_PAGE_CRC)))
-
-
-def _pack_header(size: int, clean: bool, mtime_ns: int = 0, ino: int = 0) -> bytes:
-    head = _HEADER.pack(META_MAGIC, META_VERSION, PAGE_SIZE, size, FLAG_CLEAN if clean else 0,
-                        ENTRY_SIZE, mtime_ns, ino)
-    head += struct.pack("<I", _crc(head))
-    return head + bytes(HEADER_SIZE - len(head))
-
-
-@dataclass
-class _Header:
-    version: int
-    page_size: int
-    size: int
-    clean: bool
-    entry_size: int
-    mtime_ns: int
-    ino: int
-
-
-def _parse_header(raw: bytes, where: str) -> _Header:
-    """BackingError naming the problem unless `raw` is a valid header of this version."""
-    n = _HEADER.size
-    if len(raw) < n + 4:
-        raise BackingError(f"{where}: sidecar too short for a header")
-    magic, version, page_size, size, flags, entry_size, mtime_ns, ino = _HEADER.unpack(raw[:n])
-    if magic != META_MAGIC:
-        raise BackingError(f"{where}: not a zblock sidecar (bad magic)")
-    if struct.unpack("<I", raw[n:n + 4])[0] != _crc(raw[:n]):
-        raise BackingError(f"{where}: sidecar header checksum mismatch")
-    if version not in (1, META_VERSION):
-        raise BackingError(f"{where}: sidecar version {version} is not supported (want {META_VERSION})")
-    if page_size != PAGE_SIZE or entry_size != ENTRY_SIZE:
-        raise BackingError(f"{where}: sidecar page size {page_size} / entry size {entry_size} "
-                           f"not supported (want {PAGE_SIZE} / {ENTRY_SIZE})")
-    return _Header(version, page_size, size, bool(flags & FLAG_CLEAN), entry_size, mtime_ns, ino)
-
-
-def _table_rows(npages: int) -> int:
-    return -(-npages // ENTRIES_PER_BLOCK) * ENTRIES_PER_BLOCK
-
-
-def _read_table(fd: int, table: np.ndarray, where: str) -> list[tuple[int, int]]:
-    """Fill the zeroed `table` from the sidecar and return the row ranges (first, end) it
-    wrote; every other row is (ZERO, ZERO). Only the file's data extents are read, and only
-    their 4 KiB blocks that hold something are copied in: the rest of `table` stays memory the
-    kernel has not given (a new disk's sidecar is one hole; a sidecar copied without its holes,
-    or read through the page cache by fsck, is data that reads as zeros).
-    BackingError if the file is shorter than the table."""
-    dst = memoryview(table).cast("B")
-    end = HEADER_SIZE + len(dst)
-    if os.fstat(fd).st_size < end:
-        raise BackingError(f"{where}: sidecar is truncated")
-    scratch = bytearray(_READ_STEP)
-    view = memoryview(scratch)
-    ranges: list[tuple[int, int]] = []
-    pos = HEADER_SIZE
-    while pos < end:
-        try:
-            pos = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:      # nothing but holes from here on
-                break
-            raise
-        if pos >= end:
-            break
-        stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE   # whole blocks
-        stop = min(end, HEADER_SIZE + -(-(stop - HEADER_SIZE) // PAGE_SIZE) * PAGE_SIZE)
-        while pos < stop:
-            count = min(len(scratch), stop - pos)
-            got = 0
-            while got < count:              # one read may return less than asked
-                n = os.preadv(fd, [view[got:count]], pos + got)
-                if n == 0:
-                    raise BackingError(f"{where}: sidecar is truncated")
-                got += n
-            blocks = np.frombuffer(scratch, np.uint64, count // 8).reshape(-1, ENTRIES_PER_BLOCK)
-            used = np.flatnonzero(blocks.any(axis=1))
-            base = (pos - HEADER_SIZE) // PAGE_SIZE       # the table block at `pos`
-            for run in np.split(used, np.flatnonzero(np.diff(used) != 1) + 1) if len(used) else ():
-                a, b = int(run[0]), int(run[-1]) + 1
-                dst[(base + a) * PAGE_SIZE:(base + b) * PAGE_SIZE] = view[a * PAGE_SIZE:b * PAGE_SIZE]
-                first, last = (base + a) * ENTRIES_PER_BLOCK, (base + b) * ENTRIES_PER_BLOCK
-                if ranges and ranges[-1][1] == first:
-                    ranges[-1] = (ranges[-1][0], last)
-                else:
-                    ranges.append((first, last))
-            pos += count
-    return ranges
-
-
-def _write_table(meta, table: np.ndarray, ranges) -> None:
-    """Write the rows `ranges` ((first, end) rows) of `table` to the sidecar disk `meta`, in
-    steps: no copy of the table, and no pwrite longer than one can be."""
-    buf = memoryview(table).cast("B")
-    for first, end in ranges:
-        for lo in range(first * ENTRY_SIZE, end * ENTRY_SIZE, _WRITE_STEP):
-            hi = min(lo + _WRITE_STEP, end * ENTRY_SIZE)
-            meta.pwrite(HEADER_SIZE + lo, buf[lo:hi])
-
-
-def _row_steps(ranges, npages: int):
-    """Slices of at most _SCAN_ROWS rows over `ranges` ((first, end) rows), clipped to the
-    disk's `npages` rows."""
-    for first, end in ranges:
-        end = min(end, npages)
-        for lo in range(first, end, _SCAN_ROWS):
-            yield slice(lo, min(lo + _SCAN_ROWS, end))
-
-
-def _stat_backing(path: str) -> os.stat_result | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise BackingError(f"{path}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise BackingError(f"{path} is a directory, not a backing file")
-    if not stat.S_ISREG(st.st_mode):
-        raise BackingError(f"{path} is not a regular file")
-    return st
-
-
-def _human(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _reserve(disk, path: str, size: int, progress: Callable[[str], None] | None) -> None:
-    """Allocate every block of the first `size` bytes of `disk` (the file at `path`) without
-    changing its data. BackingError naming the sizes if the filesystem cannot hold it."""
-    try:
-        disk.prealloc(0, size)
-        return
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise _no_space(path, size) from None
-        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
-    # No fallocate here: write zeros into the holes (the data regions are allocated already).
-    log.info("%s: the filesystem has no fallocate; writing zeros into its holes", path)
-    holes = _holes(path, size)
-    total, done, last = sum(b - a for a, b in holes), 0, 0.0
-    zeros = [bytes(PAGE_SIZE)] * 256
-    for a, b in holes:
-        for off in range(a, b, len(zeros) * PAGE_SIZE):
-            n = min(len(zeros) * PAGE_SIZE, b - off)
-            try:
-                disk.pwritev(off, zeros[:n // PAGE_SIZE])
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise _no_space(path, size) from None
-                raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
-            done += n
-            if progress and time.monotonic() - last >= 1.0:
-                last = time.monotonic()
-                progress(f"reserving {path}: {_human(done)} of {_human(total)} written")
-    disk.fsync()
-
-
-def _holes(path: str, size: int) -> list[tuple[int, int]]:
-    """The page-aligned unallocated ranges of the file's first `size` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    holes, off = [], 0
-    try:
-        while off < size:
-            try:
-                start = os.lseek(fd, off, os.SEEK_HOLE)
-            except OSError:
-                return [(off, size)]        # no SEEK_HOLE: treat it all as a hole
-            if start >= size:
-                break
-            try:
-                end = os.lseek(fd, start, os.SEEK_DATA)
-            except OSError:                 # ENXIO: a hole up to the end
-                end = size
-            start &= ~(PAGE_SIZE - 1)
-            end = min(size, -(-end // PAGE_SIZE) * PAGE_SIZE)
-            holes.append((start, end))
-            off = end
-    finally:
-        os.close(fd)
-    return holes
-
-
-def _no_space(path: str, size: int) -> BackingError:
-    st = os.stat(path)
-    need = max(size - st.st_blocks * 512, 0)
-    vfs = os.statvfs(os.path.dirname(path))
-    free = vfs.f_bavail * vfs.f_frsize
-    return BackingError(
-        f"{path}: cannot reserve {_human(size)}: the filesystem has {_human(free)} free and "
-        f"needs {_human(need)} more (free space, use a smaller --size, or mount with --sparse "
-        f"to take the risk that writes fail once it is full)")
-
-
-def _default_factory(path: str, role: str, writable: bool = True):
-    # The data file bypasses the page cache; the sidecar is small and ordered by fsync.
-    return FileDisk(path, direct=(role == "data"), writable=writable)
-
 
 # ---------------------------------------------------------------------------------------------
 # Backing
@@ -361,27 +93,24 @@ class Backing:
 
     _NSTRIPES = 64
 
-    def __init__(self, path: str, size: int, lock_fd: int, data, meta, table: np.ndarray,
-                 ephemeral: bool, open_state: str, *, sparse: bool = False,
-                 read_only: bool = False, loaded: list[tuple[int, int]] | None = None):
-        self.path = path
-        self.size = size
-        self.npages = size // PAGE_SIZE
-        self.ephemeral = ephemeral
-        self.sparse = sparse        # space not reserved: a write may meet ENOSPC
-        self.read_only = read_only  # nothing is written: no sidecar header, no sync
+    def __init__(self, opened: Opened):
+        self.path = opened.path
+        self.size = opened.size
+        self.npages = opened.size // PAGE_SIZE
+        self.ephemeral = opened.ephemeral
+        self.sparse = opened.sparse        # space not reserved: a write may meet ENOSPC
+        self.read_only = opened.read_only  # nothing is written: no sidecar header, no sync
         # Pages marked zero are read and checked like any other when the file was changed
         # outside zblock: a never-written page someone wrote into must read EIO, not zeros.
-        self.verify_zero = open_state == "changed"
-        self.open_state = open_state  # new | clean | recovered | imported | changed | ephemeral
-        self.io_mode = getattr(data, "mode", type(data).__name__)
-        self._lock_fd = lock_fd
-        self._data = data
-        self._meta = meta
-        self._crc = table  # (rows, 2) uint32: durable, latest
+        self.verify_zero = opened.state == "changed"
+        self.open_state = opened.state  # new | clean | recovered | imported | changed | ephemeral
+        self.io_mode = getattr(opened.data, "mode", type(opened.data).__name__)
+        self._lock_fd = opened.lock_fd
+        self._data = opened.data
+        self._meta = opened.meta
+        self._crc = opened.table  # (rows, 2) uint32: durable, latest
+        self._loaded = opened.loaded  # rows that may be other than (ZERO, ZERO) as opened
         n = self.npages
-        # the rows that may be other than (ZERO, ZERO) as opened: every other row is
-        self._loaded = [(0, n)] if loaded is None else loaded
         self._unsynced = np.zeros(n, bool)  # written/discarded since the last sync
         self._inflight = np.zeros(n, bool)  # disk write or punch in progress
         self._failed = np.zeros(n, bool)  # last write failed: keep both values across sync
@@ -396,177 +125,20 @@ class Backing:
         self.checksum_errors = 0
         self.io_errors = 0           # disk operations that failed (EIO, ENOSPC, ...)
 
-    # -- open --------------------------------------------------------------------------------
-
     @classmethod
     def open(cls, path: str, size: int | None = None, *, ephemeral: bool = False,
              sparse: bool = False, read_only: bool = False,
              disk_factory: DiskFactory | None = None,
              progress: Callable[[str], None] | None = None) -> "Backing":
-        """Create (needs `size`) or open the backing file at `path`, locked while open.
-
-        An existing file keeps its contents and its size: `size` None uses it, a different
-        `size` is refused (no silent resize). An empty existing file counts as new.
-        The file's whole size (and the sidecar's) is reserved on the filesystem, so no write
-        acknowledged later can meet ENOSPC; BackingError names the sizes when it cannot be.
-        `sparse` skips that (writes may then fail when the filesystem fills). `progress`
-        receives one-line messages during a long reservation (writing zeros).
-        `read_only` opens an existing file and its sidecar for reading only and writes nothing
-        (no reservation; the sidecar keeps its state; without one, pages read unchecked);
-        several read-only opens may share the file (LOCK_SH). Writing is the caller's to refuse.
-        Raises BackingError with a one-line message, BackingLocked if another Backing has it.
-        """
-        path = os.path.abspath(os.fspath(path))
-        factory = disk_factory or functools.partial(_default_factory, writable=not read_only)
-        if size is not None and (not isinstance(size, int) or size <= 0 or size % PAGE_SIZE):
-            raise BackingError(f"{path}: size {size!r} must be a positive multiple of {PAGE_SIZE}")
-        st = _stat_backing(path)
-        if st is None and read_only:
-            raise BackingError(f"{path} does not exist (nothing to open read-only)")
-        if st is None and size is None:
-            raise BackingError(f"{path} does not exist (a new backing file needs --size)")
+        """Create (needs `size`) or open the backing file at `path`, locked while open: the
+        rules (sizes, space reserved, read-only, errors) are zblock.backing_open.open_files'."""
+        opened = open_files(path, size, ephemeral=ephemeral, sparse=sparse, read_only=read_only,
+                            disk_factory=disk_factory, progress=progress)
         try:
-            access = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
-            fd = os.open(path, access | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise BackingError(f"{path}: cannot open: {e.strerror}") from None
-        created = st is None
-        data = meta = None
-        try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BackingLocked(f"{path} is in use (locked by another zblock)") from None
-            cur = os.fstat(fd).st_size
-            new = cur == 0
-            if new and read_only:
-                raise BackingError(f"{path} is empty (nothing to open read-only)")
-            if new:
-                if size is None:
-                    raise BackingError(f"{path} is empty (a new backing file needs --size)")
-                os.ftruncate(fd, size)
-            else:
-                if cur % PAGE_SIZE:
-                    raise BackingError(f"{path}: size {cur} is not a multiple of {PAGE_SIZE}")
-                if size is not None and size != cur:
-                    raise BackingError(f"{path} is {cur} bytes, not {size}: no silent resize")
-                size = cur
-            npages = size // PAGE_SIZE
-            table = np.zeros((_table_rows(npages), 2), np.uint32)
-            no_huge_pages((table,))
-            loaded: list[tuple[int, int]] = []      # a new or ephemeral table is all ZERO
-            data = factory(path, "data")
-            if ephemeral:
-                state = "ephemeral"
-                # Discard the old contents and reserve every block: swap must not meet ENOSPC.
-                try:
-                    data.punch(0, size)
-                except OSError as e:  # the table marks every page zero anyway
-                    if e.errno != errno.EOPNOTSUPP:
-                        raise
-                try:
-                    data.prealloc(0, size)
-                except OSError as e:
-                    if e.errno != errno.EOPNOTSUPP:
-                        raise  # ENOSPC: BackingError below, at mount time, not during reclaim
-                    log.warning("%s: cannot preallocate (%s): swap may meet ENOSPC", path, e.strerror)
-                try:
-                    os.unlink(meta_path(path))  # checksums of discarded contents
-                except FileNotFoundError:
-                    pass
-            elif read_only:
-                state, _, loaded = cls._load_table(path, size, new, fd, table, read_only=True)
-            else:
-                state, version, loaded = cls._load_table(path, size, new, fd, table)
-                meta = factory(meta_path(path), "meta")
-                if not sparse:
-                    _reserve(data, path, size, progress)
-                # always: a lost page must still be recordable when the filesystem is full
-                _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
-                if state == "imported" or version != META_VERSION:
-                    _write_table(meta, table, loaded)
-                meta.pwrite(0, _pack_header(size, clean=False))  # dirty until a clean close
-                meta.fsync()
-                if new:
-                    data.fsync()
-            if state == "imported":
-                log.warning("%s: no checksum sidecar; its pages are accepted unchecked until "
-                            "written", path)
-            elif state == "changed":
-                log.warning("%s: modified since its last clean unmount; pages changed outside "
-                            "zblock will fail their checksums (remove %s to accept them)",
-                            path, meta_path(path))
-            elif sparse:
-                log.warning("%s: sparse (--sparse): its space is not reserved, writes fail "
-                            "once the filesystem is full", path)
-            backing = cls(path, size, fd, data, meta, table, ephemeral, state, sparse=sparse,
-                          read_only=read_only, loaded=loaded)
-            if not (ephemeral or read_only):
-                backing._settle_pairs()
-            return backing
-        except BaseException as e:
-            for d in (meta, data):
-                if d is not None:
-                    d.close()
-            os.close(fd)
-            if created and not isinstance(e, BackingLocked):
-                for p in (path, meta_path(path)):
-                    try:
-                        os.unlink(p)
-                    except OSError:
-                        pass
-            if isinstance(e, OSError):
-                raise BackingError(f"{path}: {e.strerror}") from None
+            return cls(opened)
+        except BaseException:
+            opened.close()
             raise
-
-    @staticmethod
-    def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray,
-                    read_only: bool = False) -> tuple[str, int, list[tuple[int, int]]]:
-        """Fill the zeroed `table` from the sidecar (creating it if needed, unless
-        `read_only`); return how the file was found, the sidecar's format version and the row
-        ranges that may hold other than (ZERO, ZERO)."""
-        mpath = meta_path(path)
-        nbytes = HEADER_SIZE + table.nbytes
-        if new:
-            mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(mfd, nbytes)  # sparse zeros: every entry ZERO
-            finally:
-                os.close(mfd)
-            return "new", META_VERSION, []
-        try:
-            mfd = os.open(mpath, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if not read_only:
-                mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    os.ftruncate(mfd, nbytes)
-                finally:
-                    os.close(mfd)
-            table[:] = UNCHECKED
-            return "imported", META_VERSION, [(0, len(table))]
-        try:
-            head = _parse_header(os.pread(mfd, HEADER_SIZE, 0), mpath)
-            if head.size != size:
-                raise BackingError(f"{mpath}: sidecar is for a {head.size}-byte file, the backing "
-                                   f"file is {size} bytes (remove the sidecar to import it unchecked)")
-            loaded = _read_table(mfd, table, mpath)
-        finally:
-            os.close(mfd)
-        if head.version == 1:       # see "Version 1 sidecars" above; open() rewrites the table
-            for rows in _row_steps(loaded, len(table)):
-                part = table[rows]
-                part[part == 2] = _FOLD
-        if not head.clean:
-            # after a crash: trust both values of every pair
-            return "recovered", head.version, loaded
-        st = os.fstat(data_fd)
-        if st.st_mtime_ns != head.mtime_ns:  # not the inode: `cp -p` of both files is fine
-            # Written outside zblock (losetup, dd) since the clean unmount. The checksums stay
-            # in force: bit rot and a stray dd look alike, and both must read as EIO. A user
-            # who edited the image on purpose removes the sidecar to import it unchecked.
-            return "changed", head.version, loaded
-        return "clean", head.version, loaded
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -614,7 +186,7 @@ class Backing:
         mask = np.zeros(self.npages, bool)
         pairs = self._crc.view(np.uint64)[:, 0]
         with self._lock:
-            for rows in _row_steps(self._loaded, self.npages):
+            for rows in row_steps(self._loaded, self.npages):
                 mask[np.flatnonzero(pairs[rows]) + rows.start] = True
         return mask
 
@@ -636,13 +208,13 @@ class Backing:
             data = self._data.pread(start * PAGE_SIZE, count * PAGE_SIZE)
         except OSError as e:
             raise self._read_error(f"read of pages {start}..{end - 1}", e) from None
-        ok = _verify(_page_crcs(data, count), pair)
+        ok = verify(page_crcs(data, count), pair)
         if zero.any():
             # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard
             # only marks them); they need no check.
             ok |= zero
             if ok.all():
-                data = self._zero_fill(data, zero)
+                data = _zero_fill(data, zero)
         if not ok.all():
             bad = (np.flatnonzero(~ok) + start).tolist()
             with self._lock:
@@ -665,7 +237,7 @@ class Backing:
             data = self._data.pread(i * PAGE_SIZE, PAGE_SIZE)
         except OSError as e:
             raise self._read_error(f"read of page {i}", e) from None
-        c = max(_crc(data), _FOLD)
+        c = max(_crc(data), FOLD)
         if not (c == d or c == l or d == UNCHECKED or l == UNCHECKED
                 or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))):
             with self._lock:
@@ -676,17 +248,6 @@ class Backing:
         with self._lock:
             self.bd_reads += 1
         return data
-
-    @staticmethod
-    def _zero_fill(data: bytes, zero: np.ndarray) -> bytes:
-        idx = np.flatnonzero(zero)
-        buf = bytearray(data)
-        z = bytes(PAGE_SIZE)
-        for i in idx.tolist():
-            o = i * PAGE_SIZE
-            if buf[o:o + PAGE_SIZE] != z:
-                buf[o:o + PAGE_SIZE] = z
-        return bytes(buf)
 
     def read_page(self, idx: int) -> bytes:
         return self.read_pages(idx, 1)
@@ -716,7 +277,7 @@ class Backing:
             raise OutOfRange(f"{self.path}: page index outside 0..{self.npages - 1}")
         if sum(map(len, pages)) != n * PAGE_SIZE:
             raise ValueError(f"write_pages: every page must be {PAGE_SIZE} bytes")
-        crcs = _fold(np.fromiter(map(_crc, pages), np.uint32, n))
+        crcs = fold(np.fromiter(map(_crc, pages), np.uint32, n))
         if not (np.diff(idx) > 0).all():
             order = np.argsort(idx, kind="stable")
             sidx = idx[order]
@@ -752,7 +313,7 @@ class Backing:
 
     def _write_one(self, i: int, data) -> None:
         """write_pages for a single page, same protocol, scalar bookkeeping."""
-        c = max(_crc(data), _FOLD)
+        c = max(_crc(data), FOLD)
         crc = self._crc
         with self._lock:
             if not self._failed[i]:
@@ -800,7 +361,7 @@ class Backing:
             self._unsynced[idx] = True
         try:
             self._put_meta_blocks(np.unique(idx // ENTRIES_PER_BLOCK))
-            self._punch(start, count)
+            _punch(self._data, start, count, self.sparse)
         except OSError as e:
             with self._lock:
                 self._failed[idx] = True
@@ -813,29 +374,6 @@ class Backing:
         with self._lock:
             self._inflight[idx] = False
             self._failed[idx] = False
-
-    def _punch(self, start: int, count: int) -> None:
-        """Zero the pages on disk. The space stays reserved unless the file is sparse: a punch
-        alone would give it back, and a later write there could meet ENOSPC."""
-        offset, length = start * PAGE_SIZE, count * PAGE_SIZE
-        try:
-            if self.sparse:
-                self._data.punch(offset, length)
-            else:
-                try:
-                    self._data.zero_range(offset, length)
-                except OSError as e:
-                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    self._data.punch(offset, length)
-                    self._data.prealloc(offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):  # no hole punching here
-                raise
-            zeros = bytes(PAGE_SIZE)
-            for o in range(start, start + count, 256):
-                k = min(256, start + count - o)
-                self._data.pwritev(o * PAGE_SIZE, [zeros] * k)
 
     def mark_lost(self, pages) -> None:
         """Record that acknowledged data of `pages` never reached the file (a close whose
@@ -854,47 +392,6 @@ class Backing:
             self._meta.fsync()
         except OSError as e:
             raise self._disk_error(f"marking {len(idx)} lost page(s) in the sidecar", e) from None
-
-    def _settle_pairs(self) -> None:
-        """At open: a page whose pair still holds two values (written since a sync, then a
-        crash or a failed write) is read once and its pair collapsed to the value its data
-        matches, so a later sync does not keep reporting it. Pages matching neither keep their
-        pair (they read EIO; fsck lists them)."""
-        with self._lock:            # only rows loaded at open can hold two values
-            pages = np.concatenate([np.zeros(0, np.int64)] + [
-                np.flatnonzero(self._crc[rows, 0] != self._crc[rows, 1]) + rows.start
-                for rows in _row_steps(self._loaded, self.npages)])
-        if not len(pages):
-            return
-        try:
-            self._data.fsync()      # what we read must be durable before the pairs say so
-        except OSError as e:
-            raise self._disk_error("fsync", e) from None
-        settled = []
-        for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
-            for lo in range(0, len(run), _FSCK_RUN):
-                part = run[lo:lo + _FSCK_RUN]
-                try:
-                    data = self._data.pread(int(part[0]) * PAGE_SIZE, len(part) * PAGE_SIZE)
-                except OSError as e:
-                    log.warning("%s: reading pages %d..%d to settle their checksums: %s",
-                                self.path, part[0], part[-1], e.strerror)
-                    continue
-                crcs = _page_crcs(data, len(part))
-                with self._lock:
-                    for p, c in zip(part.tolist(), crcs.tolist()):
-                        d, l = self._crc[p]
-                        if c in (d, l) or (c == ZERO_PAGE_CRC and ZERO in (d, l)):
-                            self._crc[p] = c if c in (d, l) else ZERO
-                            settled.append(p)
-        if settled:
-            try:
-                self._put_meta_blocks(np.unique(np.asarray(settled) // ENTRIES_PER_BLOCK))
-                self._meta.fsync()
-            except OSError as e:
-                raise self._disk_error("sidecar update", e) from None
-            log.info("%s: settled the checksums of %d page(s) written before the last close",
-                     self.path, len(settled))
 
     # -- durability --------------------------------------------------------------------------
 
@@ -940,7 +437,7 @@ class Backing:
             if clean and not (self.ephemeral or self.read_only):
                 self.sync()
                 st = os.fstat(self._lock_fd)
-                self._meta.pwrite(0, _pack_header(self.size, True, st.st_mtime_ns, st.st_ino))
+                self._meta.pwrite(0, pack_header(self.size, True, st.st_mtime_ns, st.st_ino))
                 self._meta.fsync()
         except OSError as e:
             raise self._disk_error("clean close", e) from None
@@ -963,6 +460,46 @@ class Backing:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(clean=exc_type is None)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers of Backing
+
+
+def _zero_fill(data: bytes, zero: np.ndarray) -> bytes:
+    """`data` (pages) with the pages where `zero` is True replaced by zeros."""
+    idx = np.flatnonzero(zero)
+    buf = bytearray(data)
+    z = bytes(PAGE_SIZE)
+    for i in idx.tolist():
+        o = i * PAGE_SIZE
+        if buf[o:o + PAGE_SIZE] != z:
+            buf[o:o + PAGE_SIZE] = z
+    return bytes(buf)
+
+
+def _punch(disk, start: int, count: int, sparse: bool) -> None:
+    """Zero pages start .. start+count on `disk`. The space stays reserved unless the file is
+    `sparse`: a punch alone would give it back, and a later write there could meet ENOSPC."""
+    offset, length = start * PAGE_SIZE, count * PAGE_SIZE
+    try:
+        if sparse:
+            disk.punch(offset, length)
+        else:
+            try:
+                disk.zero_range(offset, length)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                disk.punch(offset, length)
+                disk.prealloc(offset, length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):  # no hole punching here
+            raise
+        zeros = bytes(PAGE_SIZE)
+        for o in range(start, start + count, 256):
+            k = min(256, start + count - o)
+            disk.pwritev(o * PAGE_SIZE, [zeros] * k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1013,7 +550,7 @@ class FsckReport:
 
     def summary(self) -> str:
         state = "closed cleanly" if self.closed_cleanly else "NOT closed cleanly"
-        lines = [f"{self.path}: {_human(self.size)}, {self.npages} pages, {state}"]
+        lines = [f"{self.path}: {human(self.size)}, {self.npages} pages, {state}"]
         lines.append(f"  {self.checked_pages} checked, {self.zero_pages} never written or "
                      f"discarded, {self.unchecked_pages} without checksum, "
                      f"{self.inflight_pages} written since the last sync")
@@ -1036,7 +573,7 @@ def fsck(path: str) -> FsckReport:
     checksums (zero-marked pages must read as zeros). BackingError if the file is missing or
     not a file, BackingLocked if it is in use. Reads through the page cache and drops it."""
     path = os.path.abspath(os.fspath(path))
-    st = _stat_backing(path)
+    st = stat_backing(path)
     if st is None:
         raise BackingError(f"{path} does not exist")
     rep = FsckReport(path=path, size=st.st_size, npages=st.st_size // PAGE_SIZE)
@@ -1056,9 +593,9 @@ def fsck(path: str) -> FsckReport:
         try:
             with open(mpath, "rb") as f:
                 raw_head = f.read(HEADER_SIZE)
-                head = _parse_header(raw_head, mpath)
+                head = parse_header(raw_head, mpath)
                 rep.version, rep.closed_cleanly = head.version, head.clean
-                rows = _table_rows(rep.npages)
+                rows = table_rows(rep.npages)
                 raw = f.read(rows * ENTRY_SIZE)
         except FileNotFoundError:
             rep.errors.append(f"no sidecar {mpath}: pages cannot be checked")
@@ -1074,7 +611,7 @@ def fsck(path: str) -> FsckReport:
             return rep
         table = np.frombuffer(raw, "<u4").reshape(rows, 2)[:rep.npages]
         if head.version == 1:
-            table = np.where(table == 2, _FOLD, table).astype(np.uint32)
+            table = np.where(table == 2, FOLD, table).astype(np.uint32)
         if head.clean and st.st_mtime_ns != head.mtime_ns:
             rep.notes.append("file modified since its last clean unmount (mtime); if that was "
                              "on purpose, remove the sidecar to import the image unchecked")
@@ -1087,13 +624,13 @@ def fsck(path: str) -> FsckReport:
         rep.inflight_pages = int((d != l).sum())
         lost = (d == LOST) & (l == LOST)
         rep.lost_pages = np.flatnonzero(lost).tolist()
-        for start in range(0, rep.npages, _FSCK_RUN):
-            count = min(_FSCK_RUN, rep.npages - start)
+        for start in range(0, rep.npages, PAGE_RUN):
+            count = min(PAGE_RUN, rep.npages - start)
             data = os.pread(fd, count * PAGE_SIZE, start * PAGE_SIZE)
             if len(data) < count * PAGE_SIZE:
                 data += bytes(count * PAGE_SIZE - len(data))
             os.posix_fadvise(fd, start * PAGE_SIZE, count * PAGE_SIZE, os.POSIX_FADV_DONTNEED)
-            ok = _verify(_page_crcs(data, count), table[start:start + count])
+            ok = verify(page_crcs(data, count), table[start:start + count])
             ok |= lost[start:start + count]     # listed as lost, not as bad
             rep.bad_pages += (np.flatnonzero(~ok) + start).tolist()
         rep.checked_pages = rep.npages - rep.unchecked_pages - len(rep.lost_pages)

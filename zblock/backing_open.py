@@ -1,0 +1,454 @@
+"""Opening a backing file: the checks, the lock, the space, the sidecar's table, and the pairs a
+crash left; `Backing.open` (zblock.backing) serves its I/O from what open_files returns.
+
+open_files, in order: the size rules (a new file needs a size; an existing one keeps its own,
+never silently resized); the flock (exclusive, or shared for read-only opens); the table read
+from the sidecar by its data extents, copying in only the 4 KiB blocks that hold entries (the
+rest of the table stays memory the kernel has not given; the rows copied are `loaded`); a
+version 1 sidecar converted; the data file's and the sidecar's space reserved (fallocate, or
+zeros written into the holes); the sidecar header marked dirty until a clean close; and every
+page that a crash or a failed write left with two checksums read once and settled. Swap mode
+(ephemeral) instead discards the old contents and preallocates the file, with no sidecar.
+
+Invariants: on any failure everything opened is closed again, and a file this call created is
+removed with its sidecar. Rows of the table outside `loaded` are (ZERO, ZERO). Nothing else
+uses the files yet, so settling writes sidecar blocks without the Backing's stripe locks.
+
+What this module does not do: reads, writes, discards, syncs and close of an open backing file
+(zblock.backing), the sidecar's format (zblock.sidecar), fsck (zblock.backing).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import PAGE_SIZE
+from .disk import FileDisk
+from .errors import BackingError, BackingLocked, DiskError
+from .pagemem import no_huge_pages
+from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, META_VERSION, PAGE_RUN,
+                      UNCHECKED, ZERO, ZERO_PAGE_CRC, meta_path, pack_header, page_crcs,
+                      parse_header, row_steps, table_rows)
+
+# the same logger as zblock.backing: opening is part of what a backing file reports
+log = logging.getLogger("zblock.backing")
+
+# The table is read from the sidecar through a buffer this big, and written to a new sidecar in
+# steps this big (one pwrite returns at most 2 GiB).
+_READ_STEP = 1 << 20
+_WRITE_STEP = 64 << 20
+
+DiskFactory = Callable[[str, str], object]  # (path, role "data" | "meta") -> disk
+
+
+@dataclass
+class Opened:
+    """An open backing file's parts, from which Backing serves I/O."""
+
+    path: str
+    size: int
+    lock_fd: int            # the data file, flocked; closing it releases the lock
+    data: object            # disks (the zblock.disk interface): the raw image ...
+    meta: object | None     # ... and the sidecar (None in swap and read-only modes)
+    table: np.ndarray       # (rows, 2) uint32: durable, latest
+    state: str              # new | clean | recovered | imported | changed | ephemeral
+    loaded: list            # (first, end) rows of `table` that may be other than (ZERO, ZERO)
+    ephemeral: bool
+    sparse: bool
+    read_only: bool
+
+    def close(self) -> None:
+        """Release everything, writing nothing (the Backing could not be made)."""
+        for d in (self.meta, self.data):
+            if d is not None:
+                d.close()
+        os.close(self.lock_fd)
+
+
+def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
+               sparse: bool = False, read_only: bool = False,
+               disk_factory: DiskFactory | None = None,
+               progress: Callable[[str], None] | None = None) -> Opened:
+    """Create (needs `size`) or open the backing file at `path`, locked while open.
+
+    An existing file keeps its contents and its size: `size` None uses it, a different
+    `size` is refused (no silent resize). An empty existing file counts as new.
+    The file's whole size (and the sidecar's) is reserved on the filesystem, so no write
+    acknowledged later can meet ENOSPC; BackingError names the sizes when it cannot be.
+    `sparse` skips that (writes may then fail when the filesystem fills). `progress`
+    receives one-line messages during a long reservation (writing zeros).
+    `read_only` opens an existing file and its sidecar for reading only and writes nothing
+    (no reservation; the sidecar keeps its state; without one, pages read unchecked);
+    several read-only opens may share the file (LOCK_SH). Writing is the caller's to refuse.
+    Raises BackingError with a one-line message, BackingLocked if another Backing has it,
+    DiskError if settling the pairs a crash left fails.
+    """
+    path = os.path.abspath(os.fspath(path))
+    factory = disk_factory or functools.partial(_default_factory, writable=not read_only)
+    if size is not None and (not isinstance(size, int) or size <= 0 or size % PAGE_SIZE):
+        raise BackingError(f"{path}: size {size!r} must be a positive multiple of {PAGE_SIZE}")
+    st = stat_backing(path)
+    if st is None and read_only:
+        raise BackingError(f"{path} does not exist (nothing to open read-only)")
+    if st is None and size is None:
+        raise BackingError(f"{path} does not exist (a new backing file needs --size)")
+    try:
+        access = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
+        fd = os.open(path, access | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise BackingError(f"{path}: cannot open: {e.strerror}") from None
+    created = st is None
+    data = meta = None
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackingLocked(f"{path} is in use (locked by another zblock)") from None
+        cur = os.fstat(fd).st_size
+        new = cur == 0
+        if new and read_only:
+            raise BackingError(f"{path} is empty (nothing to open read-only)")
+        if new:
+            if size is None:
+                raise BackingError(f"{path} is empty (a new backing file needs --size)")
+            os.ftruncate(fd, size)
+        else:
+            if cur % PAGE_SIZE:
+                raise BackingError(f"{path}: size {cur} is not a multiple of {PAGE_SIZE}")
+            if size is not None and size != cur:
+                raise BackingError(f"{path} is {cur} bytes, not {size}: no silent resize")
+            size = cur
+        npages = size // PAGE_SIZE
+        table = np.zeros((table_rows(npages), 2), np.uint32)
+        no_huge_pages((table,))
+        loaded: list[tuple[int, int]] = []      # a new or ephemeral table is all ZERO
+        data = factory(path, "data")
+        if ephemeral:
+            state = "ephemeral"
+            # Discard the old contents and reserve every block: swap must not meet ENOSPC.
+            try:
+                data.punch(0, size)
+            except OSError as e:  # the table marks every page zero anyway
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+            try:
+                data.prealloc(0, size)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise  # ENOSPC: BackingError below, at mount time, not during reclaim
+                log.warning("%s: cannot preallocate (%s): swap may meet ENOSPC", path, e.strerror)
+            try:
+                os.unlink(meta_path(path))  # checksums of discarded contents
+            except FileNotFoundError:
+                pass
+        elif read_only:
+            state, _, loaded = _load_table(path, size, new, fd, table, read_only=True)
+        else:
+            state, version, loaded = _load_table(path, size, new, fd, table)
+            meta = factory(meta_path(path), "meta")
+            if not sparse:
+                _reserve(data, path, size, progress)
+            # always: a lost page must still be recordable when the filesystem is full
+            _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
+            if state == "imported" or version != META_VERSION:
+                _write_table(meta, table, loaded)
+            meta.pwrite(0, pack_header(size, clean=False))  # dirty until a clean close
+            meta.fsync()
+            if new:
+                data.fsync()
+        if state == "imported":
+            log.warning("%s: no checksum sidecar; its pages are accepted unchecked until "
+                        "written", path)
+        elif state == "changed":
+            log.warning("%s: modified since its last clean unmount; pages changed outside "
+                        "zblock will fail their checksums (remove %s to accept them)",
+                        path, meta_path(path))
+        elif sparse:
+            log.warning("%s: sparse (--sparse): its space is not reserved, writes fail "
+                        "once the filesystem is full", path)
+        if not (ephemeral or read_only):
+            _settle_pairs(path, data, meta, table, loaded, size // PAGE_SIZE)
+        return Opened(path, size, fd, data, meta, table, state, loaded, ephemeral, sparse,
+                      read_only)
+    except BaseException as e:
+        for d in (meta, data):
+            if d is not None:
+                d.close()
+        os.close(fd)
+        if created and not isinstance(e, BackingLocked):
+            for p in (path, meta_path(path)):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        if isinstance(e, OSError):
+            raise BackingError(f"{path}: {e.strerror}") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# the sidecar's table
+
+
+def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray,
+                read_only: bool = False) -> tuple[str, int, list[tuple[int, int]]]:
+    """Fill the zeroed `table` from the sidecar (creating it if needed, unless
+    `read_only`); return how the file was found, the sidecar's format version and the row
+    ranges that may hold other than (ZERO, ZERO)."""
+    mpath = meta_path(path)
+    nbytes = HEADER_SIZE + table.nbytes
+    if new:
+        mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(mfd, nbytes)  # sparse zeros: every entry ZERO
+        finally:
+            os.close(mfd)
+        return "new", META_VERSION, []
+    try:
+        mfd = os.open(mpath, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not read_only:
+            mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(mfd, nbytes)
+            finally:
+                os.close(mfd)
+        table[:] = UNCHECKED
+        return "imported", META_VERSION, [(0, len(table))]
+    try:
+        head = parse_header(os.pread(mfd, HEADER_SIZE, 0), mpath)
+        if head.size != size:
+            raise BackingError(f"{mpath}: sidecar is for a {head.size}-byte file, the backing "
+                               f"file is {size} bytes (remove the sidecar to import it unchecked)")
+        loaded = _read_table(mfd, table, mpath)
+    finally:
+        os.close(mfd)
+    if head.version == 1:       # zblock.sidecar: "Version 1 sidecars"; open_files rewrites it
+        for rows in row_steps(loaded, len(table)):
+            part = table[rows]
+            part[part == 2] = FOLD
+    if not head.clean:
+        # after a crash: trust both values of every pair
+        return "recovered", head.version, loaded
+    st = os.fstat(data_fd)
+    if st.st_mtime_ns != head.mtime_ns:  # not the inode: `cp -p` of both files is fine
+        # Written outside zblock (losetup, dd) since the clean unmount. The checksums stay
+        # in force: bit rot and a stray dd look alike, and both must read as EIO. A user
+        # who edited the image on purpose removes the sidecar to import it unchecked.
+        return "changed", head.version, loaded
+    return "clean", head.version, loaded
+
+
+def _read_table(fd: int, table: np.ndarray, where: str) -> list[tuple[int, int]]:
+    """Fill the zeroed `table` from the sidecar and return the row ranges (first, end) it
+    wrote; every other row is (ZERO, ZERO). Only the file's data extents are read, and only
+    their 4 KiB blocks that hold something are copied in: the rest of `table` stays memory the
+    kernel has not given (a new disk's sidecar is one hole; a sidecar copied without its holes,
+    or read through the page cache by fsck, is data that reads as zeros).
+    BackingError if the file is shorter than the table."""
+    dst = memoryview(table).cast("B")
+    end = HEADER_SIZE + len(dst)
+    if os.fstat(fd).st_size < end:
+        raise BackingError(f"{where}: sidecar is truncated")
+    scratch = bytearray(_READ_STEP)
+    view = memoryview(scratch)
+    ranges: list[tuple[int, int]] = []
+    pos = HEADER_SIZE
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # nothing but holes from here on
+                break
+            raise
+        if pos >= end:
+            break
+        stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE   # whole blocks
+        stop = min(end, HEADER_SIZE + -(-(stop - HEADER_SIZE) // PAGE_SIZE) * PAGE_SIZE)
+        while pos < stop:
+            count = min(len(scratch), stop - pos)
+            got = 0
+            while got < count:              # one read may return less than asked
+                n = os.preadv(fd, [view[got:count]], pos + got)
+                if n == 0:
+                    raise BackingError(f"{where}: sidecar is truncated")
+                got += n
+            blocks = np.frombuffer(scratch, np.uint64, count // 8).reshape(-1, ENTRIES_PER_BLOCK)
+            used = np.flatnonzero(blocks.any(axis=1))
+            base = (pos - HEADER_SIZE) // PAGE_SIZE       # the table block at `pos`
+            for run in np.split(used, np.flatnonzero(np.diff(used) != 1) + 1) if len(used) else ():
+                a, b = int(run[0]), int(run[-1]) + 1
+                dst[(base + a) * PAGE_SIZE:(base + b) * PAGE_SIZE] = \
+                    view[a * PAGE_SIZE:b * PAGE_SIZE]
+                first, last = (base + a) * ENTRIES_PER_BLOCK, (base + b) * ENTRIES_PER_BLOCK
+                if ranges and ranges[-1][1] == first:
+                    ranges[-1] = (ranges[-1][0], last)
+                else:
+                    ranges.append((first, last))
+            pos += count
+    return ranges
+
+
+def _write_table(meta, table: np.ndarray, ranges) -> None:
+    """Write the rows `ranges` ((first, end) rows) of `table` to the sidecar disk `meta`, in
+    steps: no copy of the table, and no pwrite longer than one can be."""
+    buf = memoryview(table).cast("B")
+    for first, end in ranges:
+        for lo in range(first * ENTRY_SIZE, end * ENTRY_SIZE, _WRITE_STEP):
+            hi = min(lo + _WRITE_STEP, end * ENTRY_SIZE)
+            meta.pwrite(HEADER_SIZE + lo, buf[lo:hi])
+
+
+def _settle_pairs(path: str, data, meta, table: np.ndarray, loaded, npages: int) -> None:
+    """A page whose pair still holds two values (written since a sync, then a crash or a
+    failed write) is read once and its pair collapsed to the value its data matches, so a
+    later sync does not keep reporting it. Pages matching neither keep their pair (they read
+    EIO; fsck lists them). Only rows loaded from the sidecar can hold two values."""
+    pages = np.concatenate([np.zeros(0, np.int64)] + [
+        np.flatnonzero(table[rows, 0] != table[rows, 1]) + rows.start
+        for rows in row_steps(loaded, npages)])
+    if not len(pages):
+        return
+    try:
+        data.fsync()            # what we read must be durable before the pairs say so
+    except OSError as e:
+        raise _disk_error(path, "fsync", e) from None
+    settled = []
+    for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
+        for lo in range(0, len(run), PAGE_RUN):
+            part = run[lo:lo + PAGE_RUN]
+            try:
+                raw = data.pread(int(part[0]) * PAGE_SIZE, len(part) * PAGE_SIZE)
+            except OSError as e:
+                log.warning("%s: reading pages %d..%d to settle their checksums: %s",
+                            path, part[0], part[-1], e.strerror)
+                continue
+            for p, c in zip(part.tolist(), page_crcs(raw, len(part)).tolist()):
+                d, l = table[p]
+                if c in (d, l) or (c == ZERO_PAGE_CRC and ZERO in (d, l)):
+                    table[p] = c if c in (d, l) else ZERO
+                    settled.append(p)
+    if settled:
+        try:
+            for b in np.unique(np.asarray(settled) // ENTRIES_PER_BLOCK).tolist():
+                rows = table[b * ENTRIES_PER_BLOCK:(b + 1) * ENTRIES_PER_BLOCK]
+                meta.pwrite(HEADER_SIZE + b * PAGE_SIZE, rows.tobytes())
+            meta.fsync()
+        except OSError as e:
+            raise _disk_error(path, "sidecar update", e) from None
+        log.info("%s: settled the checksums of %d page(s) written before the last close",
+                 path, len(settled))
+
+
+def _disk_error(path: str, what: str, e: OSError) -> DiskError:
+    return DiskError(f"{path}: {what} failed: {e.strerror or e}", e.errno or errno.EIO)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and space
+
+
+def stat_backing(path: str) -> os.stat_result | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BackingError(f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BackingError(f"{path} is a directory, not a backing file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BackingError(f"{path} is not a regular file")
+    return st
+
+
+def human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _reserve(disk, path: str, size: int, progress: Callable[[str], None] | None) -> None:
+    """Allocate every block of the first `size` bytes of `disk` (the file at `path`) without
+    changing its data. BackingError naming the sizes if the filesystem cannot hold it."""
+    try:
+        disk.prealloc(0, size)
+        return
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _no_space(path, size) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
+    # No fallocate here: write zeros into the holes (the data regions are allocated already).
+    log.info("%s: the filesystem has no fallocate; writing zeros into its holes", path)
+    holes = _holes(path, size)
+    total, done, last = sum(b - a for a, b in holes), 0, 0.0
+    zeros = [bytes(PAGE_SIZE)] * 256
+    for a, b in holes:
+        for off in range(a, b, len(zeros) * PAGE_SIZE):
+            n = min(len(zeros) * PAGE_SIZE, b - off)
+            try:
+                disk.pwritev(off, zeros[:n // PAGE_SIZE])
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise _no_space(path, size) from None
+                raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
+            done += n
+            if progress and time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                progress(f"reserving {path}: {human(done)} of {human(total)} written")
+    disk.fsync()
+
+
+def _holes(path: str, size: int) -> list[tuple[int, int]]:
+    """The page-aligned unallocated ranges of the file's first `size` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    holes, off = [], 0
+    try:
+        while off < size:
+            try:
+                start = os.lseek(fd, off, os.SEEK_HOLE)
+            except OSError:
+                return [(off, size)]        # no SEEK_HOLE: treat it all as a hole
+            if start >= size:
+                break
+            try:
+                end = os.lseek(fd, start, os.SEEK_DATA)
+            except OSError:                 # ENXIO: a hole up to the end
+                end = size
+            start &= ~(PAGE_SIZE - 1)
+            end = min(size, -(-end // PAGE_SIZE) * PAGE_SIZE)
+            holes.append((start, end))
+            off = end
+    finally:
+        os.close(fd)
+    return holes
+
+
+def _no_space(path: str, size: int) -> BackingError:
+    st = os.stat(path)
+    need = max(size - st.st_blocks * 512, 0)
+    vfs = os.statvfs(os.path.dirname(path))
+    free = vfs.f_bavail * vfs.f_frsize
+    return BackingError(
+        f"{path}: cannot reserve {human(size)}: the filesystem has {human(free)} free and "
+        f"needs {human(need)} more (free space, use a smaller --size, or mount with --sparse "
+        f"to take the risk that writes fail once it is full)")
+
+
+def _default_factory(path: str, role: str, writable: bool = True):
+    # The data file bypasses the page cache; the sidecar is small and ordered by fsync.
+    return FileDisk(path, direct=(role == "data"), writable=writable)

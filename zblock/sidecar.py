@@ -1,0 +1,138 @@
+"""The `.zbmeta` checksum sidecar's format: its header, its entry values and its per-page table.
+
+Beside a backing file, `PATH.zbmeta` holds
+
+    block 0      header: magic, version, page size, size, flags (bit 0: clean shutdown),
+                 entry size, and at clean shutdown the data file's mtime_ns and inode; crc32c
+    block 1...   per page two uint32 values, (durable, latest), little-endian, 512 pages per
+                 4 KiB block, exactly the in-memory numpy table (npages rounded up to 512
+                 rows), so a touched block is written straight from the table.
+
+Entry values: CRC32C of the page, "folded" so that 0, 1 and 2 stay free as sentinels:
+    ZERO (0)       the page reads as zeros without touching the disk (never written, discarded)
+    UNCHECKED (1)  the content predates the sidecar (a raw image imported without one):
+                   accepted as it is until written
+    LOST (2)       acknowledged data that never reached the file (a clean close whose write-back
+                   failed): never matches, so the page reads EIO until it is written again
+Version 1 sidecars kept only 0 and 1 free (crc 0 and 1 folded to 2 and 3); they are converted
+at open (2 -> 3 is exact: both stand for "crc 0..3" under the version 2 fold).
+A page verifies when its data matches `durable` or `latest` (verify()).
+
+Invariant: a row of zeros is (ZERO, ZERO), so a hole in the file reads as entries of pages that
+were never written: a new sidecar is one hole, and readers may skip holes.
+
+What this module does not do: open, lock, read or write files (zblock.backing_open at open,
+zblock.backing afterwards), or say what a pair means for a read after a crash (zblock.backing).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+import numpy as np
+
+from . import PAGE_SIZE
+from .errors import BackingError
+
+META_SUFFIX = ".zbmeta"
+META_MAGIC = b"ZBLKMETA"
+META_VERSION = 2
+HEADER_SIZE = 4096
+ENTRY_SIZE = 8  # two uint32: durable, latest
+ENTRIES_PER_BLOCK = PAGE_SIZE // ENTRY_SIZE  # 512
+FLAG_CLEAN = 1
+# magic, version, page_size, size, flags, entry_size, data_mtime_ns, data_ino; then crc32c
+HEADER = struct.Struct("<8sIIQIIqQ")
+
+ZERO = 0
+UNCHECKED = 1
+LOST = 2
+FOLD = 3  # the smallest value a page's checksum takes: 0..2 are the sentinels
+crc = _crc32c.crc32c
+
+# Pages read at a time to check them against the table (fsck, settling pairs at open).
+PAGE_RUN = 256
+# Scans of the table take this many rows at a time: no temporary the table's size.
+SCAN_ROWS = 1 << 20
+
+
+def fold(crcs: np.ndarray) -> np.ndarray:
+    """Keep the sentinels free (crcs 0..3 then share one value: negligible strength lost)."""
+    crcs[crcs < FOLD] = FOLD
+    return crcs
+
+
+ZERO_PAGE_CRC = int(fold(np.array([crc(bytes(PAGE_SIZE))], np.uint32))[0])
+
+
+def meta_path(path: str) -> str:
+    return path + META_SUFFIX
+
+
+def table_rows(npages: int) -> int:
+    return -(-npages // ENTRIES_PER_BLOCK) * ENTRIES_PER_BLOCK
+
+
+def row_steps(ranges, npages: int):
+    """Slices of at most SCAN_ROWS rows over `ranges` ((first, end) rows), clipped to the
+    disk's `npages` rows."""
+    for first, end in ranges:
+        end = min(end, npages)
+        for lo in range(first, end, SCAN_ROWS):
+            yield slice(lo, min(lo + SCAN_ROWS, end))
+
+
+def page_crcs(data, count: int) -> np.ndarray:
+    mv = memoryview(data)
+    crcs = np.fromiter((crc(mv[o:o + PAGE_SIZE]) for o in range(0, count * PAGE_SIZE, PAGE_SIZE)),
+                       np.uint32, count)
+    return fold(crcs)
+
+
+def verify(crcs: np.ndarray, pair: np.ndarray) -> np.ndarray:
+    """Bool per page: the data matches one of its two values (ZERO means the zero page)."""
+    d, l = pair[:, 0], pair[:, 1]
+    return ((crcs == d) | (crcs == l) | (d == UNCHECKED) | (l == UNCHECKED)
+            | (((d == ZERO) | (l == ZERO)) & (crcs == ZERO_PAGE_CRC)))
+
+
+# ---------------------------------------------------------------------------------------------
+# header
+
+
+def pack_header(size: int, clean: bool, mtime_ns: int = 0, ino: int = 0) -> bytes:
+    head = HEADER.pack(META_MAGIC, META_VERSION, PAGE_SIZE, size, FLAG_CLEAN if clean else 0,
+                       ENTRY_SIZE, mtime_ns, ino)
+    head += struct.pack("<I", crc(head))
+    return head + bytes(HEADER_SIZE - len(head))
+
+
+@dataclass
+class Header:
+    version: int
+    page_size: int
+    size: int
+    clean: bool
+    entry_size: int
+    mtime_ns: int
+    ino: int
+
+
+def parse_header(raw: bytes, where: str) -> Header:
+    """BackingError naming the problem unless `raw` is a valid header of this version."""
+    n = HEADER.size
+    if len(raw) < n + 4:
+        raise BackingError(f"{where}: sidecar too short for a header")
+    magic, version, page_size, size, flags, entry_size, mtime_ns, ino = HEADER.unpack(raw[:n])
+    if magic != META_MAGIC:
+        raise BackingError(f"{where}: not a zblock sidecar (bad magic)")
+    if struct.unpack("<I", raw[n:n + 4])[0] != crc(raw[:n]):
+        raise BackingError(f"{where}: sidecar header checksum mismatch")
+    if version not in (1, META_VERSION):
+        raise BackingError(f"{where}: sidecar version {version} is not supported (want {META_VERSION})")
+    if page_size != PAGE_SIZE or entry_size != ENTRY_SIZE:
+        raise BackingError(f"{where}: sidecar page size {page_size} / entry size {entry_size} "
+                           f"not supported (want {PAGE_SIZE} / {ENTRY_SIZE})")
+    return Header(version, page_size, size, bool(flags & FLAG_CLEAN), entry_size, mtime_ns, ino)
