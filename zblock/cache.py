@@ -199,13 +199,8 @@ class Cache:
                 if not reject and may_wait and self.config.limit_policy == "evict":
                     self._wait_for_space()
             pool = self.registry.current
-            pool.users += 1
+            pool.holds.append(None)
         return pool, reject
-
-    def _pool_put(self, pools) -> None:
-        with self.tree_lock:
-            self.registry.release(pools)
-        self.registry.reap()
 
     # =========================================================================================
     # store
@@ -241,7 +236,7 @@ class Cache:
                 if self.over_limit():
                     self.writeback.wake()
         finally:
-            self._pool_put((pool,))
+            self.registry.release((pool,))
         if poor:
             pages = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in poor]
             return self._store_to_disk(b"".join(pages), _pages(where, poor), expect_gen)
@@ -329,7 +324,7 @@ class Cache:
                     parts[i] = r
         finally:
             if pools:
-                self._pool_put(pools.values())
+                self.registry.release(pools.values())
         return b"".join(parts)
 
     def load_page(self, page: int) -> bytes:
@@ -342,7 +337,7 @@ class Cache:
                 table.ref[page] = True
                 self.c.zswpin += 1
                 pool = self.registry.pools[table.pid[page]]
-                pool.users += 1         # not closed while we decompress with it unlocked
+                pool.holds.append(None)     # not closed while we decompress with it unlocked
             elif st == RAW:
                 table.ref[page] = True
                 self.c.zswpin += 1
@@ -358,7 +353,7 @@ class Cache:
             except CompressionError as e:
                 self._decompress_failed(page, e)
             finally:
-                self._pool_put((pool,))
+                self.registry.release((pool,))
         parts = [None]
         self._load_from_disk(page, np.zeros(1, np.int64), parts)
         return bytes(parts[0])

@@ -11,7 +11,9 @@ after a large free `trim()` asks malloc to return whole free pages (malloc_trim)
 
 Lifetime (zswap's pool find-get): the current pool has one ref for being current plus one per
 entry; switching A -> B -> A while A still has entries makes A current again. A pool whose last
-ref goes is closed (contexts freed); a store in progress holds a `users` ref. Pools are guarded by the cache's tree lock.
+ref goes is closed (contexts freed); a store or load at work with the pool holds it (`holds`).
+Counters are guarded by the cache's tree lock; `holds` is a list so that giving a hold back is one
+atomic pop, without the tree lock (see zblock.pools).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Pool:
         self.contexts = contexts
         self.stored_pages = 0      # entries that point at this pool (compressed + raw)
         self.total_size = 0        # charge() of every object held
-        self.users = 0             # stores compressing with it right now
+        self.holds: list = []      # one item per store or load at work with it, unlocked
         self.current = True
 
     @property
@@ -59,7 +61,11 @@ class Pool:
 
     @property
     def refs(self) -> int:
-        return self.stored_pages + self.users + (1 if self.current else 0)
+        return self.stored_pages + len(self.holds) + (1 if self.current else 0)
+
+    @property
+    def users(self) -> int:
+        return len(self.holds)
 
     def close(self) -> None:
         self.contexts.close()

@@ -99,6 +99,8 @@ class Writeback:
                 c = cache.c             # read unlocked: any change is activity
                 self.trimmer.trim(activity=c.zswpout + c.zswpin + c.discarded_pages,
                                   pool_size=cache.table.pool_total_size)
+                with cache.tree_lock:
+                    cache.registry.collect()
                 cache.registry.reap()
         except BaseException as e:  # no worker exception is lost: check() re-raises it
             log.critical("writeback worker died: %s", e, exc_info=True)
@@ -201,11 +203,10 @@ class Writeback:
                     else:
                         failed.append(int(pages[i]))
         finally:
+            cache.registry.release(pools.values())
+        if failed:
             with cache.tree_lock:
-                cache.registry.release(pools.values())
-                if failed:
-                    cache.c.decompress_fail += len(failed)
-            cache.registry.reap()
+                cache.c.decompress_fail += len(failed)
         out_pages, out_data = [], []
         for i, p in enumerate(pages.tolist()):
             s = st[i]
