@@ -111,6 +111,8 @@ def test_mount_refuses_a_size_the_filesystem_cannot_hold(small_fs):
     res = zblock("mount", mp, "--backing", backing, timeout=60)
     assert res.returncode != 0 and "cannot reserve" in res.stderr, res.stderr
     assert os.path.getsize(backing) == 256 << 20
+    # what the failed reservation allocated is given back: the file is as sparse as it was
+    assert os.stat(backing).st_blocks == 0 and os.listdir(fs) == ["full.img"], os.listdir(fs)
 
 
 @pytest.mark.timeout(120)

@@ -108,6 +108,7 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
     except OSError as e:
         raise BackingError(f"{path}: cannot open: {e.strerror}") from None
     created = st is None
+    made_meta = False           # this call created the sidecar (new or imported)
     data = meta = None
     try:
         try:
@@ -155,6 +156,7 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
             state, _, loaded = _load_table(path, size, new, fd, table, read_only=True)
         else:
             state, version, loaded = _load_table(path, size, new, fd, table)
+            made_meta = state in ("new", "imported")
             meta = factory(meta_path(path), "meta")
             if not sparse:
                 _reserve(data, path, size, progress)
@@ -185,8 +187,8 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
             if d is not None:
                 d.close()
         os.close(fd)
-        if created and not isinstance(e, BackingLocked):
-            for p in (path, meta_path(path)):
+        if not isinstance(e, BackingLocked):
+            for p in ([path] if created else []) + ([meta_path(path)] if made_meta else []):
                 try:
                     os.unlink(p)
                 except OSError:
@@ -383,18 +385,23 @@ def human(n: int) -> str:
 
 def _reserve(disk, path: str, size: int, progress: Callable[[str], None] | None) -> None:
     """Allocate every block of the first `size` bytes of `disk` (the file at `path`) without
-    changing its data. BackingError naming the sizes if the filesystem cannot hold it."""
+    changing its data. BackingError naming the sizes if the filesystem cannot hold it; the holes
+    it had are then holes again (a failed fallocate may keep what it allocated)."""
+    holes = _holes(path, size)
+    if not holes:
+        return
     try:
         disk.prealloc(0, size)
         return
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise _no_space(path, size) from None
+            err = _no_space(path, size)
+            _give_back(disk, holes)
+            raise err from None
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
             raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
     # No fallocate here: write zeros into the holes (the data regions are allocated already).
     log.info("%s: the filesystem has no fallocate; writing zeros into its holes", path)
-    holes = _holes(path, size)
     total, done, last = sum(b - a for a, b in holes), 0, 0.0
     zeros = [bytes(PAGE_SIZE)] * 256
     for a, b in holes:
@@ -404,13 +411,25 @@ def _reserve(disk, path: str, size: int, progress: Callable[[str], None] | None)
                 disk.pwritev(off, zeros[:n // PAGE_SIZE])
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    raise _no_space(path, size) from None
+                    err = _no_space(path, size)
+                    _give_back(disk, holes)
+                    raise err from None
                 raise BackingError(f"{path}: cannot reserve its space: {e.strerror}") from None
             done += n
             if progress and time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 progress(f"reserving {path}: {human(done)} of {human(total)} written")
     disk.fsync()
+
+
+def _give_back(disk, holes: list[tuple[int, int]]) -> None:
+    """Punch the ranges that were holes before a failed reservation (best effort: where the
+    filesystem cannot punch, the zeros stay)."""
+    for a, b in holes:
+        try:
+            disk.punch(a, b - a)
+        except OSError:
+            return
 
 
 def _holes(path: str, size: int) -> list[tuple[int, int]]:
