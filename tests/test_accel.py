@@ -6,7 +6,6 @@ are deterministic, so the assertions on them are exact; nothing here asserts on 
 
 import errno
 import os
-import threading
 
 import pytest
 

@@ -12,7 +12,7 @@ import pytest
 
 from zblock import PAGE_SIZE, scan
 from zblock.accel import Engine, FakeClock
-from zblock.acomp import (CRYPTO_TFM_REQ_MAY_BACKLOG, EBUSY, EINPROGRESS, ENOSPC, ETIMEDOUT,
+from zblock.acomp import (CRYPTO_TFM_REQ_MAY_BACKLOG, EBUSY, EINPROGRESS, ENOSPC,
                           AcompTimeout, AcompTransform, ContextSet, CryptoWait, crypto_req_done,
                           crypto_wait_req)
 from zblock.compressors import CompressionError, Compressor, get_compressor

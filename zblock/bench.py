@@ -27,11 +27,9 @@ Not measured here: FUSE, the page cache, disk writeback -- tests/perf/ measures 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import random
-import statistics
 import sys
 import time
 

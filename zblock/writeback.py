@@ -31,7 +31,6 @@ from typing import Callable
 import numpy as np
 import psutil
 
-from .compressors import CompressionError
 from .entries import DISK
 from .errors import DataError, DiskError
 from .lru import select_victims
