@@ -26,3 +26,16 @@ def pytest_sessionstart(session):
     swept = mountutil.sweep()
     if swept:
         print(f"swept leftovers of earlier runs: {', '.join(swept)}", file=sys.stderr)
+
+
+@pytest.fixture
+def fault_rules(tmp_path, monkeypatch):
+    """An empty fault-script file that fault servers started by this test follow (see
+    tests/faultserver.py); write rules into it with faultserver.write_rules while mounted."""
+    import faultserver
+    import mountutil
+    mountutil.require_mounts()
+    rules = str(tmp_path / "faults.json")
+    faultserver.write_rules(rules, [])
+    monkeypatch.setenv(faultserver.ENV_FAULTS, rules)
+    return rules

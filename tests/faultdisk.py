@@ -138,16 +138,17 @@ class FaultyDisk:
         self.inner.fsync()
 
     def punch(self, offset: int, length: int) -> None:
-        rule, _ = self._match("punch", offset, length)
-        if rule:
-            self._raise(rule)
-        self.inner.punch(offset, length)
+        self._clear(self.inner.punch, offset, length)
 
     def zero_range(self, offset: int, length: int) -> None:
+        self._clear(self.inner.zero_range, offset, length)
+
+    def _clear(self, inner_op, offset: int, length: int) -> None:
+        """punch and zero_range: both "punch" calls for the rules."""
         rule, _ = self._match("punch", offset, length)
         if rule:
             self._raise(rule)
-        self.inner.zero_range(offset, length)
+        inner_op(offset, length)
 
     def prealloc(self, offset: int, length: int) -> None:
         rule, _ = self._match("prealloc", offset, length)
@@ -258,18 +259,18 @@ class CrashDisk:
             self.inner.pwrite(offset, data)
 
     def punch(self, offset: int, length: int) -> None:
-        _check_aligned(offset, length)
-        self.plan.tick("punch")
-        with self._lock:
-            self._journal(offset, None, length)
-            self.inner.punch(offset, length)
+        self._clear(self.inner.punch, offset, length)
 
     def zero_range(self, offset: int, length: int) -> None:
+        self._clear(self.inner.zero_range, offset, length)
+
+    def _clear(self, inner_op, offset: int, length: int) -> None:
+        """punch and zero_range: both journal the range as zeroed, both are "punch" crash ops."""
         _check_aligned(offset, length)
         self.plan.tick("punch")
         with self._lock:
             self._journal(offset, None, length)
-            self.inner.zero_range(offset, length)
+            inner_op(offset, length)
 
     def fsync(self) -> None:
         self.plan.tick("fsync")

@@ -26,7 +26,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -446,14 +445,10 @@ def test_corruption_detected_open_reopen_and_fsck(path):
 
 @pytest.mark.mount
 @pytest.mark.timeout(180)
-def test_mount_scripted_disk_faults(tmp_path, monkeypatch):
+def test_mount_scripted_disk_faults(fault_rules):
     import mountutil
-    import faultserver
 
-    mountutil.require_mounts()
-    rules = str(tmp_path / "faults.json")
-    faultserver.write_rules(rules, [])
-    monkeypatch.setenv(faultserver.ENV_FAULTS, rules)
+    rules = fault_rules
     data = text_pages(1024)                                # 4 MiB through a 512 KiB pool
     workdir = mountutil.new_workdir("faults")   # outlives both mounts
     try:

@@ -1,7 +1,6 @@
 """The write-behind queue on its own, with a fake store function (engine tier)."""
 
 import threading
-import time
 
 import pytest
 

@@ -526,6 +526,20 @@ def test_compressor_switch_pools(backing_path):
 # memory
 
 
+def _in_fresh_process(probe: str, backing_path: str, timeout: float) -> dict:
+    """test_store.<probe>(backing_path) run in a new interpreter, its JSON result: memory
+    measured there sees no heap that earlier tests freed and left behind."""
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import test_store; "
+            f"print(json.dumps(test_store.{probe}({backing_path!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=timeout, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _large_disk_memory(backing_path: str) -> dict:
     """Open an empty 1 TiB store, read where nothing was written, write a little at both ends
     and its middle, close, reopen and discard what was written; table_bytes and the process's
@@ -577,15 +591,7 @@ def test_large_disk_table_memory_follows_pages_in_use(backing_path):
     bytes a page one object slot alone would take: table_bytes and the RSS growth of a fresh
     process agree, and no step (open, stats, fsync, close, reopen) builds a temporary the
     table's size (the peak RSS). The reopen reads a 2 GiB sidecar, which one read cannot."""
-    import json
-    import subprocess
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    probe = (f"import json, sys; sys.path.insert(0, {here!r}); import test_store; "
-             f"print(json.dumps(test_store._large_disk_memory({backing_path!r})))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=300, check=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    r = _in_fresh_process("_large_disk_memory", backing_path, timeout=300)
     npages = (1 << 40) // PAGE_SIZE
     table, rss = r["open"]
     assert table < 2 * MiB and rss < 64 * MiB, r          # 8 bytes a page would be 2 GiB
@@ -726,15 +732,7 @@ def test_pool_size_matches_process_memory(backing_path):
     of it given back after a discard of everything. Measured in a fresh process: in the test
     process, heap that earlier tests freed and left fragmented is reused without RSS growth
     (a full run once saw RSS grow 10.2% less than the pool)."""
-    import json
-    import subprocess
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    probe = (f"import json, sys; sys.path.insert(0, {here!r}); import test_store; "
-             f"print(json.dumps(test_store._pool_and_rss({backing_path!r})))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    r = _in_fresh_process("_pool_and_rss", backing_path, timeout=120)
     assert r["pool"] > 16 * MiB
     assert abs(r["grown"] - r["pool"]) <= 0.10 * r["pool"], r
     assert r["left"] == 0

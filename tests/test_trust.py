@@ -246,12 +246,9 @@ def test_unmount_without_waiting_marks_what_did_not_reach_the_file(small_fs, how
 
 
 @pytest.mark.timeout(300)
-def test_disk_failing_halfway_never_reads_zeros(tmp_path, monkeypatch):
+def test_disk_failing_halfway_never_reads_zeros(fault_rules):
     import faultserver
-    mountutil.require_mounts()
-    rules = str(tmp_path / "faults.json")
-    faultserver.write_rules(rules, [])
-    monkeypatch.setenv(faultserver.ENV_FAULTS, rules)
+    rules = fault_rules
     workdir = mountutil.new_workdir("eio")
     try:
         m = Mount(size="64M", workdir=workdir, pool_limit="2M", shrinker="N", faults=True)

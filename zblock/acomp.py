@@ -192,7 +192,6 @@ class AcompRequest:
         self.scan: scan.Scan | None = None
         self.dst: bytes | None = None
         self.results: list | None = None
-        self.err = 0
         self.flags = 0
         self.callback: Callable | None = None
         self.data = None
@@ -237,7 +236,6 @@ class AcompRequest:
         with self._lock:
             self.gen += 1
             self.scan = self.dst = self.results = self.hw = None
-            self.err = 0
             self._polled.clear()
             return self.gen
 
@@ -437,9 +435,10 @@ class AcompTransform:
 
 
 class AcompContext:
-    """struct crypto_acomp_ctx: {tfm, req, wait, buffer, mutex}, one per "CPU" of a pool."""
+    """struct crypto_acomp_ctx: {tfm, req, wait, mutex}, one per "CPU" of a pool. No bounce
+    buffer: every result is a new bytes object (the stored object, or the read's reply)."""
 
-    __slots__ = ("index", "tfm", "req", "wait", "buffer", "mutex")
+    __slots__ = ("index", "tfm", "req", "wait", "mutex")
 
     def __init__(self, index: int, alg: str, level: int | None, engine: Engine | None,
                  hw_timeout: float):
@@ -448,7 +447,6 @@ class AcompContext:
         self.req = self.tfm.alloc_request()
         self.wait = CryptoWait()
         self.req.set_callback(CRYPTO_TFM_REQ_MAY_BACKLOG, crypto_req_done, self.wait)
-        self.buffer = bytearray(PAGE_SIZE)
         self.mutex = threading.Lock()
 
     def compress(self, src, *, detect_same: bool = False, raw_poor: bool = True,

@@ -36,6 +36,7 @@ The cache does not know about byte ranges (zblock.store) or files (zblock.backin
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from typing import Callable
@@ -50,15 +51,12 @@ from .errors import DataError, DiskError
 from .pagemem import resident_bytes
 from .pool import Trimmer
 from .pools import PoolRegistry
-from .scan import COMP, NONE, RAW, SAME, Scan, filled_page
+from .scan import COMP, NONE, RAW, SAME, ZERO_PAGE, Scan, filled_page
 from .stats import Counters, snapshot
 from .writeback import Writeback
 
-import logging
-
 log = logging.getLogger(__name__)
 
-ZERO_PAGE = bytes(PAGE_SIZE)
 NSTRIPES = 1024
 # A writer under the `evict` policy waits for the writeback worker once the pool is this far over
 # its limit (back-pressure), but never longer than SPACE_WAIT: a failing disk must not hang writes.

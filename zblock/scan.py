@@ -39,9 +39,12 @@ class Scan(NamedTuple):
     failed: int             # compressor failures (stored raw, counted as reject_compress_fail)
 
 
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
 def filled_page(fill: int) -> bytes:
-    """The page a same-filled entry stands for."""
-    return int(fill).to_bytes(8, "little") * WORDS
+    """The page a same-filled entry stands for (the shared zero page for fill 0, the common one)."""
+    return ZERO_PAGE if fill == 0 else int(fill).to_bytes(8, "little") * WORDS
 
 
 def same_filled(words: np.ndarray) -> np.ndarray:
