@@ -209,7 +209,7 @@ class AcompRequest:
         self.detect_same = detect_same
         self.raw_poor = raw_poor
 
-    def set_decompress(self, src: Sequence, *, out_len: int = PAGE_SIZE, join: bool = False) -> None:
+    def set_decompress(self, src: Sequence, out_len: int = PAGE_SIZE, join: bool = False) -> None:
         """acomp_request_set_params for a decompress of the streams in `src`."""
         self.src = src
         self.n = len(src)
@@ -453,22 +453,26 @@ class AcompContext:
                  timeout: float | None = None) -> scan.Scan:
         """zswap_compress() of the whole pages in `src` on this context. Caller owns ctx."""
         with self.mutex:
-            req = self.req
+            req, tfm = self.req, self.tfm
             req.set_compress(src, detect_same=detect_same, raw_poor=raw_poor)
-            ret = crypto_wait_req(self.tfm.compress(req), self.wait,
-                                  self.tfm.timeout if timeout is None else timeout, req)
-            return self.tfm.complete(req, ret)
+            ret = tfm.compress(req)
+            if ret:                 # in flight on the engine (or failed): crypto_wait_req
+                ret = crypto_wait_req(ret, self.wait, tfm.timeout if timeout is None else timeout,
+                                      req)
+            return tfm.complete(req, ret)
 
-    def decompress(self, srcs: Sequence, *, join: bool = False, out_len: int = PAGE_SIZE,
+    def decompress(self, srcs: Sequence, join: bool = False, out_len: int = PAGE_SIZE,
                    timeout: float | None = None):
         """zswap_decompress() of `srcs`: one bytes (join; CompressionError on a bad stream) or
         a list of bytes / CompressionError. Caller owns ctx."""
         with self.mutex:
-            req = self.req
-            req.set_decompress(srcs, out_len=out_len, join=join)
-            ret = crypto_wait_req(self.tfm.decompress(req), self.wait,
-                                  self.tfm.timeout if timeout is None else timeout, req)
-            return self.tfm.complete(req, ret)
+            req, tfm = self.req, self.tfm
+            req.set_decompress(srcs, out_len, join)
+            ret = tfm.decompress(req)
+            if ret:                 # in flight on the engine (or failed): crypto_wait_req
+                ret = crypto_wait_req(ret, self.wait, tfm.timeout if timeout is None else timeout,
+                                      req)
+            return tfm.complete(req, ret)
 
     def free(self) -> None:
         self.tfm.free()
@@ -663,7 +667,7 @@ class ContextSet:
             return b"".join(outs) if join else [r for out in outs for r in out]
         ctx = self.get()
         try:
-            return ctx.decompress(srcs, join=join, out_len=out_len)
+            return ctx.decompress(srcs, join, out_len)
         finally:
             self.put(ctx)
 

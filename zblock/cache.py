@@ -362,7 +362,7 @@ class Cache:
             except CompressionError as e:
                 self._decompress_failed(page, e)
             finally:
-                self.registry.release((pool,))
+                pool.holds.pop()            # PoolRegistry.release of this one pool
         parts = [None]
         self._load_from_disk(page, np.zeros(1, np.int64), parts)
         return bytes(parts[0])
