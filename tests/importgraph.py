@@ -18,25 +18,36 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def modules() -> dict[str, str]:
-    """Module name -> source path, for every .py file of the package (C extensions by their .c)."""
+    """Module name -> source path, for every .py file of the package and its subpackages (C
+    extensions by their .c)."""
     out = {}
-    for name in sorted(os.listdir(ROOT)):
-        base, ext = os.path.splitext(name)
-        if ext in (".py", ".c"):
-            out[PACKAGE if base == "__init__" else f"{PACKAGE}.{base}"] = os.path.join(ROOT, name)
+    for d, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(x for x in dirs if os.path.exists(os.path.join(d, x, "__init__.py")))
+        rel = os.path.relpath(d, ROOT)
+        pkg = ".".join([PACKAGE] + ([] if rel == "." else rel.split(os.sep)))
+        for name in sorted(files):
+            base, ext = os.path.splitext(name)
+            if ext in (".py", ".c"):
+                out[pkg if base == "__init__" else f"{pkg}.{base}"] = os.path.join(d, name)
     return out
 
 
-def _targets(node: ast.AST, known: set[str]) -> list[str]:
-    """The zblock modules one import statement loads."""
+def _package_of(name: str, path: str) -> str:
+    """The package a module's relative imports start from."""
+    return name if path.endswith("__init__.py") else name.rpartition(".")[0]
+
+
+def _targets(node: ast.AST, known: set[str], package: str = PACKAGE) -> list[str]:
+    """The zblock modules one import statement loads (relative ones from `package`)."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name == PACKAGE or a.name.startswith(PACKAGE + ".")]
     if not isinstance(node, ast.ImportFrom):
         return []
-    if node.level > 1:
-        raise ValueError(f"relative import beyond the package: level {node.level}")
-    if node.level == 1:
-        base = PACKAGE + (f".{node.module}" if node.module else "")
+    if node.level:
+        parts = package.split(".")
+        if node.level > len(parts):
+            raise ValueError(f"relative import beyond the package: level {node.level}")
+        base = ".".join(parts[:len(parts) - node.level + 1]) + (f".{node.module}" if node.module else "")
     elif node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
         base = node.module
     else:
@@ -47,13 +58,14 @@ def _targets(node: ast.AST, known: set[str]) -> list[str]:
 
 
 class _Collector(ast.NodeVisitor):
-    def __init__(self, known: set[str]):
+    def __init__(self, known: set[str], package: str):
         self.known = known
+        self.package = package
         self.depth = 0                  # > 0 inside a function body
         self.edges: dict[str, bool] = {}    # target -> lazy (only function-level imports)
 
     def _add(self, node: ast.AST) -> None:
-        for t in _targets(node, self.known):
+        for t in _targets(node, self.known, self.package):
             lazy = self.depth > 0
             self.edges[t] = self.edges.get(t, True) and lazy
 
@@ -78,7 +90,7 @@ def graph() -> dict[str, dict[str, bool]]:
             continue
         with open(path) as f:
             tree = ast.parse(f.read(), path)
-        c = _Collector(known)
+        c = _Collector(known, _package_of(name, path))
         c.visit(tree)
         out[name] = {t: lazy for t, lazy in sorted(c.edges.items()) if t != name}
     return out

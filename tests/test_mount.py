@@ -25,7 +25,8 @@ from mountutil import Mount
 
 pytestmark = pytest.mark.mount
 
-VERSIONS = [pytest.param(3, id="fuse3"), pytest.param(2, id="fuse2")]
+# every front end: zblock's own (native) and mfusepy on libfuse 3 and 2
+FRONT_ENDS = ["native", "fuse3", "fuse2"]
 
 
 def make_data(nbytes: int, seed: int = 1) -> bytes:
@@ -72,12 +73,12 @@ def data32():
 # data through dd
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
 @pytest.mark.parametrize("notrunc", [False, True], ids=["trunc", "notrunc"])
-def test_dd_write_then_cmp(fuse_version, notrunc, data32, tmp_path):
+def test_dd_write_then_cmp(fuse, notrunc, data32, tmp_path):
     src = tmp_path / "src"
     src.write_bytes(data32)
-    with Mount(size="64M", fuse_version=fuse_version, pool_limit="8M") as m:
+    with Mount(size="64M", fuse=fuse, pool_limit="8M") as m:
         args = [f"if={src}", f"of={m.disk}", "bs=1M", "oflag=direct"]
         if notrunc:
             args.append("conv=notrunc")
@@ -93,16 +94,16 @@ def test_dd_write_then_cmp(fuse_version, notrunc, data32, tmp_path):
         no_c = os.environ.get("ZBLOCK_NO_EXTENSION") == "1"
         assert st["lz4_backend"] == ("python-lz4" if no_c else "c")
         sizes = {int(k) for k, v in st["request_sizes"]["write"].items() if v}
-        expect = (1 << 20) if fuse_version == 3 else (128 << 10)
+        expect = (128 << 10) if fuse == "fuse2" else (1 << 20)
         assert max(sizes) == expect, st["request_sizes"]
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_unaligned_io(fuse_version):
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_unaligned_io(fuse):
     size = 8 << 20
     rnd = random.Random(3)
     model = bytearray(size)
-    with Mount(size="8M", fuse_version=fuse_version) as m:
+    with Mount(size="8M", fuse=fuse) as m:
         fd = os.open(m.disk, os.O_RDWR)
         try:
             for _ in range(200):
@@ -120,9 +121,9 @@ def test_unaligned_io(fuse_version):
         assert read_all(m.disk, size) == bytes(model)
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_eof_and_past_the_end(fuse_version):
-    with Mount(size="4M", fuse_version=fuse_version) as m:
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_eof_and_past_the_end(fuse):
+    with Mount(size="4M", fuse=fuse) as m:
         size = 4 << 20
         fd = os.open(m.disk, os.O_RDWR)
         try:
@@ -142,12 +143,12 @@ def test_eof_and_past_the_end(fuse_version):
         assert res.returncode != 0 and "No space left" in res.stderr
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_two_concurrent_writers(fuse_version, tmp_path):
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_two_concurrent_writers(fuse, tmp_path):
     a, b = make_data(16 << 20, 11), make_data(16 << 20, 12)
     (tmp_path / "a").write_bytes(a)
     (tmp_path / "b").write_bytes(b)
-    with Mount(size="32M", fuse_version=fuse_version, pool_limit="8M") as m:
+    with Mount(size="32M", fuse=fuse, pool_limit="8M") as m:
         procs = [subprocess.Popen(["dd", "status=none", f"if={tmp_path / n}", f"of={m.disk}", "bs=256K",
                                    "oflag=direct", "conv=notrunc", f"seek={seek}"])
                  for n, seek in (("a", 0), ("b", 64))]
@@ -196,7 +197,7 @@ def test_one_write_uses_both_cores(tmp_path):
     # 3.14), so two server threads running at once, or more than one CPU-second per second,
     # can only come from one request split across the cores. zstd-5 makes compression the
     # dominant cost; a big pool keeps the backing disk out of it.
-    with Mount(size="128M", fuse_version=3, pool_limit="512M", compressor="zstd", zstd_level="5") as m:
+    with Mount(size="128M", pool_limit="512M", compressor="zstd", zstd_level="5") as m:
         samples: list[int] = []
         stop = threading.Event()
 
@@ -224,14 +225,14 @@ def test_one_write_uses_both_cores(tmp_path):
         assert total / wall > 1.2 or both > 0.3, (total, wall, both, len(samples))
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_remount_after_umount_reads_same_bytes(fuse_version, data32):
-    with Mount(size="64M", fuse_version=fuse_version, pool_limit="64M") as m:
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_remount_after_umount_reads_same_bytes(fuse, data32):
+    with Mount(size="64M", fuse=fuse, pool_limit="64M") as m:
         with open(m.disk, "r+b", buffering=0) as f:
             f.seek(4096 * 7 + 3)
             f.write(data32)
         m.umount()
-        m2 = Mount(size=None, fuse_version=fuse_version, backing=m.backing, workdir=m.workdir)
+        m2 = Mount(size=None, fuse=fuse, backing=m.backing, workdir=m.workdir)
         m2.start()
         try:
             got = read_all(m2.disk, 64 << 20)
@@ -243,10 +244,10 @@ def test_remount_after_umount_reads_same_bytes(fuse_version, data32):
     # (the directory is gone with the mount; checked inside in test_signals_unmount_cleanly)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "fusermount -u", "umount"])
-def test_signals_and_umount_write_back(how, data32):
-    fuse_version = 3 if how != "SIGINT" else 2
-    with Mount(size="64M", fuse_version=fuse_version, pool_limit="64M") as m:
+@pytest.mark.parametrize("how,fuse", [("SIGTERM", None), ("SIGINT", None), ("SIGHUP", None),
+                                      ("SIGINT", "fuse2"), ("fusermount -u", None), ("umount", None)])
+def test_signals_and_umount_write_back(how, fuse, data32):
+    with Mount(size="64M", fuse=fuse, pool_limit="64M") as m:
         with open(m.disk, "r+b", buffering=0) as f:
             f.write(data32)
         pid = m.pid
@@ -274,10 +275,10 @@ def mountutil_pid_file(m) -> str:
 # real clients: loop + blkdiscard, runtime compressor change
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_blkdiscard_through_loop(fuse_version):
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_blkdiscard_through_loop(fuse):
     require(shutil.which("losetup") is not None and shutil.which("blkdiscard") is not None, "util-linux")
-    with Mount(size="32M", fuse_version=fuse_version) as m:
+    with Mount(size="32M", fuse=fuse) as m:
         with open(m.disk, "r+b", buffering=0) as f:
             f.write(make_data(8 << 20, 9))
         res = subprocess.run(["losetup", "-f", "--show", m.disk], capture_output=True, text=True, timeout=60)
@@ -299,12 +300,12 @@ def test_blkdiscard_through_loop(fuse_version):
         assert read_all(m.disk, 4 << 20) == bytes(4 << 20)
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_compressor_change_while_writing(fuse_version, tmp_path):
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_compressor_change_while_writing(fuse, tmp_path):
     data = make_data(48 << 20, 21)
     src = tmp_path / "src"
     src.write_bytes(data)
-    with Mount(size="64M", fuse_version=fuse_version, pool_limit="16M") as m:
+    with Mount(size="64M", fuse=fuse, pool_limit="16M") as m:
         proc = subprocess.Popen(["dd", "status=none", f"if={src}", f"of={m.disk}", "bs=1M", "oflag=direct",
                                  "conv=notrunc"])
         seen = []
@@ -331,14 +332,14 @@ def test_compressor_change_while_writing(fuse_version, tmp_path):
         assert pools, "stats list no pools"
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_kernel_cache_mode(fuse_version, tmp_path):
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_kernel_cache_mode(fuse, tmp_path):
     """--kernel-cache: the page cache sits in front (no direct I/O); data still round-trips
     through zblock once the cache is written back and dropped."""
     data = make_data(8 << 20, 31)
     src = tmp_path / "src"
     src.write_bytes(data)
-    with Mount(size="16M", fuse_version=fuse_version, kernel_cache=True) as m:
+    with Mount(size="16M", fuse=fuse, kernel_cache=True) as m:
         assert m.param("compressor") == "lz4"
         res = dd(f"if={src}", f"of={m.disk}", "bs=1M", "conv=notrunc,fsync")
         assert res.returncode == 0, res.stderr
@@ -358,12 +359,12 @@ def _minor_faults(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_fuse_workers_keep_their_thread_states(fuse_version):
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_fuse_workers_keep_their_thread_states(fuse):
     """threadstate.pin_thread_state: without it every request made and destroyed a Python thread
     state, whose first frame chunk is a fresh mmap: at least one page fault per request (and an
     mmap, a munmap and a TLB shoot-down). With it, 2000 reads fault almost never."""
-    with Mount(size="16M", fuse_version=fuse_version) as m:
+    with Mount(size="16M", fuse=fuse) as m:
         warm = dd(f"if={m.disk}", "of=/dev/null", "bs=4K", "count=200", "iflag=direct")
         assert warm.returncode == 0, warm.stderr
         before = _minor_faults(m.pid)
@@ -385,15 +386,15 @@ def _findmnt(mountpoint: str, column: str) -> str:
     return res.stdout.strip()
 
 
-@pytest.mark.parametrize("fuse_version", VERSIONS)
-def test_mount_source_is_the_backing_file_and_the_log_is_clean(fuse_version):
+@pytest.mark.parametrize("fuse", FRONT_ENDS)
+def test_mount_source_is_the_backing_file_and_the_log_is_clean(fuse):
     """findmnt shows the backing file as the SOURCE (commas and spaces in its name included:
     libfuse splits options at commas), and libfuse logs no complaint about its options."""
     from zblock import runtime
     workdir = mountutil.new_workdir()
     backing = os.path.join(workdir, "disk, one.img")
     try:
-        with Mount(size="16M", fuse_version=fuse_version, backing=backing, workdir=workdir) as m:
+        with Mount(size="16M", fuse=fuse, backing=backing, workdir=workdir) as m:
             assert _findmnt(m.mountpoint, "SOURCE") == backing
             assert _findmnt(m.mountpoint, "FSTYPE") == "fuse.zblock"
             assert json.loads(mountutil.zblock("stats", m.mountpoint, "--json", check=True).stdout)
@@ -426,20 +427,21 @@ def _immutable(*paths):
             subprocess.run(["chattr", "-i", p], capture_output=True)
 
 
-@pytest.mark.parametrize("fuse_version,how", [(3, ["--read-only"]), (2, ["-o", "ro"])],
-                         ids=["fuse3-read-only", "fuse2-o-ro"])
-def test_read_only_mount_reads_and_writes_nothing(fuse_version, how, data32):
+@pytest.mark.parametrize("fuse,how", [("native", ["--read-only"]), ("fuse3", ["--read-only"]),
+                                      ("fuse2", ["-o", "ro"])],
+                         ids=["native-read-only", "fuse3-read-only", "fuse2-o-ro"])
+def test_read_only_mount_reads_and_writes_nothing(fuse, how, data32):
     """A read-only mount serves the data; every write (disk, params) fails with EROFS; the
     backing file and its sidecar are opened for reading only (immutable files mount) and are
     byte for byte and mtime as they were after the unmount."""
-    with Mount(size="64M", fuse_version=fuse_version, pool_limit="64M") as m:
+    with Mount(size="64M", fuse=fuse, pool_limit="64M") as m:
         with open(m.disk, "r+b", buffering=0) as f:
             f.seek(4096 * 3 + 5)
             f.write(data32)
         m.umount()
         meta = m.backing + ".zbmeta"
         before = [_file_state(p) for p in (m.backing, meta)]
-        ro = Mount(size=None, fuse_version=fuse_version, backing=m.backing, workdir=m.workdir,
+        ro = Mount(size=None, fuse=fuse, backing=m.backing, workdir=m.workdir,
                    extra=how)
         with _immutable(m.backing, meta):
             ro.start()

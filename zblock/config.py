@@ -201,6 +201,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           help="do not reserve the backing file's space (writes fail once its filesystem is full)"),
     Param("read_only", _bool("read_only"), _fmt_bool, runtime=False,
           help="mount read-only: every write fails with EROFS, params too; nothing is written"),
+    Param("fuse_impl", _choice("fuse_impl", ("auto", "native", "mfusepy")), runtime=False,
+          help="FUSE front end: native (zblock speaks the protocol; needs root), mfusepy "
+               "(libfuse), or auto (native where this process may mount)"),
 ]}
 
 
@@ -231,6 +234,7 @@ class Config:
     swap: bool = False
     sparse: bool = False
     read_only: bool = False
+    fuse_impl: str = "auto"
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> "Config":

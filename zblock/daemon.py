@@ -149,9 +149,20 @@ def check_backing(backing: str, size: int | None, read_only: bool = False) -> No
             raise UsageError(f"backing file {backing} does not exist: a new one needs --size")
 
 
-def check_fuse(fuse_version: int) -> None:
+def fuse_front_end(config) -> str:
+    """The front end a mount uses: config.fuse_impl, with `auto` resolved (native where this
+    process may call mount(2) itself, else mfusepy)."""
+    if config.fuse_impl != "auto":
+        return config.fuse_impl
+    return "native" if os.geteuid() == 0 else "mfusepy"
+
+
+def check_fuse(fuse_version: int, front_end: str = "mfusepy") -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
+    if front_end == "native" and os.geteuid() != 0:
+        raise MountError("the native FUSE front end mounts with mount(2), which needs root; "
+                         "use --fuse-impl mfusepy")
     lib = "fuse3" if fuse_version == 3 else "fuse"
     if ctypes.util.find_library(lib) is None:
         pkg = "fuse3" if fuse_version == 3 else "libfuse2"
@@ -257,8 +268,9 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
             log.critical("closing the store failed: %s", e, exc_info=not isinstance(e, ZblockError))
             close_error.append(e)
 
+    front_end = fuse_front_end(config)
     try:
-        check_fuse(fuse_version)
+        check_fuse(fuse_version, front_end)
         check_mountpoint(mountpoint)
         mfusepy, fuse_ops = _load_fuse(fuse_version)
         release_memory = None
@@ -285,25 +297,18 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
         mounted = threading.Event()
 
         def on_init() -> None:
-            log.info("mounted %s on %s (libfuse %d)", backing, mountpoint, fuse_version)
+            how = "native FUSE" if front_end == "native" else f"libfuse {fuse_version}"
+            log.info("mounted %s on %s (%s)", backing, mountpoint, how)
             mounted.set()
             ready.ok()
             _notify(sdnotify.notify_ready, mountpoint)  # systemd Type=notify; a thread of its own
 
         ops = fuse_ops.ZblockOps(store, kernel_cache=config.kernel_cache, on_init=on_init,
                                  on_destroy=close_store)
-        opts = fuse_ops.mount_options(os.path.realpath(backing), kernel_cache=config.kernel_cache,
-                                      read_only=config.read_only)
-        if debug:
-            opts["debug"] = True
-        try:
-            mfusepy.FUSE(ops, mountpoint, raw_fi=True, **opts)
-        except RuntimeError as e:
-            if not mounted.is_set():
-                # libfuse printed why (it goes to the log in background mode).
-                raise MountError(f"libfuse could not mount {mountpoint} (code {e})") from None
-            # After a signal libfuse's loop returns non-zero (3.14: 8): a normal end.
-            log.info("loop ended by a signal (libfuse code %s)", e)
+        if front_end == "native":
+            _serve_native(ops, mountpoint, backing, config)
+        else:
+            _serve_mfusepy(mfusepy, fuse_ops, ops, mountpoint, backing, config, mounted, debug)
     except ZblockError as e:
         ready.fail(e.exit_code, str(e))
         close_store()
@@ -320,6 +325,45 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
     except OSError:
         pass
     return 0
+
+
+def _serve_mfusepy(mfusepy, fuse_ops, ops, mountpoint: str, backing: str, config, mounted,
+                   debug: bool) -> None:
+    """libfuse's loop until unmounted; libfuse handles the signals and calls ops.destroy."""
+    opts = fuse_ops.mount_options(os.path.realpath(backing), kernel_cache=config.kernel_cache,
+                                  read_only=config.read_only)
+    if debug:
+        opts["debug"] = True
+    try:
+        mfusepy.FUSE(ops, mountpoint, raw_fi=True, **opts)
+    except RuntimeError as e:
+        if not mounted.is_set():
+            # libfuse printed why (it goes to the log in background mode).
+            raise MountError(f"libfuse could not mount {mountpoint} (code {e})") from None
+        # After a signal libfuse's loop returns non-zero (3.14: 8): a normal end.
+        log.info("loop ended by a signal (libfuse code %s)", e)
+
+
+def _serve_native(ops, mountpoint: str, backing: str, config) -> None:
+    """zblock.fuse.native's loop until unmounted or aborted. SIGTERM, SIGINT and SIGHUP end it
+    as they end libfuse's: a lazy unmount, then the connection is aborted."""
+    from .fuse import native
+    session = native.NativeFuse(ops, mountpoint, fsname=os.path.realpath(backing),
+                                read_only=config.read_only, allow_other=os.geteuid() == 0,
+                                on_init=lambda: ops.negotiated(session.info))
+    try:
+        session.mount()
+    except OSError as e:
+        raise MountError(f"could not mount {mountpoint}: {e.strerror}") from None
+    # Left installed after the loop (stop() is idempotent) until close_store() ignores them:
+    # the default action in between would kill the server before its write-back.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: session.stop())
+    try:
+        session.serve()
+    finally:
+        session.stop()                  # an error in serve() must not leave the mount behind
+    log.info("native FUSE loop ended")
 
 
 # ---------------------------------------------------------------------------------------------

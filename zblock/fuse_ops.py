@@ -182,6 +182,12 @@ class ZblockOps(mfusepy.Operations):
         if self._on_init is not None:
             self._on_init()
 
+    def negotiated(self, info: dict) -> None:
+        """The native front end's INIT: record what it agreed (the stats' "fuse"), then ready."""
+        self._fuse_info = info
+        if self._on_init is not None:
+            self._on_init()
+
     def destroy(self, path) -> None:
         if self._on_destroy is not None:
             self._on_destroy()

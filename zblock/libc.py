@@ -2,8 +2,8 @@
 
 One handle, `libc`, with prototypes for what zblock calls: fallocate and sync_file_range
 (zblock.disk), prctl, mlockall and munlockall (zblock.hardening, zblock.memory), malloc_trim and
-mallopt (zblock.pool, zblock.memory). The Linux constants these calls take (linux/falloc.h,
-linux/fs.h, linux/prctl.h, sys/mman.h) are defined here and nowhere else.
+mallopt (zblock.pool, zblock.memory), mount and umount2 (zblock.fuse.native). The Linux constants these calls take (linux/falloc.h,
+linux/fs.h, linux/prctl.h, sys/mman.h, sys/mount.h) are defined here and nowhere else.
 
 Invariant: the handle is opened with use_errno=True, so ctypes.get_errno() right after a call
 that failed is that call's errno; `fallocate()` and `sync_file_range()` raise it as OSError.
@@ -37,6 +37,10 @@ PR_SET_IO_FLUSHER = 57
 PR_GET_IO_FLUSHER = 58
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 
+# mount(2) flags and umount2(2) flags (sys/mount.h)
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MNT_DETACH = 2
+
 _PROTOTYPES = {
     "fallocate": (ctypes.c_int, (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)),
     "sync_file_range": (ctypes.c_int, (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)),
@@ -46,6 +50,9 @@ _PROTOTYPES = {
     "malloc_trim": (ctypes.c_int, (ctypes.c_size_t,)),
     "mallopt": (ctypes.c_int, (ctypes.c_int, ctypes.c_int)),
     "madvise": (ctypes.c_int, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)),
+    "mount": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                             ctypes.c_char_p)),
+    "umount2": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_int)),
 }
 for _name, (_restype, _argtypes) in _PROTOTYPES.items():
     _fn = getattr(libc, _name, None)
@@ -60,6 +67,16 @@ def _raise_errno() -> None:
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, offset, length) != 0:
+        _raise_errno()
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
+        _raise_errno()
+
+
+def umount2(target: str, flags: int) -> None:
+    if libc.umount2(target.encode(), flags) != 0:
         _raise_errno()
 
 

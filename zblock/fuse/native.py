@@ -1,0 +1,410 @@
+"""zblock's own FUSE front end: the kernel protocol spoken directly on /dev/fuse.
+
+Why: libfuse's high-level layer and a ctypes callback sit in front of every request on the
+mfusepy path, and Debian's libfuse (3.14) cannot ask for FOPEN_PARALLEL_DIRECT_WRITES, so the
+kernel sends writes to one file one at a time. Here each worker thread reads requests into its
+own preallocated buffer on its own clone of the device fd and answers with one writev; `disk`
+is opened with direct I/O and parallel direct writes.
+
+What it serves is zblock.fuse_ops.ZblockOps, the same object the mfusepy path serves: paths,
+errnos and block-device semantics live there, not here. This module only maps the protocol
+onto it: node ids to paths, structs to arguments, results and OSErrors to replies.
+
+Lifecycle: mount() (mount(2) with the device fd; root only), then serve() answers INIT on the
+calling thread, starts the workers and returns when the connection ends: an unmount or an
+abort makes every read fail with ENODEV. stop() (the daemon's signal handler) unmounts lazily
+and aborts the connection, as libfuse does when a signal ends its loop.
+
+Node ids are fixed: the filesystem is one directory of files that never change (see _Nodes).
+Lock protocol: none of its own after INIT; workers share only read-only tables.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import threading
+
+from .. import libc
+from ..runtime import find_mount
+from . import protocol as p
+
+log = logging.getLogger("zblock.fuse")
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE >> 12
+# Workers reading the device. Two fio jobs keep two requests in flight; a third worker is
+# already waiting when one of them finishes (measured in docs/performance.md).
+DEFAULT_WORKERS = 2
+# Request buffer: the largest WRITE (header, fuse_write_in, max_write bytes), with room to spare.
+BUFFER_SIZE = MAX_WRITE + 4096
+# Entries and attributes are cached by the kernel this long: libfuse's high-level default.
+TTL_S = 1
+ROOT_ID = 1
+
+
+class NativeError(OSError):
+    pass
+
+
+class _FileInfo:
+    """What ZblockOps reads and sets on an open file (the fields of libfuse's fuse_file_info
+    it uses)."""
+
+    __slots__ = ("fh", "flags", "direct_io")
+
+    def __init__(self, fh: int = 0, flags: int = 0):
+        self.fh = fh
+        self.flags = flags
+        self.direct_io = 0
+
+
+class _Nodes:
+    """Node id <-> path for the tree ZblockOps serves: /, /disk, /stats, /params, /params/*.
+    Ids are handed out once at start; LOOKUP of a name that is not there is ENOENT."""
+
+    def __init__(self, ops):
+        self.path = {ROOT_ID: "/"}
+        self.children: dict[int, dict[bytes, int]] = {ROOT_ID: {}}
+        self._add(ROOT_ID, "disk")
+        self._add(ROOT_ID, "stats")
+        params = self._add(ROOT_ID, "params")
+        self.children[params] = {}
+        for name in ops.store.param_names():
+            self._add(params, name)
+
+    def _add(self, parent: int, name: str) -> int:
+        node = len(self.path) + 1
+        base = self.path[parent]
+        self.path[node] = base.rstrip("/") + "/" + name
+        self.children[parent][name.encode()] = node
+        return node
+
+
+class NativeFuse:
+    """One FUSE connection served by `workers` threads. See the module docstring."""
+
+    def __init__(self, ops, mountpoint: str, *, fsname: str, read_only: bool = False,
+                 allow_other: bool = True, workers: int = DEFAULT_WORKERS, on_init=None):
+        self.ops = ops
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.fsname = fsname
+        self.read_only = read_only
+        self.allow_other = allow_other
+        self.workers = workers
+        self.on_init = on_init
+        self.nodes = _Nodes(ops)
+        self.fd = -1
+        self.info: dict = {"impl": "native"}
+        self._stopping = threading.Event()
+        self._handlers = {
+            p.LOOKUP: self._lookup, p.GETATTR: self._getattr, p.SETATTR: self._setattr,
+            p.OPEN: self._open, p.READ: self._read, p.WRITE: self._write, p.STATFS: self._statfs,
+            p.RELEASE: self._release, p.FSYNC: self._fsync, p.FLUSH: self._ok,
+            p.OPENDIR: self._opendir, p.READDIR: self._readdir, p.READDIRPLUS: self._readdirplus,
+            p.RELEASEDIR: self._ok, p.FSYNCDIR: self._ok, p.ACCESS: self._ok,
+            p.CREATE: self._create, p.FALLOCATE: self._fallocate, p.DESTROY: self._ok,
+        }
+
+    # ---- mount and stop -------------------------------------------------------------------
+
+    def mount(self) -> None:
+        """Open /dev/fuse and mount it on the mount point (mount(2): root only)."""
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        opts = f"fd={self.fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
+        if self.allow_other:
+            # as on the mfusepy path: root mounts serve loop devices and other users, and the
+            # kernel checks the files' modes (default_permissions)
+            opts += ",allow_other,default_permissions"
+        flags = libc.MS_NOSUID | libc.MS_NODEV | (libc.MS_RDONLY if self.read_only else 0)
+        try:
+            libc.mount(self.fsname, self.mountpoint, "fuse.zblock", flags, opts)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = -1
+            raise NativeError(e.errno, f"mount {self.mountpoint}: {e.strerror}") from None
+
+    def stop(self) -> None:
+        """End the connection from inside (a signal): unmount lazily, then abort, so every
+        worker's read fails with ENODEV. Safe to call more than once."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        entry = find_mount(self.mountpoint)
+        try:
+            libc.umount2(self.mountpoint, libc.MNT_DETACH)
+        except OSError:
+            pass                                # not mounted (any more): the abort still ends it
+        if entry is not None and entry.fstype == "fuse.zblock":
+            try:
+                with open(f"/sys/fs/fuse/connections/{entry.minor}/abort", "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Answer INIT, then serve with the workers until the connection ends."""
+        buf = bytearray(BUFFER_SIZE)
+        while True:
+            n = self._read_request(self.fd, buf)
+            if n is None:
+                return                          # unmounted before INIT
+            if n and p.IN_HEADER.unpack_from(buf)[1] == p.INIT:
+                self._init(self.fd, memoryview(buf)[:n])
+                break
+            # nothing else may come before INIT; answer it anyway so nobody waits
+            if n:
+                self._reply_error(self.fd, p.IN_HEADER.unpack_from(buf)[2], errno.EIO)
+        fds = [self.fd] + [self._clone() for _ in range(self.workers - 1)]
+        threads = [threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{i}", daemon=True)
+                   for i, fd in enumerate(fds)]
+        for t in threads:
+            t.start()
+        if self.on_init is not None:
+            self.on_init()
+        for t in threads:
+            t.join()
+        for fd in fds:
+            os.close(fd)
+        self.fd = -1
+
+    def _clone(self) -> int:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        fcntl.ioctl(fd, p.FUSE_DEV_IOC_CLONE, struct.pack("I", self.fd))
+        return fd
+
+    @staticmethod
+    def _read_request(fd: int, buf: bytearray) -> int | None:
+        """One request into `buf`: its length, 0 for nothing (retry), None once the connection
+        has ended."""
+        try:
+            return os.readv(fd, [buf])
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                return 0                        # the request went away before we read it
+            raise
+
+    def _worker(self, fd: int) -> None:
+        buf = bytearray(BUFFER_SIZE)
+        mv = memoryview(buf)
+        unpack = p.IN_HEADER.unpack_from
+        handlers = self._handlers
+        fi = _FileInfo()
+        while True:
+            n = self._read_request(fd, buf)
+            if n is None:
+                return
+            if not n:
+                continue
+            _, opcode, unique, node, *_ = unpack(buf)
+            handler = handlers.get(opcode)
+            if handler is None:
+                if opcode in (p.FORGET, p.BATCH_FORGET, p.INTERRUPT):
+                    continue                    # no reply; nothing of ours to forget or stop
+                self._reply_error(fd, unique, errno.ENOSYS)
+                continue
+            try:
+                out = handler(node, mv[p.IN_HEADER.size:n], fi)
+            except OSError as e:
+                self._reply_error(fd, unique, e.errno if isinstance(e.errno, int) and e.errno > 0
+                                  else errno.EIO)
+                continue
+            except Exception:
+                log.exception("FUSE opcode %d failed", opcode)
+                self._reply_error(fd, unique, errno.EIO)
+                continue
+            self._reply(fd, unique, out)
+
+    # ---- replies --------------------------------------------------------------------------
+
+    @staticmethod
+    def _send(fd: int, parts: list) -> None:
+        try:
+            os.writev(fd, parts)
+        except OSError as e:
+            # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: the connection
+            # ended. Either way nobody waits for this answer any more.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+    def _reply(self, fd: int, unique: int, out) -> None:
+        n = len(out) if out else 0
+        hdr = p.OUT_HEADER.pack(p.OUT_HEADER.size + n, 0, unique)
+        self._send(fd, [hdr, out] if n else [hdr])
+
+    def _reply_error(self, fd: int, unique: int, err: int) -> None:
+        self._send(fd, [p.OUT_HEADER.pack(p.OUT_HEADER.size, -err, unique)])
+
+    # ---- INIT -----------------------------------------------------------------------------
+
+    def _init(self, fd: int, req: memoryview) -> None:
+        unique = p.IN_HEADER.unpack_from(req)[2]
+        major, minor, max_readahead, kflags, _ = p.INIT_IN.unpack_from(req, p.IN_HEADER.size)
+        if major != p.KERNEL_VERSION or (major == p.KERNEL_VERSION and minor < p.MIN_KERNEL_MINOR):
+            log.error("FUSE protocol %d.%d is not supported (need %d.%d or later)", major, minor,
+                      p.KERNEL_VERSION, p.MIN_KERNEL_MINOR)
+            self._reply_error(fd, unique, errno.EPROTO)
+            raise NativeError(errno.EPROTO, f"kernel FUSE protocol {major}.{minor} is too old")
+        want = (p.FUSE_ASYNC_READ | p.FUSE_ATOMIC_O_TRUNC | p.FUSE_BIG_WRITES | p.FUSE_ASYNC_DIO
+                | p.FUSE_PARALLEL_DIROPS | p.FUSE_MAX_PAGES)
+        flags = want & kflags
+        minor = min(minor, p.KERNEL_MINOR)
+        readahead = min(max_readahead, MAX_WRITE)
+        out = p.INIT_OUT.pack(p.KERNEL_VERSION, minor, readahead, flags, 0, 0, MAX_WRITE, 1,
+                              MAX_PAGES, 0, 0, 0)
+        self._reply(fd, unique, out)
+        self.info = {"impl": "native", "protocol": f"{p.KERNEL_VERSION}.{minor}",
+                     "max_write": MAX_WRITE, "max_pages": MAX_PAGES if flags & p.FUSE_MAX_PAGES else 32,
+                     "max_readahead": readahead, "workers": self.workers,
+                     "flags": sorted(name for bit, name in p.INIT_FLAG_NAMES.items() if flags & bit),
+                     "parallel_direct_writes": True}
+        log.info("FUSE %d.%d: %s", p.KERNEL_VERSION, minor, self.info)
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    def _path(self, node: int) -> str:
+        path = self.nodes.path.get(node)
+        if path is None:
+            raise OSError(errno.ENOENT, "no such node")
+        return path
+
+    def _attr(self, node: int) -> bytes:
+        a = self.ops.getattr(self._path(node))
+        ns = (a["st_atime"], a["st_mtime"], a["st_ctime"])
+        return p.ATTR.pack(node, a["st_size"], a["st_blocks"], *(t // 10**9 for t in ns),
+                           *(t % 10**9 for t in ns), a["st_mode"], a["st_nlink"], a["st_uid"],
+                           a["st_gid"], 0, a["st_blksize"], 0)
+
+    def _entry(self, node: int) -> bytes:
+        return p.ENTRY_OUT_HEAD.pack(node, 0, TTL_S, TTL_S, 0, 0) + self._attr(node)
+
+    def _lookup(self, node, arg, fi):
+        name = bytes(arg).split(b"\0", 1)[0]
+        child = self.nodes.children.get(node, {}).get(name)
+        if child is None:
+            raise OSError(errno.ENOENT, "no such file")
+        return self._entry(child)
+
+    def _getattr(self, node, arg, fi):
+        return p.ATTR_OUT_HEAD.pack(TTL_S, 0, 0) + self._attr(node)
+
+    def _setattr(self, node, arg, fi):
+        valid, _, _, size = p.SETATTR_IN.unpack_from(arg)
+        path = self._path(node)
+        if valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID):
+            raise OSError(errno.EROFS, "modes and owners are fixed")    # as mfusepy's chmod/chown
+        if valid & p.FATTR_SIZE:
+            self.ops.truncate(path, size)
+        return p.ATTR_OUT_HEAD.pack(TTL_S, 0, 0) + self._attr(node)
+
+    def _statfs(self, node, arg, fi):
+        s = self.ops.statfs("/")
+        return p.KSTATFS.pack(s["f_blocks"], s["f_bfree"], s["f_bavail"], s["f_files"],
+                              s["f_ffree"], s["f_bsize"], s["f_namemax"], s["f_frsize"])
+
+    # ---- open and release -----------------------------------------------------------------
+
+    def _open(self, node, arg, fi):
+        flags, _ = p.OPEN_IN.unpack_from(arg)
+        f = _FileInfo(flags=flags)
+        self.ops.open(self._path(node), f)
+        oflags = 0
+        if f.direct_io:
+            # parallel direct writes: the Store takes page locks itself (docs/concurrency.md)
+            oflags = p.FOPEN_DIRECT_IO | p.FOPEN_PARALLEL_DIRECT_WRITES
+        return p.OPEN_OUT.pack(f.fh, oflags, 0)
+
+    def _create(self, node, arg, fi):
+        name = bytes(arg[16:]).split(b"\0", 1)[0].decode(errors="replace")
+        self.ops.create(self._path(node).rstrip("/") + "/" + name, 0)
+        raise OSError(errno.EACCES, "no new files")
+
+    def _opendir(self, node, arg, fi):
+        self._path(node)
+        return p.OPEN_OUT.pack(0, 0, 0)
+
+    def _release(self, node, arg, fi):
+        fi.fh, fi.flags, _ = p.RELEASE_IN.unpack_from(arg)
+        self.ops.release(self._path(node), fi)
+        return b""
+
+    # ---- data -----------------------------------------------------------------------------
+
+    def _read(self, node, arg, fi):
+        fi.fh, offset, size, _ = p.READ_IN.unpack_from(arg)
+        return self.ops.read(self.nodes.path.get(node), size, offset, fi)
+
+    def _write(self, node, arg, fi):
+        fi.fh, offset, size, _ = p.WRITE_IN.unpack_from(arg)
+        # a copy: the buffer is this worker's, and the Store may queue the data (write-behind)
+        data = bytes(arg[p.WRITE_IN_SIZE:p.WRITE_IN_SIZE + size])
+        n = self.ops.write(self.nodes.path.get(node), data, offset, fi)
+        return p.WRITE_OUT.pack(n, 0)
+
+    def _fsync(self, node, arg, fi):
+        fi.fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(arg)
+        self.ops.fsync(self._path(node), fsync_flags & p.FSYNC_FDATASYNC, fi)
+        return b""
+
+    def _fallocate(self, node, arg, fi):
+        fi.fh, offset, length, mode = p.FALLOCATE_IN.unpack_from(arg)
+        self.ops.fallocate(self._path(node), mode, offset, length, fi)
+        return b""
+
+    @staticmethod
+    def _ok(node, arg, fi):
+        return b""
+
+    # ---- directories ----------------------------------------------------------------------
+
+    def _dir_entries(self, node: int) -> list[tuple[bytes, int, int]]:
+        """(name, node id or 0, DT_*) of a directory, in ZblockOps.readdir's order."""
+        path = self._path(node)
+        kids = self.nodes.children.get(node)
+        if kids is None:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        out = []
+        for name in self.ops.readdir(path, 0):
+            b = name.encode()
+            child = kids.get(b, 0)
+            if b in (b".", b".."):
+                out.append((b, 0, p.DT_DIR))
+            else:
+                kind = p.DT_DIR if child in self.nodes.children else p.DT_REG
+                out.append((b, child, kind))
+        return out
+
+    def _readdir(self, node, arg, fi, plus: bool = False):
+        _, offset, size, _ = p.READ_IN.unpack_from(arg)
+        parts, used = [], 0
+        entries = self._dir_entries(node)
+        for i in range(offset, len(entries)):
+            name, child, kind = entries[i]
+            ent = p.DIRENT_HEAD.pack(child or ROOT_ID, i + 1, len(name), kind) + name
+            ent += b"\0" * (p.dirent_size(name) - len(ent))
+            if plus:
+                # "." and ".." carry no entry (the kernel skips them); the others their own
+                head = self._entry(child) if child else bytes(p.ENTRY_OUT_HEAD.size + p.ATTR.size)
+                ent = head + ent
+            if used + len(ent) > size:
+                break
+            parts.append(ent)
+            used += len(ent)
+        return b"".join(parts)
+
+    def _readdirplus(self, node, arg, fi):
+        return self._readdir(node, arg, fi, plus=True)
+
+
+def kernel_supports_native() -> bool:
+    """Whether this process can serve the native front end: /dev/fuse and mount(2) (root)."""
+    return os.geteuid() == 0 and os.path.exists("/dev/fuse") and \
+        stat.S_ISCHR(os.stat("/dev/fuse").st_mode)
