@@ -442,3 +442,81 @@ def test_overlapping_writes_leave_whole_last_versions(tmp_path, monkeypatch, pol
     finally:
         store.close()
     check_records(read_backing(path), writers)
+
+
+# ---------------------------------------------------------------------------------------------
+# writers waiting for pool space
+
+
+class HeldBacking:
+    """Wraps a Backing: while `held` is clear, a write_pages (the writeback worker's) waits for
+    it, so the pool cannot shrink."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.held = threading.Event()
+        self.writing = threading.Event()
+
+    def write_pages(self, idxs, pages):
+        self.writing.set()
+        assert self.held.wait(JOIN_TIMEOUT), "the test never let the disk write go on"
+        return self.inner.write_pages(idxs, pages)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.timeout(60)
+def test_writers_waiting_for_space_do_not_wake_each_other(tmp_path, monkeypatch):
+    """Four writers wait for pool space while the writeback worker is held in a disk write: they
+    sleep until it makes room, instead of each waiter's request to the worker waking the other
+    waiters, who then ask again (a storm that took the GIL from the worker it waited for). Once
+    the disk goes on, every write lands."""
+    from zblock.backing import Backing
+    monkeypatch.setattr(cache, "OVERSHOOT", OVERSHOOT)
+    backing = HeldBacking(Backing.open(str(tmp_path / "disk.img"), 4 * MiB))
+    store = Store(backing, make_config(pool_limit=POOL_LIMIT, shrinker_enabled=False),
+                  write_behind=0)
+    rng = random.Random(5)
+    try:
+        fill = rng.randbytes(64 * PAGE_SIZE)        # incompressible: 64 pages held raw
+        store.write(0, fill)
+        assert backing.writing.wait(10), "the pool went over its limit: writeback should start"
+        c = store.cache
+        with c.tree_lock:
+            assert c.table.pool_total_size >= POOL_LIMIT + OVERSHOOT
+        notified = []
+        waiting = set()
+        all_waiting = threading.Event()
+        real_notify, real_wait = c.wb_cond.notify_all, c.wb_cond.wait
+
+        def wait(timeout=None):
+            waiting.add(threading.get_ident())
+            if len(waiting) == NWRITERS:
+                all_waiting.set()
+            return real_wait(timeout)
+        monkeypatch.setattr(c.wb_cond, "notify_all", lambda: notified.append(1) or real_notify())
+        monkeypatch.setattr(c.wb_cond, "wait", wait)
+        pages = [rng.randbytes(PAGE_SIZE) for _ in range(NWRITERS)]
+        writers = [threading.Thread(target=store.write, args=((100 + w) * PAGE_SIZE, pages[w]),
+                                    daemon=True) for w in range(NWRITERS)]
+        for t in writers:
+            t.start()
+        assert all_waiting.wait(10), "the writers should wait for pool space"
+        time.sleep(0.2)             # a storm needs no more than this to show
+        storm = len(notified)
+        backing.held.set()
+        for t in writers:
+            t.join(JOIN_TIMEOUT)
+        assert not any(t.is_alive() for t in writers)
+        # each writer's store asks the worker (the pool is over its limit), and the first waiter
+        # once more: a handful, not the tens of thousands of a storm
+        assert storm <= 2 * NWRITERS, f"{storm} wake-ups while the worker was held"
+        for w in range(NWRITERS):
+            assert store.read((100 + w) * PAGE_SIZE, PAGE_SIZE) == pages[w]
+        assert store.read(0, len(fill)) == fill
+        assert store.stats()["written_back_pages"] > 0
+        check_consistency(store)
+    finally:
+        backing.held.set()
+        store.close()

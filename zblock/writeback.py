@@ -72,6 +72,12 @@ class Writeback:
         self._wanted = True
         self.cache.wb_cond.notify_all()
 
+    @property
+    def pending(self) -> bool:
+        """A wake() the worker has not taken up yet (it clears this as it starts a pass).
+        Caller holds the tree lock."""
+        return self._wanted
+
     def _run(self) -> None:
         cache = self.cache
         try:
