@@ -548,11 +548,15 @@ class NbdTarget(Target):
 class MemfileTarget(Target):
     """tests/perf/memfile.py as a subprocess: pages uncompressed in a dict (the ceiling)."""
 
-    def __init__(self, size: int, libfuse: int = 3):
+    def __init__(self, size: int, libfuse: int | str = 3):
         super().__init__(size)
         self.libfuse = libfuse
-        self.name = f"memfile-fuse{libfuse}"
-        self.kind = f"bare Python FUSE memory file, libfuse {libfuse}"
+        if libfuse == "native":
+            self.name = "memfile-native"
+            self.kind = "bare Python FUSE memory file, zblock's native front end"
+        else:
+            self.name = f"memfile-fuse{libfuse}"
+            self.kind = f"bare Python FUSE memory file, libfuse {libfuse}"
         self.mp: Path | None = None
         self.proc = None
 
@@ -697,9 +701,11 @@ class ZblockTarget(Target):
         return out
 
 
-def reference_targets(size: int, kinds=("zram", "nbd", "memfile3", "memfile2")) -> list[Target]:
+def reference_targets(size: int, kinds=("zram", "nbd", "memfile3", "memfile2", "memfile-native")
+                      ) -> list[Target]:
     make = {"zram": lambda: ZramTarget(size), "nbd": lambda: NbdTarget(size),
-            "memfile3": lambda: MemfileTarget(size, 3), "memfile2": lambda: MemfileTarget(size, 2)}
+            "memfile3": lambda: MemfileTarget(size, 3), "memfile2": lambda: MemfileTarget(size, 2),
+            "memfile-native": lambda: MemfileTarget(size, "native")}
     return [make[k]() for k in kinds]
 
 

@@ -1,6 +1,6 @@
 """The bare Python FUSE memory file: the ceiling zblock is measured against.
 
-    python tests/perf/memfile.py MOUNTPOINT --size 256M [--libfuse 3|2] [--max-write BYTES]
+    python tests/perf/memfile.py MOUNTPOINT --size 256M [--libfuse 3|2|native] [--max-write BYTES]
 
 Exposes `MOUNTPOINT/disk` (SIZE bytes, a block device's semantics like zblock's `disk`) and
 `MOUNTPOINT/stats` (JSON: libfuse version, max_write asked for and set, request-size histograms).
@@ -11,7 +11,8 @@ not of Python + FUSE. Runs in the foreground until unmounted (`fusermount3 -u`, 
 It uses the FUSE settings zblock's adapter uses, so that the difference is zblock's own work and
 not the binding's: libfuse worker threads keep their Python thread states (zblock.threadstate;
 without it every request creates and destroys one, which cost this file half of its 4 KiB IOPS),
-and `disk` is opened with direct I/O.
+and `disk` is opened with direct I/O. `--libfuse native` serves the same file on zblock's own
+front end (zblock.fuse.native: parallel direct writes, root only), the ceiling of that path.
 
 Invariants: every value in `pages` is exactly PAGE_SIZE bytes; a missing key reads as zeros.
 Lock protocol: `rmw_lock` serialises read-modify-write of partial pages only (whole-page stores
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mountpoint")
     ap.add_argument("--size", default="256M")
-    ap.add_argument("--libfuse", choices=("2", "3"), default="3")
+    ap.add_argument("--libfuse", choices=("2", "3", "native"), default="3")
     ap.add_argument("--max-write", type=int, default=1 << 20,
                     help="bytes; libfuse 3 sets it in init (it refuses -o max_write), "
                          "libfuse 2 takes -o max_write and the kernel caps it at 128 KiB")
@@ -62,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     if size <= 0 or size % PAGE_SIZE:
         print(f"memfile: --size {args.size!r} must be a positive multiple of {PAGE_SIZE}", file=sys.stderr)
         return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    if args.libfuse == "native":
+        return serve_native(args.mountpoint, size, args.max_write)
     # mfusepy picks libfuse 2 when both are installed unless told (DESIGN: Concurrency model).
     os.environ["FUSE_LIBRARY_NAME"] = "fuse3" if args.libfuse == "3" else "fuse"
     import mfusepy
     global pin_thread_state
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from zblock.threadstate import pin_thread_state
 
     ops = MemFile(mfusepy, size, args.max_write)
@@ -74,6 +77,32 @@ def main(argv: list[str] | None = None) -> int:
     if mfusepy.fuse_version_major == 2:
         kwargs.update(big_writes=True, max_write=min(args.max_write, 128 << 10))
     mfusepy.FUSE(ops, args.mountpoint, **kwargs)
+    return 0
+
+
+class _NativeErrors:
+    """What MemFile takes from mfusepy, for the native front end."""
+
+    fuse_version_major = "native"
+    fuse_version_minor = "-"
+
+    @staticmethod
+    def FuseOSError(err: int) -> OSError:
+        return OSError(err, os.strerror(err))
+
+
+def serve_native(mountpoint: str, size: int, max_write: int) -> int:
+    import signal
+    from zblock.fuse.native import NativeFuse
+    global pin_thread_state
+    pin_thread_state = lambda: None         # noqa: E731 -- Python threads keep theirs anyway
+    ops = MemFile(_NativeErrors, size, max_write)
+    session = NativeFuse(ops, mountpoint, fsname="memfile", allow_other=True)
+    session.mount()
+    ops.max_write_set = max_write
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: session.stop())
+    session.serve()
     return 0
 
 

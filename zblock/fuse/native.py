@@ -45,6 +45,9 @@ BUFFER_SIZE = MAX_WRITE + 4096
 # Entries and attributes are cached by the kernel this long: libfuse's high-level default.
 TTL_S = 1
 ROOT_ID = 1
+_RETRY = (errno.ENOENT, errno.EINTR, errno.EAGAIN)
+ARG = p.IN_HEADER.size                 # where a request's own struct starts
+_NO_REPLY = (p.FORGET, p.BATCH_FORGET, p.INTERRUPT)   # nothing of ours to forget or stop
 
 
 class NativeError(OSError):
@@ -64,25 +67,26 @@ class _FileInfo:
 
 
 class _Nodes:
-    """Node id <-> path for the tree ZblockOps serves: /, /disk, /stats, /params, /params/*.
-    Ids are handed out once at start; LOOKUP of a name that is not there is ENOENT."""
+    """Node id <-> path for the tree the ops serve, read once at start through their readdir
+    and getattr (zblock's: /, /disk, /stats, /params, /params/*; nothing is ever created).
+    LOOKUP of a name that is not there is ENOENT."""
 
     def __init__(self, ops):
         self.path = {ROOT_ID: "/"}
-        self.children: dict[int, dict[bytes, int]] = {ROOT_ID: {}}
-        self._add(ROOT_ID, "disk")
-        self._add(ROOT_ID, "stats")
-        params = self._add(ROOT_ID, "params")
-        self.children[params] = {}
-        for name in ops.store.param_names():
-            self._add(params, name)
+        self.children: dict[int, dict[bytes, int]] = {}
+        self._walk(ops, ROOT_ID)
 
-    def _add(self, parent: int, name: str) -> int:
-        node = len(self.path) + 1
-        base = self.path[parent]
-        self.path[node] = base.rstrip("/") + "/" + name
-        self.children[parent][name.encode()] = node
-        return node
+    def _walk(self, ops, node: int) -> None:
+        self.children[node] = {}
+        base = self.path[node].rstrip("/")
+        for name in ops.readdir(self.path[node], 0):
+            if name in (".", ".."):
+                continue
+            child = len(self.path) + 1
+            self.path[child] = f"{base}/{name}"
+            self.children[node][name.encode()] = child
+            if stat.S_ISDIR(ops.getattr(self.path[child])["st_mode"]):
+                self._walk(ops, child)
 
 
 class NativeFuse:
@@ -181,67 +185,66 @@ class NativeFuse:
 
     @staticmethod
     def _read_request(fd: int, buf: bytearray) -> int | None:
-        """One request into `buf`: its length, 0 for nothing (retry), None once the connection
-        has ended."""
+        """One request into `buf` (before the workers run): its length, 0 for nothing (retry),
+        None once the connection has ended."""
         try:
             return os.readv(fd, [buf])
         except OSError as e:
             if e.errno == errno.ENODEV:
                 return None
-            if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
-                return 0                        # the request went away before we read it
+            if e.errno in _RETRY:
+                return 0
             raise
 
     def _worker(self, fd: int) -> None:
+        """Read, dispatch, reply until the connection ends. Written flat: at 4 KiB, this loop's
+        own Python is a good part of a request's cost."""
         buf = bytearray(BUFFER_SIZE)
         mv = memoryview(buf)
-        unpack = p.IN_HEADER.unpack_from
+        bufs = [buf]
+        readv, writev = os.readv, os.writev
+        header, out_header = p.IN_HEAD.unpack_from, p.OUT_HEADER.pack
         handlers = self._handlers
         fi = _FileInfo()
         while True:
-            n = self._read_request(fd, buf)
-            if n is None:
-                return
-            if not n:
-                continue
-            _, opcode, unique, node, *_ = unpack(buf)
-            handler = handlers.get(opcode)
-            if handler is None:
-                if opcode in (p.FORGET, p.BATCH_FORGET, p.INTERRUPT):
-                    continue                    # no reply; nothing of ours to forget or stop
-                self._reply_error(fd, unique, errno.ENOSYS)
-                continue
             try:
-                out = handler(node, mv[p.IN_HEADER.size:n], fi)
+                n = readv(fd, bufs)
             except OSError as e:
-                self._reply_error(fd, unique, e.errno if isinstance(e.errno, int) and e.errno > 0
-                                  else errno.EIO)
-                continue
+                if e.errno == errno.ENODEV:
+                    return                      # unmounted or aborted
+                if e.errno in _RETRY:
+                    continue                    # the request went away before we read it
+                raise
+            _, opcode, unique, node = header(buf)
+            handler = handlers.get(opcode)
+            try:
+                if handler is None:
+                    if opcode in _NO_REPLY:
+                        continue
+                    raise OSError(errno.ENOSYS, "not implemented")
+                out = handler(node, mv, n, fi)
+                parts = [out_header(16 + len(out), 0, unique), out] if out else \
+                    [out_header(16, 0, unique)]
+            except OSError as e:
+                err = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
+                parts = [out_header(16, -err, unique)]
             except Exception:
                 log.exception("FUSE opcode %d failed", opcode)
-                self._reply_error(fd, unique, errno.EIO)
-                continue
-            self._reply(fd, unique, out)
-
-    # ---- replies --------------------------------------------------------------------------
-
-    @staticmethod
-    def _send(fd: int, parts: list) -> None:
-        try:
-            os.writev(fd, parts)
-        except OSError as e:
-            # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: the connection
-            # ended. Either way nobody waits for this answer any more.
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                raise
-
-    def _reply(self, fd: int, unique: int, out) -> None:
-        n = len(out) if out else 0
-        hdr = p.OUT_HEADER.pack(p.OUT_HEADER.size + n, 0, unique)
-        self._send(fd, [hdr, out] if n else [hdr])
+                parts = [out_header(16, -errno.EIO, unique)]
+            try:
+                writev(fd, parts)
+            except OSError as e:
+                # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: the
+                # connection ended. Either way nobody waits for this answer any more.
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    raise
 
     def _reply_error(self, fd: int, unique: int, err: int) -> None:
-        self._send(fd, [p.OUT_HEADER.pack(p.OUT_HEADER.size, -err, unique)])
+        try:
+            os.write(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size, -err, unique))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
 
     # ---- INIT -----------------------------------------------------------------------------
 
@@ -260,7 +263,7 @@ class NativeFuse:
         readahead = min(max_readahead, MAX_WRITE)
         out = p.INIT_OUT.pack(p.KERNEL_VERSION, minor, readahead, flags, 0, 0, MAX_WRITE, 1,
                               MAX_PAGES, 0, 0, 0)
-        self._reply(fd, unique, out)
+        os.write(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size + len(out), 0, unique) + out)
         self.info = {"impl": "native", "protocol": f"{p.KERNEL_VERSION}.{minor}",
                      "max_write": MAX_WRITE, "max_pages": MAX_PAGES if flags & p.FUSE_MAX_PAGES else 32,
                      "max_readahead": readahead, "workers": self.workers,
@@ -277,27 +280,30 @@ class NativeFuse:
         return path
 
     def _attr(self, node: int) -> bytes:
+        """fuse_attr of a node from the ops' getattr (fusepy's st_* dict, times in ns)."""
         a = self.ops.getattr(self._path(node))
-        ns = (a["st_atime"], a["st_mtime"], a["st_ctime"])
-        return p.ATTR.pack(node, a["st_size"], a["st_blocks"], *(t // 10**9 for t in ns),
-                           *(t % 10**9 for t in ns), a["st_mode"], a["st_nlink"], a["st_uid"],
-                           a["st_gid"], 0, a["st_blksize"], 0)
+        size = a.get("st_size", 0)
+        ns = (a.get("st_atime", 0), a.get("st_mtime", 0), a.get("st_ctime", 0))
+        return p.ATTR.pack(node, size, a.get("st_blocks", (size + 511) // 512),
+                           *(t // 10**9 for t in ns), *(t % 10**9 for t in ns), a["st_mode"],
+                           a.get("st_nlink", 1), a.get("st_uid", 0), a.get("st_gid", 0), 0,
+                           a.get("st_blksize", 4096), 0)
 
     def _entry(self, node: int) -> bytes:
         return p.ENTRY_OUT_HEAD.pack(node, 0, TTL_S, TTL_S, 0, 0) + self._attr(node)
 
-    def _lookup(self, node, arg, fi):
-        name = bytes(arg).split(b"\0", 1)[0]
+    def _lookup(self, node, mv, n, fi):
+        name = bytes(mv[ARG:n]).split(b"\0", 1)[0]
         child = self.nodes.children.get(node, {}).get(name)
         if child is None:
             raise OSError(errno.ENOENT, "no such file")
         return self._entry(child)
 
-    def _getattr(self, node, arg, fi):
+    def _getattr(self, node, mv, n, fi):
         return p.ATTR_OUT_HEAD.pack(TTL_S, 0, 0) + self._attr(node)
 
-    def _setattr(self, node, arg, fi):
-        valid, _, _, size = p.SETATTR_IN.unpack_from(arg)
+    def _setattr(self, node, mv, n, fi):
+        valid, _, _, size = p.SETATTR_IN.unpack_from(mv, ARG)
         path = self._path(node)
         if valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID):
             raise OSError(errno.EROFS, "modes and owners are fixed")    # as mfusepy's chmod/chown
@@ -305,15 +311,15 @@ class NativeFuse:
             self.ops.truncate(path, size)
         return p.ATTR_OUT_HEAD.pack(TTL_S, 0, 0) + self._attr(node)
 
-    def _statfs(self, node, arg, fi):
+    def _statfs(self, node, mv, n, fi):
         s = self.ops.statfs("/")
-        return p.KSTATFS.pack(s["f_blocks"], s["f_bfree"], s["f_bavail"], s["f_files"],
-                              s["f_ffree"], s["f_bsize"], s["f_namemax"], s["f_frsize"])
+        return p.KSTATFS.pack(*(s.get(k, 0) for k in ("f_blocks", "f_bfree", "f_bavail", "f_files",
+                                                      "f_ffree", "f_bsize", "f_namemax", "f_frsize")))
 
     # ---- open and release -----------------------------------------------------------------
 
-    def _open(self, node, arg, fi):
-        flags, _ = p.OPEN_IN.unpack_from(arg)
+    def _open(self, node, mv, n, fi):
+        flags, _ = p.OPEN_IN.unpack_from(mv, ARG)
         f = _FileInfo(flags=flags)
         self.ops.open(self._path(node), f)
         oflags = 0
@@ -322,45 +328,45 @@ class NativeFuse:
             oflags = p.FOPEN_DIRECT_IO | p.FOPEN_PARALLEL_DIRECT_WRITES
         return p.OPEN_OUT.pack(f.fh, oflags, 0)
 
-    def _create(self, node, arg, fi):
-        name = bytes(arg[16:]).split(b"\0", 1)[0].decode(errors="replace")
+    def _create(self, node, mv, n, fi):
+        name = bytes(mv[ARG + 16:n]).split(b"\0", 1)[0].decode(errors="replace")
         self.ops.create(self._path(node).rstrip("/") + "/" + name, 0)
         raise OSError(errno.EACCES, "no new files")
 
-    def _opendir(self, node, arg, fi):
+    def _opendir(self, node, mv, n, fi):
         self._path(node)
         return p.OPEN_OUT.pack(0, 0, 0)
 
-    def _release(self, node, arg, fi):
-        fi.fh, fi.flags, _ = p.RELEASE_IN.unpack_from(arg)
+    def _release(self, node, mv, n, fi):
+        fi.fh, fi.flags, _ = p.RELEASE_IN.unpack_from(mv, ARG)
         self.ops.release(self._path(node), fi)
         return b""
 
     # ---- data -----------------------------------------------------------------------------
 
-    def _read(self, node, arg, fi):
-        fi.fh, offset, size, _ = p.READ_IN.unpack_from(arg)
+    def _read(self, node, mv, n, fi):
+        fi.fh, offset, size, _ = p.READ_IN.unpack_from(mv, ARG)
         return self.ops.read(self.nodes.path.get(node), size, offset, fi)
 
-    def _write(self, node, arg, fi):
-        fi.fh, offset, size, _ = p.WRITE_IN.unpack_from(arg)
+    def _write(self, node, mv, n, fi):
+        fi.fh, offset, size, _ = p.WRITE_IN.unpack_from(mv, ARG)
         # a copy: the buffer is this worker's, and the Store may queue the data (write-behind)
-        data = bytes(arg[p.WRITE_IN_SIZE:p.WRITE_IN_SIZE + size])
+        data = bytes(mv[ARG + p.WRITE_IN_SIZE:ARG + p.WRITE_IN_SIZE + size])
         n = self.ops.write(self.nodes.path.get(node), data, offset, fi)
         return p.WRITE_OUT.pack(n, 0)
 
-    def _fsync(self, node, arg, fi):
-        fi.fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(arg)
+    def _fsync(self, node, mv, n, fi):
+        fi.fh, fsync_flags, _ = p.FSYNC_IN.unpack_from(mv, ARG)
         self.ops.fsync(self._path(node), fsync_flags & p.FSYNC_FDATASYNC, fi)
         return b""
 
-    def _fallocate(self, node, arg, fi):
-        fi.fh, offset, length, mode = p.FALLOCATE_IN.unpack_from(arg)
+    def _fallocate(self, node, mv, n, fi):
+        fi.fh, offset, length, mode = p.FALLOCATE_IN.unpack_from(mv, ARG)
         self.ops.fallocate(self._path(node), mode, offset, length, fi)
         return b""
 
     @staticmethod
-    def _ok(node, arg, fi):
+    def _ok(node, mv, n, fi):
         return b""
 
     # ---- directories ----------------------------------------------------------------------
@@ -382,8 +388,8 @@ class NativeFuse:
                 out.append((b, child, kind))
         return out
 
-    def _readdir(self, node, arg, fi, plus: bool = False):
-        _, offset, size, _ = p.READ_IN.unpack_from(arg)
+    def _readdir(self, node, mv, n, fi, plus: bool = False):
+        _, offset, size, _ = p.READ_IN.unpack_from(mv, ARG)
         parts, used = [], 0
         entries = self._dir_entries(node)
         for i in range(offset, len(entries)):
@@ -400,8 +406,8 @@ class NativeFuse:
             used += len(ent)
         return b"".join(parts)
 
-    def _readdirplus(self, node, arg, fi):
-        return self._readdir(node, arg, fi, plus=True)
+    def _readdirplus(self, node, mv, n, fi):
+        return self._readdir(node, mv, n, fi, plus=True)
 
 
 def kernel_supports_native() -> bool:

@@ -73,6 +73,7 @@ DT_DIR = 4
 DT_REG = 8
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")      # len opcode unique nodeid uid gid pid extlen pad
+IN_HEAD = struct.Struct("<IIQQ")             # its first fields: len opcode unique nodeid
 OUT_HEADER = struct.Struct("<IiQ")           # len error unique
 INIT_IN = struct.Struct("<IIIII")            # major minor max_readahead flags flags2 (+ unused)
 # major minor max_readahead flags max_background congestion_threshold max_write time_gran
