@@ -459,3 +459,58 @@ def test_read_only_mount_reads_and_writes_nothing(fuse, how, data32):
             finally:
                 ro.umount()
         assert [_file_state(p) for p in (m.backing, meta)] == before
+
+
+# ---------------------------------------------------------------------------------------------
+# ending a mount while I/O runs
+
+
+def _writer(disk: str) -> subprocess.Popen:
+    """fio writing and reading 4-64 KiB blocks all over the disk for two minutes, or until its
+    I/O fails."""
+    require(shutil.which("fio") is not None, "fio is not installed")
+    return subprocess.Popen(["fio", "--name=w", f"--filename={disk}", "--rw=randrw",
+                             "--bsrange=4k-64k", "--direct=1", "--ioengine=psync", "--numjobs=2",
+                             "--time_based", "--runtime=120", "--output=/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _end_writer(writer: subprocess.Popen) -> None:
+    """fio and its job processes (they hold the disk open, each in a session of its own)."""
+    import psutil
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for proc in [*psutil.Process(writer.pid).children(recursive=True), psutil.Process(writer.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+    writer.wait(timeout=30)
+
+
+@pytest.mark.parametrize("fuse", ["native", "fuse3"])
+@pytest.mark.parametrize("how", ["umount -l", "SIGKILL", "zblock umount --force"])
+def test_ending_the_mount_during_io_hangs_nothing(how, fuse):
+    """A lazy unmount, a killed server and a forced unmount while a writer is in the middle of
+    its I/O: the writer ends (an error, or done once the connection is gone), the server exits,
+    the mount is gone. Nothing may be left blocked in the kernel."""
+    with Mount(size="64M", fuse=fuse, pool_limit="8M") as m:
+        pid = m.pid
+        writer = _writer(m.disk)
+        try:
+            time.sleep(0.5)
+            assert writer.poll() is None, writer.stderr.read()
+            if how == "umount -l":
+                assert subprocess.run(["umount", "-l", m.mountpoint], timeout=60).returncode == 0
+                _end_writer(writer)     # the file stays open until the writer goes; then it ends
+            elif how == "SIGKILL":
+                os.kill(pid, signal.SIGKILL)
+            else:
+                res = mountutil.zblock("umount", m.mountpoint, "--force", "--timeout", "30",
+                                       timeout=90)
+                assert res.returncode == 0, res.stderr
+            writer.wait(timeout=30)
+            assert mountutil.wait_pid(pid, 60), "the server did not exit"
+            if how == "SIGKILL":
+                mountutil.zblock("umount", m.mountpoint, timeout=90)   # clears the dead mount
+            mountutil.wait_for(lambda: not mountutil.is_mounted(m.mountpoint, None), 30,
+                               "the mount to go")
+        finally:
+            _end_writer(writer)

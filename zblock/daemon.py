@@ -47,7 +47,7 @@ import time
 from . import hardening, memory, sdnotify
 from .errors import BackingError, DeadMount, MountError, UsageError, WritebackFailed, ZblockError
 from .pool import tune_malloc
-from .runtime import (FSTYPE, MountEntry, find_mount, find_zblock_mount, log_file, pid_file,
+from .runtime import (FSTYPE, MountEntry, abort_fuse_connection, find_mount, find_zblock_mount, log_file, pid_file,
                       read_pid_file, run_with_deadline)
 
 log = logging.getLogger("zblock.daemon")
@@ -485,16 +485,6 @@ def _fsync_disk(mountpoint: str) -> None:
         os.close(fd)
 
 
-def abort_connection(entry: MountEntry) -> bool:
-    path = f"/sys/fs/fuse/connections/{entry.minor}/abort"
-    try:
-        with open(path, "w") as f:
-            f.write("1")
-        return True
-    except OSError:
-        return False
-
-
 def _umount_cmd(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
     if os.geteuid() == 0:
         # -i: not through umount.fuse.zblock (mount/), which would call zblock umount again
@@ -517,7 +507,7 @@ def umount(mountpoint: str, force: bool = False, timeout: float = UMOUNT_TIMEOUT
         note = (f"{mountpoint} was a dead mount (its server had exited); cleared it. Pages the "
                 f"server had not written back are not in the backing file: run `zblock fsck` on it")
     if force:
-        abort_connection(entry)
+        abort_fuse_connection(entry.minor)
         res = _umount_cmd(entry.mountpoint, lazy=True)
         if res.returncode != 0 and find_mount(entry.mountpoint) is not None:
             raise MountError(f"umount -l {mountpoint} failed: {res.stderr.strip()}")

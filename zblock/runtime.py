@@ -125,6 +125,36 @@ def mounts() -> list[MountEntry]:
     return entries
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def abort_fuse_connection(minor: int) -> bool:
+    """Abort FUSE connection `minor` (its requests fail, its server's reads get ENODEV) through
+    the fuse control filesystem, mounting that for the moment when nobody has (systemd does at
+    boot; a bare machine may not). True if the abort was written."""
+    mounted_here = False
+    if not os.path.exists(f"{FUSECTL}/{minor}") and os.path.isdir(FUSECTL):
+        from . import libc
+        try:
+            libc.mount("fusectl", FUSECTL, "fusectl", 0, "")
+            mounted_here = True
+        except OSError:
+            pass
+    try:
+        with open(f"{FUSECTL}/{minor}/abort", "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+    finally:
+        if mounted_here:
+            from . import libc
+            try:
+                libc.umount2(FUSECTL, libc.MNT_DETACH)
+            except OSError:
+                pass
+
+
 def find_mount(mountpoint: str) -> MountEntry | None:
     path = os.path.realpath(mountpoint)
     found = None

@@ -30,7 +30,7 @@ import struct
 import threading
 
 from .. import libc
-from ..runtime import find_mount
+from ..runtime import abort_fuse_connection, find_mount
 from . import protocol as p
 
 log = logging.getLogger("zblock.fuse")
@@ -144,11 +144,7 @@ class NativeFuse:
         except OSError:
             pass                                # not mounted (any more): the abort still ends it
         if entry is not None and entry.fstype == "fuse.zblock":
-            try:
-                with open(f"/sys/fs/fuse/connections/{entry.minor}/abort", "w") as f:
-                    f.write("1")
-            except OSError:
-                pass
+            abort_fuse_connection(entry.minor)
 
     # ---- the loop -------------------------------------------------------------------------
 
