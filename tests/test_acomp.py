@@ -316,6 +316,27 @@ def test_compress_results_and_errors(closing):
     assert cs.decompress([comp[0]], join=True) == pages[0]
 
 
+@pytest.mark.parametrize("accelerator", ["none", "sim"])
+def test_contexts_hold_no_buffer_after_a_request(closing, accelerator):
+    """A context's request lets go of its source and result once the caller has them: a 1 MiB
+    write buffer or read reply must not stay alive per context until the context's next use."""
+    eng = None
+    if accelerator == "sim":
+        eng = Engine(queues=2, latency_us=3, mode="sync")
+        closing(eng)
+    cs = ContextSet("lz4", n=2, engine=eng)
+    closing(cs)
+    buf = b"".join(text_page(i) for i in range(64))
+    sc = cs.compress(buf)
+    assert cs.decompress(sc.objs, join=True) == buf
+    assert cs.decompress(sc.objs[:2]) == [buf[:PAGE_SIZE], buf[PAGE_SIZE:2 * PAGE_SIZE]]
+    with pytest.raises(CompressionError):
+        cs.decompress([b"\x00garbage"], join=True)
+    for ctx in cs._contexts:
+        req = ctx.req
+        assert (req.src, req.scan, req.dst, req.results) == (b"", None, None, None)
+
+
 class BrokenCompressor(Compressor):
     """Returns a non-bytes object: a bug that must reach the caller, not vanish in a worker."""
 
