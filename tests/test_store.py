@@ -695,6 +695,39 @@ def test_discard_gives_back_the_chunks_it_empties(backing_path):
         store.close()
 
 
+def test_trimmer_trims_once_when_the_cache_goes_idle():
+    """Default mode (`idle`): a pause after activity gets one trim (the freed reply buffers of a
+    read burst go back), at once or after min_interval; no trim while activity goes on, none
+    again while it stays quiet, none with `idle` off."""
+    from zblock.pool import Trimmer
+    now = [0.0]
+    trims = []
+    t = Trimmer(min_interval=0.2, idle=1.0, release=lambda: trims.append(now[0]),
+                clock=lambda: now[0])
+    off = Trimmer(min_interval=0.2, release=lambda: trims.append(-1.0), clock=lambda: now[0])
+    for step in range(10):                      # reads: activity moves on every pass
+        now[0] += 0.5
+        t.trim(activity=step)
+        off.trim(activity=step)
+    assert trims == []
+    now[0] += 0.5
+    t.trim(activity=9)                          # unchanged, noticed 0.5 s ago
+    assert trims == []
+    now[0] += 0.5
+    t.trim(activity=9)                          # quiet for 1 s
+    off.trim(activity=9)
+    assert trims == [6.0]
+    for _ in range(5):                          # still quiet: nothing more to give back
+        now[0] += 1.0
+        t.trim(activity=9)
+    assert trims == [6.0]
+    now[0] += 1.0
+    t.trim(activity=10)                         # one more read, then a pause
+    now[0] += 1.0
+    t.trim(activity=10)
+    assert trims == [6.0, 13.0]
+
+
 def _pool_and_rss(backing_path: str) -> dict:
     """Write 64 MiB, then overwrite and discard it all; the pool's and the process's view of
     the memory at each step. Runs in a fresh process (test below)."""

@@ -118,18 +118,26 @@ class Trimmer:
     worker does the trimming, outside every lock: malloc_trim walks every arena (about 1 ms for
     a few hundred MiB of heap), too slow for the tree lock or a request path.
 
-    `quiet` (swap mode): trim only once the cache's activity count (stores, loads, discards) has
-    not moved for that many seconds, or `max_wait` seconds after the last trim. A swap-mode trim
-    unlocks and relocks the whole server (tens of ms with mmap_lock held for writing: every
-    thread's page faults wait), and in a swap storm the memory it gives back is allocated and
-    faulted in again at once; unlocking while the kernel is swapping hard is also exactly when a
-    page of ours could be reclaimed.
+    `idle` (default mode): also trim once the cache's activity count (stores, loads, discards)
+    has stood still for that many seconds after moving since the last trim. Nothing else trims
+    after reads: each 1 MiB read leaves freed reply buffers (libfuse's, the reply's bytes, the
+    readahead windows) in malloc's free lists, resident until a trim, and a quiet store has
+    no use for them. One trim per pause costs about a millisecond.
+
+    `quiet` (swap mode): trim only once the cache's activity count has not moved for that many
+    seconds, or `max_wait` seconds after the last trim. A swap-mode trim unlocks and relocks the
+    whole server (tens of ms with mmap_lock held for writing: every thread's page faults wait),
+    and in a swap storm the memory it gives back is allocated and faulted in again at once;
+    unlocking while the kernel is swapping hard is also exactly when a page of ours could be
+    reclaimed.
     """
 
     def __init__(self, threshold: int = 8 << 20, min_interval: float = 0.2, release=None,
-                 quiet: float = 0.0, max_wait: float = 30.0, clock=time.monotonic):
+                 quiet: float = 0.0, max_wait: float = 30.0, idle: float = 0.0,
+                 clock=time.monotonic):
         self.threshold = threshold
         self.min_interval = min_interval
+        self.idle = idle
         # swap mode: memory is locked (mlockall), so plain malloc_trim cannot free it;
         # `release` (swap.release_free_memory) unlocks, trims and locks again
         self.release = release
@@ -164,7 +172,10 @@ class Trimmer:
         self._peak = max(self._peak, pool_size)
         self._freed = 0                 # looked: freed() wakes the worker again only after more
         if not force:
-            if not (self._requested or self._peak - pool_size >= self.threshold):
+            # idle: activity seen since the last trim (a trim's own clock reading is never
+            # later than the activity noticed after it), then none for `idle` seconds
+            idle = self.idle and self._active_at > self._last and now - self._active_at >= self.idle
+            if not (self._requested or idle or self._peak - pool_size >= self.threshold):
                 return
             if now - self._last < self.min_interval:
                 return
