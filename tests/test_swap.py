@@ -200,9 +200,9 @@ def status_kib(name):
 before_hardening = memory.release_free_memory(None, min_available=0.0)   # not hardened: no-op
 h = hardening.harden_for_swap()
 objs = []
-def work(n):       # libfuse's workers allocate like this: in threads, so in glibc's mmap'd arenas
+def work(n):       # libfuse's workers allocate like this: in threads (one arena: tune_malloc)
     objs.extend(os.urandom(1000 + (i * 7919) % 3000) for i in range(n))
-# one worker thread (a non-main arena, ~370 MiB of 1-4 KiB objects): with two, the 10% kept
+# one worker thread (~370 MiB of 1-4 KiB objects): with two and an arena per CPU, the 10% kept
 # below interleaved across both arenas by scheduling and pinned a varying share (once 155 MiB
 # released of ~330)
 ts = [threading.Thread(target=work, args=(150000,))]

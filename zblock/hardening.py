@@ -12,7 +12,7 @@ us pages, so the server must not need the kernel's help to answer (reference/use
      clone(): it must be set before any other thread exists (see harden_for_swap).
   2. Small thread stacks (threading.stack_size and libfuse's FUSE_THREAD_STACK): bounds what each
      thread can pin, in case MCL_ONFAULT is missing and mlockall has to populate every stack.
-     malloc tuned for locked memory (fixed mmap threshold, one arena per CPU): freed heap memory
+     malloc tuned for locked memory (fixed mmap threshold, one arena): freed heap memory
      cannot be handed back once locked, so --swap would otherwise cost ~20 MiB more RSS.
   3. mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): no page of the server is ever swapped out
      (a fault would need the device the server serves). ONFAULT locks pages when first touched
