@@ -1,4 +1,4 @@
-"""Where a server's memory goes, in-process and without FUSE (docs/performance.md, 2026-12-03).
+"""Where a server's memory goes, in-process and without FUSE (docs/performance.md, 2026-12-02).
 
     python -P tests/perf/memory_breakdown.py idle            # an idle server's RSS, step by step
     python -P tests/perf/memory_breakdown.py growth [--verify] [--threads N] [--settle S] [DATA]
