@@ -303,8 +303,9 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
             ready.ok()
             _notify(sdnotify.notify_ready, mountpoint)  # systemd Type=notify; a thread of its own
 
-        ops = fuse_ops.ZblockOps(store, kernel_cache=config.kernel_cache, on_init=on_init,
-                                 on_destroy=close_store)
+        ops_class = fuse_ops.ZblockOps if front_end == "native" else fuse_ops.LibfuseOps
+        ops = ops_class(store, kernel_cache=config.kernel_cache, on_init=on_init,
+                        on_destroy=close_store)
         if front_end == "native":
             _serve_native(ops, mountpoint, backing, config)
         else:

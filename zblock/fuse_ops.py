@@ -306,11 +306,9 @@ class ZblockOps(mfusepy.Operations):
     # data
 
     # read and write map errors themselves instead of through _errno_edge: one Python call less
-    # on every request (a 4 KiB request's own work is a few microseconds). Both pin the libfuse
-    # worker's thread state (threadstate.py): the first request on each worker does it.
+    # on every request (a 4 KiB request's own work is a few microseconds).
 
     def read(self, path, size, offset, fi):
-        pin_thread_state()
         if fi.fh == _DISK_FH:
             self.store.note_request("read", size)
             try:
@@ -320,7 +318,6 @@ class ZblockOps(mfusepy.Operations):
         return self._handle(fi).data[offset:offset + size]
 
     def write(self, path, data, offset, fi):
-        pin_thread_state()
         if fi.fh == _DISK_FH:
             n = len(data)
             self.store.note_request("write", n)
@@ -387,3 +384,17 @@ class ZblockOps(mfusepy.Operations):
         if offset < size:
             self.store.discard(offset, min(length, size - offset))
         return 0
+
+
+class LibfuseOps(ZblockOps):
+    """ZblockOps as mfusepy serves it: libfuse's worker threads call in through ctypes, and the
+    first request on each pins the worker's Python thread state (threadstate.py), which the
+    native front end's Python threads have anyway."""
+
+    def read(self, path, size, offset, fi):
+        pin_thread_state()
+        return ZblockOps.read(self, path, size, offset, fi)
+
+    def write(self, path, data, offset, fi):
+        pin_thread_state()
+        return ZblockOps.write(self, path, data, offset, fi)
