@@ -274,9 +274,9 @@ class ZblockOps(mfusepy.Operations):
             fi.fh = _DISK_FH
             fi.direct_io = 0 if self.kernel_cache else 1
             if fi.direct_io and hasattr(fi, "parallel_direct_writes"):
-                # libfuse 3.15 and later (mfusepy has the field then): the kernel may send
-                # writes to the disk in parallel; the Store's page locks keep them apart. The
-                # native front end asks for it itself.
+                # the native front end, and libfuse 3.15 and later (mfusepy has the field
+                # then): the kernel may send writes to the disk in parallel; the Store's page
+                # locks keep them apart (docs/concurrency.md). Params and stats files: never.
                 fi.parallel_direct_writes = 1
             return 0
         if path == STATS:

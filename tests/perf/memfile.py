@@ -155,6 +155,8 @@ class MemFile:
         if path == "/disk":
             fi.fh = 1
             fi.direct_io = 1
+            if hasattr(fi, "parallel_direct_writes"):
+                fi.parallel_direct_writes = 1       # as zblock's disk (zblock.fuse_ops.open)
             return 0
         if path == "/stats":
             fi.fh = 2

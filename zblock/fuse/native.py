@@ -37,8 +37,8 @@ log = logging.getLogger("zblock.fuse")
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE >> 12
-# Workers reading the device. Two fio jobs keep two requests in flight; a third worker is
-# already waiting when one of them finishes (measured in docs/performance.md).
+# Workers reading the device: each one more waits on the device and on the GIL, and costs CPU
+# per request (fio 2 jobs, 4 KiB: 2 workers 12.5 us a read, 4 workers 16-24 us; docs/performance.md).
 DEFAULT_WORKERS = 2
 # Request buffer: the largest WRITE (header, fuse_write_in, max_write bytes), with room to spare.
 BUFFER_SIZE = MAX_WRITE + 4096
@@ -58,12 +58,13 @@ class _FileInfo:
     """What ZblockOps reads and sets on an open file (the fields of libfuse's fuse_file_info
     it uses)."""
 
-    __slots__ = ("fh", "flags", "direct_io")
+    __slots__ = ("fh", "flags", "direct_io", "parallel_direct_writes")
 
     def __init__(self, fh: int = 0, flags: int = 0):
         self.fh = fh
         self.flags = flags
         self.direct_io = 0
+        self.parallel_direct_writes = 0
 
 
 class _Nodes:
@@ -318,10 +319,9 @@ class NativeFuse:
         flags, _ = p.OPEN_IN.unpack_from(mv, ARG)
         f = _FileInfo(flags=flags)
         self.ops.open(self._path(node), f)
-        oflags = 0
-        if f.direct_io:
-            # parallel direct writes: the Store takes page locks itself (docs/concurrency.md)
-            oflags = p.FOPEN_DIRECT_IO | p.FOPEN_PARALLEL_DIRECT_WRITES
+        oflags = p.FOPEN_DIRECT_IO if f.direct_io else 0
+        if f.direct_io and f.parallel_direct_writes:
+            oflags |= p.FOPEN_PARALLEL_DIRECT_WRITES
         return p.OPEN_OUT.pack(f.fh, oflags, 0)
 
     def _create(self, node, mv, n, fi):
