@@ -778,10 +778,12 @@ def _thread_buffers_and_trim(backing_path: str) -> dict:
     a forced trim. (backing_path is unused: the probe runner passes one.)"""
     import threading
 
-    from zblock import meminfo
+    import psutil
+
     from zblock.pool import Trimmer, tune_malloc
     tune_malloc()
-    base = meminfo.process_rss()
+    proc = psutil.Process()
+    base = proc.memory_info().rss
 
     def work():
         bufs = [os.urandom(MiB) for _ in range(32)]
@@ -790,9 +792,9 @@ def _thread_buffers_and_trim(backing_path: str) -> dict:
     t = threading.Thread(target=work)
     t.start()
     t.join()
-    held = meminfo.process_rss() - base
+    held = proc.memory_info().rss - base
     Trimmer().trim(force=True)
-    return {"held": held, "after_trim": meminfo.process_rss() - base}
+    return {"held": held, "after_trim": proc.memory_info().rss - base}
 
 
 def test_a_threads_freed_buffers_are_trimmed():
