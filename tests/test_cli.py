@@ -178,7 +178,8 @@ def test_missing_fuse_library(work, fuse_version, tmp_path):
         pytest.skip("needs root and unshare")
     script = f'{shutil.which("mount")} --bind /dev/null /etc/ld.so.cache && exec "$@"'
     cmd = [shutil.which("unshare"), "-m", "/bin/sh", "-c", script, "sh",
-           sys.executable, "-m", "zblock", *mount_args(work, "--fuse-version", str(fuse_version))]
+           sys.executable, "-m", "zblock", *mount_args(work, "--fuse-impl", "mfusepy",
+                                                       "--fuse-version", str(fuse_version))]
     env = {**mountutil.env(), "PATH": str(tmp_path)}       # an empty directory: no tools
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=mountutil.REPO)
     assert f"libfuse {fuse_version} is not installed" in one_line_error(res)

@@ -1,7 +1,8 @@
 """The FUSE adapter called without a mount: paths, offsets and errnos over a real Store.
 
 mfusepy is imported here on whatever library it picks (libfuse 2 by default): the operations
-object does not depend on it except in init_with_config, tested for both values of max_write.
+object does not depend on it; zblock.fuse.libfuse's init_with_config and mount options do, tested
+for both values of max_write.
 """
 
 import errno
@@ -14,6 +15,7 @@ import pytest
 from zblock.config import Config
 from zblock.errors import DataError
 from zblock import fuse_ops
+from zblock.fuse import libfuse
 from zblock.fuse_ops import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                              ZblockOps)
 
@@ -84,11 +86,13 @@ def test_statfs_block_size(ops):
     assert st["f_blocks"] == SIZE // 4096
 
 
-def test_xattrs_left_unimplemented(ops):
+def test_xattrs_left_unimplemented(store):
     # mfusepy leaves an op NULL when it keeps the base class's marker: the kernel then stops
     # asking GETXATTR(security.capability) before every write.
+    ops = libfuse.LibfuseOps(store)
     for name in ("getxattr", "setxattr", "listxattr", "removexattr"):
         assert getattr(getattr(ops, name), "libfuse_ignore", False), name
+        assert not hasattr(ZblockOps, name)         # the native front end: ENOSYS
     # and the ones we need are registered
     for name in ("read", "write", "fallocate", "statfs", "fsync", "truncate", "open", "destroy"):
         assert not getattr(getattr(ops, name), "libfuse_ignore", False), name
@@ -98,11 +102,11 @@ def test_xattrs_left_unimplemented(ops):
 def test_init_sets_max_write(store, monkeypatch, major, expected):
     monkeypatch.setattr(mfusepy, "fuse_version_major", major)
     called = []
-    ops = ZblockOps(store, on_init=lambda: called.append(1))
+    ops = libfuse.LibfuseOps(store, on_init=lambda: called.append(1))
     conn = mfusepy.fuse_conn_info()
     ops.init_with_config(conn, None)
     assert conn.max_write == expected and called == [1]
-    opts = fuse_ops.mount_options("/var/lib/zblock/disk.img")
+    opts = libfuse.mount_options("/var/lib/zblock/disk.img")
     assert opts["fsname"] == "/var/lib/zblock/disk.img" and opts["subtype"] == "zblock"
     assert opts["foreground"]
     assert ("max_write" in opts) == (major == 2)       # libfuse 3 refuses it as an option
@@ -111,7 +115,7 @@ def test_init_sets_max_write(store, monkeypatch, major, expected):
 
 
 def test_fsname_escapes_what_libfuse_splits_options_at():
-    assert fuse_ops.fuse_option_value(r"/img/a,b\c d.img") == r"/img/a\,b\\c d.img"
+    assert libfuse.fuse_option_value(r"/img/a,b\c d.img") == r"/img/a\,b\\c d.img"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,6 +163,8 @@ def check_fuse(fuse_version: int, front_end: str = "mfusepy") -> None:
     if front_end == "native" and os.geteuid() != 0:
         raise MountError("the native FUSE front end mounts with mount(2), which needs root; "
                          "use --fuse-impl mfusepy")
+    if front_end == "native":
+        return                          # speaks the protocol itself: no libfuse needed
     lib = "fuse3" if fuse_version == 3 else "fuse"
     if ctypes.util.find_library(lib) is None:
         pkg = "fuse3" if fuse_version == 3 else "libfuse2"
@@ -222,8 +224,8 @@ def _load_fuse(fuse_version: int):
     if mfusepy.fuse_version_major != fuse_version:
         raise MountError(f"libfuse {fuse_version} requested but libfuse {mfusepy.fuse_version_major} "
                          "is loaded in this process")
-    from . import fuse_ops
-    return mfusepy, fuse_ops
+    from .fuse import libfuse
+    return mfusepy, libfuse
 
 
 def _open_store(backing: str, size: int | None, config, **kw):
@@ -272,7 +274,8 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
     try:
         check_fuse(fuse_version, front_end)
         check_mountpoint(mountpoint)
-        mfusepy, fuse_ops = _load_fuse(fuse_version)
+        if front_end == "mfusepy":
+            mfusepy, libfuse = _load_fuse(fuse_version)
         release_memory = None
         if config.swap:
             # before any thread exists (the Store starts some)
@@ -303,13 +306,14 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
             ready.ok()
             _notify(sdnotify.notify_ready, mountpoint)  # systemd Type=notify; a thread of its own
 
-        ops_class = fuse_ops.ZblockOps if front_end == "native" else fuse_ops.LibfuseOps
+        from . import fuse_ops
+        ops_class = fuse_ops.ZblockOps if front_end == "native" else libfuse.LibfuseOps
         ops = ops_class(store, kernel_cache=config.kernel_cache, on_init=on_init,
                         on_destroy=close_store)
         if front_end == "native":
             _serve_native(ops, mountpoint, backing, config)
         else:
-            _serve_mfusepy(mfusepy, fuse_ops, ops, mountpoint, backing, config, mounted, debug)
+            _serve_mfusepy(mfusepy, libfuse, ops, mountpoint, backing, config, mounted, debug)
     except ZblockError as e:
         ready.fail(e.exit_code, str(e))
         close_store()
@@ -328,10 +332,10 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
     return 0
 
 
-def _serve_mfusepy(mfusepy, fuse_ops, ops, mountpoint: str, backing: str, config, mounted,
+def _serve_mfusepy(mfusepy, libfuse, ops, mountpoint: str, backing: str, config, mounted,
                    debug: bool) -> None:
     """libfuse's loop until unmounted; libfuse handles the signals and calls ops.destroy."""
-    opts = fuse_ops.mount_options(os.path.realpath(backing), kernel_cache=config.kernel_cache,
+    opts = libfuse.mount_options(os.path.realpath(backing), kernel_cache=config.kernel_cache,
                                   read_only=config.read_only)
     if debug:
         opts["debug"] = True

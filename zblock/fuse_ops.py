@@ -1,4 +1,5 @@
-"""FUSE adapter: paths, offsets and errnos in front of a Store. A protocol adapter only.
+"""FUSE adapter: paths, offsets and errnos in front of a Store, served by either front end
+(zblock.fuse.native, or zblock.fuse.libfuse through mfusepy). A protocol adapter only.
 
 The filesystem has three kinds of files:
 
@@ -16,9 +17,9 @@ Invariants:
     O_TRUNC are accepted and ignored, a write starting at or past the end is ENOSPC, a write
     that crosses the end is cut short at the end (as a block device does), reads past the end
     return b"" (the Store clips).
-  - xattr operations are not implemented on purpose: mfusepy then leaves them NULL, libfuse
-    answers ENOSYS once and the kernel stops asking GETXATTR(security.capability) before every
-    write (fusepy's default getxattr raised ENOTSUP, which costs one round trip per write).
+  - xattr operations are not implemented on purpose: the front ends answer ENOSYS once and the
+    kernel stops asking GETXATTR(security.capability) before every write (fusepy's default
+    getxattr raised ENOTSUP, which costs one round trip per write).
   - fallocate answers EOPNOTSUPP for modes we do not support, never ENOSYS: ENOSYS makes the
     kernel stop sending fallocate for the life of the mount, and the loop driver's discards
     (blkdiscard, fstrim, mkfs, swap) then never reach the Store.
@@ -26,10 +27,6 @@ Invariants:
 Lock protocol: the adapter keeps one lock, `_fh_lock`, guarding `_handles` and `_next_fh` (the
 per-open snapshots of stats/params files). The disk's fast path takes no lock of its own: the
 Store serialises what needs it (page locks).
-
-Import note: importing this module imports mfusepy, which loads libfuse 2 unless
-FUSE_LIBRARY_NAME=fuse3 was set before (zblock.daemon sets it). Nothing here depends on which
-library is loaded except `init_with_config`.
 """
 
 from __future__ import annotations
@@ -43,19 +40,11 @@ import stat
 import threading
 import time
 
-import mfusepy
-
 from . import PAGE_SIZE
 from .errors import ZblockError
 from .libc import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from .threadstate import pin_thread_state
 
 log = logging.getLogger("zblock.fuse")
-
-# libfuse 3 caps a request at FUSE_DEFAULT_MAX_PAGES_LIMIT (256) pages = 1 MiB; libfuse 2 at
-# 32 pages (its receive buffer is 128 KiB + header, libfuse #161).
-MAX_WRITE_FUSE3 = 1 << 20
-MAX_WRITE_FUSE2 = 128 << 10
 
 DISK = "/disk"
 STATS = "/stats"
@@ -64,63 +53,22 @@ PARAMS_DIR = "/params"
 _DISK_FH = 0          # the disk needs no per-open state; other files get fh >= 1
 
 
-def fuse_version_major() -> int:
-    """Major version of the libfuse mfusepy loaded in this process (2 or 3)."""
-    return mfusepy.fuse_version_major
+class FuseError(OSError):
+    """An errno for the front end to answer (mfusepy's FuseOSError is the same idea)."""
 
-
-# libfuse 3.12-3.16's fuse_main() logs "Ignoring invalid max threads value 4294967295" at every
-# mount: it hands its default max_idle_threads (-1: never stop an idle worker) to a setter that
-# refuses it. At most max_threads (default 10) workers exist, so a limit of 10 idle ones never
-# stops one either (workers keep their Python thread states, threadstate.py). max_threads itself
-# is not passed: libfuse before 3.12 does not know the option and would refuse the mount.
-MAX_IDLE_THREADS_FUSE3 = 10
-
-
-def fuse_option_value(text: str) -> str:
-    """`text` as the value of a libfuse -o option: libfuse splits options at commas and takes
-    a backslash as an escape (sshfs escapes its fsname the same way)."""
-    return text.replace("\\", "\\\\").replace(",", "\\,")
-
-
-def mount_options(backing: str, kernel_cache: bool = False, allow_other: bool | None = None,
-                  read_only: bool = False) -> dict:
-    """Options for mfusepy.FUSE(...) on the loaded library.
-
-    fsname/subtype make the mount table say `BACKING MOUNTPOINT fuse.zblock` (findmnt's SOURCE
-    is the backing file); the CLI tells a zblock mount from any other by the type. libfuse 3
-    refuses `max_write`/`big_writes` as options (see init_with_config); libfuse 2 needs them for
-    anything above 4 KiB writes. `read_only`: the kernel answers EROFS to every write, params
-    included. `direct_io` is set per open file (open), not per mount, because stats/params
-    always need it.
-    """
-    opts: dict = {"foreground": True, "fsname": fuse_option_value(backing), "subtype": "zblock"}
-    if read_only:
-        opts["ro"] = True
-    if allow_other is None:
-        allow_other = os.geteuid() == 0
-    if allow_other:
-        # Root mounts serve loop devices, swap and other users; default_permissions makes the
-        # kernel check the 0600 mode of `disk` instead of letting everyone in.
-        opts["allow_other"] = True
-        opts["default_permissions"] = True
-    if fuse_version_major() == 2:
-        opts["big_writes"] = True
-        opts["max_write"] = MAX_WRITE_FUSE2
-    else:
-        opts["max_idle_threads"] = MAX_IDLE_THREADS_FUSE3
-    return opts
+    def __init__(self, err: int):
+        super().__init__(err, os.strerror(err))
 
 
 def _fuse_error(e: Exception, what: str) -> OSError:
     """The errno a failed operation answers: a ZblockError's own, an OSError's own, else EIO
     (logged: it is a bug)."""
     if isinstance(e, ZblockError):
-        return mfusepy.FuseOSError(e.errno or errno.EIO)
+        return FuseError(e.errno or errno.EIO)
     if isinstance(e, OSError):
         return e
     log.error("%s failed", what, exc_info=e)
-    return mfusepy.FuseOSError(errno.EIO)
+    return FuseError(errno.EIO)
 
 
 def _errno_edge(method):
@@ -145,7 +93,7 @@ class _Snapshot:
         self.wbuf: bytearray | None = None
 
 
-class ZblockOps(mfusepy.Operations):
+class ZblockOps:
     """The filesystem. `store` is a zblock.store.Store (or anything with its interface).
 
     on_init(): called once the kernel's INIT arrives (the daemon's readiness signal).
@@ -159,8 +107,8 @@ class ZblockOps(mfusepy.Operations):
         self.kernel_cache = kernel_cache
         self._on_init = on_init
         self._on_destroy = on_destroy
-        # what INIT agreed (libfuse version, max_write), shown under "fuse" in the stats file
-        self._fuse_info = {"libfuse": fuse_version_major(), "max_write": None}
+        # what INIT agreed (front end, max_write, ...), shown under "fuse" in the stats file
+        self._fuse_info: dict = {}
         self._fh_lock = threading.Lock()
         self._handles: dict[int, _Snapshot] = {}
         self._next_fh = 1
@@ -171,19 +119,8 @@ class ZblockOps(mfusepy.Operations):
     # ------------------------------------------------------------------------------------------
     # lifecycle
 
-    def init_with_config(self, conn, config) -> None:
-        if conn is not None:
-            want = MAX_WRITE_FUSE3 if fuse_version_major() == 3 else MAX_WRITE_FUSE2
-            # libfuse 3 refuses -o max_write; this is the only place to raise it. The kernel
-            # then sends up to 1 MiB per WRITE (libfuse 3.14 negotiates max_pages=256).
-            conn.max_write = want
-            conn.max_readahead = want
-            self._fuse_info = {"libfuse": fuse_version_major(), "max_write": int(conn.max_write)}
-        if self._on_init is not None:
-            self._on_init()
-
     def negotiated(self, info: dict) -> None:
-        """The native front end's INIT: record what it agreed (the stats' "fuse"), then ready."""
+        """The front end's INIT: record what it agreed (the stats' "fuse"), then ready."""
         self._fuse_info = info
         if self._on_init is not None:
             self._on_init()
@@ -218,7 +155,7 @@ class ZblockOps(mfusepy.Operations):
     def _handle(self, fi) -> _Snapshot:
         snap = self._handles.get(fi.fh)
         if snap is None:
-            raise mfusepy.FuseOSError(errno.EBADF)
+            raise FuseError(errno.EBADF)
         return snap
 
     # ------------------------------------------------------------------------------------------
@@ -237,7 +174,7 @@ class ZblockOps(mfusepy.Operations):
             return self._attrs(stat.S_IFDIR | 0o755, 0, nlink=2)
         if self._param_name(path) is not None:
             return self._attrs(stat.S_IFREG | 0o644, 0)
-        raise mfusepy.FuseOSError(errno.ENOENT)
+        raise FuseError(errno.ENOENT)
 
     @_errno_edge
     def readdir(self, path, fh):
@@ -245,7 +182,7 @@ class ZblockOps(mfusepy.Operations):
             return [".", "..", "disk", "stats", "params"]
         if path == PARAMS_DIR:
             return [".", ".."] + list(self.store.param_names())
-        raise mfusepy.FuseOSError(errno.ENOTDIR)
+        raise FuseError(errno.ENOTDIR)
 
     def statfs(self, path):
         blocks = self.store.size // PAGE_SIZE
@@ -258,10 +195,10 @@ class ZblockOps(mfusepy.Operations):
         # `echo v > params/x` work. Only existing files get here.
         if path == DISK or path == STATS or self._param_name(path) is not None:
             return 0
-        raise mfusepy.FuseOSError(errno.ENOENT)
+        raise FuseError(errno.ENOENT)
 
     def create(self, path, mode, fi=None):
-        raise mfusepy.FuseOSError(errno.EACCES)
+        raise FuseError(errno.EACCES)
 
     # ------------------------------------------------------------------------------------------
     # open / release
@@ -281,7 +218,7 @@ class ZblockOps(mfusepy.Operations):
             return 0
         if path == STATS:
             if acc != os.O_RDONLY:
-                raise mfusepy.FuseOSError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             stats = self.store.stats()
             stats["fuse"] = self._fuse_info
             data = (json.dumps(stats, indent=1, sort_keys=True) + "\n").encode()
@@ -290,7 +227,7 @@ class ZblockOps(mfusepy.Operations):
             return 0
         name = self._param_name(path)
         if name is None:
-            raise mfusepy.FuseOSError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         data = (self.store.get_param(name) + "\n").encode()
         fi.fh = self._new_handle(_Snapshot(data, name))
         fi.direct_io = 1
@@ -323,7 +260,7 @@ class ZblockOps(mfusepy.Operations):
             self.store.note_request("write", n)
             size = self.store.size
             if offset >= size:
-                raise mfusepy.FuseOSError(errno.ENOSPC)
+                raise FuseError(errno.ENOSPC)
             if offset + n > size:
                 # Cut at the end, as a block device does; the next write gets ENOSPC.
                 data = memoryview(data)[:size - offset]
@@ -338,7 +275,7 @@ class ZblockOps(mfusepy.Operations):
     def _write_param(self, fi, data, offset):
         snap = self._handle(fi)
         if snap.param is None:
-            raise mfusepy.FuseOSError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         # Apply on every write so the writer sees EINVAL from write(2) itself (echo reports
         # it), not from close(2). Writes of one open accumulate: "zs" + "td\n" is "zstd".
         if snap.wbuf is None:
@@ -350,7 +287,7 @@ class ZblockOps(mfusepy.Operations):
         try:
             text = snap.wbuf.decode()
         except UnicodeDecodeError:
-            raise mfusepy.FuseOSError(errno.EINVAL) from None
+            raise FuseError(errno.EINVAL) from None
         self.store.set_param(snap.param, text.strip())
         return len(data)
 
@@ -363,38 +300,24 @@ class ZblockOps(mfusepy.Operations):
     @_errno_edge
     def fallocate(self, path, mode, offset, length, fi):
         if fi.fh != _DISK_FH:
-            raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
+            raise FuseError(errno.EOPNOTSUPP)
         if offset < 0 or length <= 0:
-            raise mfusepy.FuseOSError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         size = self.store.size
         keep = mode & FALLOC_FL_KEEP_SIZE
         op = mode & ~FALLOC_FL_KEEP_SIZE
         if op == 0:
             # Preallocate: every byte of the disk already exists. Growing is not possible.
             if not keep and offset + length > size:
-                raise mfusepy.FuseOSError(errno.ENOSPC)
+                raise FuseError(errno.ENOSPC)
             return 0
         if op == FALLOC_FL_PUNCH_HOLE and not keep:
-            raise mfusepy.FuseOSError(errno.EOPNOTSUPP)   # punch-hole requires KEEP_SIZE (fallocate(2))
+            raise FuseError(errno.EOPNOTSUPP)   # punch-hole requires KEEP_SIZE (fallocate(2))
         if op not in (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE):
-            raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
+            raise FuseError(errno.EOPNOTSUPP)
         if op == FALLOC_FL_ZERO_RANGE and not keep and offset + length > size:
-            raise mfusepy.FuseOSError(errno.ENOSPC)
+            raise FuseError(errno.ENOSPC)
         # Both punch-hole and zero-range leave zeros: whole pages dropped, partial ones zeroed.
         if offset < size:
             self.store.discard(offset, min(length, size - offset))
         return 0
-
-
-class LibfuseOps(ZblockOps):
-    """ZblockOps as mfusepy serves it: libfuse's worker threads call in through ctypes, and the
-    first request on each pins the worker's Python thread state (threadstate.py), which the
-    native front end's Python threads have anyway."""
-
-    def read(self, path, size, offset, fi):
-        pin_thread_state()
-        return ZblockOps.read(self, path, size, offset, fi)
-
-    def write(self, path, data, offset, fi):
-        pin_thread_state()
-        return ZblockOps.write(self, path, data, offset, fi)
