@@ -462,32 +462,29 @@ class AcompContext:
                  timeout: float | None = None) -> scan.Scan:
         """zswap_compress() of the whole pages in `src` on this context. Caller owns ctx."""
         with self.mutex:
-            req, tfm = self.req, self.tfm
-            req.set_compress(src, detect_same=detect_same, raw_poor=raw_poor)
-            try:
-                ret = tfm.compress(req)
-                if ret:             # in flight on the engine (or failed): crypto_wait_req
-                    ret = crypto_wait_req(ret, self.wait,
-                                          tfm.timeout if timeout is None else timeout, req)
-                return tfm.complete(req, ret)
-            finally:
-                req.drop_buffers()
+            self.req.set_compress(src, detect_same=detect_same, raw_poor=raw_poor)
+            return self._submit(self.tfm.compress, timeout)
 
     def decompress(self, srcs: Sequence, join: bool = False, out_len: int = PAGE_SIZE,
                    timeout: float | None = None):
         """zswap_decompress() of `srcs`: one bytes (join; CompressionError on a bad stream) or
         a list of bytes / CompressionError. Caller owns ctx."""
         with self.mutex:
-            req, tfm = self.req, self.tfm
-            req.set_decompress(srcs, out_len, join)
-            try:
-                ret = tfm.decompress(req)
-                if ret:             # in flight on the engine (or failed): crypto_wait_req
-                    ret = crypto_wait_req(ret, self.wait,
-                                          tfm.timeout if timeout is None else timeout, req)
-                return tfm.complete(req, ret)
-            finally:
-                req.drop_buffers()
+            self.req.set_decompress(srcs, out_len, join)
+            return self._submit(self.tfm.decompress, timeout)
+
+    def _submit(self, submit, timeout: float | None):
+        """submit(req) (the transform's compress or decompress), crypto_wait_req when it did not
+        finish, and the result; the request then lets go of its buffers. Caller holds mutex."""
+        req, tfm = self.req, self.tfm
+        try:
+            ret = submit(req)
+            if ret:                 # in flight on the engine (or failed): crypto_wait_req
+                ret = crypto_wait_req(ret, self.wait, tfm.timeout if timeout is None else timeout,
+                                      req)
+            return tfm.complete(req, ret)
+        finally:
+            req.drop_buffers()
 
     def free(self) -> None:
         self.tfm.free()
