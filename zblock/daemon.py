@@ -353,9 +353,10 @@ def _serve_native(ops, mountpoint: str, backing: str, config) -> None:
     """zblock.fuse.native's loop until unmounted or aborted. SIGTERM, SIGINT and SIGHUP end it
     as they end libfuse's: a lazy unmount, then the connection is aborted."""
     from .fuse import native
+    workers = native.SWAP_WORKERS if config.swap else native.DEFAULT_WORKERS
     session = native.NativeFuse(ops, mountpoint, fsname=os.path.realpath(backing),
                                 read_only=config.read_only, allow_other=os.geteuid() == 0,
-                                on_init=lambda: ops.negotiated(session.info))
+                                workers=workers, on_init=lambda: ops.negotiated(session.info))
     try:
         session.mount()
     except OSError as e:
