@@ -14,7 +14,6 @@ import pytest
 
 from zblock.config import Config
 from zblock.errors import DataError
-from zblock import fuse_ops
 from zblock.fuse import libfuse
 from zblock.fuse_ops import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                              ZblockOps)

@@ -407,9 +407,3 @@ class NativeFuse:
 
     def _readdirplus(self, node, mv, n, fi):
         return self._readdir(node, mv, n, fi, plus=True)
-
-
-def kernel_supports_native() -> bool:
-    """Whether this process can serve the native front end: /dev/fuse and mount(2) (root)."""
-    return os.geteuid() == 0 and os.path.exists("/dev/fuse") and \
-        stat.S_ISCHR(os.stat("/dev/fuse").st_mode)
