@@ -215,6 +215,8 @@ class NativeFuse:
                 if e.errno in _RETRY:
                     continue                    # the request went away before we read it
                 raise
+            if not n:
+                return                          # end of file: the device never, a test's socket
             _, opcode, unique, node = header(buf)
             handler = handlers.get(opcode)
             try:
