@@ -153,30 +153,34 @@ class NativeFuse:
     # ---- the loop -------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Answer INIT, then serve with the workers until the connection ends."""
-        buf = bytearray(BUFFER_SIZE)
-        while True:
-            n = self._read_request(self.fd, buf)
-            if n is None:
-                return                          # unmounted before INIT
-            if n and p.IN_HEADER.unpack_from(buf)[1] == p.INIT:
-                self._init(self.fd, memoryview(buf)[:n])
-                break
-            # nothing else may come before INIT; answer it anyway so nobody waits
-            if n:
-                self._reply_error(self.fd, p.IN_HEADER.unpack_from(buf)[2], errno.EIO)
-        fds = [self.fd] + [self._clone() for _ in range(self.workers - 1)]
-        threads = [threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{i}", daemon=True)
-                   for i, fd in enumerate(fds)]
-        for t in threads:
-            t.start()
-        if self.on_init is not None:
-            self.on_init()
-        for t in threads:
-            t.join()
-        for fd in fds:
-            os.close(fd)
-        self.fd = -1
+        """Answer INIT, then serve with the workers until the connection ends. The device fds
+        are closed on every way out."""
+        fds = [self.fd]
+        try:
+            buf = bytearray(BUFFER_SIZE)
+            while True:
+                n = self._read_request(self.fd, buf)
+                if n is None:
+                    return                      # unmounted before INIT
+                if n and p.IN_HEADER.unpack_from(buf)[1] == p.INIT:
+                    self._init(self.fd, memoryview(buf)[:n])
+                    break
+                # nothing else may come before INIT; answer it anyway so nobody waits
+                if n:
+                    self._reply_error(self.fd, p.IN_HEADER.unpack_from(buf)[2], errno.EIO)
+            fds += [self._clone() for _ in range(self.workers - 1)]
+            threads = [threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{i}",
+                                        daemon=True) for i, fd in enumerate(fds)]
+            for t in threads:
+                t.start()
+            if self.on_init is not None:
+                self.on_init()
+            for t in threads:
+                t.join()
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self.fd = -1
 
     def _clone(self) -> int:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
