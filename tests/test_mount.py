@@ -193,9 +193,8 @@ def test_one_write_uses_both_cores(tmp_path):
     data = make_data(96 << 20, 5)
     src = tmp_path / "src"
     src.write_bytes(data)
-    # The kernel hands over one write at a time (DESIGN: no parallel_direct_writes in libfuse
-    # 3.14), so two server threads running at once, or more than one CPU-second per second,
-    # can only come from one request split across the cores. zstd-5 makes compression the
+    # dd has one write in flight at a time, so two server threads running at once, or more
+    # than one CPU-second per second, can only come from one request split across the cores. zstd-5 makes compression the
     # dominant cost; a big pool keeps the backing disk out of it.
     with Mount(size="128M", pool_limit="512M", compressor="zstd", zstd_level="5") as m:
         samples: list[int] = []

@@ -366,7 +366,7 @@ class Cache:
             except CompressionError as e:
                 self._decompress_failed(page, e)
             finally:
-                pool.holds.pop()            # PoolRegistry.release of this one pool
+                self.registry.release((pool,))
         parts = [None]
         self._load_from_disk(page, np.zeros(1, np.int64), parts)
         return bytes(parts[0])

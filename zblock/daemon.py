@@ -47,8 +47,8 @@ import time
 from . import hardening, memory, sdnotify
 from .errors import BackingError, DeadMount, MountError, UsageError, WritebackFailed, ZblockError
 from .pool import tune_malloc
-from .runtime import (FSTYPE, MountEntry, abort_fuse_connection, find_mount, find_zblock_mount, log_file, pid_file,
-                      read_pid_file, run_with_deadline)
+from .runtime import (FSTYPE, MountEntry, abort_fuse_connection, find_mount, find_zblock_mount,
+                      log_file, pid_file, read_pid_file, run_with_deadline)
 
 log = logging.getLogger("zblock.daemon")
 
@@ -160,10 +160,10 @@ def fuse_front_end(config) -> str:
 def check_fuse(fuse_version: int, front_end: str = "mfusepy") -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
-    if front_end == "native" and os.geteuid() != 0:
-        raise MountError("the native FUSE front end mounts with mount(2), which needs root; "
-                         "use --fuse-impl mfusepy")
     if front_end == "native":
+        if os.geteuid() != 0:
+            raise MountError("the native FUSE front end mounts with mount(2), which needs root; "
+                             "use --fuse-impl mfusepy")
         return                          # speaks the protocol itself: no libfuse needed
     lib = "fuse3" if fuse_version == 3 else "fuse"
     if ctypes.util.find_library(lib) is None:
@@ -355,8 +355,8 @@ def _serve_native(ops, mountpoint: str, backing: str, config) -> None:
     from .fuse import native
     workers = native.SWAP_WORKERS if config.swap else native.DEFAULT_WORKERS
     session = native.NativeFuse(ops, mountpoint, fsname=os.path.realpath(backing),
-                                read_only=config.read_only, allow_other=os.geteuid() == 0,
-                                workers=workers, on_init=lambda: ops.negotiated(session.info))
+                                read_only=config.read_only, workers=workers,
+                                on_init=lambda: ops.negotiated(session.info))
     try:
         session.mount()
     except OSError as e:

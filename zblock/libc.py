@@ -2,11 +2,13 @@
 
 One handle, `libc`, with prototypes for what zblock calls: fallocate and sync_file_range
 (zblock.disk), prctl, mlockall and munlockall (zblock.hardening, zblock.memory), malloc_trim and
-mallopt (zblock.pool, zblock.memory), mount and umount2 (zblock.fuse.native). The Linux constants these calls take (linux/falloc.h,
-linux/fs.h, linux/prctl.h, sys/mman.h, sys/mount.h) are defined here and nowhere else.
+mallopt (zblock.pool, zblock.memory), mount and umount2 (zblock.fuse.native, zblock.runtime).
+The Linux constants these calls take (linux/falloc.h, linux/fs.h, linux/prctl.h, sys/mman.h,
+sys/mount.h) are defined here and nowhere else.
 
 Invariant: the handle is opened with use_errno=True, so ctypes.get_errno() right after a call
-that failed is that call's errno; `fallocate()` and `sync_file_range()` raise it as OSError.
+that failed is that call's errno; `fallocate()`, `sync_file_range()`, `mount()` and `umount2()`
+raise it as OSError.
 A symbol this libc lacks (malloc_trim and mallopt are glibc's) is simply not given a prototype:
 callers look it up with getattr(libc, name, None).
 

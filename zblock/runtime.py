@@ -24,6 +24,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 
+from . import libc
 from .errors import MountError, NotAZblockMount
 
 FSTYPE = "fuse.zblock"
@@ -134,7 +135,6 @@ def abort_fuse_connection(minor: int) -> bool:
     boot; a bare machine may not). True if the abort was written."""
     mounted_here = False
     if not os.path.exists(f"{FUSECTL}/{minor}") and os.path.isdir(FUSECTL):
-        from . import libc
         try:
             libc.mount("fusectl", FUSECTL, "fusectl", 0, "")
             mounted_here = True
@@ -148,7 +148,6 @@ def abort_fuse_connection(minor: int) -> bool:
         return False
     finally:
         if mounted_here:
-            from . import libc
             try:
                 libc.umount2(FUSECTL, libc.MNT_DETACH)
             except OSError:

@@ -75,21 +75,16 @@ class LibfuseOps(ZblockOps, mfusepy.Operations):
     libfuse's worker threads call in through ctypes; the first request on each pins the
     worker's Python thread state (threadstate.py)."""
 
-    def __init__(self, store, **kw):
-        super().__init__(store, **kw)
-        self._fuse_info = {"impl": "mfusepy", "libfuse": fuse_version_major(), "max_write": None}
-
     def init_with_config(self, conn, config) -> None:
+        max_write = None
         if conn is not None:
             want = MAX_WRITE_FUSE3 if fuse_version_major() == 3 else MAX_WRITE_FUSE2
             # libfuse 3 refuses -o max_write; this is the only place to raise it. The kernel
             # then sends up to 1 MiB per WRITE (libfuse 3.14 negotiates max_pages=256).
             conn.max_write = want
             conn.max_readahead = want
-            self._fuse_info = {"impl": "mfusepy", "libfuse": fuse_version_major(),
-                               "max_write": int(conn.max_write)}
-        if self._on_init is not None:
-            self._on_init()
+            max_write = int(conn.max_write)
+        self.negotiated({"impl": "mfusepy", "libfuse": fuse_version_major(), "max_write": max_write})
 
     def read(self, path, size, offset, fi):
         pin_thread_state()

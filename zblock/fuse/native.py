@@ -246,8 +246,13 @@ class NativeFuse:
                     raise
 
     def _reply_error(self, fd: int, unique: int, err: int) -> None:
+        self._send(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size, -err, unique))
+
+    @staticmethod
+    def _send(fd: int, reply: bytes) -> None:
+        """A reply outside the workers' loop (which does the same inline)."""
         try:
-            os.write(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size, -err, unique))
+            os.write(fd, reply)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 raise
@@ -257,7 +262,7 @@ class NativeFuse:
     def _init(self, fd: int, req: memoryview) -> None:
         unique = p.IN_HEADER.unpack_from(req)[2]
         major, minor, max_readahead, kflags, _ = p.INIT_IN.unpack_from(req, p.IN_HEADER.size)
-        if major != p.KERNEL_VERSION or (major == p.KERNEL_VERSION and minor < p.MIN_KERNEL_MINOR):
+        if major != p.KERNEL_VERSION or minor < p.MIN_KERNEL_MINOR:
             log.error("FUSE protocol %d.%d is not supported (need %d.%d or later)", major, minor,
                       p.KERNEL_VERSION, p.MIN_KERNEL_MINOR)
             self._reply_error(fd, unique, errno.EPROTO)
@@ -269,12 +274,11 @@ class NativeFuse:
         readahead = min(max_readahead, MAX_WRITE)
         out = p.INIT_OUT.pack(p.KERNEL_VERSION, minor, readahead, flags, 0, 0, MAX_WRITE, 1,
                               MAX_PAGES, 0, 0, 0)
-        os.write(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size + len(out), 0, unique) + out)
+        self._send(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size + len(out), 0, unique) + out)
         self.info = {"impl": "native", "protocol": f"{p.KERNEL_VERSION}.{minor}",
                      "max_write": MAX_WRITE, "max_pages": MAX_PAGES if flags & p.FUSE_MAX_PAGES else 32,
                      "max_readahead": readahead, "workers": self.workers,
-                     "flags": sorted(name for bit, name in p.INIT_FLAG_NAMES.items() if flags & bit),
-                     "parallel_direct_writes": True}
+                     "flags": sorted(name for bit, name in p.INIT_FLAG_NAMES.items() if flags & bit)}
         log.info("FUSE %d.%d: %s", p.KERNEL_VERSION, minor, self.info)
 
     # ---- metadata -------------------------------------------------------------------------
