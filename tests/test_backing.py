@@ -913,8 +913,6 @@ def test_discard_of_never_written_pages_leaves_table_and_sidecar_alone(img):
         b.write_pages([1, npages - 2], [page("a"), page("z")])
         b.sync()
         del writes[:]
-        # the growth, not the level: a mapping the table shares with other memory of this
-        # process counts whole (resident_bytes errs high), whatever ran before this test
         before = _table_resident(b)
         b.discard(0, npages)
         assert sorted(set(writes)) == [4096, 4096 + (npages // 512 - 1) * PS], writes

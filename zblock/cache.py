@@ -443,7 +443,7 @@ class Cache:
     def table_bytes(self, more_arrays=()) -> int:
         """Memory the per-page tables hold now: the entry table's arrays and object slots, and
         `more_arrays` (other layers' per-page arrays). Caller holds no lock: reading what is
-        resident (/proc/self/smaps) takes milliseconds, so only the slots are counted under the
+        resident (/proc/self/pagemap) takes milliseconds, so only the slots are counted under the
         tree lock."""
         with self.tree_lock:
             slots = self.table.objs_bytes()

@@ -5,10 +5,10 @@ checksums and flags, the write-behind queue's counts). np.zeros of a large array
 mapping the kernel fills a page at a time on first write, so such a table costs memory only where
 the disk is used, as zram's table gets memory a page at a time. Two things spoil that, and this
 module handles both: a huge page is committed whole by its first write (no_huge_pages), and
-`nbytes` says nothing about what is resident (resident_bytes reads it from /proc/self/smaps).
+`nbytes` says nothing about what is resident (resident_bytes reads it from /proc/self/pagemap).
 
 Invariant: no_huge_pages runs on an array before anything writes it (a page already committed
-stays committed). Reads of untouched memory map the shared zero page, which smaps does not count.
+stays committed). Reads of untouched memory map the shared zero page, which is not counted.
 
 What this module does not do: decide which arrays exist or how big (their owners do), or limit
 anything (zblock.store refuses a disk whose tables would not fit in memory).
@@ -17,12 +17,20 @@ anything (zblock.store refuses a disk whose tables would not fit in memory).
 from __future__ import annotations
 
 import mmap
+import os
+
+import numpy as np
 
 from .libc import libc
 
 # Arrays at least this big get small pages: numpy asks for huge pages under large arrays
 # (MADV_HUGEPAGE), and below this an array is a few pages anyway.
 HUGE_ARRAY = 2 << 20
+
+# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst): 63 present, 56 exclusively
+# mapped; both set is a page of this process's own in RAM.
+RESIDENT_HERE = np.uint64(1 << 63 | 1 << 56)
+PAGEMAP_CHUNK = 1 << 20                     # entries per read: 8 MiB of pagemap, 4 GiB of table
 
 
 def no_huge_pages(arrays) -> None:
@@ -37,26 +45,25 @@ def no_huge_pages(arrays) -> None:
 
 
 def resident_bytes(arrays) -> int:
-    """Bytes of `arrays` in memory now: the Rss (/proc/self/smaps) of each mapping that lies
-    within the arrays' pages. An array's part of a mapping that also holds other data (a small
-    array on the heap) counts as resident, so this errs high by at most those parts' size."""
-    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays if a.nbytes)
-    pages: list[list[int]] = []             # the arrays' whole pages, adjacent ones merged
-    for a, b in spans:
+    """Bytes of `arrays` in memory now, page by page from /proc/self/pagemap: a page counts when
+    it is present and mapped by this process alone. The shared zero page, which reads of
+    untouched memory map, is not. Page by page because the heap can merge a table's mapping with
+    other memory, so a mapping's Rss (smaps) can hold far more than the table."""
+    ranges: list[list[int]] = []            # the arrays' whole pages, adjacent ones merged
+    for a, b in sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays if a.nbytes):
         a, b = a & -mmap.PAGESIZE, -(-b & -mmap.PAGESIZE)
-        if pages and a <= pages[-1][1]:
-            pages[-1][1] = max(pages[-1][1], b)
+        if ranges and a <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], b)
         else:
-            pages.append([a, b])
-    total = lo = hi = 0
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            if line[0] in "0123456789abcdef":       # a mapping: "start-end perms ..."
-                start, _, end = line[:line.index(" ")].partition("-")
-                lo, hi = int(start, 16), int(end, 16)
-            elif line.startswith("Rss:") and any(a < hi and lo < b for a, b in pages):
-                if any(a <= lo and hi <= b for a, b in pages):
-                    total += int(line.split()[1]) << 10
-                else:
-                    total += sum(max(min(b, hi) - max(a, lo), 0) for a, b in spans)
-    return total
+            ranges.append([a, b])
+    pages = 0
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        for lo, hi in ranges:
+            for first in range(lo // mmap.PAGESIZE, hi // mmap.PAGESIZE, PAGEMAP_CHUNK):
+                count = min(PAGEMAP_CHUNK, hi // mmap.PAGESIZE - first)
+                entries = np.frombuffer(os.pread(fd, count * 8, first * 8), np.uint64)
+                pages += int(np.count_nonzero(entries & RESIDENT_HERE == RESIDENT_HERE))
+    finally:
+        os.close(fd)
+    return pages * mmap.PAGESIZE
