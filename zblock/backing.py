@@ -77,7 +77,7 @@ import numpy as np
 from . import PAGE_SIZE
 from .backing_open import DiskFactory, Opened, human, open_files, stat_backing
 from .errors import BackingError, BackingLocked, DataError, DiskError, OutOfRange
-from .pagemem import no_huge_pages
+from . import pagemem
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, LOST, PAGE_RUN,
                       UNCHECKED, ZERO, ZERO_PAGE_CRC, crc as _crc, fold, meta_path, pack_header,
                       page_crcs, parse_header, row_steps, table_rows, verify)
@@ -111,10 +111,9 @@ class Backing:
         self._crc = opened.table  # (rows, 2) uint32: durable, latest
         self._loaded = opened.loaded  # rows that may be other than (ZERO, ZERO) as opened
         n = self.npages
-        self._unsynced = np.zeros(n, bool)  # written/discarded since the last sync
-        self._inflight = np.zeros(n, bool)  # disk write or punch in progress
-        self._failed = np.zeros(n, bool)  # last write failed: keep both values across sync
-        no_huge_pages((self._unsynced, self._inflight, self._failed))
+        self._unsynced = pagemem.zeros(n, bool)  # written/discarded since the last sync
+        self._inflight = pagemem.zeros(n, bool)  # disk write or punch in progress
+        self._failed = pagemem.zeros(n, bool)  # last write failed: keep both values across sync
         self.arrays = (self._crc, self._unsynced, self._inflight, self._failed)   # table_bytes
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(self._NSTRIPES)]

@@ -35,7 +35,7 @@ import numpy as np
 from . import PAGE_SIZE
 from .disk import FileDisk
 from .errors import BackingError, BackingLocked, DiskError
-from .pagemem import no_huge_pages
+from . import pagemem
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, META_VERSION, PAGE_RUN,
                       UNCHECKED, ZERO, ZERO_PAGE_CRC, meta_path, pack_header, page_crcs,
                       parse_header, row_steps, table_rows)
@@ -130,8 +130,7 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
                 raise BackingError(f"{path} is {cur} bytes, not {size}: no silent resize")
             size = cur
         npages = size // PAGE_SIZE
-        table = np.zeros((table_rows(npages), 2), np.uint32)
-        no_huge_pages((table,))
+        table = pagemem.zeros((table_rows(npages), 2), np.uint32)
         loaded: list[tuple[int, int]] = []      # a new or ephemeral table is all ZERO
         data = factory(path, "data")
         if ephemeral:

@@ -4,7 +4,7 @@ that installs, frees and accounts for entries.
 Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
 (second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp and generation; `objs` holds the
 stored object of a COMP or RAW page. Memory follows the pages in use: the kernel gives
-np.zeros memory on first write (small pages: zblock.pagemem), `objs` is made of chunks created
+its arrays (zblock.pagemem.zeros) memory on first write, `objs` is made of chunks created
 by the first store into them, and nothing writes the entries of pages that hold nothing. Work
 that looks for entries (dirty, cached, under writeback) looks only at `live` chunks, so it is
 in proportion to the parts of the disk in use, with temporaries of at most SPAN pages.
@@ -35,7 +35,7 @@ import sys
 
 import numpy as np
 
-from .pagemem import no_huge_pages
+from . import pagemem
 from .pool import Pool, charge
 from .scan import COMP, NONE, RAW, SAME, Scan
 
@@ -56,22 +56,21 @@ class EntryTable:
     def __init__(self, npages: int, registry, on_disk: np.ndarray | None = None):
         self.npages = npages
         self.registry = registry            # zblock.pools.PoolRegistry: put_if_dead, pools
-        self.state = np.zeros(npages, np.uint8)
-        self.length = np.zeros(npages, np.uint16)
-        self.pool_id = np.zeros(npages, np.uint8)
-        self.fill = np.zeros(npages, np.uint64)
-        self.dirty = np.zeros(npages, np.bool_)
-        self.referenced = np.zeros(npages, np.bool_)
-        self.under_wb = np.zeros(npages, np.bool_)
-        self.stamp = np.zeros(npages, np.int64)
-        self.gen = np.zeros(npages, np.uint32)
+        self.state = pagemem.zeros(npages, np.uint8)
+        self.length = pagemem.zeros(npages, np.uint16)
+        self.pool_id = pagemem.zeros(npages, np.uint8)
+        self.fill = pagemem.zeros(npages, np.uint64)
+        self.dirty = pagemem.zeros(npages, np.bool_)
+        self.referenced = pagemem.zeros(npages, np.bool_)
+        self.under_wb = pagemem.zeros(npages, np.bool_)
+        self.stamp = pagemem.zeros(npages, np.int64)
+        self.gen = pagemem.zeros(npages, np.uint32)
         nchunks = (npages + OBJ_MASK) >> OBJ_SHIFT
         # per chunk of OBJ_CHUNK pages: set by the first install into it, cleared by a discard
         # that leaves it without entries
-        self.live = np.zeros(nchunks, np.bool_)
+        self.live = pagemem.zeros(nchunks, np.bool_)
         self.arrays = (self.state, self.length, self.pool_id, self.fill, self.dirty,
                        self.referenced, self.under_wb, self.stamp, self.gen, self.live)
-        no_huge_pages(self.arrays)
         if on_disk is not None:
             self.state[on_disk] = DISK
         self.objs: list[list | None] = [None] * nchunks

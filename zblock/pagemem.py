@@ -4,11 +4,12 @@ Every layer keeps numpy arrays with one slot per page of the disk (the entry tab
 checksums and flags, the write-behind queue's counts). np.zeros of a large array is an anonymous
 mapping the kernel fills a page at a time on first write, so such a table costs memory only where
 the disk is used, as zram's table gets memory a page at a time. Two things spoil that, and this
-module handles both: a huge page is committed whole by its first write (no_huge_pages), and
-`nbytes` says nothing about what is resident (resident_bytes reads it from /proc/self/pagemap).
+module handles three: calloc may zero reused heap memory by writing it, a huge page is committed
+whole by its first write (zeros() gives such arrays a mapping of their own, with small pages),
+and `nbytes` says nothing about what is resident (resident_bytes reads it from pagemap).
 
-Invariant: no_huge_pages runs on an array before anything writes it (a page already committed
-stays committed). Reads of untouched memory map the shared zero page, which is not counted.
+Invariant: per-page arrays are made by zeros(). Reads of untouched memory map the shared zero
+page, which is not counted.
 
 What this module does not do: decide which arrays exist or how big (their owners do), or limit
 anything (zblock.store refuses a disk whose tables would not fit in memory).
@@ -21,10 +22,8 @@ import os
 
 import numpy as np
 
-from .libc import libc
 
-# Arrays at least this big get small pages: numpy asks for huge pages under large arrays
-# (MADV_HUGEPAGE), and below this an array is a few pages anyway.
+# Arrays at least this big get a mapping of their own: below it an array is a few pages anyway.
 HUGE_ARRAY = 2 << 20
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst): 63 present, 56 exclusively
@@ -33,15 +32,22 @@ RESIDENT_HERE = np.uint64(1 << 63 | 1 << 56)
 PAGEMAP_CHUNK = 1 << 20                     # entries per read: 8 MiB of pagemap, 4 GiB of table
 
 
-def no_huge_pages(arrays) -> None:
-    """Small pages under per-page arrays, asked for before anything writes them: a huge page is
-    committed whole by its first write, so metadata spread over a disk (ext4's) would make
-    nearly all of a table resident. A refusal only costs memory."""
-    for a in arrays:
-        if a.nbytes >= HUGE_ARRAY:
-            lo = -(-a.ctypes.data & -mmap.PAGESIZE)
-            hi = (a.ctypes.data + a.nbytes) & -mmap.PAGESIZE
-            libc.madvise(lo, hi - lo, mmap.MADV_NOHUGEPAGE)
+def zeros(shape, dtype) -> np.ndarray:
+    """np.zeros for a per-page array: a large one gets an anonymous mapping of its own with small
+    pages, so it costs memory only where it is written. np.zeros goes through calloc, which may
+    hand out freed heap memory and zero it by writing every page (a 64 GiB disk's entry table
+    was 112 MiB resident after earlier large arrays were freed); numpy also asks for huge pages
+    under large arrays, and a huge page is committed whole by its first write."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes < HUGE_ARRAY:
+        return np.zeros(shape, dtype)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:
+        pass                                # refused: it only costs memory
+    return np.frombuffer(area, dtype).reshape(shape)
 
 
 def resident_bytes(arrays) -> int:

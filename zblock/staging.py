@@ -45,7 +45,7 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .errors import DataError, ZblockError
-from .pagemem import no_huge_pages
+from . import pagemem
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,14 @@ class WriteBehind:
         self._store_scattered = store_scattered
         self._on_idle = on_idle         # called by the worker when the queue runs empty
         self.limit = limit
-        self.staged = np.zeros(npages, np.uint16)
+        self.staged = pagemem.zeros(npages, np.uint16)
         self._staged = memoryview(self.staged)      # scalar access for put_page
         self._singles = 0               # one-page items queued (put_page)
         self._idle = False              # the worker waits for an empty queue to fill
         self._waiters = 0               # callers waiting for queued pages: no gathering
         self._big_since_idle = False    # a request buffer was stored since the queue last ran empty
-        self.failed = np.zeros(npages, np.bool_)
+        self.failed = pagemem.zeros(npages, np.bool_)
         self.arrays = (self.staged, self.failed)        # per-page: counted in table_bytes
-        no_huge_pages(self.arrays)
         self._nfailed = 0               # pages in `failed`: lets wait_range skip the lock
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
