@@ -15,7 +15,7 @@ import pytest
 
 from zblock import PAGE_SIZE
 from zblock.entries import COMP, DISK, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME
-from zblock.lru import select_victims
+from zblock.lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
 from zblock.errors import ConfigError, DataError, OutOfRange
@@ -222,6 +222,68 @@ def test_lru_second_chance(backing_path):
         check_consistency(store)
     finally:
         store.close()
+
+
+def test_zswap_policy_walks_like_shrink_worker(backing_path):
+    """Under the zswap policy every stored page is referenced (zswap_store), and the walk is
+    shrink_worker's: one entry at a time from the cold end, a referenced one rotated to the
+    tail with its bit cleared and counted as a failure, an unreferenced one a victim; it stops
+    at the retry budget or once it has enough victims."""
+    rng = random.Random(10)
+    cfg = make_config(pool_limit=1 << 30, limit_policy="zswap", shrinker_enabled=False)
+    store = Store.open(backing_path, 4 * MiB, cfg)
+    try:
+        pages = [text_page(rng) for _ in range(100)]
+        for p, data in enumerate(pages):        # one store per page: stamps increase with p
+            store.write(p * PAGE_SIZE, data)
+        store.stats()
+        c, t = store.cache, store.cache.table
+        assert t.referenced[:100].all()
+        with c.tree_lock:
+            victims, gens, failures = walk_like_zswap(t, 10, retries=MAX_RECLAIM_RETRIES)
+        assert len(victims) == 0 and failures == MAX_RECLAIM_RETRIES     # gave up: 0..15 rotated
+        assert not t.referenced[:16].any() and t.referenced[16:100].all()
+        coldest = np.argsort(t.stamp[:100], kind="stable")
+        assert coldest[:84].tolist() == list(range(16, 100)) and coldest[84:].tolist() == list(range(16))
+        with c.tree_lock:                       # 84 referenced before the rotated ones
+            victims, gens, failures = walk_like_zswap(t, 10, retries=100)
+        assert failures == 84 and victims.tolist() == list(range(10))
+        assert t.under_wb[victims].all()
+        assert c.writeback._write_back(victims, gens)
+        assert store.stats()["written_back_pages"] == 10
+        assert store.read(0, 100 * PAGE_SIZE) == b"".join(pages)
+        store.set_param("limit_policy", "evict")            # evict: loads set the bit, not stores
+        store.write(200 * PAGE_SIZE, text_page(rng))
+        store.stats()
+        assert not t.referenced[200]
+        check_consistency(store)
+    finally:
+        store.close()
+
+
+def test_zswap_policy_at_the_limit_rejects_stores(backing_path):
+    """A stream of new pages through a full pool under the zswap policy: some go to disk as
+    rejected stores (uncompressed, once), and fewer are written back than under evict, which
+    admits every page and writes the coldest back instead."""
+    rng = random.Random(11)
+    data = b"".join(text_page(rng) for _ in range(4096))
+    counts = {}
+    for policy in ("zswap", "evict"):
+        path = f"{backing_path}.{policy}"
+        cfg = make_config(pool_limit=2 * MiB, limit_policy=policy, shrinker_enabled=False)
+        store = Store.open(path, 16 * MiB, cfg)
+        try:
+            for i in range(0, len(data), 8 * PAGE_SIZE):
+                store.write(i, data[i:i + 8 * PAGE_SIZE])
+            assert store.read(0, len(data)) == data
+            counts[policy] = store.stats()
+            check_consistency(store)
+        finally:
+            store.close()
+    z, e = counts["zswap"], counts["evict"]
+    assert z["reject_pool_limit"] > 0, z
+    assert z["pool_limit_hit"] > 0
+    assert e["reject_pool_limit"] == 0 and e["written_back_pages"] > z["written_back_pages"], e
 
 
 def test_zswap_policy_rejects_until_threshold(backing_path):

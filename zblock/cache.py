@@ -105,6 +105,7 @@ class Cache:
         self.table = EntryTable(npages, self.registry, on_disk)
         self.table.on_freed = self._freed
         self.reached_full = False   # zswap policy: rejecting until below the accept threshold
+        self.table.referenced_on_store = config.limit_policy == "zswap"
         self.writeback = Writeback(self, memory_pressure)
 
     @property
@@ -135,12 +136,15 @@ class Cache:
             if self.config.limit_policy != "zswap" or \
                     self.table.pool_total_size <= self.accept_level():
                 self.reached_full = False
+            elif not self.writeback.pending:
+                self.writeback.wake()       # zswap_store() queues shrink_worker on a reject
         return self.reached_full
 
     def params_changed(self, name: str) -> None:
         """A limit param changed: a lower limit or a new policy may need writeback."""
         if name == "limit_policy":
             self.reached_full = False
+            self.table.referenced_on_store = self.config.limit_policy == "zswap"
         self.writeback.wake()
 
     def wait_for_space(self) -> None:
@@ -223,6 +227,8 @@ class Cache:
         pool, reject = self._pool_get(may_wait)
         try:
             if reject:
+                with self.tree_lock:
+                    self.c.reject_pool_limit += n
                 return self._store_to_disk(mv, _pages(where, range(n)), expect_gen)
             cfg = self.config
             scan = pool.contexts.compress(mv, detect_same=cfg.same_filled_pages_enabled,

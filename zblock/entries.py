@@ -87,6 +87,9 @@ class EntryTable:
         self.gn = memoryview(self.gen)
         self.lv = memoryview(self.live)
         self.seq = 1                        # next LRU stamp
+        # zswap stores entries referenced (second chance before their first writeback); zblock's
+        # `evict` policy sets the bit on loads only (Cache keeps this in step with the policy)
+        self.referenced_on_store = False
         self.same_filled_pages = 0
         self.stored_incompressible_pages = 0
         self.pool_total_size = 0
@@ -153,6 +156,7 @@ class EntryTable:
         self.pool_id[pages] = pool.id
         self.dirty[pages] = True
         self.stamp[pages] = self.seq
+        self.referenced[pages] = self.referenced_on_store
         self.seq += 1
         first = pages.start if type(pages) is slice else None
         for i, o in enumerate(objs):
@@ -179,6 +183,7 @@ class EntryTable:
         self.pid[page] = pool.id
         self.dt[page] = True
         self.stp[page] = self.seq
+        self.ref[page] = self.referenced_on_store
         self.seq += 1
         self._set_obj(page, scan.objs[0])
         cached = state >= COMP

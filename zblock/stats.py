@@ -20,7 +20,8 @@ class Counters:
     """zswap/zram event counters."""
 
     NAMES = ("pool_limit_hit", "written_back_pages", "flushed_pages", "reject_compress_poor",
-             "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail", "decompress_fail",
+             "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail",
+             "reject_pool_limit", "decompress_fail",
              "zswpout", "zswpin", "zswpwb", "discarded_pages")
 
     def __init__(self):

@@ -1,9 +1,12 @@
 """Writeback, shrink and flush: moving cached pages to the backing file.
 
-- The worker (one thread): when a store finds the pool at its limit, it writes back the coldest
-  pages until the pool is below the accept threshold (zswap's shrink_worker); when the system is
-  short of memory (the shrinker), a quarter of the pool per pass; and it gives freed heap back
-  to the system (the Trimmer), outside every lock.
+- The worker (one thread): when a store finds the pool at its limit, it writes back cold pages
+  until the pool is below the accept threshold: under the `zswap` policy as zswap's
+  shrink_worker does (second chance for every stored page, and it gives up at the
+  MAX_RECLAIM_RETRIES-th referenced page it meets, leaving stores rejected until the pool
+  drains); under `evict` it writes back the coldest until it gets there. When the system is short
+  of memory (the shrinker), a quarter of the pool per pass. And it gives freed heap back to the
+  system (the Trimmer), outside every lock.
 - flush (fsync and unmount): every dirty page to disk, then the backing made durable; entries
   stay, now clean.
 Writeback writes the uncompressed page, as zswap does.
@@ -33,7 +36,7 @@ import psutil
 
 from .entries import DISK
 from .errors import DataError, DiskError
-from .lru import select_victims
+from .lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
 from .pool import Trimmer
 from .scan import COMP, RAW, SAME, filled_page
 
@@ -96,7 +99,8 @@ class Writeback:
                     shrinker = cache.config.shrinker_enabled
                     lru = sum(p.stored_pages for p in cache.registry.live())
                 if wanted or over:
-                    if not self.shrink(cache.accept_level()):
+                    if not self.shrink(cache.accept_level(),
+                                       like_zswap=cache.config.limit_policy == "zswap"):
                         self._pause_after_failure()
                 elif shrinker and lru and self.memory_pressure():
                     # the shrinker: under memory pressure give back a quarter of the pool a pass
@@ -127,21 +131,29 @@ class Writeback:
 
     # ---- writeback of victims -------------------------------------------------------------
 
-    def shrink(self, target: int) -> bool:
-        """Write back cold pages until the pool holds at most `target` bytes (shrink_worker).
-        Returns False if a disk error stopped it."""
+    def shrink(self, target: int, like_zswap: bool = False) -> bool:
+        """Write back cold pages until the pool holds at most `target` bytes; `like_zswap`: walk
+        as shrink_worker does and stop where it gives up. Returns False if a disk error stopped
+        it."""
         cache = self.cache
+        failures = 0
         while True:
             with cache.tree_lock:
                 table = cache.table
                 excess = table.pool_total_size - target
-                if excess <= 0 or self.closing:
+                if excess <= 0 or self.closing or failures >= MAX_RECLAIM_RETRIES:
                     return True
                 lru = max(sum(p.stored_pages for p in cache.registry.live()), 1)
                 avg = max(table.pool_total_size // lru, 64)
-                victims, gens = select_victims(table, int(min(max(excess // avg + 1, 64), 8192)))
+                want = int(min(max(excess // avg + 1, 64), 8192))
+                if like_zswap:
+                    victims, gens, failed = walk_like_zswap(table, want,
+                                                            MAX_RECLAIM_RETRIES - failures)
+                    failures += failed
+                else:
+                    victims, gens = select_victims(table, want)
             if not len(victims):
-                return True
+                return True         # nothing cached, or shrink_worker would give up here
             if not self._write_back(victims, gens):
                 return False
 
