@@ -146,9 +146,10 @@ def test_writeback_eio_keeps_pages_cached_and_fails_fsync(path):
     ("meta", "write", errno.ENOSPC),
 ])
 def test_fsync_fault_then_retry(path, role, op, err):
-    """One failing write or fsync of the data file or the sidecar during fsync."""
+    """One failing write or fsync of the data file or the sidecar during fsync (no
+    write-through: fsync itself writes the pages)."""
     f = Faults()
-    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB), disk_factory=f)
+    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB, write_through=False), disk_factory=f)
     try:
         old = text_pages(64, tag=1)
         s.write(0, old)
@@ -169,6 +170,37 @@ def test_fsync_fault_then_retry(path, role, op, err):
         f.clear()
         s.close()
     reopen_and_compare(path, new)
+
+
+@pytest.mark.parametrize("role", ["data", "meta"])
+def test_failed_write_through_leaves_pages_for_fsync(path, role):
+    """A background write-through that fails leaves its pages dirty: the next fsync writes
+    them itself and succeeds, and every page reads back exactly after a remount."""
+    f = Faults()
+    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB), disk_factory=f)
+    try:
+        getattr(f, role).add(Fault("write", errno.EIO, times=1))
+        data = text_pages(64, tag=3)
+        s.write(0, data)
+        s.staging.drain()                           # stored, so handed to write-through
+        s.cache.write_through.drain()
+        st = s.stats()
+        assert getattr(f, role).faults["write"] == 1 and st["io_errors"] == 1
+        assert st["dirty_pages"] == 64 and st["written_through_pages"] == 0
+        s.fsync()
+        st = s.stats()
+        assert st["dirty_pages"] == 0 and st["flushed_pages"] == 64
+        more = text_pages(64, tag=4)                # and write-through works again after
+        s.write(len(data), more)
+        s.staging.drain()
+        s.cache.write_through.drain()
+        assert s.stats()["written_through_pages"] == 64
+        s.fsync()
+        assert s.stats()["flushed_pages"] == 64     # nothing left for fsync to write
+    finally:
+        f.clear()
+        s.close()
+    reopen_and_compare(path, data + more)
 
 
 def test_read_eio_on_one_page(path):
@@ -199,9 +231,10 @@ def test_read_eio_on_one_page(path):
 
 
 def test_torn_writeback(path):
-    """A multi-page disk write that lands only partly (pages before page 40 written)."""
+    """A multi-page disk write of fsync's that lands only partly (pages before page 40
+    written)."""
     f = Faults()
-    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB), disk_factory=f)
+    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB, write_through=False), disk_factory=f)
     try:
         old = text_pages(64, tag=1)
         s.write(0, old)
@@ -546,7 +579,9 @@ def test_fsync_while_writeback_fails(path):
             d = gates.setdefault("data", GateDisk(d))
         return d
 
-    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB), disk_factory=factory)
+    # no write-through: the writeback below must be what writes the pages
+    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB, write_through=False),
+                   disk_factory=factory)
     gate = gates["data"]
     try:
         data = text_pages(32)

@@ -193,7 +193,8 @@ def test_writeback_without_fsync(backing_path):
 
 def test_lru_second_chance(backing_path):
     rng = random.Random(8)
-    cfg = make_config(pool_limit=1 << 30, shrinker_enabled=False)
+    # no write-through: the pages written back must be dirty, so that each is a disk write
+    cfg = make_config(pool_limit=1 << 30, shrinker_enabled=False, write_through=False)
     store = Store.open(backing_path, 1 * MiB, cfg)
     try:
         for p in range(20):                     # one store per page: stamps increase with p
@@ -230,7 +231,8 @@ def test_zswap_policy_walks_like_shrink_worker(backing_path):
     tail with its bit cleared and counted as a failure, an unreferenced one a victim; it stops
     at the retry budget or once it has enough victims."""
     rng = random.Random(10)
-    cfg = make_config(pool_limit=1 << 30, limit_policy="zswap", shrinker_enabled=False)
+    cfg = make_config(pool_limit=1 << 30, limit_policy="zswap", shrinker_enabled=False,
+                      write_through=False)          # the pages written back are disk writes
     store = Store.open(backing_path, 4 * MiB, cfg)
     try:
         pages = [text_page(rng) for _ in range(100)]
@@ -270,7 +272,9 @@ def test_zswap_policy_at_the_limit_rejects_stores(backing_path):
     counts = {}
     for policy in ("zswap", "evict"):
         path = f"{backing_path}.{policy}"
-        cfg = make_config(pool_limit=2 * MiB, limit_policy=policy, shrinker_enabled=False)
+        # no write-through: the pages written back are disk writes, as the kernel's are
+        cfg = make_config(pool_limit=2 * MiB, limit_policy=policy, shrinker_enabled=False,
+                          write_through=False)
         store = Store.open(path, 16 * MiB, cfg)
         try:
             for i in range(0, len(data), 8 * PAGE_SIZE):
@@ -289,7 +293,7 @@ def test_zswap_policy_at_the_limit_rejects_stores(backing_path):
 def test_zswap_policy_rejects_until_threshold(backing_path):
     rng = random.Random(9)
     cfg = make_config(pool_limit=128 * 1024, limit_policy="zswap", accept_threshold=50,
-                      shrinker_enabled=False)
+                      shrinker_enabled=False, write_through=False)   # counts disk writes
     store = Store.open(backing_path, 4 * MiB, cfg)
     try:
         data = b"".join(text_page(rng) for _ in range(512))
@@ -323,7 +327,7 @@ def test_zswap_policy_rejects_until_threshold(backing_path):
 
 
 def test_same_filled_and_incompressible(backing_path):
-    cfg = make_config()
+    cfg = make_config(write_through=False)          # bd_writes: the rejected page's write only
     store = Store.open(backing_path, 1 * MiB, cfg)
     try:
         store.write(0, bytes(PAGE_SIZE) + b"\xab" * PAGE_SIZE + os.urandom(PAGE_SIZE))
@@ -379,8 +383,10 @@ def test_the_c_scan_stores_what_the_python_scan_stores(tmp_path, monkeypatch, np
     for c_ext in (True, False):
         if not c_ext:
             monkeypatch.setattr(compressors, "_lz4pages", None)
+        # no write-through: the tables compared (dirty bits included) must not depend on timing
         store = Store.open(str(tmp_path / f"{c_ext}.img"), 1 * MiB, make_config(
-            same_filled_pages_enabled=same, incompressible_policy=policy), write_behind=0)
+            same_filled_pages_enabled=same, incompressible_policy=policy, write_through=False),
+            write_behind=0)
         try:
             c = store.cache
             assert (c.registry.current.contexts._contexts[0].tfm.compressor._c is not None) is c_ext
@@ -409,8 +415,9 @@ def _stored_two_ways(tmp_path, where: list[int], store_news, **config) -> list:
     news = [mixed_bytes(random.Random(_SEED_OF_KIND[i % 4]), PAGE_SIZE) for i in range(len(where))]
     results = []
     for way in (True, False):
-        store = Store.open(str(tmp_path / f"{way}.img"), 1 * MiB, make_config(**config),
-                           write_behind=0)
+        # no write-through: the tables compared (dirty bits included) must not depend on timing
+        store = Store.open(str(tmp_path / f"{way}.img"), 1 * MiB,
+                           make_config(write_through=False, **config), write_behind=0)
         try:
             c = store.cache
             for page, data in zip(where, olds):
@@ -1041,7 +1048,8 @@ def test_backing_writes_overlap(backing_path):
 def test_shrinker_writes_back_under_memory_pressure(backing_path):
     rng = random.Random(13)
     pressure = threading.Event()
-    cfg = make_config(pool_limit=1 << 30, shrinker_enabled=True)
+    # no write-through: written_back_pages counts the shrinker's disk writes of dirty pages
+    cfg = make_config(pool_limit=1 << 30, shrinker_enabled=True, write_through=False)
     store = Store.open(backing_path, 1 * MiB, cfg, memory_pressure=pressure.is_set)
     try:
         data = b"".join(text_page(rng) for _ in range(64))

@@ -301,7 +301,7 @@ def test_hardening_is_visible_in_proc():
     """--swap: VmLck, IO_FLUSHER on every thread (or the warning), oom_score_adj, memory cost."""
     require_swap_tools()
     with Mount(size="256M", swap=True, pool_limit="64M") as hard, \
-            Mount(size="256M", pool_limit="64M") as plain:
+            Mount(size="256M", pool_limit="64M", write_through="N") as plain:   # swap has none
         assert hard.pid and plain.pid
         pid = hard.pid
         assert status_kib("VmLck", pid) > 0, "the --swap server has no locked memory (mlockall)"

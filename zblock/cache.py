@@ -15,6 +15,7 @@ The parts, each a module with its own invariants:
     zblock.pools      the pools and engines (find-get, holds, death outside the tree lock)
     zblock.lru        second-chance victim selection
     zblock.writeback  the writeback worker, shrink, flush and close
+    zblock.writethrough  stored pages on to the backing file in the background (persistent mode)
     zblock.stats      counters and the stats snapshot
 
 Invariants: an entry changes only under the tree lock, and its generation with it; slow work
@@ -54,6 +55,7 @@ from .pools import PoolRegistry
 from .scan import COMP, NONE, RAW, SAME, ZERO_PAGE, Scan, filled_page
 from .stats import Counters, snapshot
 from .writeback import Writeback
+from .writethrough import WriteThrough
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class Cache:
         self.reached_full = False   # zswap policy: rejecting until below the accept threshold
         self.table.referenced_on_store = config.limit_policy == "zswap"
         self.writeback = Writeback(self, memory_pressure)
+        self.write_through = None if config.swap or config.read_only else WriteThrough(self)
 
     @property
     def trimmer(self) -> Trimmer:
@@ -234,6 +237,7 @@ class Cache:
             scan = pool.contexts.compress(mv, detect_same=cfg.same_filled_pages_enabled,
                                           raw_poor=cfg.incompressible_policy == "store_raw")
             poor = np.flatnonzero(scan.states == NONE).tolist() if NONE in scan.states else []
+            through = self.write_through is not None and cfg.write_through
             with self.tree_lock:
                 if expect_gen is not None and self.table.gn[first] != expect_gen:
                     return False
@@ -241,10 +245,16 @@ class Cache:
                 self.c.reject_compress_fail += scan.failed
                 # rejected pages keep their old entry until their disk write lands (below)
                 self.c.zswpout += self.table.install(where, scan, pool)
+                if through:
+                    index = np.flatnonzero(scan.states != NONE)
+                    pages = (index + first) if type(where) is int else where[index]
+                    gens = self.table.gen[pages].copy()
                 if self.over_limit():
                     self.writeback.wake()
         finally:
             self.registry.release((pool,))
+        if through and len(index):
+            self.write_through.submit(pages, mv, index, gens)
         if poor:
             pages = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in poor]
             return self._store_to_disk(b"".join(pages), _pages(where, poor), expect_gen)
@@ -425,6 +435,8 @@ class Cache:
     # flush, close, stats
 
     def flush(self) -> int:
+        if self.write_through is not None:
+            self.write_through.drain()
         return self.writeback.flush()
 
     def dirty_pages(self) -> np.ndarray:
@@ -436,6 +448,8 @@ class Cache:
     def close(self, write_back: bool = True) -> None:
         """Stop the worker, write everything back (unless `write_back` is False), free pools."""
         try:
+            if self.write_through is not None:
+                self.write_through.close()
             self.writeback.close(write_back)
         finally:
             self.registry.close()

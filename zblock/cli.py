@@ -46,6 +46,7 @@ _OPTION_PARAMS = {
     "fuse-impl": "fuse_impl",
     "same-filled": "same_filled_pages_enabled",
     "shrinker": "shrinker_enabled",
+    "write-through": "write_through",
     "accelerator": "accelerator",
     "hw-queues": "hw_queues",
     "hw-depth": "hw_depth",
@@ -126,7 +127,8 @@ def _parse_o(text_list: list[str]) -> dict[str, str]:
             if name != "size" and name not in PARAMS:
                 raise UsageError(f"-o {key}: unknown option")
             if not eq:
-                if name in (*_FLAGS.values(), "same_filled_pages_enabled", "shrinker_enabled"):
+                if name in (*_FLAGS.values(), "same_filled_pages_enabled", "shrinker_enabled",
+                            "write_through"):
                     value = "Y"
                 else:
                     raise UsageError(f"-o {key}: needs a value ({key}=VALUE)")

@@ -183,6 +183,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           help="keep same-filled pages as a fill value"),
     Param("shrinker_enabled", _bool("shrinker_enabled"), _fmt_bool,
           help="proactive writeback of cold pages below the limit"),
+    Param("write_through", _bool("write_through"), _fmt_bool,
+          help="persistent mode: write stored pages on to the backing file in the background, "
+               "so fsync has little left to write"),
     Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
     _int_param("hw_queues", 1, 64, "engine work queues"),
     _int_param("hw_depth", 1, 4096, "entries per engine queue"),
@@ -220,6 +223,7 @@ class Config:
     incompressible_policy: str = "store_raw"
     same_filled_pages_enabled: bool = True
     shrinker_enabled: bool = True
+    write_through: bool = True
     accelerator: str = "none"
     hw_queues: int = 4
     hw_depth: int = 128

@@ -19,7 +19,8 @@ from .pools import merge_hw
 class Counters:
     """zswap/zram event counters."""
 
-    NAMES = ("pool_limit_hit", "written_back_pages", "flushed_pages", "reject_compress_poor",
+    NAMES = ("pool_limit_hit", "written_back_pages", "flushed_pages", "written_through_pages",
+             "reject_compress_poor",
              "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail",
              "reject_pool_limit", "decompress_fail",
              "zswpout", "zswpin", "zswpwb", "discarded_pages")

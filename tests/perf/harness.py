@@ -746,6 +746,33 @@ def dd_write(src: Path, dst: Path, size: int) -> float:
                 "conv=notrunc"], size)
 
 
+def dd_write_durable(src: Path, dst: Path, size: int) -> float:
+    """dd_write, then fsync before dd exits (conv=fsync): the time until the data is durable."""
+    return _dd([f"if={src}", f"of={dst}", "bs=1M", f"count={size >> 20}", "oflag=direct",
+                "conv=notrunc,fsync"], size)
+
+
+class DiskFileTarget(Target):
+    """A preallocated file in STATE_DIR, on the filesystem that holds zblock's backing files:
+    the backing disk's own speed."""
+
+    name = "backing-disk"
+    kind = "file"
+
+    def start(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.path = STATE_DIR / f"{self.name}-{os.getpid()}.img"
+        _run(["fallocate", "-l", str(self.size), str(self.path)])
+
+    def stop(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path), "io": "O_DIRECT (dd oflag=direct)"}
+
+
 def dd_read(src: Path, size: int) -> float:
     return _dd([f"if={src}", "of=/dev/null", "bs=1M", f"count={size >> 20}", "iflag=direct"], size)
 
