@@ -178,6 +178,7 @@ def test_write_sync_reopen_reads_back(img):
         random.Random(1).shuffle(idxs)  # any order; runs are coalesced after sorting
         b.write_pages(idxs, [pages[i] for i in idxs])
         assert b.bd_writes == len(pages)
+        assert b.bd_write_ios == 5 and b.bd_write_us > 0        # runs 0-2, 7, 100, 511-513, 1023
         for i, data in pages.items():
             assert b.read_page(i) == data
         b.sync()
@@ -187,6 +188,7 @@ def test_write_sync_reopen_reads_back(img):
         assert got == pages[0] + pages[1] + pages[2]
         assert b.read_pages(510, 4) == bytes(PS) + pages[511] + pages[512] + pages[513]
         assert b.bd_reads == 7
+        assert b.bd_read_ios == 2 and b.bd_read_us > 0         # one I/O a request
         assert b.checksum_errors == 0
     # A plain raw image at the same offsets.
     with open(img, "rb") as f:

@@ -249,6 +249,15 @@ def test_table_has_ratio():
     assert "WARNING" not in text
 
 
+def test_table_shows_disk_io_in_figures():
+    text = cli.format_table({**SAMPLE, "bd_reads": 800, "bd_read_ios": 100, "bd_read_us": 20000,
+                             "bd_writes": 0, "bd_write_ios": 0, "bd_write_us": 0})
+    rows = [ln.split(None, 2)[2] for ln in text.splitlines() if ln.startswith("disk ")]
+    # 800 pages in 100 calls; 3.3 MB in 20 ms of waiting; no writes: no row
+    assert rows == ["8.0 pages an I/O, 200 us an I/O, 164 MB/s while waiting"], text
+    assert "zblock_bd_read_ios_total 100" in cli.format_prometheus({**SAMPLE, "bd_read_ios": 100})
+
+
 def test_table_warns_of_a_pool_held_over_its_limit_and_sparse_files():
     text = cli.format_table({**SAMPLE, "pool_over_limit": 81 << 20, "io_errors": 12, "sparse": True})
     warnings = [ln for ln in text.splitlines() if ln.startswith("WARNING")]

@@ -69,6 +69,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -121,6 +122,11 @@ class Backing:
         self._closed = False
         self.bd_reads = 0
         self.bd_writes = 0
+        # data file I/O calls (a run of pages is one) and the time spent in them
+        self.bd_read_ios = 0
+        self.bd_write_ios = 0
+        self.bd_read_us = 0
+        self.bd_write_us = 0
         self.checksum_errors = 0
         self.io_errors = 0           # disk operations that failed (EIO, ENOSPC, ...)
 
@@ -203,10 +209,12 @@ class Backing:
             zero[:] = False     # check them like written pages (_verify: zeros match ZERO)
         if zero.all():
             return bytes(count * PAGE_SIZE)
+        t0 = time.perf_counter_ns()
         try:
             data = self._data.pread(start * PAGE_SIZE, count * PAGE_SIZE)
         except OSError as e:
             raise self._read_error(f"read of pages {start}..{end - 1}", e) from None
+        waited = (time.perf_counter_ns() - t0) // 1000
         ok = verify(page_crcs(data, count), pair)
         if zero.any():
             # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard
@@ -224,6 +232,8 @@ class Backing:
             raise err
         with self._lock:
             self.bd_reads += count
+            self.bd_read_ios += 1
+            self.bd_read_us += waited
         return data
 
     def _read_one(self, i: int) -> bytes:
@@ -232,10 +242,12 @@ class Backing:
             d, l = int(self._crc[i, 0]), int(self._crc[i, 1])
         if d == ZERO and l == ZERO and not self.verify_zero:
             return bytes(PAGE_SIZE)
+        t0 = time.perf_counter_ns()
         try:
             data = self._data.pread(i * PAGE_SIZE, PAGE_SIZE)
         except OSError as e:
             raise self._read_error(f"read of page {i}", e) from None
+        waited = (time.perf_counter_ns() - t0) // 1000
         c = max(_crc(data), FOLD)
         if not (c == d or c == l or d == UNCHECKED or l == UNCHECKED
                 or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))):
@@ -246,6 +258,8 @@ class Backing:
             raise err
         with self._lock:
             self.bd_reads += 1
+            self.bd_read_ios += 1
+            self.bd_read_us += waited
         return data
 
     def read_page(self, idx: int) -> bytes:
@@ -293,9 +307,11 @@ class Backing:
             if not self.ephemeral:
                 self._put_meta_blocks(np.unique(sidx // ENTRIES_PER_BLOCK))  # pairs first
             cuts = (np.flatnonzero(np.diff(sidx) != 1) + 1).tolist() if n > 1 else []
+            t0 = time.perf_counter_ns()
             for a, b in zip([0] + cuts, cuts + [n]):
                 self._data.pwritev(int(sidx[a]) * PAGE_SIZE, spages[a:b])
                 done = b
+            waited = (time.perf_counter_ns() - t0) // 1000
         except OSError as e:
             with self._lock:
                 self._failed[sidx[done:]] = True
@@ -309,6 +325,8 @@ class Backing:
             self._inflight[idx] = False
             self._failed[idx] = False
             self.bd_writes += n
+            self.bd_write_ios += len(cuts) + 1
+            self.bd_write_us += waited
 
     def _write_one(self, i: int, data) -> None:
         """write_pages for a single page, same protocol, scalar bookkeeping."""
@@ -323,7 +341,9 @@ class Backing:
         try:
             if not self.ephemeral:
                 self._put_meta_blocks((i // ENTRIES_PER_BLOCK,))
+            t0 = time.perf_counter_ns()
             self._data.pwrite(i * PAGE_SIZE, data)
+            waited = (time.perf_counter_ns() - t0) // 1000
         except OSError as e:
             with self._lock:
                 self._failed[i] = True
@@ -337,6 +357,8 @@ class Backing:
             self._inflight[i] = False
             self._failed[i] = False
             self.bd_writes += 1
+            self.bd_write_ios += 1
+            self.bd_write_us += waited
 
     def discard(self, start: int, count: int) -> None:
         """Drop pages: they read as zeros. Punches the file (except in swap mode, where the

@@ -227,9 +227,11 @@ def _add_umount(sub) -> None:
 
 
 # Classification for the Prometheus names and the table (DESIGN.md "Stats").
-COUNTERS = {"pool_limit_hit", "written_back_pages", "flushed_pages", "reject_compress_poor",
-            "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail", "decompress_fail",
-            "bd_reads", "bd_writes", "zswpout", "zswpin", "zswpwb", "discarded_pages",
+COUNTERS = {"pool_limit_hit", "written_back_pages", "flushed_pages", "written_through_pages",
+            "reject_compress_poor", "reject_compress_fail", "reject_alloc_fail",
+            "reject_reclaim_fail", "reject_pool_limit", "decompress_fail", "bd_reads", "bd_writes",
+            "bd_read_ios", "bd_write_ios", "bd_read_us", "bd_write_us", "zswpout", "zswpin",
+            "zswpwb", "discarded_pages",
             "checksum_errors", "hw_submitted", "hw_completed", "hw_backlogged", "hw_rejected_full",
             "hw_errors", "hw_fallbacks"}
 BYTE_GAUGES = {"pool_total_size", "orig_data_size", "compr_data_size", "mem_used_max", "pool_limit",
@@ -318,6 +320,8 @@ def format_table(stats: dict) -> str:
     orig, compr = stats.get("orig_data_size"), stats.get("compr_data_size")
     if _num(orig) and _num(compr) and compr:
         rows.append(("compression ratio", f"{orig / compr:.2f}"))
+    for op in ("read", "write"):
+        rows.extend(_disk_row(stats, op))
     for key, value in stats.items():
         if key in ("schema",):
             continue
@@ -342,6 +346,17 @@ def format_table(stats: dict) -> str:
                 rows.append((f"{key}.{k}", str(v)))
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
+
+
+def _disk_row(stats: dict, op: str) -> list[tuple[str, str]]:
+    """The backing disk's reads or writes in figures: pages per I/O call, the mean wait of a
+    call, and MB/s while waiting (bytes over the time spent in the calls)."""
+    pages, ios, us = (stats.get(f"bd_{op}s"), stats.get(f"bd_{op}_ios"),
+                      stats.get(f"bd_{op}_us"))
+    if not (_num(pages) and _num(ios) and _num(us)) or not ios:
+        return []
+    rate = f", {pages * PAGE_SIZE / us:.0f} MB/s while waiting" if us else ""
+    return [(f"disk {op}s", f"{pages / ios:.1f} pages an I/O, {us / ios:.0f} us an I/O{rate}")]
 
 
 def _add_stats(sub) -> None:

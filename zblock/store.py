@@ -330,8 +330,10 @@ class Store:
             self.staging.settle()
         d = {"schema": 1}
         d.update(self.cache.snapshot())
-        d["bd_reads"] = self.backing.bd_reads
-        d["bd_writes"] = self.backing.bd_writes
+        b = self.backing
+        for key in ("bd_reads", "bd_writes", "bd_read_ios", "bd_write_ios", "bd_read_us",
+                    "bd_write_us"):
+            d[key] = getattr(b, key)
         d["checksum_errors"] = self.backing.checksum_errors
         d["io_errors"] = self.backing.io_errors
         d["sparse"] = self.backing.sparse
