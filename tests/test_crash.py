@@ -175,9 +175,10 @@ def config_for(variant: str) -> Config:
     cfg = Config()
     cfg.shrinker_enabled = False
     cfg.contexts = 2
-    if variant == "evict":          # the writeback worker runs whenever the tiny pool is full
-        cfg.pool_limit = 24 * PAGE_SIZE
+    if variant in ("evict", "write-through"):   # the writeback worker runs whenever the tiny
+        cfg.pool_limit = 24 * PAGE_SIZE           # pool is full
         cfg.limit_policy = "evict"
+        cfg.write_through = variant == "write-through"
     else:                            # full pool and incompressible pages go straight to disk
         cfg.pool_limit = 16 * PAGE_SIZE
         cfg.limit_policy = "zswap"
@@ -246,6 +247,8 @@ def kill_points(total: int, want: int) -> list[int]:
     ("zswap", "kill", 4),
     ("zswap", "volatile", 5),
     ("evict", "kill", 6),
+    ("write-through", "power", 7),
+    ("write-through", "volatile", 8),
 ])
 def test_crash_at_every_kill_point(tmp_path, variant, mode, seed):
     path = str(tmp_path / "disk.img")

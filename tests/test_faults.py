@@ -177,7 +177,7 @@ def test_failed_write_through_leaves_pages_for_fsync(path, role):
     """A background write-through that fails leaves its pages dirty: the next fsync writes
     them itself and succeeds, and every page reads back exactly after a remount."""
     f = Faults()
-    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB), disk_factory=f)
+    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB, write_through=True), disk_factory=f)
     try:
         getattr(f, role).add(Fault("write", errno.EIO, times=1))
         data = text_pages(64, tag=3)

@@ -421,8 +421,9 @@ def test_overlapping_writes_leave_whole_last_versions(tmp_path, monkeypatch, pol
     and every page fits one order of the writes; the same after a reopen and in the file."""
     monkeypatch.setattr(cache, "OVERSHOOT", OVERSHOOT)
     path = str(tmp_path / "disk.img")
+    # write-through on in the evict rows (one with the write-behind queue, one without)
     cfg = dict(pool_limit=POOL_LIMIT, limit_policy=policy, accept_threshold=50,
-               incompressible_policy=incompressible)
+               incompressible_policy=incompressible, write_through=policy == "evict")
     # always under memory pressure: the shrinker runs between the limit's writebacks
     store = open_store(path, RECORD_PAGES * PAGE_SIZE, lz4, config=cfg,
                        memory_pressure=lambda: True, write_behind=write_behind)

@@ -295,6 +295,25 @@ def test_zswap_policy_at_the_limit_rejects_stores(backing_path):
     assert e["reject_pool_limit"] == 0 and e["written_back_pages"] > z["written_back_pages"], e
 
 
+def test_write_through_keeps_what_was_written_not_what_the_buffer_became(backing_path):
+    """A store from a caller's writable buffer (no write-behind): write-through writes the bytes
+    as stored, even if the caller reuses the buffer before the background write."""
+    rng = random.Random(12)
+    first = b"".join(text_page(rng) for _ in range(4))
+    buf = bytearray(first)
+    store = Store.open(backing_path, 1 * MiB, make_config(write_through=True), write_behind=0)
+    try:
+        store.write(0, memoryview(buf))
+        buf[:] = bytes(len(buf))                    # the caller reuses its buffer at once
+        store.cache.write_through.drain()
+        assert store.stats()["written_through_pages"] == 4
+        store.fsync()
+    finally:
+        store.close()
+    with open(backing_path, "rb") as f:
+        assert f.read(len(first)) == first
+
+
 def test_zswap_policy_rejects_until_threshold(backing_path):
     rng = random.Random(9)
     cfg = make_config(pool_limit=128 * 1024, limit_policy="zswap", accept_threshold=50,

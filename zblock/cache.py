@@ -254,7 +254,9 @@ class Cache:
         finally:
             self.registry.release((pool,))
         if through and len(index):
-            self.write_through.submit(pages, mv, index, gens)
+            # the queue keeps a reference: copy unless the caller's buffer is immutable
+            self.write_through.submit(pages, mv if mv.readonly else memoryview(bytes(mv)),
+                                      index, gens)
         if poor:
             pages = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in poor]
             return self._store_to_disk(b"".join(pages), _pages(where, poor), expect_gen)

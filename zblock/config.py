@@ -223,7 +223,7 @@ class Config:
     incompressible_policy: str = "store_raw"
     same_filled_pages_enabled: bool = True
     shrinker_enabled: bool = True
-    write_through: bool = True
+    write_through: bool = False
     accelerator: str = "none"
     hw_queues: int = 4
     hw_depth: int = 128

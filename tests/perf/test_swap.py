@@ -303,7 +303,8 @@ def swap_zblock(swap_size: int, zs: KernelZswap):
                 info["server_stats"] = {k: st.get(k) for k in (
                     "zswpout", "zswpin", "written_back_pages", "discarded_pages", "pool_limit_hit",
                     "reject_compress_poor", "reject_pool_limit", "stored_incompressible_pages",
-                    "bd_writes", "bd_reads", "pool_total_size", "orig_data_size", "compr_data_size",
+                    "bd_writes", "bd_reads", "bd_read_ios", "bd_read_us", "bd_write_ios",
+                    "bd_write_us", "pool_total_size", "orig_data_size", "compr_data_size",
                     "request_sizes")}
         finally:
             p = subprocess.run([*z.cmd, "swapoff", str(z.mp)], capture_output=True, text=True,
