@@ -87,6 +87,10 @@ class PageLocks:
             for s in reversed(taken):
                 self._locks[s].release()
 
+    def hold_one(self, page: int) -> threading.RLock:
+        """hold() for one page: its lock, as a context manager."""
+        return self._locks[page % self.n]
+
     def hold_range(self, start: int, count: int):
         return self.hold(range(self.n) if count >= self.n else range(start, start + count))
 
@@ -385,9 +389,11 @@ class Cache:
                 self._decompress_failed(page, e)
             finally:
                 self.registry.release((pool,))
-        parts = [None]
-        self._load_from_disk(page, np.zeros(1, np.int64), parts)
-        return bytes(parts[0])
+        with self.page_locks.hold_one(page):
+            with self.tree_lock:
+                moved = table.st[page] != DISK
+            # cached again (or discarded) since our look: take the current bytes
+            return self.load_page(page) if moved else self.backing.read_pages(page, 1)
 
     def _decompress_failed(self, page: int, err) -> None:
         with self.tree_lock:
