@@ -343,7 +343,7 @@ class Cache:
             for i, f in fills:
                 parts[i] = filled_page(f)
             if disk:
-                self._load_from_disk(start, np.array(disk, np.int64), parts)
+                self._load_from_disk(start, disk, parts)
             if len(pools) == 1:
                 # every part but the compressed ones is a whole page: one request decompresses
                 # and joins them
@@ -400,22 +400,31 @@ class Cache:
             self.c.decompress_fail += 1
         raise DataError(f"page {page}: decompression failed ({err})")
 
-    def _load_from_disk(self, start: int, disk: np.ndarray, parts: list) -> None:
-        """Read runs of on-disk pages under their locks, re-reading any page a store or discard
-        changed while we waited for the lock."""
-        for run in np.split(disk, np.flatnonzero(np.diff(disk) != 1) + 1):
-            first, count = int(run[0]), len(run)
-            with self.page_locks.hold_range(start + first, count):
+    def _load_from_disk(self, start: int, disk: list[int], parts: list) -> None:
+        """Read runs of on-disk pages (indices `disk`, ascending, from page `start`) under
+        their locks, one read a run, re-reading any page a store or discard changed while we
+        waited for the lock. Plain Python: a swap-in's run is a few pages, and numpy's per-call
+        cost was most of the time."""
+        runs, first = [], disk[0]
+        for prev, i in zip(disk, disk[1:]):
+            if i != prev + 1:
+                runs.append((first, prev + 1))
+                first = i
+        runs.append((first, disk[-1] + 1))
+        st = self.table.st
+        for a, b in runs:
+            count = b - a
+            with self.page_locks.hold_range(start + a, count):
                 with self.tree_lock:
-                    moved = self.table.state[start + first:start + first + count] != DISK
-                if moved.any():
+                    moved = any(s != DISK for s in st[start + a:start + b])
+                if moved:
                     # cached again (or discarded) since our snapshot: take the current bytes
-                    data = self.load_pages(start + first, count)
+                    data = self.load_pages(start + a, count)
                 else:
-                    data = self.backing.read_pages(start + first, count)
+                    data = self.backing.read_pages(start + a, count)
             mv = memoryview(data)
             for k in range(count):
-                parts[first + k] = mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+                parts[a + k] = mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
 
     def page_gen(self, page: int) -> int:
         """The generation of a page's entry (changes whenever the entry does)."""
