@@ -314,6 +314,36 @@ def test_write_through_keeps_what_was_written_not_what_the_buffer_became(backing
         assert f.read(len(first)) == first
 
 
+def test_zswap_policy_passes_that_give_up_do_not_spin(backing_path, monkeypatch):
+    """Rejected stores each ask for a shrink pass; a pass that gave up without freeing anything
+    makes the next one wait GIVE_UP_PAUSE, so a stream of rejects costs a few passes, not one
+    per store (each walks the table under the tree lock)."""
+    from zblock import writeback
+    passes = []
+    real = writeback.walk_like_zswap
+
+    def counted(table, *args):
+        passes.append(1)
+        table.referenced[:] = True              # every pass gives up...
+        return real(table, *args)
+
+    monkeypatch.setattr(writeback, "walk_like_zswap", counted)
+    rng = random.Random(14)
+    cfg = make_config(pool_limit=64 * 1024, limit_policy="zswap", shrinker_enabled=False)
+    store = Store.open(backing_path, 4 * MiB, cfg, write_behind=0)
+    try:
+        page = text_page(rng)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.5:      # ...while stores are rejected, one page each
+            for p in range(0, 1024, 4):
+                store.write(p * PAGE_SIZE, page)
+        st = store.stats()
+        assert st["reject_pool_limit"] > 100, st
+        assert len(passes) <= 30, len(passes)        # 0.5 s / GIVE_UP_PAUSE, and a few
+    finally:
+        store.close()
+
+
 def test_zswap_policy_rejects_until_threshold(backing_path):
     rng = random.Random(9)
     cfg = make_config(pool_limit=128 * 1024, limit_policy="zswap", accept_threshold=50,

@@ -46,6 +46,10 @@ BATCH = 256                 # pages per writeback/flush disk batch (1 MiB)
 SHRINK_INTERVAL = 1.0       # seconds between shrinker passes when idle
 FLUSH_WAIT = 30.0           # fsync waits this long for the worker's writes in flight
 FAILURE_PAUSE = 0.5         # the worker waits this long after a failed write before retrying
+# After a zswap-policy pass that gave up without writing anything back, the next waits this long
+# (the kernel's pass costs microseconds; ours ~1 ms under the tree lock, and rejected stores
+# asked for one back to back).
+GIVE_UP_PAUSE = 0.02
 # Free heap is given back once the cache has been quiet this long (Trimmer.idle): after a
 # 256 MiB read-back the server held 2-5 MiB of freed reply buffers until the next write burst.
 TRIM_IDLE = 1.0
@@ -66,6 +70,7 @@ class Writeback:
         self.memory_pressure = memory_pressure or system_memory_pressure
         self.closing = False
         self.failed_at = -1e9               # when a writeback last failed (monotonic)
+        self.evicted = 0                    # pages dropped from the cache by writeback
         self._wanted = False
         self._error: BaseException | None = None
         self._worker = threading.Thread(target=self._run, name="zblock-writeback", daemon=True)
@@ -99,9 +104,12 @@ class Writeback:
                     shrinker = cache.config.shrinker_enabled
                     lru = sum(p.stored_pages for p in cache.registry.live())
                 if wanted or over:
-                    if not self.shrink(cache.accept_level(),
-                                       like_zswap=cache.config.limit_policy == "zswap"):
+                    before = self.evicted
+                    like_zswap = cache.config.limit_policy == "zswap"
+                    if not self.shrink(cache.accept_level(), like_zswap=like_zswap):
                         self._pause_after_failure()
+                    elif like_zswap and self.evicted == before:
+                        self._pause(GIVE_UP_PAUSE)
                 elif shrinker and lru and self.memory_pressure():
                     # the shrinker: under memory pressure give back a quarter of the pool a pass
                     with cache.tree_lock:
@@ -124,6 +132,16 @@ class Writeback:
         with self.cache.tree_lock:
             if not self.closing:
                 self.cache.wb_cond.wait(FAILURE_PAUSE)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep `seconds` whatever wakes the worker meanwhile (closing ends it)."""
+        deadline = time.monotonic() + seconds
+        with self.cache.tree_lock:
+            while not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cache.wb_cond.wait(left)
 
     def check(self) -> None:
         if self._error is not None:
@@ -195,6 +213,7 @@ class Writeback:
                 still = table.gen[pages] == pgens
                 # clean pages were already on disk; dirty ones only if their write happened
                 drop = pages[still & (~dirty | written)]
+                self.evicted += len(drop)
                 table.free(drop)
                 table.state[drop] = DISK
                 cache.c.written_back_pages += len(wpages)
