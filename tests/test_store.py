@@ -368,7 +368,9 @@ def test_zswap_policy_rejects_until_threshold(backing_path):
             try:
                 c.reached_full = False
                 t.pool_total_size = cfg.pool_limit
-                assert c._check_limits()                     # at the limit: reject
+                hits = c.c.pool_limit_hit
+                assert c._check_limits(16)                   # at the limit: reject
+                assert c.c.pool_limit_hit == hits + 16       # a hit per page, as per folio
                 t.pool_total_size = cfg.pool_limit * 70 // 100
                 assert c._check_limits()                     # below the limit, above 50%
                 t.pool_total_size = cfg.pool_limit * 50 // 100

@@ -132,10 +132,11 @@ class Cache:
     def accept_level(self) -> int:
         return self.config.pool_limit * self.config.accept_threshold // 100
 
-    def _check_limits(self) -> bool:
-        """zswap_check_limits(): True if this store must be rejected."""
+    def _check_limits(self, pages: int = 1) -> bool:
+        """zswap_check_limits() for a store of `pages` pages: True if it must be rejected. The
+        kernel checks once per folio stored (a swapped page), so a hit counts every page."""
         if self.over_limit():
-            self.c.pool_limit_hit += 1
+            self.c.pool_limit_hit += pages
             self.writeback.wake()
             if self.config.limit_policy == "zswap":
                 self.reached_full = True
@@ -201,14 +202,15 @@ class Cache:
             self.registry.switch()
         self.registry.reap()
 
-    def _pool_get(self, may_wait: bool):
-        """zswap_store()'s checks: (the current pool, held while we compress; reject?)."""
+    def _pool_get(self, may_wait: bool, pages: int):
+        """zswap_store()'s checks for a store of `pages` pages: (the current pool, held while we
+        compress; reject?)."""
         with self.tree_lock:
             # below the limit and accepting (nearly every store): nothing to check further
             if self.table.pool_total_size < self.config.pool_limit and not self.reached_full:
                 reject = False
             else:
-                reject = self._check_limits()
+                reject = self._check_limits(pages)
                 if not reject and may_wait and self.config.limit_policy == "evict":
                     self._wait_for_space()
             pool = self.registry.current
@@ -231,7 +233,7 @@ class Cache:
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         first = where if type(where) is int else int(where[0])
-        pool, reject = self._pool_get(may_wait)
+        pool, reject = self._pool_get(may_wait, n)
         try:
             if reject:
                 with self.tree_lock:
