@@ -203,6 +203,30 @@ def test_failed_write_through_leaves_pages_for_fsync(path, role):
     reopen_and_compare(path, data + more)
 
 
+def test_failed_sync_after_write_through_writes_the_pages_again(path):
+    """Pages written through are clean but not durable: when the data file's fsync fails, they
+    are dirty again, and the next fsync writes them again before it syncs."""
+    f = Faults()
+    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB, write_through=True), disk_factory=f)
+    try:
+        data = text_pages(64, tag=5)
+        s.write(0, data)
+        s.staging.drain()
+        s.cache.write_through.drain()
+        assert s.stats()["written_through_pages"] == 64 and s.stats()["dirty_pages"] == 0
+        f.data.add(Fault("fsync", errno.EIO, times=1))
+        with pytest.raises(DiskError):
+            s.fsync()
+        assert s.stats()["dirty_pages"] == 64, "a failed fsync must leave the pages dirty"
+        s.fsync()
+        st = s.stats()
+        assert st["dirty_pages"] == 0 and st["flushed_pages"] == 64    # written again
+    finally:
+        f.clear()
+        s.close()
+    reopen_and_compare(path, data)
+
+
 def test_read_eio_on_one_page(path):
     f = Faults()
     s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB), disk_factory=f)

@@ -262,6 +262,11 @@ class Backing:
             self.bd_read_us += waited
         return data
 
+    def unsynced_pages(self) -> np.ndarray:
+        """Pages written or discarded since the last completed sync (a failed sync included)."""
+        with self._lock:
+            return np.flatnonzero(self._unsynced)
+
     def read_page(self, idx: int) -> bytes:
         return self.read_pages(idx, 1)
 

@@ -108,7 +108,8 @@ class Writeback:
                     like_zswap = cache.config.limit_policy == "zswap"
                     if not self.shrink(cache.accept_level(), like_zswap=like_zswap):
                         self._pause_after_failure()
-                    elif like_zswap and self.evicted == before:
+                    elif like_zswap and self.evicted == before and \
+                            cache.table.pool_total_size > cache.accept_level():   # gave up
                         self._pause(GIVE_UP_PAUSE)
                 elif shrinker and lru and self.memory_pressure():
                     # the shrinker: under memory pressure give back a quarter of the pool a pass
@@ -285,6 +286,7 @@ class Writeback:
             cache.backing.sync()
             synced = flushed
         except DiskError as e:
+            self._redirty_unsynced()
             if errors is None:
                 raise
             errors.append(e)
@@ -302,6 +304,16 @@ class Writeback:
             raise DataError(f"fsync: {len(lost)} page(s) could not be decompressed (first: "
                             f"page {lost[0]}); they read as EIO")
         return n
+
+    def _redirty_unsynced(self) -> None:
+        """After a failed sync: cached pages the file holds but has not made durable (written
+        through, or clean since an earlier write) are dirty again, so the next fsync writes
+        them again and a failed close marks them lost."""
+        cache = self.cache
+        pages = cache.backing.unsynced_pages()
+        with cache.tree_lock:
+            st = cache.table.state[pages]
+            cache.table.dirty[pages[(st == COMP) | (st == RAW) | (st == SAME)]] = True
 
     def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list,
                      errors: list | None) -> None:

@@ -14,7 +14,12 @@ Invariants:
       flush, a store that goes to disk) holds the page lock, so older bytes never land over
       newer ones.
     * A page is marked clean only if its generation did not change during the write. A failed
-      write leaves it dirty: fsync or writeback writes it again and reports the error.
+      write leaves it dirty: fsync or writeback writes it again and reports the error. A failed
+      sync makes the clean pages the file has not made durable dirty again
+      (Writeback._redirty_unsynced), so the next fsync writes them again and a failed close
+      marks them lost.
+    * fsync waits only for the items queued before it (drain), not for what writers queue
+      meanwhile.
     * Nothing waits for this queue but fsync and close: past LIMIT bytes queued, a store's pages
       are simply not queued (they stay dirty, as without write-through).
 
@@ -48,7 +53,8 @@ class WriteThrough:
         self.limit = limit
         self._queue: collections.deque = collections.deque()
         self._bytes = 0
-        self._busy = False
+        self._submitted = 0             # items queued so far; drain waits for those before it
+        self._finished = 0              # items written or given up
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name="zblock-write-through", daemon=True)
@@ -63,21 +69,24 @@ class WriteThrough:
             if self._closed or self._bytes + nbytes > self.limit:
                 return
             self._queue.append((pages, data, index, gens))
+            self._submitted += 1
             self._bytes += nbytes
             self._cond.notify_all()
 
     def drain(self, timeout: float = DRAIN_WAIT) -> None:
-        """Wait (bounded) until everything queued is written or given up."""
+        """Wait (bounded) until everything queued before this call is written or given up
+        (not what other writers queue meanwhile: fsync must not wait for them)."""
         with self._cond:
-            self._cond.wait_for(lambda: (not self._queue and not self._busy) or self._closed
+            target = self._submitted
+            self._cond.wait_for(lambda: self._finished >= target or self._closed
                                 or not self._thread.is_alive(), timeout)
 
     def close(self) -> None:
         """Stop the thread; what is still queued is left to the caller's flush."""
         with self._cond:
             self._closed = True
+            self._bytes -= sum(len(item[0]) for item in self._queue) * PAGE_SIZE
             self._queue.clear()
-            self._bytes = 0
             self._cond.notify_all()
         self._thread.join(timeout=30)
         if self._thread.is_alive():
@@ -90,7 +99,6 @@ class WriteThrough:
                 if self._closed:
                     return
                 item = self._queue.popleft()
-                self._busy = True
             try:
                 self._write(*item)
             except BaseException:       # whatever it was, the pages stay dirty: fsync writes them
@@ -98,7 +106,7 @@ class WriteThrough:
             finally:
                 with self._cond:
                     self._bytes -= len(item[0]) * PAGE_SIZE
-                    self._busy = False
+                    self._finished += 1
                     self._cond.notify_all()
 
     def _write(self, pages: np.ndarray, data: memoryview, index: np.ndarray,
