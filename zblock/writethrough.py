@@ -63,8 +63,9 @@ class WriteThrough:
     def submit(self, pages: np.ndarray, data: memoryview, index: np.ndarray,
                gens: np.ndarray) -> None:
         """Queue pages `pages` (int64), whose bytes are the pages `index` of `data`, as of
-        generations `gens`. Never blocks: a full queue drops them (they stay dirty)."""
-        nbytes = len(pages) * PAGE_SIZE
+        generations `gens`. Never blocks: a full queue drops them (they stay dirty). The whole
+        of `data` counts toward the limit: the item keeps it alive."""
+        nbytes = data.nbytes
         with self._cond:
             if self._closed or self._bytes + nbytes > self.limit:
                 return
@@ -85,7 +86,7 @@ class WriteThrough:
         """Stop the thread; what is still queued is left to the caller's flush."""
         with self._cond:
             self._closed = True
-            self._bytes -= sum(len(item[0]) for item in self._queue) * PAGE_SIZE
+            self._bytes -= sum(item[1].nbytes for item in self._queue)
             self._queue.clear()
             self._cond.notify_all()
         self._thread.join(timeout=30)
@@ -105,7 +106,7 @@ class WriteThrough:
                 log.exception("write-through failed; the pages stay dirty for fsync")
             finally:
                 with self._cond:
-                    self._bytes -= len(item[0]) * PAGE_SIZE
+                    self._bytes -= item[1].nbytes
                     self._finished += 1
                     self._cond.notify_all()
 
