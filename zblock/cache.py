@@ -211,7 +211,9 @@ class Cache:
                 reject = False
             else:
                 reject = self._check_limits(pages)
-                if not reject and may_wait and self.config.limit_policy == "evict":
+                if reject:
+                    self.c.reject_pool_limit += pages
+                elif may_wait and self.config.limit_policy == "evict":
                     self._wait_for_space()
             pool = self.registry.current
             pool.holds.append(None)
@@ -236,8 +238,6 @@ class Cache:
         pool, reject = self._pool_get(may_wait, n)
         try:
             if reject:
-                with self.tree_lock:
-                    self.c.reject_pool_limit += n
                 return self._store_to_disk(mv, _pages(where, range(n)), expect_gen)
             cfg = self.config
             scan = pool.contexts.compress(mv, detect_same=cfg.same_filled_pages_enabled,

@@ -68,17 +68,14 @@ def walk_like_zswap(table: EntryTable, want: int, retries: int) -> tuple[np.ndar
     if not len(lru):
         return lru, lru, 0
     stamp, referenced = table.stamp, table.referenced
+    # the walk ends within want + retries entries: each is a victim or a failure
     k = min(len(lru), want + retries)
-    while True:
-        cand = lru if k >= len(lru) else lru[np.argpartition(stamp[lru], k - 1)[:k]]
-        cand = cand[np.argsort(stamp[cand], kind="stable")]
-        ref = referenced[cand]
-        failures = np.cumsum(ref)
-        done = np.flatnonzero((np.cumsum(~ref) >= want) | (failures >= retries))
-        if len(done) or k >= len(lru):
-            last = int(done[0]) if len(done) else len(cand) - 1
-            break
-        k = min(len(lru), k * 4)
+    cand = lru if k >= len(lru) else lru[np.argpartition(stamp[lru], k - 1)[:k]]
+    cand = cand[np.argsort(stamp[cand], kind="stable")]
+    ref = referenced[cand]
+    failures = np.cumsum(ref)
+    done = np.flatnonzero((np.cumsum(~ref) >= want) | (failures >= retries))
+    last = int(done[0]) if len(done) else len(cand) - 1
     walked, ref = cand[:last + 1], ref[:last + 1]
     victims, rotated = np.sort(walked[~ref]), walked[ref]
     if len(rotated):
