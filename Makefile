@@ -8,8 +8,9 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 # fuse3 and libfuse2 side by side (never the `fuse` package: it conflicts with fuse3);
 # gcc and liblzo2-dev because python-lzo builds from source, gcc and liblz4-dev for zblock's own
-# extension (zblock/_lz4pages.c); the rest are the real clients tests drive.
-DEB_PKGS := fuse3 libfuse2 gcc liblzo2-dev liblz4-dev fio e2fsprogs util-linux
+# extension (zblock/_lz4pages.c); redis-server and redis-tools for the far tier's test clusters;
+# the rest are the real clients tests drive.
+DEB_PKGS := fuse3 libfuse2 gcc liblzo2-dev liblz4-dev fio e2fsprogs util-linux redis-server redis-tools
 DEB_BENCH_PKGS := nbdkit libnbd-bin
 
 .PHONY: all deps sysdeps venv test test-fast demo bench install uninstall clean

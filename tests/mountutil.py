@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 
+import rediscluster
 from conftest import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,6 +242,8 @@ def sweep(prefix: str = PREFIX) -> list[str]:
             done.append(f"kill {pid}")
     for name in os.listdir(os.path.dirname(prefix)):
         path = os.path.join(os.path.dirname(prefix), name)
+        if stale(path) and rediscluster.sweep(path):
+            done.append(f"redis cluster in {path}")
         if stale(path) and not any(mp.startswith(path) for mp, _, _ in mountinfo()):
             shutil.rmtree(path, ignore_errors=True)
     return done

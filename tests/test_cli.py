@@ -395,7 +395,9 @@ def test_set_help_lists_every_runtime_param_with_its_default():
     for name, param in PARAMS.items():
         if param.runtime:
             assert f"{name} {param.help}; default {default_text(name)}" in text, name
-    assert "fixed at mount: kernel_cache, swap" in text
+    fixed = [name for name, p in PARAMS.items() if not p.runtime]
+    assert "kernel_cache" in fixed and "far" in fixed
+    assert "fixed at mount: " + ", ".join(fixed) in text
     assert "default 20% of RAM" in text and "hw_seed seed of the engine's faults (0..4294967295)" in text
     assert "exit status: 0 every value written 1 not a zblock mount" in text
 

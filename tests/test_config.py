@@ -89,7 +89,9 @@ def test_invalid_values_change_nothing(name, bad):
     assert cfg.get(name) == before
 
 
-INT_PARAMS = [name for name in PARAMS if type(getattr(Config(), name)) is int and name != "pool_limit"]
+SIZE_PARAMS = ("pool_limit", "far_limit", "far_dirty_limit")      # sizes take suffixes
+INT_PARAMS = [name for name in PARAMS if type(getattr(Config(), name)) is int
+              and name not in SIZE_PARAMS]
 
 
 def test_every_int_param_takes_plain_decimal_in_its_stated_range():

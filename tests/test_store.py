@@ -212,7 +212,7 @@ def test_lru_second_chance(backing_path):
             victims, gens = select_victims(c.table, 10)
         # the 10 coldest pages not read since stored; 0..4 were read: they get a second chance
         assert victims.tolist() == list(range(5, 15))
-        assert c.writeback._write_back(victims, gens)
+        assert c.writeback.write_back(victims, gens)
         st = store.stats()
         assert st["written_back_pages"] == 10
         assert (c.table.state[0:5] == COMP).all() and (c.table.state[5:15] == DISK).all()
@@ -220,7 +220,7 @@ def test_lru_second_chance(backing_path):
         with c.tree_lock:
             victims, gens = select_victims(c.table, 5)
         assert victims.tolist() == list(range(15, 20))  # rotated pages are now the youngest
-        assert c.writeback._write_back(victims, gens)
+        assert c.writeback.write_back(victims, gens)
         with c.tree_lock:
             victims, _ = select_victims(c.table, 5)
             c.table.under_wb[victims] = False
@@ -256,7 +256,7 @@ def test_zswap_policy_walks_like_shrink_worker(backing_path):
             victims, gens, failures = walk_like_zswap(t, 10, retries=100)
         assert failures == 84 and victims.tolist() == list(range(10))
         assert t.under_wb[victims].all()
-        assert c.writeback._write_back(victims, gens)
+        assert c.writeback.write_back(victims, gens)
         assert store.stats()["written_back_pages"] == 10
         assert store.read(0, 100 * PAGE_SIZE) == b"".join(pages)
         store.set_param("limit_policy", "evict")            # evict: loads set the bit, not stores

@@ -16,6 +16,7 @@ The parts, each a module with its own invariants:
     zblock.lru        second-chance victim selection
     zblock.writeback  the writeback worker, shrink, flush and close
     zblock.writethrough  stored pages on to the backing file in the background (persistent mode)
+    zblock.farpages   the far tier (Redis Cluster) between the pool and the backing file
     zblock.stats      counters and the stats snapshot
 
 Invariants: an entry changes only under the tree lock, and its generation with it; slow work
@@ -47,8 +48,9 @@ import numpy as np
 from . import PAGE_SIZE
 from .compressors import CompressionError
 from .config import Config
-from .entries import DISK, EntryTable
+from .entries import DISK, FAR, EntryTable
 from .errors import DataError, DiskError
+from .farpages import FarPages
 from .pagemem import resident_bytes
 from .pool import Trimmer
 from .pools import PoolRegistry
@@ -99,7 +101,9 @@ class Cache:
     """zswap over a page-indexed table. `backing` needs read_pages/write_pages/discard/sync."""
 
     def __init__(self, npages: int, config: Config, backing, *, on_disk: np.ndarray | None = None,
-                 memory_pressure: Callable[[], bool] | None = None, engine_factory=None):
+                 memory_pressure: Callable[[], bool] | None = None, engine_factory=None,
+                 far=None):
+        """`far`: a connected zblock.far.FarTier, or None for no far tier."""
         self.npages = npages
         self.config = config
         self.backing = backing
@@ -114,6 +118,7 @@ class Cache:
         self.table.referenced_on_store = config.limit_policy == "zswap"
         self.writeback = Writeback(self, memory_pressure)
         self.write_through = None if config.swap or config.read_only else WriteThrough(self)
+        self.far_pages = None if far is None else FarPages(self, far)
 
     @property
     def trimmer(self) -> Trimmer:
@@ -318,6 +323,7 @@ class Cache:
         end = start + n
         comp: list[tuple[int, int]] = []        # (index, pool id) of compressed pages
         disk: list[int] = []
+        far: list[int] = []
         fills: list[tuple[int, int]] = []
         with self.tree_lock:
             if gens_out is not None:
@@ -333,10 +339,12 @@ class Cache:
                     ref[start + i] = True
                 elif s == SAME:
                     fills.append((i, fl[start + i]))
-                else:                               # NONE reads zeros; DISK is read below
+                else:                       # NONE reads zeros; DISK and FAR are read below
                     parts[i] = ZERO_PAGE
                     if s == DISK:
                         disk.append(i)
+                    elif s == FAR:
+                        far.append(i)
                     continue
                 hits += 1
             self.c.zswpin += hits
@@ -346,6 +354,9 @@ class Cache:
                 parts[i] = filled_page(f)
             if disk:
                 self._load_from_disk(start, disk, parts)
+            if far:
+                for i, data in zip(far, self.far_pages.read([start + i for i in far])):
+                    parts[i] = data
             if len(pools) == 1:
                 # every part but the compressed ones is a whole page: one request decompresses
                 # and joins them
@@ -384,6 +395,8 @@ class Cache:
                 return filled_page(table.fl[page])
             elif st == NONE:
                 return ZERO_PAGE
+        if st == FAR:
+            return self.far_pages.read([page])[0]
         if st == COMP:
             try:
                 return pool.contexts.decompress([obj], join=True)
@@ -471,7 +484,11 @@ class Cache:
                 self.write_through.close()
             self.writeback.close(write_back)
         finally:
-            self.registry.close()
+            try:
+                if self.far_pages is not None:
+                    self.far_pages.close()
+            finally:
+                self.registry.close()
 
     def check_worker(self) -> None:
         self.writeback.check()

@@ -140,6 +140,15 @@ def _parse_compressor(text: str) -> str:
     return name
 
 
+def _parse_far(text: str) -> str:
+    """A far tier URL, checked (zblock.far.parse_url), or empty for none."""
+    from .far import parse_url
+    text = text.strip()
+    if text:
+        parse_url(text)
+    return text
+
+
 def _fmt_bool(v: bool) -> str:
     return "Y" if v else "N"
 
@@ -186,6 +195,23 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("write_through", _bool("write_through"), _fmt_bool,
           help="persistent mode: write stored pages on to the backing file in the background, "
                "so fsync has little left to write"),
+    Param("far", _parse_far, runtime=False,
+          help="far tier: redis://HOST:PORT[,HOST:PORT...] (or rediss://) of a Redis Cluster that "
+               "holds cold compressed pages before they go to the backing file; empty: none"),
+    Param("far_limit", lambda t: parse_size(t, "far_limit"),
+          help=f"bytes this instance may keep in the far tier ({SIZE_SUFFIXES}); past it the "
+               "coldest far pages go to the backing file"),
+    Param("far_dirty_limit", lambda t: parse_size(t, "far_dirty_limit"),
+          help="persistent mode: far pages the backing file does not hold yet are written to it "
+               "past this many bytes"),
+    Param("far_replicas", _int_range("far_replicas", 0, 16), runtime=False,
+          help="far tier: replicas that must acknowledge a page (Redis WAIT) before it leaves "
+               "RAM (0..16)"),
+    Param("far_timeout", _float_range("far_timeout", 0.1, 600), _fmt_float, runtime=False,
+          help="far tier: seconds a request may retry before it fails (EIO on a read; a write "
+               "goes to disk)"),
+    Param("far_auth_file", str, runtime=False,
+          help="far tier: file (mode 600) with the ACL user and password, `USER PASSWORD`"),
     Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
     _int_param("hw_queues", 1, 64, "engine work queues"),
     _int_param("hw_depth", 1, 4096, "entries per engine queue"),
@@ -224,6 +250,12 @@ class Config:
     same_filled_pages_enabled: bool = True
     shrinker_enabled: bool = True
     write_through: bool = False
+    far: str = ""
+    far_limit: int = 1 << 30
+    far_dirty_limit: int = 256 << 20
+    far_replicas: int = 1
+    far_timeout: float = 5.0
+    far_auth_file: str = ""
     accelerator: str = "none"
     hw_queues: int = 4
     hw_depth: int = 128
@@ -264,6 +296,8 @@ class Config:
         if self.swap and self.sparse:
             raise ConfigError("--sparse cannot be used with --swap (swap space is always reserved: "
                               "reclaim must never meet ENOSPC)")
+        if self.far and self.read_only:
+            raise ConfigError("--far cannot be used with --read-only (nothing is written back)")
         if self.swap and self.read_only:
             raise ConfigError("--read-only cannot be used with --swap (swap writes)")
 

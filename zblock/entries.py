@@ -15,15 +15,21 @@ Page states:
     COMP  compressed object in a pool, on the LRU
     RAW   incompressible page stored as-is in a pool, on the LRU (zswap 6.18)
     DISK  not cached: the backing file holds it
-A cached page (SAME/COMP/RAW) is `dirty` until the backing file holds the same bytes durably.
+    FAR   its object is in the far tier (zblock.farpages) under version `fill`; `length` and
+          `pool_id` stay, and the pool lives on while far pages use it (Pool.far_pages)
+A cached or far page (SAME/COMP/RAW/FAR) is `dirty` until the backing file holds the same bytes
+durably.
 
 Invariants (each method keeps them; the caller holds the cache's tree lock for every call):
-    * gen[p] changes whenever page p's entry changes (slow work re-validates against it);
+    * gen[p] changes whenever page p's bytes or its place in the file change (slow work
+      re-validates against it); a move to the far tier keeps it (to_far);
     * a page has an object in `objs` exactly when it is COMP or RAW;
     * every SAME, COMP or RAW page lies in a chunk marked `live` (a live chunk may hold none);
     * pool_total_size == sum of charge(length) over COMP and RAW entries == sum of the pools'
       total_size; each pool's stored_pages counts its COMP and RAW entries;
-    * same_filled_pages and stored_incompressible_pages count SAME and RAW entries.
+    * same_filled_pages and stored_incompressible_pages count SAME and RAW entries;
+    * far_pages counts FAR entries and far_bytes their values (far_value_size of each length);
+      each pool's far_pages counts its FAR entries; every FAR page lies in a live chunk.
 
 Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' lifetime
 (zblock.pools: a pool that loses its last entry is handed to put_if_dead).
@@ -40,6 +46,13 @@ from .pool import Pool, charge
 from .scan import COMP, NONE, RAW, SAME, Scan
 
 DISK = 4
+FAR = 5
+FAR_HEADER = 28             # zblock.far.HEADER.size: a far value is the header and the object
+
+
+def far_value_size(length):
+    """Bytes a far value of an object of `length` bytes takes (an int or an int64 array)."""
+    return length + FAR_HEADER
 # `objs` is a list of chunks of OBJ_CHUNK slots, each None until a page in it is cached: one flat
 # list cost 8 bytes a page up front (2 GiB for an empty 1 TiB disk).
 OBJ_SHIFT = 12
@@ -94,7 +107,10 @@ class EntryTable:
         self.stored_incompressible_pages = 0
         self.pool_total_size = 0
         self.mem_used_max = 0
+        self.far_pages = 0
+        self.far_bytes = 0
         self.on_freed = None                # called with the bytes a free gave back (trimmer)
+        self.on_far_freed = None            # called with (pages, versions) of far copies freed
 
     # ---- objects --------------------------------------------------------------------------
 
@@ -227,6 +243,10 @@ class EntryTable:
                 for p in pages[cached].tolist():
                     self._set_obj(p, None)
         self.same_filled_pages -= int(np.count_nonzero(st == SAME))
+        far = st == FAR
+        if far.any():
+            fpages = (np.flatnonzero(far) + pages.start) if type(pages) is slice else pages[far]
+            self._drop_far(fpages)
         self.gen[pages] += 1
         self.dirty[pages] = False
         self.referenced[pages] = False
@@ -246,10 +266,45 @@ class EntryTable:
             self._set_obj(page, None)
         elif st == SAME:
             self.same_filled_pages -= 1
+        elif st == FAR:
+            self._drop_far(np.array([page], np.int64))
         self.gn[page] = (self.gn[page] + 1) & 0xFFFFFFFF       # wraps as the uint32 array does
         self.dt[page] = False
         self.ref[page] = False
         self.uwb[page] = False
+
+    def to_far(self, pages: np.ndarray, versions: np.ndarray) -> None:
+        """Cached pages (COMP or RAW) whose objects the far tier now holds under `versions`:
+        their pool memory is given back; their length, pool, dirty bit and generation stay (the
+        page's bytes did not change: a flush that wrote them may still mark them clean)."""
+        if not len(pages):
+            return
+        ids = self.pool_id[pages]
+        for pid in np.unique(ids).tolist():
+            self.registry.pools[pid].far_pages += int(np.count_nonzero(ids == pid))
+        dirty, gen = self.dirty[pages].copy(), self.gen[pages].copy()
+        self.free(pages)                    # the pools live on: far_pages refers to them
+        self.state[pages] = FAR
+        self.fill[pages] = versions
+        self.dirty[pages] = dirty
+        self.gen[pages] = gen
+        self.stamp[pages] = np.arange(self.seq, self.seq + len(pages))
+        self.seq += len(pages)
+        self.far_pages += len(pages)
+        self.far_bytes += int(far_value_size(self.length[pages].astype(np.int64)).sum())
+
+    def _drop_far(self, pages: np.ndarray) -> None:
+        """Far entries of `pages` leave the table: their pools' references and the far gauges
+        go, and on_far_freed queues their copies for deletion."""
+        ids = self.pool_id[pages]
+        for pid in np.unique(ids).tolist():
+            pool = self.registry.pools[pid]
+            pool.far_pages -= int(np.count_nonzero(ids == pid))
+            self.registry.put_if_dead(pool)
+        self.far_pages -= len(pages)
+        self.far_bytes -= int(far_value_size(self.length[pages].astype(np.int64)).sum())
+        if self.on_far_freed is not None:
+            self.on_far_freed(pages, self.fill[pages].copy())
 
     def _unaccount(self, pool: Pool, count: int, size: int) -> None:
         pool.stored_pages -= count

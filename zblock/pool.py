@@ -48,6 +48,7 @@ class Pool:
         self.contexts = contexts
         self.stored_pages = 0      # entries that point at this pool (compressed + raw)
         self.total_size = 0        # charge() of every object held
+        self.far_pages = 0         # entries whose object is in the far tier (decompressed here)
         self.holds: list = []      # one item per store or load at work with it, unlocked
         self.current = True
 
@@ -60,7 +61,7 @@ class Pool:
 
     @property
     def refs(self) -> int:
-        return self.stored_pages + len(self.holds) + (1 if self.current else 0)
+        return self.stored_pages + self.far_pages + len(self.holds) + (1 if self.current else 0)
 
     @property
     def users(self) -> int:

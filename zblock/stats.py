@@ -13,6 +13,7 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .compressors import LZ4_BACKEND
+from .entries import FAR
 from .pools import merge_hw
 
 
@@ -23,7 +24,8 @@ class Counters:
              "reject_compress_poor",
              "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail",
              "reject_pool_limit", "decompress_fail",
-             "zswpout", "zswpin", "zswpwb", "discarded_pages")
+             "zswpout", "zswpin", "zswpwb", "discarded_pages",
+             "far_writes", "far_reads", "far_demoted_pages", "far_errors", "far_checksum_errors")
 
     def __init__(self):
         for name in self.NAMES:
@@ -53,7 +55,13 @@ def snapshot(cache) -> dict:
                                    for s in table.spans()),
             "dirty_pages": table.count(lambda s: table.dirty[s]),
             "lz4_backend": LZ4_BACKEND,
+            "far_stored_pages": table.far_pages,
+            "far_bytes": table.far_bytes,
+            "far_dirty_pages": table.count(lambda s: (table.state[s] == FAR) & table.dirty[s])
+            if table.far_pages else 0,
         }
         d["orig_data_size"] = d["stored_pages"] * PAGE_SIZE
+    d.update(cache.far_pages.stats() if cache.far_pages is not None else
+             {"far_latency_us": {}, "far_nodes": [], "far_down": False, "far_pending_deletes": 0})
     d["hw"] = merge_hw([pools["hw_closed"]] + [e.stats() for e in pools["engines"]])
     return d

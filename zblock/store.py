@@ -24,6 +24,7 @@ from .backing import Backing
 from .cache import Cache
 from .config import PARAMS, Config
 from .errors import ConfigError, OutOfRange
+from .far import FarTier, instance_id
 from .pool import Trimmer
 from .readahead import Readahead
 from .staging import WriteBehind
@@ -81,8 +82,19 @@ class Store:
         self.size = backing.size
         self.npages = self.size >> PAGE_SHIFT
         on_disk = backing.written_mask()
-        self.cache = Cache(self.npages, config, backing, on_disk=on_disk,
-                           memory_pressure=memory_pressure, engine_factory=engine_factory)
+        far = None
+        if config.far:
+            far = FarTier.connect(config.far, instance_id(backing.path),
+                                  replicas=config.far_replicas, timeout=config.far_timeout,
+                                  auth_file=config.far_auth_file or None)
+        try:
+            self.cache = Cache(self.npages, config, backing, on_disk=on_disk,
+                               memory_pressure=memory_pressure, engine_factory=engine_factory,
+                               far=far)
+        except BaseException:
+            if far is not None:
+                far.close()
+            raise
         if config.swap:
             # after a burst of swap, give the locked memory the pool freed back (not per page:
             # the unlock-trim-relock costs tens of ms; not during the burst: see Trimmer.quiet)
@@ -334,7 +346,7 @@ class Store:
         for key in ("bd_reads", "bd_writes", "bd_read_ios", "bd_write_ios", "bd_read_us",
                     "bd_write_us"):
             d[key] = getattr(b, key)
-        d["checksum_errors"] = self.backing.checksum_errors
+        d["checksum_errors"] = self.backing.checksum_errors + d["far_checksum_errors"]
         d["io_errors"] = self.backing.io_errors
         d["sparse"] = self.backing.sparse
         hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import psutil
 
-from .entries import DISK
+from .entries import DISK, FAR
 from .errors import DataError, DiskError
 from .lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
 from .pool import Trimmer
@@ -117,6 +117,8 @@ class Writeback:
                         target = cache.table.pool_total_size * 3 // 4
                     if not self.shrink(target):
                         self._pause_after_failure()
+                if cache.far_pages is not None and not cache.far_pages.maintain():
+                    self._pause_after_failure()
                 c = cache.c             # read unlocked: any change is activity
                 self.trimmer.trim(activity=c.zswpout + c.zswpin + c.discarded_pages,
                                   pool_size=cache.table.pool_total_size)
@@ -173,12 +175,13 @@ class Writeback:
                     victims, gens = select_victims(table, want)
             if not len(victims):
                 return True         # nothing cached, or shrink_worker would give up here
-            if not self._write_back(victims, gens):
+            if not self.write_back(victims, gens):
                 return False
 
-    def _write_back(self, victims: np.ndarray, gens: np.ndarray) -> bool:
-        """Write victims to disk and drop them from the cache. False if the disk failed: the
-        victims not written stay cached, dirty, off writeback."""
+    def write_back(self, victims: np.ndarray, gens: np.ndarray) -> bool:
+        """Move victims (marked under_wb) down a tier and drop them from the cache: cached
+        pages to the far tier where it takes them, else to disk; far pages to disk. False if
+        the disk failed: the victims not written stay as they were, off writeback."""
         cache = self.cache
         try:
             for lo in range(0, len(victims), BATCH):
@@ -198,6 +201,13 @@ class Writeback:
             with cache.tree_lock:
                 valid = table.gen[pages] == pgens
                 pages, pgens = pages[valid], pgens[valid]
+            if cache.far_pages is not None:
+                sent = cache.far_pages.send(pages, pgens)
+                if len(sent):
+                    self.evicted += len(sent)
+                    rest = ~np.isin(pages, sent)
+                    pages, pgens = pages[rest], pgens[rest]
+            with cache.tree_lock:
                 dirty = table.dirty[pages].copy()
             wpages, wdata, _ = self.materialize(pages[dirty])
             try:
@@ -215,6 +225,7 @@ class Writeback:
                 # clean pages were already on disk; dirty ones only if their write happened
                 drop = pages[still & (~dirty | written)]
                 self.evicted += len(drop)
+                cache.c.far_demoted_pages += int(np.count_nonzero(table.state[drop] == FAR))
                 table.free(drop)
                 table.state[drop] = DISK
                 cache.c.written_back_pages += len(wpages)
@@ -247,6 +258,11 @@ class Writeback:
         if failed:
             with cache.tree_lock:
                 cache.c.decompress_fail += len(failed)
+        far = np.flatnonzero(st == FAR).tolist()
+        if far:
+            for i, r in zip(far, cache.far_pages.read([int(pages[i]) for i in far], failed)):
+                if r is not None:
+                    data[i] = r
         out_pages, out_data = [], []
         for i, p in enumerate(pages.tolist()):
             s = st[i]
@@ -261,14 +277,18 @@ class Writeback:
 
     # ---- flush and close ------------------------------------------------------------------
 
-    def flush(self, keep_going: bool = False) -> int:
-        """Write every dirty page to disk and make the backing durable; entries stay, now clean.
-        Returns the number of pages flushed. Raises DiskError (pages stay dirty): at the first
-        failed write, or with `keep_going` (a close) after trying every page."""
+    def flush(self, keep_going: bool = False, pages: np.ndarray | None = None) -> int:
+        """Write every dirty page (of `pages`, if given) to disk and make the backing durable;
+        entries stay, now clean. Returns the number of pages flushed. Raises DiskError (pages
+        stay dirty): at the first failed write, or with `keep_going` (a close) after trying
+        every page."""
         cache = self.cache
         table = cache.table
         with cache.tree_lock:
-            dirty = table.find(lambda s: table.dirty[s])
+            if pages is None:
+                dirty = table.find(lambda s: table.dirty[s])
+            else:
+                dirty = pages[table.dirty[pages]]
             wb = table.under_wb[dirty]
             dirty, in_writeback = dirty[~wb], dirty[wb]
         flushed: list[tuple[np.ndarray, np.ndarray]] = []
@@ -301,8 +321,8 @@ class Writeback:
         if errors:
             raise errors[0]
         if lost:
-            raise DataError(f"fsync: {len(lost)} page(s) could not be decompressed (first: "
-                            f"page {lost[0]}); they read as EIO")
+            raise DataError(f"fsync: {len(lost)} page(s) could not be read back to be written "
+                            f"(first: page {lost[0]}); they read as EIO")
         return n
 
     def _redirty_unsynced(self) -> None:
@@ -313,7 +333,7 @@ class Writeback:
         pages = cache.backing.unsynced_pages()
         with cache.tree_lock:
             st = cache.table.state[pages]
-            cache.table.dirty[pages[(st == COMP) | (st == RAW) | (st == SAME)]] = True
+            cache.table.dirty[pages[(st == COMP) | (st == RAW) | (st == SAME) | (st == FAR)]] = True
 
     def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list,
                      errors: list | None) -> None:

@@ -1,0 +1,225 @@
+"""The far tier between the pool and the backing file: which pages go far, how they come back,
+and how they go down to the file.
+
+    send      writeback's victims (COMP/RAW) go to the cluster still compressed, in one batch;
+              a page becomes FAR only once the cluster acknowledged it (zblock.far.put), and
+              only if its entry did not change meanwhile. Pages not sent go to disk as before.
+    read      a FAR page is fetched, its header checked, and decompressed through its pool. A
+              page the cluster cannot give back reads from the file if the file holds it
+              (clean), else it is EIO and counts far_errors.
+    maintain  (the writeback worker, each pass) deletes dropped far copies, demotes the
+              coldest far pages to the file past `far_limit`, and writes dirty far pages to the
+              file past `far_dirty_limit` (persistent mode).
+
+The entry table keeps a FAR page's version in `fill` and frees its copy through on_far_freed
+(overwrite, discard, demotion): the key is queued, then deleted outside every lock.
+
+Lock order as for writeback: send and read run under the pages' locks where the caller holds
+them, and take the tree lock only for bookkeeping; cluster I/O runs with no tree lock held.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import PAGE_SIZE
+from .entries import FAR, FAR_HEADER, far_value_size
+from .errors import DataError, ZblockError
+from .far import HEADER, FarCorrupt, FarError, FarTier
+from .scan import COMP, RAW
+
+log = logging.getLogger(__name__)
+
+assert HEADER.size == FAR_HEADER
+DEMOTE_BATCH = 4096         # far pages demoted per step
+# victims go to disk directly once the far tier is this far over its limit (demotion lags)
+OVERSHOOT_PAGES = 8192
+
+
+class FarPages:
+    """The far tier of one cache. `cache` is the owning zblock.cache.Cache."""
+
+    def __init__(self, cache, far: FarTier):
+        self.cache = cache
+        self.far = far
+        cache.table.on_far_freed = self._freed
+        removed = far.purge(keep_epoch=True)
+        if removed:
+            log.info("far tier: deleted %d key(s) an earlier mount of this file left", removed)
+
+    def _freed(self, pages: np.ndarray, versions: np.ndarray) -> None:
+        """Far copies the table dropped (tree lock held): queued for deletion."""
+        key = self.far.key
+        self.far.forget([key(p, v) for p, v in zip(pages.tolist(), versions.tolist())])
+
+    # ---- send ---------------------------------------------------------------------------------
+
+    def send(self, pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
+        """Put cached pages (caller holds their page locks) in the far tier; returns the pages
+        that are FAR now."""
+        cache, table, far = self.cache, self.cache.table, self.far
+        cfg = cache.config
+        if far.down or not len(pages):
+            return pages[:0]
+        with cache.tree_lock:
+            if table.far_bytes >= cfg.far_limit + OVERSHOOT_PAGES * PAGE_SIZE // 2:
+                return pages[:0]
+            st = table.state[pages]
+            keep = ((st == COMP) | (st == RAW)) & (table.gen[pages] == gens)
+            pages, gens, st = pages[keep], gens[keep], st[keep]
+            objs = [table.obj(p) for p in pages.tolist()]
+            names = [cache.registry.pools[i].key[0] for i in table.pool_id[pages].tolist()]
+        if not len(pages):
+            return pages
+        first = far.next_version(len(pages))
+        versions = np.arange(first, first + len(pages), dtype=np.uint64)
+        plist = pages.tolist()
+        keys = [far.key(p, v) for p, v in zip(plist, versions.tolist())]
+        values = [far.encode(p, "raw" if s == RAW else n, o)
+                  for p, s, n, o in zip(plist, st.tolist(), names, objs)]
+        ok = np.array(far.put(keys, values), bool)
+        with cache.tree_lock:
+            moved = ok & (table.gen[pages] == gens)
+            orphans = ok & ~moved           # replaced while we sent: the copy is stale
+            if orphans.any():
+                far.forget([k for k, o in zip(keys, orphans.tolist()) if o])
+            table.to_far(pages[moved], versions[moved])
+            cache.c.far_writes += int(moved.sum())
+            if table.far_bytes > cfg.far_limit:
+                cache.writeback.wake()
+        return pages[moved]
+
+    # ---- read ---------------------------------------------------------------------------------
+
+    def read(self, pages: list[int], failed: list | None = None) -> list:
+        """The bytes of FAR pages. A page that cannot be had raises DataError, or with `failed`
+        (a list) is appended there and its slot is None."""
+        cache, table, far = self.cache, self.cache.table, self.far
+        with cache.tree_lock:
+            versions = [table.fl[p] for p in pages]
+            gens = [table.gn[p] for p in pages]
+            pids = [table.pid[p] for p in pages]
+            pools = cache.registry.hold(set(pids))
+        try:
+            values = far.get([far.key(p, v) for p, v in zip(pages, versions)])
+            out: list = [None] * len(pages)
+            packed: dict[int, list[int]] = {}       # pool id -> indices of compressed payloads
+            for i, (p, v) in enumerate(zip(pages, values)):
+                if type(v) is bytes:
+                    try:
+                        alg, out[i] = far.decode(p, v)
+                    except FarCorrupt as e:
+                        with cache.tree_lock:
+                            cache.c.far_checksum_errors += 1
+                        self._fail(p, e, failed)
+                        continue
+                    if alg != "raw":
+                        packed.setdefault(pids[i], []).append(i)
+                else:
+                    out[i] = self._missing(p, gens[i], v, failed)
+            for pid, idx in packed.items():
+                results = pools[pid].contexts.decompress([out[i] for i in idx])
+                for i, r in zip(idx, results):
+                    if type(r) is bytes:
+                        out[i] = r
+                    else:
+                        with cache.tree_lock:
+                            cache.c.decompress_fail += 1
+                        out[i] = None
+                        self._fail(pages[i], DataError(f"decompression failed ({r})"), failed)
+        finally:
+            cache.registry.release(pools.values())
+        with cache.tree_lock:
+            cache.c.far_reads += len(pages)
+        return out
+
+    def _missing(self, page: int, gen: int, err, failed: list | None):
+        """A far copy that did not come back (`err`: None for a missing key, or the error)."""
+        cache, table = self.cache, self.cache.table
+        with cache.tree_lock:
+            changed = table.gn[page] != gen
+            on_file = not table.dt[page]
+        if changed:                         # rewritten or demoted while we asked: read it anew
+            return cache.load_page(page)
+        if on_file:                         # clean: the file holds the same bytes
+            return cache.backing.read_pages(page, 1)
+        with cache.tree_lock:
+            cache.c.far_errors += 1
+        why = "its key is missing" if err is None else str(err)
+        self._fail(page, DataError(f"page {page}: far tier: {why}"), failed)
+        return None
+
+    @staticmethod
+    def _fail(page: int, err: Exception, failed: list | None) -> None:
+        if failed is None:
+            raise err if isinstance(err, DataError) else DataError(f"page {page}: {err}")
+        log.warning("%s", err)
+        failed.append(page)
+
+    # ---- maintenance --------------------------------------------------------------------------
+
+    def maintain(self) -> bool:
+        """The worker's share: deletes, demotion past far_limit, dirty far pages past
+        far_dirty_limit. False if a disk error stopped it."""
+        cache, table = self.cache, self.cache.table
+        self.far.flush_deletes()
+        cfg = cache.config
+        while True:
+            with cache.tree_lock:
+                excess = table.far_bytes - cfg.far_limit
+                if excess <= 0 or cache.writeback.closing:
+                    break
+                avg = max(table.far_bytes // max(table.far_pages, 1), 1)
+                victims = self._coldest(lambda s: (table.state[s] == FAR) & ~table.under_wb[s],
+                                        min(DEMOTE_BATCH, excess // avg + 1))
+                table.under_wb[victims] = True
+                gens = table.gen[victims].copy()
+            if not len(victims):
+                break
+            if not cache.writeback.write_back(victims, gens):
+                return False
+        if cfg.swap or cfg.read_only:
+            return True
+        with cache.tree_lock:
+            if table.far_bytes <= cfg.far_dirty_limit:
+                return True
+            dirty = self._coldest(lambda s: (table.state[s] == FAR) & table.dirty[s],
+                                  table.far_pages)
+            size = np.cumsum(far_value_size(table.length[dirty].astype(np.int64)))
+            over = int(size[-1]) - cfg.far_dirty_limit if len(size) else 0
+            if over <= 0:
+                return True
+            dirty = dirty[:int(np.searchsorted(size, over)) + 1]
+        try:
+            cache.writeback.flush(pages=np.sort(dirty))
+        except ZblockError as e:
+            log.warning("far tier: writing dirty far pages to the file failed: %s", e)
+            return False
+        return True
+
+    def _coldest(self, pred, count: int) -> np.ndarray:
+        """Up to `count` pages where pred(span), coldest (lowest stamp) first. Tree lock held."""
+        table = self.cache.table
+        found = table.find(pred)
+        if len(found) > count:
+            found = found[np.argpartition(table.stamp[found], count - 1)[:count]]
+        return found[np.argsort(table.stamp[found], kind="stable")]
+
+    # ---- stats and close ----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {"far_latency_us": self.far.latency_us(), "far_nodes": self.far.nodes(),
+                "far_down": self.far.down, "far_pending_deletes": self.far.pending_deletes}
+
+    def close(self) -> None:
+        """Delete this mount's keys (the file holds what must survive; swap pages are
+        ephemeral) and disconnect. A cluster that cannot be reached keeps them until the next
+        mount of this file deletes them: that is no reason to fail the unmount."""
+        try:
+            self.far.purge()
+        except FarError as e:
+            log.warning("%s; the next mount of this file deletes them", e)
+        finally:
+            self.far.close()
