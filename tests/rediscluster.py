@@ -70,6 +70,8 @@ class RedisCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             for port in self.ports:
+                # a new cluster: no node may remember an old one (`--cluster create` refuses)
+                (self.dir / str(port) / "nodes.conf").unlink(missing_ok=True)
                 self.start_node(port)
             subprocess.run(["redis-cli", "--cluster", "create",
                             *(f"{HOST}:{p}" for p in self.ports),

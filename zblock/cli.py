@@ -237,7 +237,8 @@ COUNTERS = {"pool_limit_hit", "written_back_pages", "flushed_pages", "written_th
             "reject_compress_poor", "reject_compress_fail", "reject_alloc_fail",
             "reject_reclaim_fail", "reject_pool_limit", "decompress_fail", "bd_reads", "bd_writes",
             "bd_read_ios", "bd_write_ios", "bd_read_us", "bd_write_us", "zswpout", "zswpin",
-            "zswpwb", "discarded_pages",
+            "zswpwb", "discarded_pages", "far_writes", "far_reads", "far_demoted_pages",
+            "far_errors", "far_checksum_errors",
             "checksum_errors", "hw_submitted", "hw_completed", "hw_backlogged", "hw_rejected_full",
             "hw_errors", "hw_fallbacks"}
 BYTE_GAUGES = {"pool_total_size", "orig_data_size", "compr_data_size", "mem_used_max", "pool_limit",
@@ -338,6 +339,10 @@ def format_table(stats: dict) -> str:
             rows.append((key, shown))
         elif isinstance(value, str):
             rows.append((key, value))
+        elif isinstance(value, bool):
+            rows.append((key, "yes" if value else "no"))
+        elif key == "far_nodes" and isinstance(value, list):
+            rows.append((key, ", ".join(map(str, value)) or "-"))
         elif key == "pools" and isinstance(value, list):
             for i, pool in enumerate(value):
                 rows.append((f"pool {i}", ", ".join(f"{k}={v}" for k, v in pool.items())))

@@ -8,6 +8,8 @@ Targets (one swap device active at a time, each set up fresh for every run and t
   zswap+disk-loop      the same, with kernel zswap enabled in front of it (compressor lz4 when the
                        kernel's crypto API offers it, else the kernel's current one; max_pool_percent
                        raised only if the pool could not hold the swap area)
+  zblock-far           the same with a far tier: a local 6-node Redis Cluster (tests/rediscluster.py)
+                       started for the run, `--far URL --far-limit SWAP_AREA`
   memfile-loop         the bare Python FUSE memory file (tests/perf/memfile.py, libfuse 3) behind
                        the same loop settings: the ceiling zblock is measured against
 
@@ -28,7 +30,8 @@ limit, default 160), ZBLOCK_BENCH_SWAP_PASSES (verify+rewrite passes, default 1)
 ZBLOCK_BENCH_ROUNDS (default 3 here), ZBLOCK_BENCH_TARGETS (names above).
 Kernel fidelity under a limit: ZBLOCK_BENCH_POOL_PERCENT=N gives zblock `--pool-limit N%` and
 kernel zswap max_pool_percent=N (instead of a pool that holds the whole area), and
-ZBLOCK_BENCH_LIMIT_POLICY=evict|zswap zblock's limit policy; both report their counters
+ZBLOCK_BENCH_LIMIT_POLICY=evict|zswap zblock's limit policy, ZBLOCK_BENCH_POOL_LIMIT=SIZE zblock's
+`--pool-limit` (the far tier's benchmark: a quarter of the swapped data); both report their counters
 (zblock's stats, the kernel's /sys/kernel/debug/zswap) beside the times.
 """
 
@@ -45,6 +48,7 @@ import pytest
 
 import cgroups
 import harness as h
+import rediscluster
 from zblock import swapctl as zswap_util
 
 MiB = 1 << 20
@@ -52,6 +56,7 @@ HOG = h.ROOT / "tests" / "hog.py"
 POOL_PERCENT = int(os.environ["ZBLOCK_BENCH_POOL_PERCENT"]) \
     if os.environ.get("ZBLOCK_BENCH_POOL_PERCENT") else None
 LIMIT_POLICY = os.environ.get("ZBLOCK_BENCH_LIMIT_POLICY")
+POOL_LIMIT = os.environ.get("ZBLOCK_BENCH_POOL_LIMIT")      # e.g. 128M: --pool-limit for zblock*
 ZSWAP_DIR = Path("/sys/module/zswap/parameters")
 LOOP_FLAGS = ["--direct-io=on", "--sector-size", "4096"]      # what `zblock swapon` uses
 SWAPON = ["swapon", "--discard"]                                 # likewise
@@ -280,13 +285,38 @@ def swap_memfile_loop(swap_size: int, zs: KernelZswap):
 
 
 @contextlib.contextmanager
-def swap_zblock(swap_size: int, zs: KernelZswap):
+def far_cluster():
+    """A local 6-node Redis Cluster for the zblock-far target, stopped (by pid) after."""
+    if not h.shutil.which("redis-server"):
+        raise h.TargetUnavailable("redis-server not installed")
+    cluster = rediscluster.RedisCluster(h.STATE_DIR / f"far-cluster-{os.getpid()}").start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        h.shutil.rmtree(cluster.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def swap_zblock(swap_size: int, zs: KernelZswap, far: bool = False):
     zs.force_off()
     options = ["--swap"]
     if POOL_PERCENT is not None:
         options += ["--pool-limit", f"{POOL_PERCENT}%"]
+    if POOL_LIMIT:
+        options += ["--pool-limit", POOL_LIMIT]
     if LIMIT_POLICY:
         options += ["--limit-policy", LIMIT_POLICY]
+    with contextlib.ExitStack() as stack:
+        if far:
+            cluster = stack.enter_context(far_cluster())
+            options += ["--far", cluster.url, "--far-limit", str(swap_size)]
+        with _swap_zblock(swap_size, options) as info:
+            yield info
+
+
+@contextlib.contextmanager
+def _swap_zblock(swap_size: int, options: list[str]):
     with h.ZblockTarget(swap_size, options=options, name="zblock") as z:
         loop = None
         try:
@@ -305,7 +335,8 @@ def swap_zblock(swap_size: int, zs: KernelZswap):
                     "reject_compress_poor", "reject_pool_limit", "stored_incompressible_pages",
                     "bd_writes", "bd_reads", "bd_read_ios", "bd_read_us", "bd_write_ios",
                     "bd_write_us", "pool_total_size", "orig_data_size", "compr_data_size",
-                    "request_sizes")}
+                    "request_sizes", "far_writes", "far_reads", "far_stored_pages", "far_bytes",
+                    "far_errors", "far_latency_us")}
         finally:
             p = subprocess.run([*z.cmd, "swapoff", str(z.mp)], capture_output=True, text=True,
                                timeout=SWAPOFF_DEADLINE_S + 120, cwd=h.ROOT)
@@ -325,6 +356,7 @@ def _fs_of(path: Path) -> str:
 
 SWAP_TARGETS = {
     "zblock": lambda size, zs: swap_zblock(size, zs),
+    "zblock-far": lambda size, zs: swap_zblock(size, zs, far=True),
     "zram-lz4": lambda size, zs: swap_zram(size, zs),
     "disk-loop": lambda size, zs: swap_disk_loop(size, zs, with_zswap=False),
     "zswap+disk-loop": lambda size, zs: swap_disk_loop(size, zs, with_zswap=True),
