@@ -47,7 +47,7 @@ from .scan import COMP, NONE, RAW, SAME, Scan
 
 DISK = 4
 FAR = 5
-FAR_HEADER = 28             # zblock.far.HEADER.size: a far value is the header and the object
+FAR_HEADER = 24             # zblock.far.HEADER.size: a far value is the header and the object
 
 
 def far_value_size(length):

@@ -1,13 +1,14 @@
 """The far tier's client: compressed pages in a Redis Cluster's memory (redis-py's RedisCluster).
 
 Keys and values:
-    key    zb:{INSTANCE:EXTENT}:EPOCH:PAGE:VERSION (hex). The hash tag {INSTANCE:EXTENT} puts one
-           extent's pages (EXTENT_PAGES of them) in one slot, so they live on one node and
-           pipeline together. EPOCH is new at every mount and VERSION at every put, so a delete
-           queued for an old copy can never remove a newer one.
-    value  a header (magic, algorithm, length, CRC32C of the payload, page, instance), then the
-           payload: the compressed object as the pool holds it, or the raw page. get() checks
-           the header: a mismatch is FarCorrupt, never wrong bytes.
+    key    zb{INSTANCE:EXTENT}VERSION (hex). The hash tag {INSTANCE:EXTENT} puts one extent's
+           pages (1 << EXTENT_SHIFT of them) in one slot, so they live on one node and pipeline
+           together. VERSION is new at every put, so a delete queued for an old copy can never
+           remove a newer one; a mount first deletes every key of its instance (purge), so
+           versions restart at 0. Short keys: Redis keeps each key beside its value.
+    value  a header (format, algorithm, length, CRC32C of the payload, page, instance), then
+           the payload: the compressed object as the pool holds it, or the raw page. get()
+           checks the header: a mismatch is FarCorrupt, never wrong bytes.
 
 Writes go out per node as one pipeline of SETs ending in WAIT: a page counts as stored only
 when its master and `replicas` replicas acknowledged it. Reads retry with bounded backoff until
@@ -23,7 +24,6 @@ import collections
 import hashlib
 import logging
 import os
-import secrets
 import stat
 import struct
 import threading
@@ -38,9 +38,9 @@ from .errors import ConfigError, ZblockError
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"ZBF1"
-# magic, algorithm id, flags (reserved), payload length, crc32c(payload), page, instance
-HEADER = struct.Struct("<4sBBHIQ8s")
+FORMAT = 1
+# format, algorithm id, payload length, crc32c(payload), page, instance
+HEADER = struct.Struct("<BBHIQ8s")
 ALGORITHMS = ("raw", "lz4", "lzo", "zstd", "deflate")       # id = index; raw: a whole page
 EXTENT_SHIFT = 8            # 256 pages (1 MiB) share a hash tag
 BACKOFF_MIN = 0.05
@@ -131,7 +131,6 @@ class FarTier:
         ep = parse_url(url)
         self.instance = instance
         self.tag = bytes.fromhex(instance)
-        self.epoch = secrets.token_hex(4)
         self.replicas = replicas
         self.timeout = timeout
         kw = {}
@@ -191,19 +190,19 @@ class FarTier:
         return first
 
     def key(self, page: int, version: int) -> str:
-        return f"zb:{{{self.instance}:{page >> EXTENT_SHIFT:x}}}:{self.epoch}:{page:x}:{version:x}"
+        return f"zb{{{self.instance}:{page >> EXTENT_SHIFT:x}}}{version:x}"
 
     def encode(self, page: int, algorithm: str, payload) -> bytes:
-        return HEADER.pack(MAGIC, ALGORITHMS.index(algorithm), 0, len(payload),
+        return HEADER.pack(FORMAT, ALGORITHMS.index(algorithm), len(payload),
                            crc32c.crc32c(payload), page, self.tag) + bytes(payload)
 
     def decode(self, page: int, value: bytes) -> tuple[str, bytes]:
         """(algorithm, payload) of a value read for `page`; FarCorrupt if it is not that."""
         if len(value) < HEADER.size:
             raise FarCorrupt(f"page {page}: far value too short ({len(value)} bytes)")
-        magic, alg, _, length, crc, vpage, tag = HEADER.unpack_from(value)
+        fmt, alg, length, crc, vpage, tag = HEADER.unpack_from(value)
         payload = value[HEADER.size:]
-        if magic != MAGIC or vpage != page or tag != self.tag or alg >= len(ALGORITHMS) or \
+        if fmt != FORMAT or vpage != page or tag != self.tag or alg >= len(ALGORITHMS) or \
                 length != len(payload) or length > PAGE_SIZE or crc32c.crc32c(payload) != crc:
             raise FarCorrupt(f"page {page}: far value fails its header check")
         return ALGORITHMS[alg], payload
@@ -330,19 +329,16 @@ class FarTier:
     def pending_deletes(self) -> int:
         return len(self._deletes)
 
-    def purge(self, keep_epoch: bool = False) -> int:
-        """Delete every key of this instance (at unmount, and at mount: what an earlier mount
-        of the same file left). `keep_epoch`: spare this mount's own keys."""
-        pattern = f"zb:{{{self.instance}:*"
-        mine = f":{self.epoch}:"
+    def purge(self) -> int:
+        """Delete every key of this instance (at unmount, and at mount, before the first put:
+        what an earlier mount of the same file left)."""
+        pattern = f"zb{{{self.instance}:*"
         n = 0
         for node in self._rc.get_primaries():
             client = self._rc.get_redis_connection(node)
             try:
                 batch = []
                 for key in client.scan_iter(match=pattern, count=1000):
-                    if keep_epoch and mine in key.decode():
-                        continue
                     batch.append(key)
                     if len(batch) >= 1000:
                         n += self._unlink_on(client, batch)

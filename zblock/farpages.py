@@ -1,7 +1,8 @@
 """The far tier between the pool and the backing file: which pages go far, how they come back,
 and how they go down to the file.
 
-    send      writeback's victims (COMP/RAW) go to the cluster still compressed, in one batch;
+    send      writeback's compressed victims go to the cluster as they are, in one batch (raw
+              pages go to the file: in Redis they would cost more than their size);
               a page becomes FAR only once the cluster acknowledged it (zblock.far.put), and
               only if its entry did not change meanwhile. Pages not sent go to disk as before.
     read      a FAR page is fetched, its header checked, and decompressed through its pool. A
@@ -45,7 +46,7 @@ class FarPages:
         self.cache = cache
         self.far = far
         cache.table.on_far_freed = self._freed
-        removed = far.purge(keep_epoch=True)
+        removed = far.purge()
         if removed:
             log.info("far tier: deleted %d key(s) an earlier mount of this file left", removed)
 
@@ -67,7 +68,9 @@ class FarPages:
             if table.far_bytes >= cfg.far_limit + OVERSHOOT_PAGES * PAGE_SIZE // 2:
                 return pages[:0]
             st = table.state[pages]
-            keep = ((st == COMP) | (st == RAW)) & (table.gen[pages] == gens)
+            # Compressed pages only: a raw page's value (4 KiB + header) takes jemalloc's 5 KiB
+            # size class in Redis, 1.25x its bytes, for no saving over the file.
+            keep = (st == COMP) & (table.gen[pages] == gens)
             pages, gens, st = pages[keep], gens[keep], st[keep]
             objs = [table.obj(p) for p in pages.tolist()]
             names = [cache.registry.pools[i].key[0] for i in table.pool_id[pages].tolist()]

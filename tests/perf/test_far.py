@@ -3,7 +3,7 @@
 
 - Far-tier memory: the `mix` dataset written to a store whose pool holds almost nothing, so its
   pages go to the far tier; the growth of `used_memory` summed over the masters, per byte of
-  compressed page the far tier holds (the objects, without zblock's 28-byte header). Target
+  compressed page the far tier holds (the objects, without zblock's 24-byte header). Target
   (issue "Far tier on Redis Cluster"): <= 1.2x.
 - Latency of one-page reads: random 4 KiB Store.read() of far pages, against the same reads of
   written-back pages from the backing file (a store without a far tier, `pool_limit` 0, O_DIRECT
