@@ -48,6 +48,8 @@ def test_fio_verify_with_a_master_killed_mid_run(cluster):
         fio = subprocess.Popen(
             ["fio", "--name=zb", f"--filename={m.disk}", "--ioengine=psync", "--direct=1",
              "--numjobs=2", "--size=24M", "--offset_increment=24M", "--bs=4k",
+             # compressible pages: raw ones go to the file, not the far tier
+             "--buffer_compress_percentage=60", "--refill_buffers",
              "--rw=randwrite", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
              "--randrepeat=0", "--verify_state_save=0", "--group_reporting",
              "--output-format=json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
