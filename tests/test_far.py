@@ -26,6 +26,7 @@ from zblock.store import Store
 import mountutil
 import rediscluster
 from conftest import require
+from test_store import check_consistency
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(180)
@@ -177,6 +178,7 @@ def test_store_matches_model_with_pages_moving_ram_far_file(tmp_path, cluster, s
         assert moved["far_demoted_pages"] > 0, "no page went on from the far tier to the file"
         assert s["far_errors"] == 0 and s["checksum_errors"] == 0
         assert seen == {FAR, DISK}
+        check_consistency(store)
     finally:
         store.close()
     assert cluster.dbsize() == 0, "the store's keys outlived its close"

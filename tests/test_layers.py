@@ -20,7 +20,7 @@ import mountutil
 # compressors, backing, disk, staging, readahead, and what they share: config, errors, libc).
 UPPER = {"zblock.__main__", "zblock.cli", "zblock.bench", "zblock.demo", "zblock.daemon",
          "zblock.hardening", "zblock.memory", "zblock.sdnotify", "zblock.runtime",
-         "zblock.swapctl", "zblock.fuse_ops", "zblock.threadstate", "zblock.fuse",
+         "zblock.swapctl", "zblock.controls", "zblock.fuse_ops", "zblock.threadstate", "zblock.fuse",
          "zblock.fuse.native", "zblock.fuse.protocol", "zblock.fuse.libfuse"}
 ENGINE = {"zblock.compressors", "zblock.acomp", "zblock.accel", "zblock.cache", "numpy"}
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from zblock import PAGE_SIZE
-from zblock.entries import COMP, DISK, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME
+from zblock.entries import COMP, DISK, FAR, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME
 from zblock.lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
@@ -76,8 +76,13 @@ def check_consistency(store: Store) -> None:
         for p in pools:
             mine = (t.pool_id == p.id) & cached
             assert p.stored_pages == int(np.count_nonzero(mine))
-        # a page under writeback is always a cached one (the worker may be mid-batch)
-        assert cached[t.under_wb].all()
+        assert t.disk_pages == int(np.count_nonzero(st == DISK))
+        far = st == FAR
+        assert t.far_pages == int(np.count_nonzero(far))
+        for p in pools:
+            assert p.far_pages == int(np.count_nonzero(far & (t.pool_id == p.id)))
+        # a page under writeback is a cached or far one (the worker may be mid-batch)
+        assert (cached | far)[t.under_wb].all()
         # a page has an object exactly when it is cached, and every entry is in a live chunk
         for c, chunk in enumerate(t.objs):
             lo = c * OBJ_CHUNK
@@ -750,17 +755,17 @@ def test_writes_spread_over_a_disk_commit_table_memory_near_them(backing_path):
 def test_disk_too_large_for_memory_refused(backing_path):
     """A size whose tables, every page used, would not fit in memory is refused before any file
     is made; the per-page cost named in the message is what the tables really take."""
-    with pytest.raises(ConfigError, match=r"1\.0 TiB needs up to 12\.2 GiB .*49 bytes a page"
+    with pytest.raises(ConfigError, match=r"1\.0 TiB needs up to 13\.2 GiB .*53 bytes a page"
                                           r".*this machine's 8\.0 GiB"):
         Store.open(backing_path, 1 << 40, make_config(sparse=True), memory_total=8 << 30)
     assert not os.path.exists(backing_path)
     with open(backing_path, "wb") as f:                # an existing file: its size is checked
         f.truncate(1 << 40)
-    with pytest.raises(ConfigError, match="49 bytes a page"):
+    with pytest.raises(ConfigError, match="53 bytes a page"):
         Store.open(backing_path, None, make_config(sparse=True), memory_total=8 << 30)
     assert not os.path.exists(backing_path + ".zbmeta")
     os.unlink(backing_path)
-    store = Store.open(backing_path, 64 * MiB, make_config(), memory_total=64 * MiB * 49 // 4096)
+    store = Store.open(backing_path, 64 * MiB, make_config(), memory_total=64 * MiB * TABLE_BYTES_PER_PAGE // 4096)
     try:
         t = store.cache.table
         arrays = [*t.arrays, *store.backing.arrays, *store.staging.arrays]

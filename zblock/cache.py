@@ -62,6 +62,7 @@ from .writethrough import WriteThrough
 log = logging.getLogger(__name__)
 
 NSTRIPES = 1024
+ON_DEMAND_BATCH = 1024      # pages a step of writeback on demand (its progress moves by these)
 # A writer under the `evict` policy waits for the writeback worker once the pool is this far over
 # its limit (back-pressure), but never longer than SPACE_WAIT: a failing disk must not hang writes.
 OVERSHOOT = 8 << 20
@@ -115,6 +116,7 @@ class Cache:
         self.table = EntryTable(npages, self.registry, on_disk)
         self.table.on_freed = self._freed
         self.reached_full = False   # zswap policy: rejecting until below the accept threshold
+        self.writeback_progress: list[int] | None = None     # [done, total] of writeback_now
         self.table.referenced_on_store = config.limit_policy == "zswap"
         self.writeback = Writeback(self, memory_pressure)
         self.write_through = None if config.swap or config.read_only else WriteThrough(self)
@@ -172,8 +174,9 @@ class Cache:
         limit = self.config.pool_limit + OVERSHOOT
         if self.table.pool_total_size < limit:
             return
-        if time.monotonic() - self.writeback.failed_at < SPACE_WAIT:
-            return      # writeback is failing: waiting would only slow every write to a crawl
+        if time.monotonic() - self.writeback.failed_at < SPACE_WAIT or \
+                self.config.writeback_limit == 0:
+            return      # writeback is failing or has no budget: waiting would only slow writes
         deadline = time.monotonic() + SPACE_WAIT
         while self.table.pool_total_size >= limit and not self.writeback.closing:
             # Ask only if no request is pending: wake() notifies every waiter on wb_cond, and
@@ -297,7 +300,7 @@ class Cache:
                 same = arr[keep]
                 if not failed:
                     self.table.free(same)
-                    self.table.state[same] = DISK
+                    self.table.set_disk(same)
                 elif len(same):
                     kept = [d for d, k in zip(datas, keep.tolist()) if k]
                     raw = Scan(kept, np.full(len(same), RAW, np.uint8),
@@ -329,7 +332,8 @@ class Cache:
             if gens_out is not None:
                 gens_out.append(table.gen[start:end].copy())
             parts = table.objs_range(start, end)    # COMP/RAW objects; the rest set below
-            pid, fl, ref = table.pid, table.fl, table.ref
+            pid, fl, ref, at = table.pid, table.fl, table.ref, table.at
+            now = table.now()
             hits = 0
             for i, s in enumerate(table.st[start:end].tolist()):
                 if s == COMP:
@@ -346,6 +350,7 @@ class Cache:
                     elif s == FAR:
                         far.append(i)
                     continue
+                at[start + i] = now
                 hits += 1
             self.c.zswpin += hits
             pools = self.registry.hold({p for _, p in comp}) if comp else {}
@@ -380,6 +385,8 @@ class Cache:
         table = self.table
         with self.tree_lock:
             st = table.st[page]
+            if NONE < st < DISK:                # SAME, COMP, RAW: an access (idle tracking)
+                table.at[page] = table.now()
             if st == COMP:
                 obj = table.obj(page)
                 table.ref[page] = True
@@ -408,7 +415,11 @@ class Cache:
             with self.tree_lock:
                 moved = table.st[page] != DISK
             # cached again (or discarded) since our look: take the current bytes
-            return self.load_page(page) if moved else self.backing.read_pages(page, 1)
+            if moved:
+                return self.load_page(page)
+            data = self.backing.read_pages(page, 1)
+            self._read_from_disk(page, 1, data)
+            return data
 
     def _decompress_failed(self, page: int, err) -> None:
         with self.tree_lock:
@@ -437,9 +448,94 @@ class Cache:
                     data = self.load_pages(start + a, count)
                 else:
                     data = self.backing.read_pages(start + a, count)
+                    self._read_from_disk(start + a, count, data)
             mv = memoryview(data)
             for k in range(count):
                 parts[a + k] = mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+
+    def _read_from_disk(self, first: int, count: int, data) -> None:
+        """Pages first .. first+count were read from the backing file (caller holds their page
+        locks): count the reads, and bring back into the pool, clean, those read more than
+        `promote_after` times, if the pool is below its accept threshold (zswap never does:
+        its loads from disk bypass it)."""
+        after = self.config.promote_after
+        if not after:
+            return
+        table = self.table
+        with self.tree_lock:
+            pages = range(first, first + count)
+            for p in pages:
+                table.fl[p] = min(table.fl[p] + 1, 1 << 62)
+            hot = [p - first for p in pages if table.fl[p] > after]
+            if not hot or table.pool_total_size >= self.accept_level():
+                return
+            gens = [table.gn[first + i] for i in hot]
+        mv = memoryview(data)
+        for i, gen in zip(hot, gens):
+            # stored as a write would be, then clean: the file holds these bytes
+            if self.store_pages(first + i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE],
+                                expect_gen=gen, may_wait=False):
+                with self.tree_lock:
+                    if NONE < table.st[first + i] < DISK:
+                        table.dt[first + i] = False
+                        self.c.promoted_pages += 1
+
+    # =========================================================================================
+    # zram-style controls: idle pages, writeback on demand and its budget, compaction
+
+    def mark_idle(self, older_than: float | None = None) -> int:
+        with self.tree_lock:
+            return self.table.mark_idle(older_than)
+
+    def writeback_now(self, kind: str) -> int:
+        """zram's `writeback`: write the chosen cached pages to the backing file now (not the
+        far tier), in batches, within the writeback budget. `idle`: not accessed since marked
+        idle; `huge` and `incompressible`: stored raw (zram tells those apart after
+        recompression, which zblock does not do); `all`: every compressed or raw page.
+        Returns the pages that left the cache."""
+        table = self.table
+        pick = {"idle": lambda s: table.cached(s) & table.idle(s),
+                "huge": lambda s: table.state[s] == RAW,
+                "incompressible": lambda s: table.state[s] == RAW,
+                "all": table.cached}[kind]
+        with self.tree_lock:
+            pages = table.find(lambda s: pick(s) & ~table.under_wb[s])
+            table.under_wb[pages] = True
+            gens = table.gen[pages].copy()
+            self.writeback_progress = [0, len(pages)]
+        done = 0
+        try:
+            for lo in range(0, len(pages), ON_DEMAND_BATCH):
+                hi = lo + ON_DEMAND_BATCH
+                before = self.writeback.evicted
+                ok = self.writeback.write_back(pages[lo:hi], gens[lo:hi], far=False)
+                done += self.writeback.evicted - before
+                with self.tree_lock:
+                    self.writeback_progress[0] = min(hi, len(pages))
+                if not ok:              # a disk error, or the budget ran out
+                    with self.tree_lock:
+                        rest, rgens = pages[hi:], gens[hi:]
+                        table.under_wb[rest[table.gen[rest] == rgens]] = False
+                    break
+        finally:
+            with self.tree_lock:
+                self.c.written_back_on_demand += done
+                self.writeback_progress = None
+        return done
+
+    def take_budget(self, pages: int) -> int:
+        """How many of `pages` pages writeback may write now (zram's writeback_limit, here in
+        bytes; -1 is no limit); that much budget is spent. Caller holds the tree lock."""
+        budget = self.config.writeback_limit
+        if budget < 0:
+            return pages
+        allowed = min(pages, budget // PAGE_SIZE)
+        self.config.writeback_limit = budget - allowed * PAGE_SIZE
+        return allowed
+
+    def compact(self) -> None:
+        """Give free heap back to the system now (zram's `compact`)."""
+        self.writeback.trimmer.trim(force=True)
 
     def page_gen(self, page: int) -> int:
         """The generation of a page's entry (changes whenever the entry does)."""

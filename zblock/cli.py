@@ -24,7 +24,7 @@ import os
 import sys
 import textwrap
 
-from . import PAGE_SIZE, __version__, bench, swapctl
+from . import PAGE_SIZE, __version__, bench, controls, swapctl
 from .config import PARAMS, SIZE_SUFFIXES, Config, default_text, parse_disk_size
 from .errors import ConfigError, MountError, NotAZblockMount, UsageError, WritebackFailed, ZblockError
 from .runtime import (ANSWER_TIMEOUT, FSTYPE, find_zblock_mount, mounts, pid_file_backing,
@@ -47,6 +47,8 @@ _OPTION_PARAMS = {
     "same-filled": "same_filled_pages_enabled",
     "shrinker": "shrinker_enabled",
     "write-through": "write_through",
+    "writeback-limit": "writeback_limit",
+    "promote-after": "promote_after",
     "far": "far",
     "far-limit": "far_limit",
     "far-dirty-limit": "far_dirty_limit",
@@ -587,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(sub)
     swapctl.register_cli(sub)       # their commands live beside their code
     bench.register_cli(sub)
+    controls.register_cli(sub)
     return parser
 
 

@@ -140,6 +140,18 @@ def _parse_compressor(text: str) -> str:
     return name
 
 
+def _parse_budget(text: str) -> int:
+    """writeback_limit: `none` (no budget: -1) or bytes."""
+    text = str(text).strip()
+    if text.lower() in ("none", "-1"):
+        return -1
+    return parse_size(text, "writeback_limit")
+
+
+def _fmt_budget(v: int) -> str:
+    return "none" if v < 0 else str(v)
+
+
 def _parse_far(text: str) -> str:
     """A far tier URL, checked (zblock.far.parse_url), or empty for none."""
     from .far import parse_url
@@ -212,6 +224,12 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
                "goes to disk)"),
     Param("far_auth_file", str, runtime=False,
           help="far tier: file (mode 600) with the ACL user and password, `USER PASSWORD`"),
+    Param("writeback_limit", _parse_budget, _fmt_budget,
+          help=f"bytes writeback may still write to the backing file ({SIZE_SUFFIXES}; zram "
+               "writeback_limit): spent by background and on-demand writeback, read back as what "
+               "is left, refilled by writing it; none: no budget"),
+    _int_param("promote_after", 0, 255, "bring a page read from the backing file more than this "
+               "many times back into the pool, below the accept threshold; 0: never"),
     Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
     _int_param("hw_queues", 1, 64, "engine work queues"),
     _int_param("hw_depth", 1, 4096, "entries per engine queue"),
@@ -237,6 +255,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 
 
 DEFAULT_POOL_LIMIT = "20%"       # zswap's max_pool_percent default
+# what params/writeback and `zblock writeback --type` take (zram's writeback types)
+WRITEBACK_TYPES = ("idle", "huge", "incompressible", "all")
 
 
 @dataclass
@@ -250,6 +270,8 @@ class Config:
     same_filled_pages_enabled: bool = True
     shrinker_enabled: bool = True
     write_through: bool = False
+    writeback_limit: int = -1
+    promote_after: int = 0
     far: str = ""
     far_limit: int = 1 << 30
     far_dirty_limit: int = 256 << 20

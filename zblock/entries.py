@@ -2,7 +2,8 @@
 that installs, frees and accounts for entries.
 
 Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
-(second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp and generation; `objs` holds the
+(second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp, generation and last access time
+(zram's ac_time: whole seconds since the table was made, plus one; 0 marks the page idle); `objs` holds the
 stored object of a COMP or RAW page. Memory follows the pages in use: the kernel gives
 its arrays (zblock.pagemem.zeros) memory on first write, `objs` is made of chunks created
 by the first store into them, and nothing writes the entries of pages that hold nothing. Work
@@ -14,7 +15,7 @@ Page states:
     SAME  same-filled page: a fill value, no pool memory, not on the LRU (zswap 4.14-6.9)
     COMP  compressed object in a pool, on the LRU
     RAW   incompressible page stored as-is in a pool, on the LRU (zswap 6.18)
-    DISK  not cached: the backing file holds it
+    DISK  not cached: the backing file holds it; `fill` counts its reads (promotion)
     FAR   its object is in the far tier (zblock.farpages) under version `fill`; `length` and
           `pool_id` stay, and the pool lives on while far pages use it (Pool.far_pages)
 A cached or far page (SAME/COMP/RAW/FAR) is `dirty` until the backing file holds the same bytes
@@ -27,7 +28,8 @@ Invariants (each method keeps them; the caller holds the cache's tree lock for e
     * every SAME, COMP or RAW page lies in a chunk marked `live` (a live chunk may hold none);
     * pool_total_size == sum of charge(length) over COMP and RAW entries == sum of the pools'
       total_size; each pool's stored_pages counts its COMP and RAW entries;
-    * same_filled_pages and stored_incompressible_pages count SAME and RAW entries;
+    * same_filled_pages and stored_incompressible_pages count SAME and RAW entries, disk_pages
+      DISK ones;
     * far_pages counts FAR entries and far_bytes their values (far_value_size of each length);
       each pool's far_pages counts its FAR entries; every FAR page lies in a live chunk.
 
@@ -38,6 +40,7 @@ Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' l
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -78,14 +81,18 @@ class EntryTable:
         self.under_wb = pagemem.zeros(npages, np.bool_)
         self.stamp = pagemem.zeros(npages, np.int64)
         self.gen = pagemem.zeros(npages, np.uint32)
+        self.atime = pagemem.zeros(npages, np.uint32)
         nchunks = (npages + OBJ_MASK) >> OBJ_SHIFT
         # per chunk of OBJ_CHUNK pages: set by the first install into it, cleared by a discard
         # that leaves it without entries
         self.live = pagemem.zeros(nchunks, np.bool_)
         self.arrays = (self.state, self.length, self.pool_id, self.fill, self.dirty,
-                       self.referenced, self.under_wb, self.stamp, self.gen, self.live)
+                       self.referenced, self.under_wb, self.stamp, self.gen, self.atime, self.live)
+        self.disk_pages = 0
         if on_disk is not None:
             self.state[on_disk] = DISK
+            self.disk_pages = int(np.count_nonzero(on_disk)) if on_disk.dtype == np.bool_ \
+                else len(on_disk)
         self.objs: list[list | None] = [None] * nchunks
         # The same memory as memoryviews, for the one-page paths: indexing one with a Python int
         # takes half the time of a numpy scalar access and gives Python ints back.
@@ -98,6 +105,8 @@ class EntryTable:
         self.uwb = memoryview(self.under_wb)
         self.stp = memoryview(self.stamp)
         self.gn = memoryview(self.gen)
+        self.at = memoryview(self.atime)
+        self.set_clock(time.monotonic)
         self.lv = memoryview(self.live)
         self.seq = 1                        # next LRU stamp
         # zswap stores entries referenced (second chance before their first writeback); zblock's
@@ -173,6 +182,7 @@ class EntryTable:
         self.dirty[pages] = True
         self.stamp[pages] = self.seq
         self.referenced[pages] = self.referenced_on_store
+        self.atime[pages] = self.now()
         self.seq += 1
         first = pages.start if type(pages) is slice else None
         for i, o in enumerate(objs):
@@ -200,6 +210,7 @@ class EntryTable:
         self.dt[page] = True
         self.stp[page] = self.seq
         self.ref[page] = self.referenced_on_store
+        self.at[page] = self.now()
         self.seq += 1
         self._set_obj(page, scan.objs[0])
         cached = state >= COMP
@@ -243,6 +254,7 @@ class EntryTable:
                 for p in pages[cached].tolist():
                     self._set_obj(p, None)
         self.same_filled_pages -= int(np.count_nonzero(st == SAME))
+        self.disk_pages -= int(np.count_nonzero(st == DISK))
         far = st == FAR
         if far.any():
             fpages = (np.flatnonzero(far) + pages.start) if type(pages) is slice else pages[far]
@@ -268,10 +280,53 @@ class EntryTable:
             self.same_filled_pages -= 1
         elif st == FAR:
             self._drop_far(np.array([page], np.int64))
+        elif st == DISK:
+            self.disk_pages -= 1
         self.gn[page] = (self.gn[page] + 1) & 0xFFFFFFFF       # wraps as the uint32 array does
         self.dt[page] = False
         self.ref[page] = False
         self.uwb[page] = False
+
+    def set_disk(self, pages: np.ndarray) -> None:
+        """Freed pages (see free()) that the backing file now holds."""
+        self.state[pages] = DISK
+        self.fill[pages] = 0                # reads since it went to disk
+        self.disk_pages += len(pages)
+
+    # ---- access times -----------------------------------------------------------------------
+
+    def set_clock(self, clock) -> None:
+        """Read access times from `clock` (seconds, a float) from now on (tests inject one)."""
+        self.clock = clock
+        self._clock_base = clock()
+
+    def now(self) -> int:
+        """The access time to record now: 1 + whole seconds since the clock was set, within
+        uint32 (0 marks a page idle)."""
+        return min(max(int(self.clock() - self._clock_base), 0), 0xFFFFFFFE) + 1
+
+    def mark_idle(self, older_than: float | None = None) -> int:
+        """zram's `idle` write: mark every cached page idle (None), or those not accessed for
+        `older_than` seconds. Returns how many pages are idle now."""
+        cutoff = None if older_than is None else self.now() - older_than
+        n = 0
+        for s in self.spans():
+            held = self.holds_data(s)
+            if cutoff is None:
+                self.atime[s][held] = 0
+            else:
+                self.atime[s][held & (self.atime[s] <= cutoff)] = 0
+            n += int(np.count_nonzero(held & (self.atime[s] == 0)))
+        return n
+
+    def idle(self, pages) -> np.ndarray:
+        """Bool per page: cached (SAME, COMP or RAW) and not accessed since marked idle."""
+        return self.holds_data(pages) & (self.atime[pages] == 0)
+
+    def holds_data(self, pages) -> np.ndarray:
+        """Bool per page: SAME, COMP or RAW (the pages zram's idle and writeback look at)."""
+        st = self.state[pages]
+        return (st == SAME) | (st == COMP) | (st == RAW)
 
     def to_far(self, pages: np.ndarray, versions: np.ndarray) -> None:
         """Cached pages (COMP or RAW) whose objects the far tier now holds under `versions`:

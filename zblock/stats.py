@@ -25,7 +25,8 @@ class Counters:
              "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail",
              "reject_pool_limit", "decompress_fail",
              "zswpout", "zswpin", "zswpwb", "discarded_pages",
-             "far_writes", "far_reads", "far_demoted_pages", "far_errors", "far_checksum_errors")
+             "far_writes", "far_reads", "far_demoted_pages", "far_errors", "far_checksum_errors",
+             "written_back_on_demand", "promoted_pages")
 
     def __init__(self):
         for name in self.NAMES:
@@ -55,6 +56,12 @@ def snapshot(cache) -> dict:
                                    for s in table.spans()),
             "dirty_pages": table.count(lambda s: table.dirty[s]),
             "lz4_backend": LZ4_BACKEND,
+            "idle_pages": table.count(table.idle),
+            "bd_count": table.disk_pages,
+            "writeback_limit": cache.config.writeback_limit,
+            "writeback_progress": {"done": cache.writeback_progress[0],
+                                   "total": cache.writeback_progress[1]}
+            if cache.writeback_progress else {},
             "far_stored_pages": table.far_pages,
             "far_bytes": table.far_bytes,
             "far_dirty_pages": table.count(lambda s: (table.state[s] == FAR) & table.dirty[s])

@@ -22,7 +22,7 @@ import psutil
 from . import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .backing import Backing
 from .cache import Cache
-from .config import PARAMS, Config
+from .config import PARAMS, WRITEBACK_TYPES, Config
 from .errors import ConfigError, OutOfRange
 from .far import FarTier, instance_id
 from .pool import Trimmer
@@ -42,10 +42,20 @@ WRITE_BEHIND_MIN = 64 << 10
 # swap mode: give freed memory back only after this many seconds without cache activity
 SWAP_TRIM_QUIET = 2.0
 # Memory of the per-page tables once every page of the disk is used, checked against the
-# machine's memory at open: the entry table 27 bytes and its object slot 8, the backing's checksum
+# machine's memory at open: the entry table 31 bytes and its object slot 8, the backing's checksum
 # pair and flags 11, the write-behind queue's count and flag 3.
-TABLE_BYTES_PER_PAGE = 49
+TABLE_BYTES_PER_PAGE = 53
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
+# Write-only files under params/ (zram's attributes of that kind): reading one shows what it takes.
+ACTIONS = {
+    "idle": "write `all` to mark every cached page idle, or SECONDS to mark those not read or "
+            "written for that long; an access clears the mark (stats: idle_pages)",
+    "writeback": "write " + ", ".join(WRITEBACK_TYPES) + ": write those cached pages to the backing "
+                 "file now, within writeback_limit (stats: writeback_progress, written_back_on_demand)",
+    "compact": "write 1: give the pool's free memory back to the system now (stats: "
+               "compact_freed_bytes)",
+}
+
 POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth", "hw_latency_us",
                "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed", "contexts"}
 
@@ -114,6 +124,7 @@ class Store:
         self._closed = False
         self._request_sizes: dict[tuple[str, int], int] = {}
         self._proc = psutil.Process()
+        self.compact_freed_bytes = 0
 
     @classmethod
     def open(cls, backing_path: str, size: int | None, config: Config, *, disk_factory=None,
@@ -311,14 +322,19 @@ class Store:
     # params and stats
 
     def param_names(self) -> list[str]:
-        return [name for name, p in PARAMS.items() if p.runtime]
+        return [name for name, p in PARAMS.items() if p.runtime] + list(ACTIONS)
 
     def get_param(self, name: str) -> str:
+        if name in ACTIONS:
+            return ACTIONS[name]
         if name not in PARAMS:
             raise ConfigError(f"unknown parameter {name!r}")
         return self.config.get(name)
 
     def set_param(self, name: str, text: str) -> None:
+        if name in ACTIONS:
+            self._act(name, text.strip())
+            return
         param = PARAMS.get(name)
         if param is None or not param.runtime:
             raise ConfigError(f"{name!r} is not a run-time parameter")
@@ -330,6 +346,30 @@ class Store:
             if self.staging:
                 self.staging.settle()       # writes acknowledged before the change use the old pool
             self.cache.switch_pool()
+
+    def _act(self, name: str, text: str) -> None:
+        """A write to an action file (zram's write-only attributes): idle, writeback, compact."""
+        if self.staging:
+            self.staging.settle()       # writes acknowledged before the action count in it
+        if name == "idle":
+            if text == "all":
+                self.cache.mark_idle()
+                return
+            try:
+                seconds = float(text)
+            except ValueError:
+                seconds = -1.0
+            if not seconds >= 0 or seconds == float("inf"):
+                raise ConfigError(f"idle: {text!r} is not `all` or a number of seconds")
+            self.cache.mark_idle(seconds)
+        elif name == "writeback":
+            if text not in WRITEBACK_TYPES:
+                raise ConfigError(f"writeback: {text!r} is not one of {', '.join(WRITEBACK_TYPES)}")
+            self.cache.writeback_now(text)
+        elif name == "compact":
+            before = self._proc.memory_info().rss
+            self.cache.compact()
+            self.compact_freed_bytes = max(before - self._proc.memory_info().rss, 0)
 
     def note_request(self, op: str, nbytes: int) -> None:
         """Count a FUSE request size (approximate under races; bucketed when stats are taken:
@@ -359,6 +399,7 @@ class Store:
         d["swap"] = self.config.swap
         d["pool_limit"] = self.config.pool_limit
         d["process_rss_bytes"] = self._proc.memory_info().rss
+        d["compact_freed_bytes"] = self.compact_freed_bytes
         d["table_bytes"] = self.cache.table_bytes(
             [*self.backing.arrays, *(self.staging.arrays if self.staging else ())])
         d["time"] = time.time()

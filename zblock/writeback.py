@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import psutil
 
-from .entries import DISK, FAR
+from .entries import FAR
 from .errors import DataError, DiskError
 from .lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
 from .pool import Trimmer
@@ -178,14 +178,15 @@ class Writeback:
             if not self.write_back(victims, gens):
                 return False
 
-    def write_back(self, victims: np.ndarray, gens: np.ndarray) -> bool:
+    def write_back(self, victims: np.ndarray, gens: np.ndarray, far: bool = True) -> bool:
         """Move victims (marked under_wb) down a tier and drop them from the cache: cached
-        pages to the far tier where it takes them, else to disk; far pages to disk. False if
-        the disk failed: the victims not written stay as they were, off writeback."""
+        pages to the far tier where it takes them (unless `far` is False), else to disk; far pages
+        to disk. False if the disk failed or the writeback budget ran out: the victims not
+        written stay as they were, off writeback."""
         cache = self.cache
         try:
             for lo in range(0, len(victims), BATCH):
-                if not self._write_back_batch(victims[lo:lo + BATCH], gens[lo:lo + BATCH]):
+                if not self._write_back_batch(victims[lo:lo + BATCH], gens[lo:lo + BATCH], far):
                     return False
             return True
         finally:
@@ -194,14 +195,14 @@ class Writeback:
                 cache.table.under_wb[left] = False
                 cache.wb_cond.notify_all()
 
-    def _write_back_batch(self, pages: np.ndarray, pgens: np.ndarray) -> bool:
+    def _write_back_batch(self, pages: np.ndarray, pgens: np.ndarray, far: bool) -> bool:
         cache = self.cache
         table = cache.table
         with cache.page_locks.hold(pages.tolist()):
             with cache.tree_lock:
                 valid = table.gen[pages] == pgens
                 pages, pgens = pages[valid], pgens[valid]
-            if cache.far_pages is not None:
+            if far and cache.far_pages is not None:
                 sent = cache.far_pages.send(pages, pgens)
                 if len(sent):
                     self.evicted += len(sent)
@@ -210,6 +211,10 @@ class Writeback:
             with cache.tree_lock:
                 dirty = table.dirty[pages].copy()
             wpages, wdata, _ = self.materialize(pages[dirty])
+            with cache.tree_lock:
+                allowed = cache.take_budget(len(wpages))
+            out_of_budget = allowed < len(wpages)
+            wpages, wdata = wpages[:allowed], wdata[:allowed]
             try:
                 if wpages:
                     cache.backing.write_pages(wpages, wdata)
@@ -227,10 +232,10 @@ class Writeback:
                 self.evicted += len(drop)
                 cache.c.far_demoted_pages += int(np.count_nonzero(table.state[drop] == FAR))
                 table.free(drop)
-                table.state[drop] = DISK
+                table.set_disk(drop)
                 cache.c.written_back_pages += len(wpages)
                 cache.c.zswpwb += len(wpages)
-        return True
+        return not out_of_budget
 
     def materialize(self, pages: np.ndarray) -> tuple[list[int], list[bytes], list[int]]:
         """Uncompressed bytes of cached pages (caller holds their page locks, not the tree
