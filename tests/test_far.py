@@ -88,6 +88,15 @@ def settle(store: Store, until, timeout: float = 20.0) -> dict:
         time.sleep(0.05)
 
 
+def reads_back_without_far(path: str, model: bytearray) -> None:
+    """A remount of the file with no far tier reads `model` back."""
+    plain = Store.open(path, None, Config())
+    try:
+        assert plain.read(0, len(model)) == bytes(model)
+    finally:
+        plain.close()
+
+
 def states(store: Store) -> np.ndarray:
     with store.cache.tree_lock:
         return store.cache.table.state.copy()
@@ -184,11 +193,7 @@ def test_store_matches_model_with_pages_moving_ram_far_file(tmp_path, cluster, s
     assert cluster.dbsize() == 0, "the store's keys outlived its close"
     with open(path, "rb") as f:
         assert f.read() == bytes(model)
-    plain = Store.open(path, None, Config())
-    try:
-        assert plain.read(0, size) == bytes(model)
-    finally:
-        plain.close()
+    reads_back_without_far(path, model)
 
 
 def test_far_limit_and_dirty_limit_hold(tmp_path, cluster):
@@ -386,11 +391,7 @@ def test_a_stopped_cluster_sends_writes_to_disk_and_clean_pages_to_the_file(tmp_
         assert store.stats()["far_errors"] == 0
     finally:
         store.close()           # the keys cannot be deleted: the next mount does it
-    plain = Store.open(path, None, Config())
-    try:
-        assert plain.read(0, size) == bytes(model)
-    finally:
-        plain.close()
+    reads_back_without_far(path, model)
 
 
 def test_a_dirty_far_page_of_a_stopped_cluster_is_eio_never_wrong_bytes(tmp_path, own_cluster):
