@@ -23,6 +23,7 @@ import pytest
 
 import mountutil
 from zblock import PAGE_SIZE
+from zblock.store import TABLE_BYTES_PER_PAGE
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.mount]
 
@@ -341,16 +342,18 @@ def test_mount_refused(workdir, setup):
 
 
 def test_disk_too_large_for_memory_refused_before_any_file(workdir):
-    """16 TiB needs 196 GiB of page tables once every page is used: refused with one line naming
+    """16 TiB needs 212 GiB of page tables once every page is used: refused with one line naming
     the sizes (exit 2, a usage error), before the backing file or its sidecar exists."""
-    if psutil.virtual_memory().total >= 196 << 30:
+    need = (16 << 40) // 4096 * TABLE_BYTES_PER_PAGE
+    if psutil.virtual_memory().total >= need:
         pytest.skip("this machine has the memory for a 16 TiB disk's tables")
     mp = os.path.join(workdir, "mnt")
     os.makedirs(mp, exist_ok=True)
     img = os.path.join(workdir, "huge.img")
     res = mountutil.zblock("mount", mp, "--backing", img, "--size", "16T", "--sparse", timeout=60)
     line = one_line_error(res, code=2)
-    assert "16.0 TiB needs up to 196.0 GiB" in line and "49 bytes a page" in line, line
+    assert f"16.0 TiB needs up to {need / (1 << 30):.1f} GiB" in line, line
+    assert f"{TABLE_BYTES_PER_PAGE} bytes a page" in line, line
     assert not os.path.exists(img) and not os.path.exists(img + ".zbmeta")
     assert not mountutil.is_mounted(mp)
 

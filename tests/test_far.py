@@ -432,3 +432,40 @@ def test_a_dirty_far_page_of_a_stopped_cluster_is_eio_never_wrong_bytes(tmp_path
                 assert plain.read(q * PAGE_SIZE, PAGE_SIZE) == data[q * PAGE_SIZE:(q + 1) * PAGE_SIZE]
     finally:
         plain.close()
+
+
+def test_a_cluster_that_comes_back_is_used_again_without_a_remount(tmp_path, own_cluster):
+    rng = random.Random(10)
+    size = 16 * MiB
+    model = bytearray(size)
+    store = Store.open(str(tmp_path / "img"), size,
+                       far_config(own_cluster.url, far_limit=64 * MiB, far_dirty_limit=64 * MiB,
+                                  far_timeout=1.0))
+    try:
+        first = b"".join(page_of(rng, i) for i in range(1024))
+        store.write(0, first)
+        model[:len(first)] = first
+        store.fsync()                   # what the cluster holds, the file holds too
+        settle(store, lambda s: s["far_stored_pages"] > 500)
+        ports = list(own_cluster.pids)
+        for port in ports:              # the whole cluster goes down, its config kept
+            own_cluster.kill_node(port)
+        second = b"".join(page_of(rng, i + 5000) for i in range(1024))
+        store.write(len(first), second)
+        model[len(first):len(first) + len(second)] = second
+        s = settle(store, lambda s: s["written_back_pages"] > 0)
+        assert s["written_back_pages"] > 0
+        writes = s["far_writes"]
+        for port in ports:
+            own_cluster.start_node(port)
+        own_cluster.wait_ok()
+        third = b"".join(page_of(rng, i + 9000) for i in range(1024))
+        store.write(2 * len(first), third)
+        model[2 * len(first):2 * len(first) + len(third)] = third
+        s = settle(store, lambda s: s["far_writes"] > writes + 100, timeout=30)
+        assert s["far_writes"] > writes + 100, "the far tier was not used again"
+        assert store.read(0, size) == bytes(model)
+        assert store.stats()["far_errors"] == 0
+    finally:
+        store.close()
+    assert own_cluster.dbsize() == 0
