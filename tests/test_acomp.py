@@ -366,3 +366,15 @@ def test_lzo_is_not_split_and_close_is_bounded(closing):
     t0 = time.monotonic()
     cs2.close()
     assert time.monotonic() - t0 < 5 and not any(t.is_alive() for t in workers)
+
+
+@pytest.mark.parametrize("alg", ["zstd", "deflate"])
+def test_one_context_runs_a_big_batch_of_a_splitting_algorithm_itself(closing, alg):
+    """`--contexts 1` with zstd or deflate: nothing to split across, no worker to wait for (a
+    64-page request once waited 60 s on a latch no worker would count down)."""
+    cs = ContextSet(alg, n=1, split_min=4, get_timeout=5)
+    closing(cs)
+    buf = b"".join(text_page(i) for i in range(64))
+    sc = cs.compress(buf)
+    assert cs.decompress(sc.objs, join=True) == buf
+    assert cs._workers is None

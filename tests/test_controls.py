@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from zblock import PAGE_SIZE
+from zblock.acomp import ContextSet
 from zblock.config import Config
 from zblock.entries import COMP, DISK, RAW
 from zblock.errors import ConfigError
+from zblock.pool import Trimmer
 from zblock.store import Store
 
 import mountutil
@@ -109,8 +111,8 @@ def test_writeback_idle_writes_exactly_the_idle_pages(store):
     check_consistency(store)
 
 
-@pytest.mark.parametrize("kind", ["huge", "incompressible"])
-def test_huge_and_incompressible_select_pages_stored_raw(store, kind):
+def test_huge_selects_pages_stored_raw(store):
+    kind = "huge"
     rng = random.Random(1)
     data = {p: (random_page(rng) if p % 3 == 0 else text_page(p)) for p in range(90)}
     for p, d in data.items():
@@ -185,9 +187,41 @@ def test_pages_read_often_from_the_file_come_back_into_the_pool(store):
     check_consistency(store)
 
 
-def test_compact_reports_what_it_gave_back(store):
+def test_a_write_during_a_disk_read_is_neither_counted_nor_undone_by_promotion(store):
+    """A whole-page write takes no page lock: it can land while a read of the same page's old
+    bytes from the file is in flight. The read must not count against the new entry, nor
+    promote its old bytes over the new ones."""
+    settled_write(store, 0, text_page(0))
+    store.set_param("writeback", "all")
+    store.set_param("promote_after", "1")
+    assert store.read(0, PAGE_SIZE) == text_page(0)              # the first read from the file
+    read_pages = store.backing.read_pages
+
+    def racing_read(first, count):
+        old = read_pages(first, count)
+        settled_write(store, 0, text_page(7))                    # lands during the read
+        return old
+    store.backing.read_pages = racing_read
+    try:
+        store.read(0, PAGE_SIZE)                                 # the second: would promote
+    finally:
+        store.backing.read_pages = read_pages
+    assert store.read(0, PAGE_SIZE) == text_page(7)
+    with store.cache.tree_lock:
+        t = store.cache.table
+        assert t.state[0] == COMP and t.dirty[0] and t.fill[0] == 0
+    assert store.stats()["promoted_pages"] == 0
+
+
+def test_compact_gives_freed_pool_memory_back_and_says_how_much(store):
+    # only the forced trim may run: the worker's own would give the memory back first
+    store.cache.trimmer = Trimmer(threshold=1 << 62, min_interval=1e9)
+    rng = random.Random(3)
+    store.write(0, b"".join(random_page(rng) for _ in range(3072)))     # 12 MiB, stored raw
+    store.staging.settle()
+    store.discard(0, 3072 * PAGE_SIZE)
     store.set_param("compact", "1")
-    assert store.stats()["compact_freed_bytes"] >= 0
+    assert store.stats()["compact_freed_bytes"] > 1 * MiB
     assert "compact" in store.param_names() and "write 1" in store.get_param("compact")
 
 
@@ -206,6 +240,10 @@ def test_writeback_and_compact_commands_and_params_files():
         with open(os.path.join(m.mountpoint, "params", "idle"), "w") as f:
             f.write("all\n")
         assert m.stats()["idle_pages"] == 1024
+        res = zblock("recompress", m.mountpoint, "--type", "idle", "--algo", "zstd:9", timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "1024 page(s) recompressed" in res.stdout, res.stdout
+        assert m.stats()["recompress_saved_bytes"] > 0
         res = zblock("writeback", m.mountpoint, "--type", "idle", timeout=60)
         assert res.returncode == 0, res.stderr
         assert "256 page(s) left the cache" in res.stdout and "0 bytes left" in res.stdout
@@ -227,3 +265,90 @@ def test_writeback_and_compact_commands_and_params_files():
         bad = subprocess.run(["bash", "-c", f"echo cold > {m.mountpoint}/params/writeback"],
                              capture_output=True, text=True, timeout=30)
         assert bad.returncode != 0 and "Invalid argument" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# recompression
+
+
+def pool_names(store: Store, pages) -> list[str]:
+    with store.cache.tree_lock:
+        t, reg = store.cache.table, store.cache.registry
+        return [reg.pools[i].label for i in t.pool_id[np.asarray(pages)].tolist()]
+
+
+def test_recompressed_pages_read_back_and_keep_their_algorithm(tmp_path):
+    path = str(tmp_path / "img")
+    store = Store.open(path, 16 * MiB, Config(pool_limit=64 * MiB, contexts=1,
+                                              recomp_algorithm="zstd:9"))
+    try:
+        data = {p: text_page(p) for p in range(300)}
+        for p, d in data.items():
+            settled_write(store, p, d)
+        store.set_param("idle", "all")
+        for p in range(0, 300, 3):                  # a third read since: not idle
+            store.read(p * PAGE_SIZE, PAGE_SIZE)
+        size0 = store.stats()["pool_total_size"]
+        store.set_param("recompress", "type=idle")
+        s = store.stats()
+        assert s["recompressed_pages"] == 200
+        assert s["recompress_saved_bytes"] == size0 - s["pool_total_size"] > 0
+        names = pool_names(store, range(300))
+        assert [n == "zstd-9" for n in names] == [p % 3 != 0 for p in range(300)]
+        assert store.stats()["idle_pages"] == 200, "recompression is not an access"
+        store.set_param("compressor", "deflate")    # a switch: the zstd-9 pool serves on
+        settled_write(store, 1, text_page(1001))
+        data[1] = text_page(1001)
+        names = pool_names(store, range(300))
+        assert names[1] == "deflate" and names[2] == "zstd-9" and names[0] == "lz4"
+        for p, d in data.items():
+            assert store.read(p * PAGE_SIZE, PAGE_SIZE) == d
+        check_consistency(store)
+    finally:
+        store.close()
+    again = Store.open(path, None, Config(contexts=1))
+    try:
+        for p, d in data.items():
+            assert again.read(p * PAGE_SIZE, PAGE_SIZE) == d
+    finally:
+        again.close()
+
+
+def test_recompress_threshold_and_incompressible_marking(store, monkeypatch):
+    rng = random.Random(2)
+    data = {p: (random_page(rng) if p % 2 else text_page(p)) for p in range(64)}
+    for p, d in data.items():
+        settled_write(store, p, d)
+    store.set_param("recompress", "type=huge algo=zstd:19")
+    s = store.stats()
+    assert s["recompressed_pages"] == 0             # random pages: nothing shrinks them
+    calls = []
+    compress = ContextSet.compress
+    monkeypatch.setattr(ContextSet, "compress",
+                        lambda cs, buf, **kw: calls.append(len(buf)) or compress(cs, buf, **kw))
+    store.set_param("recompress", "type=huge algo=deflate")
+    assert calls == [], "pages marked incompressible were tried again"
+    monkeypatch.undo()
+    store.set_param("idle", "all")
+    store.set_param("recompress", f"type=idle threshold={PAGE_SIZE} algo=zstd:9")
+    assert store.stats()["recompressed_pages"] == 0  # text pages are stored in < 4096 bytes
+    store.set_param("writeback", "incompressible")
+    st = states(store, range(64))
+    raw = np.arange(64) % 2 == 1
+    assert (st[raw] == DISK).all() and (st[~raw] == COMP).all()
+    for p, d in data.items():
+        assert store.read(p * PAGE_SIZE, PAGE_SIZE) == d
+    for bad in ("type=cold", "type=idle threshold=x", "type=idle algo=nope", "type=idle x=1"):
+        with pytest.raises(ConfigError):
+            store.set_param("recompress", bad)
+    with pytest.raises(ConfigError, match="no algorithm"):
+        store.set_param("recompress", "type=idle")
+
+
+def test_recomp_algorithm_takes_up_to_three_known_algorithms():
+    cfg = Config()
+    cfg.set("recomp_algorithm", "zstd:9, deflate")
+    assert cfg.get("recomp_algorithm") == "zstd:9,deflate"
+    for bad in ("zstd,deflate,lzo,lz4", "nope", "lz4:3", "zstd:20"):
+        with pytest.raises(ConfigError):
+            cfg.set("recomp_algorithm", bad)

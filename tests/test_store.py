@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from zblock import PAGE_SIZE
-from zblock.entries import COMP, DISK, FAR, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME
+from zblock.entries import (COMP, DISK, FAR, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME,
+                            far_value_size)
 from zblock.lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
@@ -79,8 +80,11 @@ def check_consistency(store: Store) -> None:
         assert t.disk_pages == int(np.count_nonzero(st == DISK))
         far = st == FAR
         assert t.far_pages == int(np.count_nonzero(far))
+        assert t.far_bytes == int(far_value_size(t.length[far].astype(np.int64)).sum())
         for p in pools:
             assert p.far_pages == int(np.count_nonzero(far & (t.pool_id == p.id)))
+        # every entry that needs its pool names a live one
+        assert set(np.unique(t.pool_id[cached | far]).tolist()) <= {p.id for p in pools}
         # a page under writeback is a cached or far one (the worker may be mid-batch)
         assert (cached | far)[t.under_wb].all()
         # a page has an object exactly when it is cached, and every entry is in a live chunk

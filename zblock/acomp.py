@@ -596,7 +596,8 @@ class ContextSet:
         self._closed = False
         self._workers: _Workers | None = None
         self._workers_lock = threading.Lock()
-        self._splits = engine is None and SPLITS[alg]
+        # one context has nothing to split across (its single chunk waited on a latch of 0)
+        self._splits = engine is None and SPLITS[alg] and n > 1
         self.worker_tids: set[int] = set()   # threads that ran chunks (tests' oracle)
 
     # ---- get / put ------------------------------------------------------------------------

@@ -47,9 +47,9 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .compressors import CompressionError
-from .config import Config
-from .entries import DISK, FAR, EntryTable
-from .errors import DataError, DiskError
+from .config import Config, parse_algorithm
+from .entries import DISK, FAR, INCOMPRESSIBLE, EntryTable
+from .errors import ConfigError, DataError, DiskError
 from .farpages import FarPages
 from .pagemem import resident_bytes
 from .pool import Trimmer
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 NSTRIPES = 1024
 ON_DEMAND_BATCH = 1024      # pages a step of writeback on demand (its progress moves by these)
+RECOMPRESS_BATCH = 256      # pages recompressed together (one request per algorithm)
 # A writer under the `evict` policy waits for the writeback worker once the pool is this far over
 # its limit (back-pressure), but never longer than SPACE_WAIT: a failing disk must not hang writes.
 OVERSHOOT = 8 << 20
@@ -174,8 +175,7 @@ class Cache:
         limit = self.config.pool_limit + OVERSHOOT
         if self.table.pool_total_size < limit:
             return
-        if time.monotonic() - self.writeback.failed_at < SPACE_WAIT or \
-                self.config.writeback_limit == 0:
+        if time.monotonic() - self.writeback.failed_at < SPACE_WAIT or self.budget_spent():
             return      # writeback is failing or has no budget: waiting would only slow writes
         deadline = time.monotonic() + SPACE_WAIT
         while self.table.pool_total_size >= limit and not self.writeback.closing:
@@ -231,7 +231,7 @@ class Cache:
     # store
 
     def store_pages(self, where, buf, expect_gen: int | None = None,
-                    may_wait: bool = True) -> bool:
+                    may_wait: bool = True, clean: bool = False) -> bool:
         """Store whole pages from `buf` (bytes-like, a multiple of PAGE_SIZE long) at pages
         `where ..` (an int), or at the page numbers in `where` (an int64 array, no page twice:
         the write-behind queue's batch of 4 KiB writes).
@@ -239,26 +239,32 @@ class Cache:
         `expect_gen` (one page, read-modify-write): store only if the page's entry is still the
         one the caller read; False if another store replaced it meanwhile (the caller retries).
         `may_wait=False`: no back-pressure wait (the caller holds a page lock the writeback worker
-        may need: it calls wait_for_space() before taking it)."""
+        may need: it calls wait_for_space() before taking it). `clean`: the backing file already
+        holds these bytes (promotion): the pages go in clean, and those the pool rejects stay
+        where they are, unwritten."""
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         first = where if type(where) is int else int(where[0])
         pool, reject = self._pool_get(may_wait, n)
         try:
             if reject:
-                return self._store_to_disk(mv, _pages(where, range(n)), expect_gen)
+                return False if clean else self._store_to_disk(mv, _pages(where, range(n)),
+                                                               expect_gen)
             cfg = self.config
             scan = pool.contexts.compress(mv, detect_same=cfg.same_filled_pages_enabled,
                                           raw_poor=cfg.incompressible_policy == "store_raw")
             poor = np.flatnonzero(scan.states == NONE).tolist() if NONE in scan.states else []
-            through = self.write_through is not None and cfg.write_through
+            through = self.write_through is not None and cfg.write_through and not clean
             with self.tree_lock:
                 if expect_gen is not None and self.table.gn[first] != expect_gen:
                     return False
                 self.c.reject_compress_poor += len(poor)
                 self.c.reject_compress_fail += scan.failed
                 # rejected pages keep their old entry until their disk write lands (below)
-                self.c.zswpout += self.table.install(where, scan, pool)
+                installed = self.table.install(where, scan, pool)
+                self.c.zswpout += installed
+                if clean:
+                    self.table.dirty[np.flatnonzero(scan.states != NONE) + first] = False
                 if through:
                     index = np.flatnonzero(scan.states != NONE)
                     pages = (index + first) if type(where) is int else where[index]
@@ -271,6 +277,8 @@ class Cache:
             # the queue keeps a reference: copy unless the caller's buffer is immutable
             self.write_through.submit(pages, mv if mv.readonly else memoryview(bytes(mv)),
                                       index, gens)
+        if clean:
+            return installed > 0
         if poor:
             pages = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in poor]
             return self._store_to_disk(b"".join(pages), _pages(where, poor), expect_gen)
@@ -414,11 +422,12 @@ class Cache:
         with self.page_locks.hold_one(page):
             with self.tree_lock:
                 moved = table.st[page] != DISK
+                gen = table.gn[page]
             # cached again (or discarded) since our look: take the current bytes
             if moved:
                 return self.load_page(page)
             data = self.backing.read_pages(page, 1)
-            self._read_from_disk(page, 1, data)
+            self._read_from_disk(page, [gen], data)
             return data
 
     def _decompress_failed(self, page: int, err) -> None:
@@ -443,42 +452,45 @@ class Cache:
             with self.page_locks.hold_range(start + a, count):
                 with self.tree_lock:
                     moved = any(s != DISK for s in st[start + a:start + b])
+                    gens = self.table.gn[start + a:start + b].tolist()
                 if moved:
                     # cached again (or discarded) since our snapshot: take the current bytes
                     data = self.load_pages(start + a, count)
                 else:
                     data = self.backing.read_pages(start + a, count)
-                    self._read_from_disk(start + a, count, data)
+                    self._read_from_disk(start + a, gens, data)
             mv = memoryview(data)
             for k in range(count):
                 parts[a + k] = mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
 
-    def _read_from_disk(self, first: int, count: int, data) -> None:
-        """Pages first .. first+count were read from the backing file (caller holds their page
-        locks): count the reads, and bring back into the pool, clean, those read more than
-        `promote_after` times, if the pool is below its accept threshold (zswap never does:
-        its loads from disk bypass it)."""
+    def _read_from_disk(self, first: int, gens: list[int], data) -> None:
+        """Pages first .. first+len(gens) were read from the backing file while DISK with
+        generations `gens` (caller holds their page locks; a whole-page write takes none, so
+        each is checked again): count the reads, and bring back into the pool, clean, those
+        read more than `promote_after` times, if the pool is below its accept threshold (zswap
+        never does: its loads from disk bypass it)."""
         after = self.config.promote_after
-        if not after:
+        if not after or self.config.read_only:
             return
         table = self.table
         with self.tree_lock:
-            pages = range(first, first + count)
-            for p in pages:
-                table.fl[p] = min(table.fl[p] + 1, 1 << 62)
-            hot = [p - first for p in pages if table.fl[p] > after]
+            hot = []
+            for i, gen in enumerate(gens):
+                p = first + i
+                if table.st[p] != DISK or table.gn[p] != gen:
+                    continue                # written or discarded since: its fill is not ours
+                table.fl[p] = min(table.fl[p] + 1, 1 << 16)
+                if table.fl[p] > after:
+                    hot.append(i)
             if not hot or table.pool_total_size >= self.accept_level():
                 return
-            gens = [table.gn[first + i] for i in hot]
         mv = memoryview(data)
-        for i, gen in zip(hot, gens):
-            # stored as a write would be, then clean: the file holds these bytes
+        for i in hot:
+            # installed clean only if the page is still the DISK entry the bytes came from
             if self.store_pages(first + i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE],
-                                expect_gen=gen, may_wait=False):
+                                expect_gen=gens[i], may_wait=False, clean=True):
                 with self.tree_lock:
-                    if NONE < table.st[first + i] < DISK:
-                        table.dt[first + i] = False
-                        self.c.promoted_pages += 1
+                    self.c.promoted_pages += 1
 
     # =========================================================================================
     # zram-style controls: idle pages, writeback on demand and its budget, compaction
@@ -490,38 +502,115 @@ class Cache:
     def writeback_now(self, kind: str) -> int:
         """zram's `writeback`: write the chosen cached pages to the backing file now (not the
         far tier), in batches, within the writeback budget. `idle`: not accessed since marked
-        idle; `huge` and `incompressible`: stored raw (zram tells those apart after
-        recompression, which zblock does not do); `all`: every compressed or raw page.
+        idle; `huge`: stored raw; `incompressible`: no secondary algorithm could shrink them
+        (recompress); `all`: every compressed or raw page.
         Returns the pages that left the cache."""
         table = self.table
         pick = {"idle": lambda s: table.cached(s) & table.idle(s),
                 "huge": lambda s: table.state[s] == RAW,
-                "incompressible": lambda s: table.state[s] == RAW,
+                "incompressible": lambda s: table.cached(s) & (table.fill[s] == INCOMPRESSIBLE),
                 "all": table.cached}[kind]
         with self.tree_lock:
             pages = table.find(lambda s: pick(s) & ~table.under_wb[s])
-            table.under_wb[pages] = True
-            gens = table.gen[pages].copy()
             self.writeback_progress = [0, len(pages)]
         done = 0
         try:
             for lo in range(0, len(pages), ON_DEMAND_BATCH):
-                hi = lo + ON_DEMAND_BATCH
-                before = self.writeback.evicted
-                ok = self.writeback.write_back(pages[lo:hi], gens[lo:hi], far=False)
-                done += self.writeback.evicted - before
+                batch = pages[lo:lo + ON_DEMAND_BATCH]
+                with self.tree_lock:    # each batch chosen again: pages change meanwhile
+                    batch = batch[pick(batch) & ~table.under_wb[batch]]
+                    table.under_wb[batch] = True
+                    gens = table.gen[batch].copy()
+                ok, moved = self.writeback.write_back(batch, gens, far=False)
+                done += moved
                 with self.tree_lock:
-                    self.writeback_progress[0] = min(hi, len(pages))
+                    self.writeback_progress[0] = min(lo + ON_DEMAND_BATCH, len(pages))
                 if not ok:              # a disk error, or the budget ran out
-                    with self.tree_lock:
-                        rest, rgens = pages[hi:], gens[hi:]
-                        table.under_wb[rest[table.gen[rest] == rgens]] = False
                     break
         finally:
             with self.tree_lock:
                 self.c.written_back_on_demand += done
                 self.writeback_progress = None
         return done
+
+    def recompress(self, kind: str, threshold: int = 0, algo: str | None = None) -> int:
+        """zram's `recompress`: the chosen cached pages (`idle`, `huge`: stored raw, or
+        `huge_idle`) whose stored size is at least `threshold` bytes, compressed again with
+        `algo`, else with each of recomp_algorithm in priority order, and kept only when
+        smaller. Pages no algorithm shrank are marked INCOMPRESSIBLE (not tried again;
+        `writeback incompressible` takes them). Returns the pages recompressed."""
+        names = [algo] if algo else [a for a in self.config.recomp_algorithm.split(",") if a]
+        if not names:
+            raise ConfigError("recompress: no algorithm: set recomp_algorithm or give algo=NAME")
+        algos = [parse_algorithm(a) for a in names]
+        table = self.table
+        idle = lambda s: table.cached(s) & table.idle(s)
+        raw = lambda s: table.state[s] == RAW
+        pick = {"idle": idle, "huge": raw, "huge_idle": lambda s: raw(s) & idle(s)}[kind]
+        with self.tree_lock:
+            pages = table.find(lambda s: pick(s) & ~table.under_wb[s] &
+                               (table.length[s] >= threshold) & (table.fill[s] != INCOMPRESSIBLE))
+        done = 0
+        for lo in range(0, len(pages), RECOMPRESS_BATCH):
+            done += self._recompress_batch(pages[lo:lo + RECOMPRESS_BATCH], algos)
+        return done
+
+    def _recompress_batch(self, pages: np.ndarray, algos: list) -> int:
+        """Recompress `pages` under their page locks (writeback and far sends take them too);
+        a result goes in only if its page is still the cached entry it was made from: same
+        generation, state, pool, and not under writeback."""
+        table = self.table
+        with self.page_locks.hold(pages.tolist()):
+            with self.tree_lock:
+                st = table.state[pages]
+                ok = ((st == COMP) | (st == RAW)) & ~table.under_wb[pages]
+                pages = pages[ok]
+                gens = table.gen[pages].copy()
+                lengths = table.length[pages].astype(np.int64)
+                pids = table.pool_id[pages].copy()
+                pools = [self.registry.secondary(name, level) for name, level in algos]
+                for pool in pools:
+                    pool.holds.append(None)
+            try:
+                got, datas, _ = self.writeback.materialize(pages)
+                have = dict(zip(got, datas))
+                ok = np.array([p in have for p in pages.tolist()], bool)
+                pages, gens, lengths, pids = pages[ok], gens[ok], lengths[ok], pids[ok]
+                tried = np.zeros(len(pages), bool)
+                left = np.ones(len(pages), bool)
+                found = []                  # (pool, indices, scan of them)
+                for pool in pools:
+                    todo = np.flatnonzero(left & (pids != pool.id))
+                    if not len(todo):
+                        continue
+                    tried[todo] = True
+                    scan = pool.contexts.compress(
+                        b"".join(have[p] for p in pages[todo].tolist()),
+                        detect_same=False, raw_poor=True)
+                    better = np.flatnonzero((scan.states == COMP) & (scan.lengths < lengths[todo]))
+                    if len(better):
+                        found.append((pool, todo[better], _scan_subset(scan, better)))
+                        left[todo[better]] = False
+                with self.tree_lock:
+                    def unchanged(idx):
+                        p = pages[idx]
+                        st = table.state[p]
+                        return ((table.gen[p] == gens[idx]) & ((st == COMP) | (st == RAW)) &
+                                (table.pool_id[p] == pids[idx]) & ~table.under_wb[p])
+                    n = saved = 0
+                    for pool, idx, scan in found:
+                        keep = np.flatnonzero(unchanged(idx))
+                        if len(keep) < len(idx):
+                            idx, scan = idx[keep], _scan_subset(scan, keep)
+                        saved += table.recompressed(pages[idx], scan, pool)
+                        n += len(idx)
+                    rest = np.flatnonzero(left & tried)
+                    table.fill[pages[rest[unchanged(rest)]]] = INCOMPRESSIBLE
+                    self.c.recompressed_pages += n
+                    self.c.recompress_saved_bytes += saved
+            finally:
+                self.registry.release(pools)
+        return n
 
     def take_budget(self, pages: int) -> int:
         """How many of `pages` pages writeback may write now (zram's writeback_limit, here in
@@ -532,6 +621,15 @@ class Cache:
         allowed = min(pages, budget // PAGE_SIZE)
         self.config.writeback_limit = budget - allowed * PAGE_SIZE
         return allowed
+
+    def refund_budget(self, pages: int) -> None:
+        """Give back budget taken for pages that were not written. Caller holds the tree lock."""
+        if self.config.writeback_limit >= 0:
+            self.config.writeback_limit += pages * PAGE_SIZE
+
+    def budget_spent(self) -> bool:
+        """No page may be written back now (a budget below one page)."""
+        return 0 <= self.config.writeback_limit < PAGE_SIZE
 
     def compact(self) -> None:
         """Give free heap back to the system now (zram's `compact`)."""
@@ -600,6 +698,12 @@ class Cache:
         with self.tree_lock:
             slots = self.table.objs_bytes()
         return slots + resident_bytes([*self.table.arrays, *more_arrays])
+
+
+def _scan_subset(scan: Scan, idx: np.ndarray) -> Scan:
+    """The pages `idx` of a scan, as a scan of their own."""
+    return Scan([scan.objs[i] for i in idx.tolist()], scan.states[idx], scan.lengths[idx],
+                scan.fills[idx], 0)
 
 
 def _pages(where, idx) -> list[int]:

@@ -48,6 +48,7 @@ _OPTION_PARAMS = {
     "shrinker": "shrinker_enabled",
     "write-through": "write_through",
     "writeback-limit": "writeback_limit",
+    "recomp-algorithm": "recomp_algorithm",
     "promote-after": "promote_after",
     "far": "far",
     "far-limit": "far_limit",

@@ -140,6 +140,30 @@ def _parse_compressor(text: str) -> str:
     return name
 
 
+MAX_RECOMP = 3          # zram's secondary algorithms (ZRAM_MAX_COMPS - 1)
+
+
+def parse_algorithm(text: str) -> tuple[str, int | None]:
+    """NAME or NAME:LEVEL (only zstd takes a level), checked to be installed."""
+    name, _, level = text.strip().partition(":")
+    _parse_compressor(name)
+    if not level:
+        return name, None
+    if name != "zstd":
+        raise ConfigError(f"{text!r}: only zstd takes a level")
+    return name, _int_range("zstd_level", 1, 19)(level)
+
+
+def _parse_recomp(text: str) -> str:
+    """recomp_algorithm: up to MAX_RECOMP algorithms, comma-separated, in priority order."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if len(items) > MAX_RECOMP:
+        raise ConfigError(f"recomp_algorithm: at most {MAX_RECOMP} algorithms, got {len(items)}")
+    for item in items:
+        parse_algorithm(item)
+    return ",".join(items)
+
+
 def _parse_budget(text: str) -> int:
     """writeback_limit: `none` (no budget: -1) or bytes."""
     text = str(text).strip()
@@ -228,6 +252,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           help=f"bytes writeback may still write to the backing file ({SIZE_SUFFIXES}; zram "
                "writeback_limit): spent by background and on-demand writeback, read back as what "
                "is left, refilled by writing it; none: no budget"),
+    Param("recomp_algorithm", _parse_recomp,
+          help="secondary algorithms for `recompress`, NAME or zstd:LEVEL, comma-separated in "
+               f"priority order, at most {MAX_RECOMP} (zram recomp_algorithm); empty: none"),
     _int_param("promote_after", 0, 255, "bring a page read from the backing file more than this "
                "many times back into the pool, below the accept threshold; 0: never"),
     Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
@@ -257,6 +284,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 DEFAULT_POOL_LIMIT = "20%"       # zswap's max_pool_percent default
 # what params/writeback and `zblock writeback --type` take (zram's writeback types)
 WRITEBACK_TYPES = ("idle", "huge", "incompressible", "all")
+RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
 
 
 @dataclass
@@ -271,6 +299,7 @@ class Config:
     shrinker_enabled: bool = True
     write_through: bool = False
     writeback_limit: int = -1
+    recomp_algorithm: str = ""
     promote_after: int = 0
     far: str = ""
     far_limit: int = 1 << 30

@@ -1,7 +1,8 @@
-"""`zblock writeback` and `zblock compact`: zram's on-demand controls, through a mount's files.
+"""`zblock writeback`, `zblock recompress` and `zblock compact`: zram's on-demand controls,
+through a mount's files.
 
-Each writes one of the mount's action files (params/writeback, params/compact), as an operator
-would with echo, and reports what the stats say changed. `writeback` shows a progress bar on a
+Each writes one of the mount's action files (params/writeback, params/recompress,
+params/compact), as an operator would with echo, and reports what the stats say changed. `writeback` shows a progress bar on a
 terminal while the write runs (the stats' `writeback_progress`).
 """
 
@@ -12,7 +13,7 @@ import os
 import sys
 import threading
 
-from .config import WRITEBACK_TYPES
+from .config import RECOMPRESS_TYPES, WRITEBACK_TYPES
 from .errors import ConfigError, MountError
 from .runtime import find_zblock_mount, read_stats
 
@@ -67,6 +68,23 @@ def cmd_writeback(args, argv) -> int:
     return 0
 
 
+def cmd_recompress(args, argv) -> int:
+    mp = args.mountpoint
+    find_zblock_mount(mp)
+    before = read_stats(mp)
+    text = f"type={args.type} threshold={args.threshold}" + (f" algo={args.algo}" if args.algo else "")
+    t = _write_action(mp, "recompress", text)
+    t.join()
+    if t.error is not None:
+        raise (ConfigError if t.error.errno == errno.EINVAL else MountError)(
+            f"recompress {text}: {t.error.strerror}")
+    after = read_stats(mp)
+    pages = after["recompressed_pages"] - before["recompressed_pages"]
+    saved = after["recompress_saved_bytes"] - before["recompress_saved_bytes"]
+    print(f"{pages} page(s) recompressed, {saved} bytes of pool memory saved")
+    return 0
+
+
 def cmd_compact(args, argv) -> int:
     mp = args.mountpoint
     find_zblock_mount(mp)
@@ -91,6 +109,17 @@ def register_cli(sub) -> None:
     p.add_argument("--type", required=True, choices=WRITEBACK_TYPES)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=cmd_writeback)
+    p = sub.add_parser("recompress", help="compress cached pages again, stronger (zram recompress)",
+                       description="Compress the chosen cached pages of a mount again with a "
+                                   "secondary algorithm (--algo, or the mount's recomp_algorithm "
+                                   "in priority order) and keep the result where it is smaller: "
+                                   "idle pages, huge ones (stored raw), or both.")
+    p.add_argument("mountpoint")
+    p.add_argument("--type", required=True, choices=RECOMPRESS_TYPES)
+    p.add_argument("--threshold", type=int, default=0, metavar="BYTES",
+                   help="only pages stored in at least this many bytes")
+    p.add_argument("--algo", metavar="NAME", help="NAME or zstd:LEVEL (default: recomp_algorithm)")
+    p.set_defaults(func=cmd_recompress)
     p = sub.add_parser("compact", help="give the pool's free memory back now (zram compact)",
                        description="Have the server give the memory its pool freed back to the "
                                    "system now, and print how much its RSS fell.")

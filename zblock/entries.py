@@ -16,6 +16,7 @@ Page states:
     COMP  compressed object in a pool, on the LRU
     RAW   incompressible page stored as-is in a pool, on the LRU (zswap 6.18)
     DISK  not cached: the backing file holds it; `fill` counts its reads (promotion)
+`fill` of a COMP or RAW page is 0, or INCOMPRESSIBLE once recompression could not shrink it.
     FAR   its object is in the far tier (zblock.farpages) under version `fill`; `length` and
           `pool_id` stay, and the pool lives on while far pages use it (Pool.far_pages)
 A cached or far page (SAME/COMP/RAW/FAR) is `dirty` until the backing file holds the same bytes
@@ -50,6 +51,7 @@ from .scan import COMP, NONE, RAW, SAME, Scan
 
 DISK = 4
 FAR = 5
+INCOMPRESSIBLE = 1          # `fill` of a cached page no secondary algorithm shrank (zram's flag)
 FAR_HEADER = 24             # zblock.far.HEADER.size: a far value is the header and the object
 
 
@@ -177,7 +179,7 @@ class EntryTable:
             self.live[pages >> OBJ_SHIFT] = True
         self.state[pages] = states
         self.length[pages] = lengths
-        self.fill[pages] = fills
+        self.fill[pages] = np.where(states == SAME, fills, 0)
         self.pool_id[pages] = pool.id
         self.dirty[pages] = True
         self.stamp[pages] = self.seq
@@ -205,7 +207,7 @@ class EntryTable:
         length = int(scan.lengths[0])
         self.st[page] = state
         self.ln[page] = length
-        self.fl[page] = int(scan.fills[0])
+        self.fl[page] = int(scan.fills[0]) if state == SAME else 0
         self.pid[page] = pool.id
         self.dt[page] = True
         self.stp[page] = self.seq
@@ -286,6 +288,18 @@ class EntryTable:
         self.dt[page] = False
         self.ref[page] = False
         self.uwb[page] = False
+
+    def recompressed(self, pages: np.ndarray, scan: Scan, pool: Pool) -> int:
+        """Cached pages whose objects a secondary algorithm made smaller: their new objects
+        into `pool`; dirty bit, LRU place, access time and generation stay (same bytes).
+        Returns the bytes of pool memory saved."""
+        before = self.pool_total_size
+        keep = (self.dirty[pages].copy(), self.referenced[pages].copy(), self.stamp[pages].copy(),
+                self.atime[pages].copy(), self.gen[pages].copy())
+        self.install(pages, scan, pool)
+        (self.dirty[pages], self.referenced[pages], self.stamp[pages], self.atime[pages],
+         self.gen[pages]) = keep
+        return before - self.pool_total_size
 
     def set_disk(self, pages: np.ndarray) -> None:
         """Freed pages (see free()) that the backing file now holds."""

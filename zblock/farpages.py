@@ -101,16 +101,23 @@ class FarPages:
         (a list) is appended there and its slot is None."""
         cache, table, far = self.cache, self.cache.table, self.far
         with cache.tree_lock:
+            # the callers looked under an earlier hold of the lock: a page may have changed
+            here = [table.st[p] == FAR for p in pages]
             versions = [table.fl[p] for p in pages]
             gens = [table.gn[p] for p in pages]
             pids = [table.pid[p] for p in pages]
-            pools = cache.registry.hold(set(pids))
+            pools = cache.registry.hold({pid for pid, h in zip(pids, here) if h})
         try:
-            values = far.get([far.key(p, v) for p, v in zip(pages, versions)])
+            asked = [i for i, h in enumerate(here) if h]
+            values: list = [None] * len(pages)
+            for i, v in zip(asked, far.get([far.key(pages[i], versions[i]) for i in asked])):
+                values[i] = v
             out: list = [None] * len(pages)
             packed: dict[int, list[int]] = {}       # pool id -> indices of compressed payloads
             for i, (p, v) in enumerate(zip(pages, values)):
-                if type(v) is bytes:
+                if not here[i]:
+                    out[i] = cache.load_page(p)
+                elif type(v) is bytes:
                     try:
                         alg, out[i] = far.decode(p, v)
                     except FarCorrupt as e:
@@ -181,7 +188,8 @@ class FarPages:
                 gens = table.gen[victims].copy()
             if not len(victims):
                 break
-            if not cache.writeback.write_back(victims, gens):
+            ok, moved = cache.writeback.write_back(victims, gens)
+            if not ok or not moved:     # nothing went down (the cluster cannot give them back)
                 return False
         if cfg.swap or cfg.read_only:
             return True

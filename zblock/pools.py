@@ -60,10 +60,25 @@ class PoolRegistry:
 
     def _find_get(self) -> Pool:
         """The pool for the config as it is now, reusing a live one, made current."""
-        key = pool_key(self.config)
+        pool = self.find_or_make(pool_key(self.config))
+        pool.current = True
+        return pool
+
+    def secondary(self, name: str, level: int | None) -> Pool:
+        """A pool of algorithm `name` (software, the current pool's contexts) for
+        recompression; not current: it lives while entries use it. Caller holds the tree lock
+        and puts a hold on it (hold()) before unlocking."""
+        if name == "zstd" and level is None:
+            level = 1                       # zstd's own default, as pool_key says it
+        pool = self.find_or_make((name, level, "none", None, self.config.contexts))
+        if pool is not self.current:
+            pool.current = False            # it dies with its last entry, as an old pool does
+        return pool
+
+    def find_or_make(self, key: tuple) -> Pool:
+        """The live pool of `key`, or a new one."""
         for pool in self.pools:
             if pool is not None and pool.key == key:
-                pool.current = True
                 return pool
         free_id = next((i for i, p in enumerate(self.pools) if p is None), None)
         if free_id is None:

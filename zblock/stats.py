@@ -26,7 +26,8 @@ class Counters:
              "reject_pool_limit", "decompress_fail",
              "zswpout", "zswpin", "zswpwb", "discarded_pages",
              "far_writes", "far_reads", "far_demoted_pages", "far_errors", "far_checksum_errors",
-             "written_back_on_demand", "promoted_pages")
+             "written_back_on_demand", "promoted_pages", "recompressed_pages",
+             "recompress_saved_bytes")
 
     def __init__(self):
         for name in self.NAMES:

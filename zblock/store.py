@@ -22,7 +22,7 @@ import psutil
 from . import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .backing import Backing
 from .cache import Cache
-from .config import PARAMS, WRITEBACK_TYPES, Config
+from .config import PARAMS, RECOMPRESS_TYPES, WRITEBACK_TYPES, Config, parse_algorithm
 from .errors import ConfigError, OutOfRange
 from .far import FarTier, instance_id
 from .pool import Trimmer
@@ -52,6 +52,9 @@ ACTIONS = {
             "written for that long; an access clears the mark (stats: idle_pages)",
     "writeback": "write " + ", ".join(WRITEBACK_TYPES) + ": write those cached pages to the backing "
                  "file now, within writeback_limit (stats: writeback_progress, written_back_on_demand)",
+    "recompress": "write `type=idle|huge|huge_idle [threshold=BYTES] [algo=NAME]`: compress those "
+                  "cached pages again with algo, or recomp_algorithm in priority order, and keep "
+                  "the smaller (stats: recompressed_pages, recompress_saved_bytes)",
     "compact": "write 1: give the pool's free memory back to the system now (stats: "
                "compact_freed_bytes)",
 }
@@ -366,6 +369,17 @@ class Store:
             if text not in WRITEBACK_TYPES:
                 raise ConfigError(f"writeback: {text!r} is not one of {', '.join(WRITEBACK_TYPES)}")
             self.cache.writeback_now(text)
+        elif name == "recompress":
+            args = dict(kv.partition("=")[::2] for kv in text.split())
+            kind = args.pop("type", "")
+            threshold = args.pop("threshold", "0")
+            algo = args.pop("algo", None)
+            if kind not in RECOMPRESS_TYPES or args or not threshold.isdigit():
+                raise ConfigError(f"recompress: {text!r}: want type={'|'.join(RECOMPRESS_TYPES)} "
+                                  "[threshold=BYTES] [algo=NAME]")
+            if algo:
+                parse_algorithm(algo)
+            self.cache.recompress(kind, int(threshold), algo)
         elif name == "compact":
             before = self._proc.memory_info().rss
             self.cache.compact()

@@ -175,29 +175,36 @@ class Writeback:
                     victims, gens = select_victims(table, want)
             if not len(victims):
                 return True         # nothing cached, or shrink_worker would give up here
-            if not self.write_back(victims, gens):
+            ok, _ = self.write_back(victims, gens)
+            if not ok:
                 return False
 
-    def write_back(self, victims: np.ndarray, gens: np.ndarray, far: bool = True) -> bool:
+    def write_back(self, victims: np.ndarray, gens: np.ndarray,
+                   far: bool = True) -> tuple[bool, int]:
         """Move victims (marked under_wb) down a tier and drop them from the cache: cached
         pages to the far tier where it takes them (unless `far` is False), else to disk; far pages
-        to disk. False if the disk failed or the writeback budget ran out: the victims not
-        written stay as they were, off writeback."""
+        to disk. Returns (False if the disk failed or the writeback budget ran out, pages moved);
+        the victims not moved stay as they were, off writeback."""
         cache = self.cache
+        moved = 0
         try:
             for lo in range(0, len(victims), BATCH):
-                if not self._write_back_batch(victims[lo:lo + BATCH], gens[lo:lo + BATCH], far):
-                    return False
-            return True
+                ok, n = self._write_back_batch(victims[lo:lo + BATCH], gens[lo:lo + BATCH], far)
+                moved += n
+                if not ok:
+                    return False, moved
+            return True, moved
         finally:
             with cache.tree_lock:
                 left = victims[cache.table.gen[victims] == gens]
                 cache.table.under_wb[left] = False
                 cache.wb_cond.notify_all()
 
-    def _write_back_batch(self, pages: np.ndarray, pgens: np.ndarray, far: bool) -> bool:
+    def _write_back_batch(self, pages: np.ndarray, pgens: np.ndarray,
+                          far: bool) -> tuple[bool, int]:
         cache = self.cache
         table = cache.table
+        sent = pages[:0]
         with cache.page_locks.hold(pages.tolist()):
             with cache.tree_lock:
                 valid = table.gen[pages] == pgens
@@ -205,16 +212,25 @@ class Writeback:
             if far and cache.far_pages is not None:
                 sent = cache.far_pages.send(pages, pgens)
                 if len(sent):
-                    self.evicted += len(sent)
+                    with cache.tree_lock:
+                        self.evicted += len(sent)
                     rest = ~np.isin(pages, sent)
                     pages, pgens = pages[rest], pgens[rest]
             with cache.tree_lock:
                 dirty = table.dirty[pages].copy()
+                # the budget is asked before any decompression: an empty one costs nothing
+                ndirty = int(np.count_nonzero(dirty))
+                allowed = cache.take_budget(ndirty)
+            out_of_budget = allowed < ndirty
+            if out_of_budget:           # the dirty pages past the budget stay as they are
+                over = np.flatnonzero(dirty)[allowed:]
+                keep = np.ones(len(pages), bool)
+                keep[over] = False
+                pages, pgens, dirty = pages[keep], pgens[keep], dirty[keep]
             wpages, wdata, _ = self.materialize(pages[dirty])
-            with cache.tree_lock:
-                allowed = cache.take_budget(len(wpages))
-            out_of_budget = allowed < len(wpages)
-            wpages, wdata = wpages[:allowed], wdata[:allowed]
+            if len(wpages) < allowed:   # pages that could not be read back: nothing written
+                with cache.tree_lock:
+                    cache.refund_budget(allowed - len(wpages))
             try:
                 if wpages:
                     cache.backing.write_pages(wpages, wdata)
@@ -223,7 +239,8 @@ class Writeback:
                 with cache.tree_lock:
                     cache.c.reject_reclaim_fail += 1
                     self.failed_at = time.monotonic()
-                return False
+                    cache.refund_budget(len(wpages))
+                return False, len(sent)
             written = np.isin(pages, wpages)
             with cache.tree_lock:
                 still = table.gen[pages] == pgens
@@ -235,7 +252,7 @@ class Writeback:
                 table.set_disk(drop)
                 cache.c.written_back_pages += len(wpages)
                 cache.c.zswpwb += len(wpages)
-        return not out_of_budget
+        return not out_of_budget, len(sent) + len(drop)
 
     def materialize(self, pages: np.ndarray) -> tuple[list[int], list[bytes], list[int]]:
         """Uncompressed bytes of cached pages (caller holds their page locks, not the tree
