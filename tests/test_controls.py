@@ -357,17 +357,19 @@ def test_recomp_algorithm_takes_up_to_three_known_algorithms():
 
 @pytest.mark.timeout(120)
 def test_controls_running_beside_writers_readers_and_fsync_lose_nothing(tmp_path):
+    controls_beside_io(str(tmp_path / "img"), Config(pool_limit=2 * MiB, contexts=2))
+
+
+def controls_beside_io(path: str, cfg: Config, seconds: float = 6.0) -> dict:
     """Writers (each in its own region, with its own model), readers, fsync and every control
     at once: idle marking, recompression, writeback on demand within a budget that is refilled,
     compaction, promotion. Every byte must read back, the gauges agree, and a remount reads the
-    file back whole."""
+    file back whole. Returns the last stats (tests/test_far.py runs it on the far tier)."""
     import threading
-    path = str(tmp_path / "img")
     npages, writers = 2048, 3
     region = npages // writers
-    store = Store.open(path, npages * PAGE_SIZE,
-                       Config(pool_limit=2 * MiB, contexts=2, recomp_algorithm="zstd:5,deflate",
-                              promote_after=1, writeback_limit=4 * MiB))
+    cfg.recomp_algorithm, cfg.promote_after, cfg.writeback_limit = "zstd:5,deflate", 1, 4 * MiB
+    store = Store.open(path, npages * PAGE_SIZE, cfg)
     models = [dict() for _ in range(writers)]
     stop = threading.Event()
     errors = []
@@ -416,7 +418,7 @@ def test_controls_running_beside_writers_readers_and_fsync_lose_nothing(tmp_path
     threads.append(threading.Thread(target=controls))
     for t in threads:
         t.start()
-    time.sleep(6)
+    time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(60)
@@ -438,3 +440,4 @@ def test_controls_running_beside_writers_readers_and_fsync_lose_nothing(tmp_path
                 assert again.read(p * PAGE_SIZE, PAGE_SIZE) == d, p
     finally:
         again.close()
+    return s

@@ -26,6 +26,7 @@ from zblock.store import Store
 import mountutil
 import rediscluster
 from conftest import require
+from test_controls import controls_beside_io
 from test_store import check_consistency
 
 MiB = 1 << 20
@@ -469,3 +470,13 @@ def test_a_cluster_that_comes_back_is_used_again_without_a_remount(tmp_path, own
     finally:
         store.close()
     assert own_cluster.dbsize() == 0
+
+
+def test_controls_beside_io_on_the_far_tier(tmp_path, cluster):
+    """The zram-style controls, writers, readers and fsync at once, with pages going far: every
+    byte reads back, the gauges agree (far ones too), no key outlives the close."""
+    s = controls_beside_io(str(tmp_path / "img"),
+                           far_config(cluster.url, pool_limit=512 << 10, far_limit=2 * MiB,
+                                      far_dirty_limit=1 * MiB))
+    assert s["far_writes"] > 0 and s["far_errors"] == 0 and s["checksum_errors"] == 0, s
+    assert cluster.dbsize() == 0
