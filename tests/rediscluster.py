@@ -6,7 +6,9 @@ cluster with `redis-cli --cluster create`. Every process is ended by its pid.
     python3 -m tests.rediscluster stop DIR
 
 Nodes fail over fast (cluster-node-timeout 1000 ms) so tests can kill a master and see its
-replica take over within seconds. Persistence is off: the far tier is a cache.
+replica take over within seconds. Persistence is off: the far tier is a cache. With `tls`
+(make_certificates() makes them) every connection, the cluster bus and replication included,
+is TLS, and clients must show a certificate of the same CA.
 """
 
 from __future__ import annotations
@@ -53,18 +55,20 @@ class RedisCluster:
     """Six nodes under `directory`; start() then stop() (also on every failure path)."""
 
     def __init__(self, directory, base_port: int | None = None, *, maxmemory: str | None = None,
-                 policy: str = "noeviction", replicas: int = 1):
+                 policy: str = "noeviction", replicas: int = 1, tls: dict | None = None):
         self.dir = Path(directory)
         self.base = base_port or free_port_base()
         self.ports = list(range(self.base, self.base + NODES))
         self.maxmemory = maxmemory
         self.policy = policy
         self.replicas = replicas
+        self.tls = tls                  # make_certificates()'s paths, or None
         self.pids: dict[int, int] = {}
 
     @property
     def url(self) -> str:
-        return "redis://" + ",".join(f"{HOST}:{p}" for p in self.ports)
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://" + ",".join(f"{HOST}:{p}" for p in self.ports)
 
     def start(self) -> "RedisCluster":
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,7 @@ class RedisCluster:
                 # a new cluster: no node may remember an old one (`--cluster create` refuses)
                 (self.dir / str(port) / "nodes.conf").unlink(missing_ok=True)
                 self.start_node(port)
-            subprocess.run(["redis-cli", "--cluster", "create",
+            subprocess.run(["redis-cli", *self._cli_tls(), "--cluster", "create",
                             *(f"{HOST}:{p}" for p in self.ports),
                             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                            check=True, capture_output=True, timeout=60)
@@ -95,6 +99,12 @@ class RedisCluster:
                 "--logfile", str(ndir / "redis.log"), "--maxmemory-policy", self.policy]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory]
+        if self.tls:
+            args[1:3] = ["--port", "0", "--tls-port", str(port)]     # TLS only
+            args += ["--tls-cert-file", self.tls["server_cert"], "--tls-key-file",
+                     self.tls["server_key"], "--tls-ca-cert-file", self.tls["ca"],
+                     "--tls-cluster", "yes", "--tls-replication", "yes",
+                     "--tls-auth-clients", "yes"]
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         self.pids[port] = proc.pid
@@ -106,11 +116,17 @@ class RedisCluster:
             time.sleep(0.05)
 
     def cli(self, port: int, *args: str, check: bool = True) -> str:
-        r = subprocess.run(["redis-cli", "-h", HOST, "-p", str(port), *args],
+        r = subprocess.run(["redis-cli", *self._cli_tls(), "-h", HOST, "-p", str(port), *args],
                            capture_output=True, text=True, timeout=10)
         if check and r.returncode:
             raise RuntimeError(f"redis-cli {' '.join(args)} on {port}: {r.stderr.strip()}")
         return r.stdout.strip()
+
+    def _cli_tls(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--tls", "--cacert", self.tls["ca"], "--cert", self.tls["client_cert"],
+                "--key", self.tls["client_key"]]
 
     def wait_ok(self, timeout: float = START_TIMEOUT) -> None:
         """Until every live node says cluster_state:ok and every live replica's link to its
@@ -175,6 +191,27 @@ class RedisCluster:
         cluster = cls(directory, state["ports"][0])
         cluster.pids = {int(k): v for k, v in state["pids"].items()}
         return cluster
+
+
+def make_certificates(directory) -> dict:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl
+    in `directory`; their paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {k: str(d / f"{k}.pem") for k in ("ca", "ca_key", "server_cert", "server_key",
+                                               "client_cert", "client_key")}
+    ssl = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=zblock-test-ca",
+        "-keyout", paths["ca_key"], "-out", paths["ca"])
+    ext = d / "san.cnf"
+    ext.write_text(f"subjectAltName=IP:{HOST}\n")
+    for who in ("server", "client"):
+        csr = str(d / f"{who}.csr")
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=zblock-test-{who}",
+            "-keyout", paths[f"{who}_key"], "-out", csr)
+        ssl("x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"],
+            "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", paths[f"{who}_cert"])
+    return paths
 
 
 def _is_redis(pid: int) -> bool:

@@ -480,3 +480,39 @@ def test_controls_beside_io_on_the_far_tier(tmp_path, cluster):
                                       far_dirty_limit=1 * MiB))
     assert s["far_writes"] > 0 and s["far_errors"] == 0 and s["checksum_errors"] == 0, s
     assert cluster.dbsize() == 0
+
+
+def test_a_tls_cluster_with_client_certificates(tmp_path):
+    """rediss:// to a cluster whose every link is TLS and that asks clients for a certificate
+    (tls-auth-clients yes): pages go far and come back; without the CA the mount is refused."""
+    require(shutil.which("openssl") is not None, "openssl is not installed")
+    require(_have_redis(), "redis-server and redis-cli (Debian redis-server, redis-tools)")
+    workdir = mountutil.new_workdir("far-tls-")
+    try:
+        certs = rediscluster.make_certificates(os.path.join(workdir, "certs"))
+        cluster = rediscluster.RedisCluster(os.path.join(workdir, "redis-cluster"), tls=certs)
+        cluster.start()
+        try:
+            assert cluster.url.startswith("rediss://")
+            tls = dict(far_tls_ca=certs["ca"], far_tls_cert=certs["client_cert"],
+                       far_tls_key=certs["client_key"])
+            with pytest.raises(Exception, match="(?i)certificate|ssl"):
+                Store.open(str(tmp_path / "a"), 4 * MiB,
+                           far_config(cluster.url, far_tls_cert=certs["client_cert"],
+                                      far_tls_key=certs["client_key"]))
+            rng = random.Random(11)
+            store = Store.open(str(tmp_path / "b"), 8 * MiB, far_config(cluster.url, **tls))
+            try:
+                data = b"".join(page_of(rng, i) for i in range(1024))
+                store.write(0, data)
+                s = settle(store, lambda s: s["far_stored_pages"] > 100)
+                assert s["far_stored_pages"] > 100
+                assert store.read(0, len(data)) == data
+                assert store.stats()["far_reads"] > 0
+            finally:
+                store.close()
+            assert cluster.dbsize() == 0
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

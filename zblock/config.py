@@ -248,6 +248,13 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
                "goes to disk)"),
     Param("far_auth_file", str, runtime=False,
           help="far tier: file (mode 600) with the ACL user and password, `USER PASSWORD`"),
+    Param("far_tls_ca", str, runtime=False,
+          help="far tier over rediss://: the CA file the cluster's certificates are checked "
+               "against (default: the system's)"),
+    Param("far_tls_cert", str, runtime=False,
+          help="far tier over rediss://: this client's certificate, for a cluster with "
+               "tls-auth-clients (with far_tls_key)"),
+    Param("far_tls_key", str, runtime=False, help="far tier over rediss://: the key of far_tls_cert"),
     Param("writeback_limit", _parse_budget, _fmt_budget,
           help=f"bytes writeback may still write to the backing file ({SIZE_SUFFIXES}; zram "
                "writeback_limit): spent by background and on-demand writeback, read back as what "
@@ -307,6 +314,9 @@ class Config:
     far_replicas: int = 1
     far_timeout: float = 5.0
     far_auth_file: str = ""
+    far_tls_ca: str = ""
+    far_tls_cert: str = ""
+    far_tls_key: str = ""
     accelerator: str = "none"
     hw_queues: int = 4
     hw_depth: int = 128
@@ -347,6 +357,10 @@ class Config:
         if self.swap and self.sparse:
             raise ConfigError("--sparse cannot be used with --swap (swap space is always reserved: "
                               "reclaim must never meet ENOSPC)")
+        if bool(self.far_tls_cert) != bool(self.far_tls_key):
+            raise ConfigError("--far-tls-cert and --far-tls-key go together")
+        if (self.far_tls_ca or self.far_tls_cert) and not self.far.startswith("rediss://"):
+            raise ConfigError("--far-tls-* need a rediss:// --far URL")
         if self.far and self.read_only:
             raise ConfigError("--far cannot be used with --read-only (nothing is written back)")
         if self.swap and self.read_only:

@@ -123,7 +123,8 @@ class FarTier:
     """One instance's connection to the cluster. Thread-safe."""
 
     def __init__(self, url: str, instance: str, *, replicas: int = 1, timeout: float = 5.0,
-                 auth_file: str | None = None):
+                 auth_file: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None):
         from redis.backoff import NoBackoff
         from redis.cluster import ClusterNode, RedisCluster
         from redis.retry import Retry
@@ -137,7 +138,8 @@ class FarTier:
         if auth_file:
             kw["username"], kw["password"] = read_auth_file(auth_file)
         if ep.tls:
-            kw["ssl"] = True
+            kw.update(ssl=True, ssl_cert_reqs="required", ssl_ca_certs=tls_ca or None,
+                      ssl_certfile=tls_cert or None, ssl_keyfile=tls_key or None)
         # zblock retries itself, within its own deadline: the client's retries would stack
         # their backoffs on top of it
         self._rc = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in ep.nodes],

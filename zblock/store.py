@@ -99,7 +99,9 @@ class Store:
         if config.far:
             far = FarTier.connect(config.far, instance_id(backing.path),
                                   replicas=config.far_replicas, timeout=config.far_timeout,
-                                  auth_file=config.far_auth_file or None)
+                                  auth_file=config.far_auth_file or None,
+                                  tls_ca=config.far_tls_ca, tls_cert=config.far_tls_cert,
+                                  tls_key=config.far_tls_key)
         try:
             self.cache = Cache(self.npages, config, backing, on_disk=on_disk,
                                memory_pressure=memory_pressure, engine_factory=engine_factory,
