@@ -110,6 +110,7 @@ def states(store: Store) -> np.ndarray:
 def test_url_and_auth_file_are_checked(tmp_path):
     assert parse_url("redis://127.0.0.1:7000,[::1]:7001").nodes == [("127.0.0.1", 7000), ("::1", 7001)]
     assert parse_url("rediss://h:1").tls
+    assert parse_url("redis://h:1+g:2").nodes == [("h", 1), ("g", 2)]     # for mount -o
     for bad in ("http://h:1", "redis://h", "redis://h:0", "redis://h:x", "redis://u:pw@h:1"):
         with pytest.raises(ConfigError):
             parse_url(bad)

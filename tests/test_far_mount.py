@@ -42,8 +42,11 @@ def cluster():
 def test_fio_verify_with_a_master_killed_mid_run(cluster):
     require(shutil.which("fio") is not None, "fio is not installed")
     mountutil.require_mounts()
-    with Mount(size="128M", pool_limit="4M", far=cluster.url, far_limit="96M",
-               far_timeout="20") as m:
+    # through mount -o, as fstab would say it: the nodes joined with `+`
+    o = f"far={cluster.url.replace(',', '+')},far_limit=96M,far_timeout=20"
+    with Mount(size="128M", pool_limit="4M", extra=["-o", o]) as m:
+        with open(os.path.join(m.mountpoint, "params", "far")) as f:
+            assert f.read().strip() == cluster.url.replace(",", "+")
         fio = subprocess.Popen(
             ["fio", "--name=zb", f"--filename={m.disk}", "--ioengine=psync", "--direct=1",
              "--numjobs=2", "--size=24M", "--offset_increment=24M", "--bs=4k",

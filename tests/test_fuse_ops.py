@@ -71,12 +71,15 @@ def test_getattr_and_readdir(ops):
     assert ops.getattr("/params")["st_mode"] & 0o170000 == 0o040000
     assert ops.getattr("/stats")["st_mode"] & 0o777 == 0o444
     assert ops.getattr("/params/compressor")["st_mode"] & 0o777 == 0o644
-    for bad in ("/nope", "/params/nope", "/disk/x", "/params/swap"):
+    for bad in ("/nope", "/params/nope", "/disk/x"):
         assert errno_of(ops.getattr, bad) == errno.ENOENT
     assert set(ops.readdir("/", 0)) >= {"disk", "stats", "params"}
     names = set(ops.readdir("/params", 0))
-    assert {"compressor", "pool_limit", "accept_threshold", "hw_batch"} <= names
-    assert "swap" not in names and "kernel_cache" not in names
+    assert {"compressor", "pool_limit", "accept_threshold", "hw_batch", "idle"} <= names
+    # fixed at mount: there to read, not to write
+    assert {"swap", "kernel_cache", "far", "far_replicas"} <= names
+    for fixed in ("/params/swap", "/params/far"):
+        assert ops.getattr(fixed)["st_mode"] & 0o777 == 0o444
 
 
 def test_statfs_block_size(ops):
@@ -265,6 +268,11 @@ def test_params_read_write(ops, store):
     assert ops.read("/params/compressor", 4096, 0, r) == b"lz4\n"
     assert errno_of(ops.open, "/params/nope", fi()) == errno.ENOENT
     assert errno_of(ops.create, "/params/new", 0o644, fi()) == errno.EACCES
+    # fixed at mount: readable, never writable
+    r = opened(ops, "/params/swap", os.O_RDONLY)
+    assert ops.read("/params/swap", 4096, 0, r) == b"N\n"
+    assert errno_of(ops.open, "/params/swap", fi(os.O_WRONLY)) == errno.EACCES
+    assert errno_of(ops.open, "/params/far", fi(os.O_RDWR)) == errno.EACCES
 
 
 # ---------------------------------------------------------------------------------------------

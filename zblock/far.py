@@ -24,6 +24,7 @@ import collections
 import hashlib
 import logging
 import os
+import re
 import stat
 import struct
 import threading
@@ -72,7 +73,8 @@ class Endpoint:
 
 
 def parse_url(text: str) -> Endpoint:
-    """redis://HOST:PORT[,HOST:PORT...] or rediss:// (TLS). ConfigError naming the problem."""
+    """redis://HOST:PORT[,HOST:PORT...] (or `+` between nodes) or rediss:// (TLS).
+    ConfigError naming the problem."""
     parts = urlsplit(text.strip())
     if parts.scheme not in ("redis", "rediss"):
         raise ConfigError(f"--far {text!r}: want redis://HOST:PORT[,HOST:PORT...] or rediss://")
@@ -80,7 +82,8 @@ def parse_url(text: str) -> Endpoint:
         raise ConfigError("--far: credentials do not go in the URL (the command line is visible "
                           "to every user); use --far-auth-file")
     nodes = []
-    for item in parts.netloc.split(","):
+    # `+` as well as `,`: mount -o splits its options at commas
+    for item in re.split(r"[,+]", parts.netloc):
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--far {text!r}: {item!r} is not HOST:PORT")

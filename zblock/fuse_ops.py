@@ -6,7 +6,8 @@ The filesystem has three kinds of files:
     /disk          the block file: Store.read/write/discard/fsync, size fixed at Store.size
     /stats         a JSON snapshot of Store.stats(), taken when the file is opened
     /params/NAME   one file per Store.param_names(); read: value + newline (snapshot at open),
-                   write: Store.set_param (EINVAL and unchanged when invalid)
+                   write: Store.set_param (EINVAL and unchanged when invalid); params fixed at
+                   mount are read-only (0444, EACCES on open for writing)
 
 Invariants:
   - No cache logic lives here. Every byte of `disk` goes to the Store in one call per request,
@@ -172,8 +173,10 @@ class ZblockOps:
             return self._attrs(stat.S_IFREG | 0o444, 0)
         if path == PARAMS_DIR:
             return self._attrs(stat.S_IFDIR | 0o755, 0, nlink=2)
-        if self._param_name(path) is not None:
-            return self._attrs(stat.S_IFREG | 0o644, 0)
+        name = self._param_name(path)
+        if name is not None:
+            mode = 0o644 if self.store.param_writable(name) else 0o444
+            return self._attrs(stat.S_IFREG | mode, 0)
         raise FuseError(errno.ENOENT)
 
     @_errno_edge
@@ -228,6 +231,8 @@ class ZblockOps:
         name = self._param_name(path)
         if name is None:
             raise FuseError(errno.ENOENT)
+        if acc != os.O_RDONLY and not self.store.param_writable(name):
+            raise FuseError(errno.EACCES)          # fixed at mount
         data = (self.store.get_param(name) + "\n").encode()
         fi.fh = self._new_handle(_Snapshot(data, name))
         fi.direct_io = 1

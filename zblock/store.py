@@ -327,7 +327,12 @@ class Store:
     # params and stats
 
     def param_names(self) -> list[str]:
-        return [name for name, p in PARAMS.items() if p.runtime] + list(ACTIONS)
+        """Every param (those fixed at mount read-only, see param_writable) and action."""
+        return list(PARAMS) + list(ACTIONS)
+
+    @staticmethod
+    def param_writable(name: str) -> bool:
+        return name in ACTIONS or PARAMS[name].runtime
 
     def get_param(self, name: str) -> str:
         if name in ACTIONS:
