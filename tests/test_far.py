@@ -73,6 +73,11 @@ def far_config(url: str, **kw) -> Config:
     return cfg
 
 
+def roomy_config(url: str, **kw) -> Config:
+    """far_config with room in the far tier: nothing demoted, no dirty far page flushed."""
+    return far_config(url, far_limit=64 * MiB, far_dirty_limit=64 * MiB, **kw)
+
+
 def page_of(rng: random.Random, salt: int) -> bytes:
     """A page that compresses to about 40%: writeback has real objects to move."""
     head = salt.to_bytes(8, "little") + rng.randbytes(1500)
@@ -228,8 +233,7 @@ def test_far_limit_and_dirty_limit_hold(tmp_path, cluster):
 
 def test_a_corrupt_far_value_reads_eio_and_counts(tmp_path, cluster):
     rng = random.Random(4)
-    store = Store.open(str(tmp_path / "img"), 16 * MiB, far_config(cluster.url, far_limit=64 * MiB,
-                                                                     far_dirty_limit=64 * MiB))
+    store = Store.open(str(tmp_path / "img"), 16 * MiB, roomy_config(cluster.url))
     try:
         data = b"".join(page_of(rng, i) for i in range(1024))
         store.write(0, data)
@@ -270,7 +274,7 @@ def test_an_evicting_cluster_is_refused_and_a_full_one_sends_pages_to_disk(tmp_p
     rng = random.Random(5)
     try:
         store = Store.open(str(tmp_path / "b"), 16 * MiB,
-                           far_config(cluster.url, far_limit=64 * MiB, far_dirty_limit=64 * MiB))
+                           roomy_config(cluster.url))
         try:
             data = b"".join(page_of(rng, i) for i in range(2048))
             store.write(0, data)
@@ -336,8 +340,7 @@ def test_a_master_killed_mid_run_fails_over_and_loses_nothing(tmp_path, own_clus
     size = 16 * MiB
     model = bytearray(size)
     store = Store.open(str(tmp_path / "img"), size,
-                       far_config(own_cluster.url, far_limit=64 * MiB, far_dirty_limit=64 * MiB,
-                                  far_timeout=10.0))
+                       roomy_config(own_cluster.url, far_timeout=10.0))
     try:
         data = b"".join(page_of(rng, i) for i in range(2048))
         store.write(0, data)
@@ -367,8 +370,7 @@ def test_a_stopped_cluster_sends_writes_to_disk_and_clean_pages_to_the_file(tmp_
     size = 16 * MiB
     path = str(tmp_path / "img")
     model = bytearray(size)
-    store = Store.open(path, size, far_config(own_cluster.url, far_limit=64 * MiB,
-                                              far_dirty_limit=64 * MiB, far_timeout=1.0))
+    store = Store.open(path, size, roomy_config(own_cluster.url, far_timeout=1.0))
     try:
         data = b"".join(page_of(rng, i) for i in range(2048))
         store.write(0, data)
@@ -403,8 +405,7 @@ def test_a_dirty_far_page_of_a_stopped_cluster_is_eio_never_wrong_bytes(tmp_path
     rng = random.Random(9)
     size = 8 * MiB
     path = str(tmp_path / "img")
-    store = Store.open(path, size, far_config(own_cluster.url, far_limit=64 * MiB,
-                                              far_dirty_limit=64 * MiB, far_timeout=0.5))
+    store = Store.open(path, size, roomy_config(own_cluster.url, far_timeout=0.5))
     data = b"".join(page_of(rng, i) for i in range(1024))
     try:
         store.write(0, data)
@@ -441,8 +442,7 @@ def test_a_cluster_that_comes_back_is_used_again_without_a_remount(tmp_path, own
     size = 16 * MiB
     model = bytearray(size)
     store = Store.open(str(tmp_path / "img"), size,
-                       far_config(own_cluster.url, far_limit=64 * MiB, far_dirty_limit=64 * MiB,
-                                  far_timeout=1.0))
+                       roomy_config(own_cluster.url, far_timeout=1.0))
     try:
         first = b"".join(page_of(rng, i) for i in range(1024))
         store.write(0, first)

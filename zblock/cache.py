@@ -17,6 +17,7 @@ The parts, each a module with its own invariants:
     zblock.writeback  the writeback worker, shrink, flush and close
     zblock.writethrough  stored pages on to the backing file in the background (persistent mode)
     zblock.farpages   the far tier (Redis Cluster) between the pool and the backing file
+    zblock.ondemand   zram's writeback on demand and recompression
     zblock.stats      counters and the stats snapshot
 
 Invariants: an entry changes only under the tree lock, and its generation with it; slow work
@@ -47,10 +48,11 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .compressors import CompressionError
-from .config import Config, parse_algorithm
-from .entries import DISK, FAR, INCOMPRESSIBLE, EntryTable
-from .errors import ConfigError, DataError, DiskError
+from .config import Config
+from .entries import DISK, FAR, EntryTable
+from .errors import DataError, DiskError
 from .farpages import FarPages
+from .ondemand import OnDemand
 from .pagemem import resident_bytes
 from .pool import Trimmer
 from .pools import PoolRegistry
@@ -62,8 +64,6 @@ from .writethrough import WriteThrough
 log = logging.getLogger(__name__)
 
 NSTRIPES = 1024
-ON_DEMAND_BATCH = 1024      # pages a step of writeback on demand (its progress moves by these)
-RECOMPRESS_BATCH = 256      # pages recompressed together (one request per algorithm)
 # A writer under the `evict` policy waits for the writeback worker once the pool is this far over
 # its limit (back-pressure), but never longer than SPACE_WAIT: a failing disk must not hang writes.
 OVERSHOOT = 8 << 20
@@ -117,11 +117,11 @@ class Cache:
         self.table = EntryTable(npages, self.registry, on_disk)
         self.table.on_freed = self._freed
         self.reached_full = False   # zswap policy: rejecting until below the accept threshold
-        self.writeback_progress: list[int] | None = None     # [done, total] of writeback_now
         self.table.referenced_on_store = config.limit_policy == "zswap"
         self.writeback = Writeback(self, memory_pressure)
         self.write_through = None if config.swap or config.read_only else WriteThrough(self)
         self.far_pages = None if far is None else FarPages(self, far)
+        self.on_demand = OnDemand(self)
 
     @property
     def trimmer(self) -> Trimmer:
@@ -493,124 +493,12 @@ class Cache:
                     self.c.promoted_pages += 1
 
     # =========================================================================================
-    # zram-style controls: idle pages, writeback on demand and its budget, compaction
+    # zram-style controls: idle pages, the writeback budget, compaction (zblock.ondemand has
+    # writeback on demand and recompression)
 
     def mark_idle(self, older_than: float | None = None) -> int:
         with self.tree_lock:
             return self.table.mark_idle(older_than)
-
-    def writeback_now(self, kind: str) -> int:
-        """zram's `writeback`: write the chosen cached pages to the backing file now (not the
-        far tier), in batches, within the writeback budget. `idle`: not accessed since marked
-        idle; `huge`: stored raw; `incompressible`: no secondary algorithm could shrink them
-        (recompress); `all`: every compressed or raw page.
-        Returns the pages that left the cache."""
-        table = self.table
-        pick = {"idle": lambda s: table.cached(s) & table.idle(s),
-                "huge": lambda s: table.state[s] == RAW,
-                "incompressible": lambda s: table.cached(s) & (table.fill[s] == INCOMPRESSIBLE),
-                "all": table.cached}[kind]
-        with self.tree_lock:
-            pages = table.find(lambda s: pick(s) & ~table.under_wb[s])
-            self.writeback_progress = [0, len(pages)]
-        done = 0
-        try:
-            for lo in range(0, len(pages), ON_DEMAND_BATCH):
-                batch = pages[lo:lo + ON_DEMAND_BATCH]
-                with self.tree_lock:    # each batch chosen again: pages change meanwhile
-                    batch = batch[pick(batch) & ~table.under_wb[batch]]
-                    table.under_wb[batch] = True
-                    gens = table.gen[batch].copy()
-                ok, moved = self.writeback.write_back(batch, gens, far=False)
-                done += moved
-                with self.tree_lock:
-                    self.writeback_progress[0] = min(lo + ON_DEMAND_BATCH, len(pages))
-                if not ok:              # a disk error, or the budget ran out
-                    break
-        finally:
-            with self.tree_lock:
-                self.c.written_back_on_demand += done
-                self.writeback_progress = None
-        return done
-
-    def recompress(self, kind: str, threshold: int = 0, algo: str | None = None) -> int:
-        """zram's `recompress`: the chosen cached pages (`idle`, `huge`: stored raw, or
-        `huge_idle`) whose stored size is at least `threshold` bytes, compressed again with
-        `algo`, else with each of recomp_algorithm in priority order, and kept only when
-        smaller. Pages no algorithm shrank are marked INCOMPRESSIBLE (not tried again;
-        `writeback incompressible` takes them). Returns the pages recompressed."""
-        names = [algo] if algo else [a for a in self.config.recomp_algorithm.split(",") if a]
-        if not names:
-            raise ConfigError("recompress: no algorithm: set recomp_algorithm or give algo=NAME")
-        algos = [parse_algorithm(a) for a in names]
-        table = self.table
-        idle = lambda s: table.cached(s) & table.idle(s)
-        raw = lambda s: table.state[s] == RAW
-        pick = {"idle": idle, "huge": raw, "huge_idle": lambda s: raw(s) & idle(s)}[kind]
-        with self.tree_lock:
-            pages = table.find(lambda s: pick(s) & ~table.under_wb[s] &
-                               (table.length[s] >= threshold) & (table.fill[s] != INCOMPRESSIBLE))
-        done = 0
-        for lo in range(0, len(pages), RECOMPRESS_BATCH):
-            done += self._recompress_batch(pages[lo:lo + RECOMPRESS_BATCH], algos)
-        return done
-
-    def _recompress_batch(self, pages: np.ndarray, algos: list) -> int:
-        """Recompress `pages` under their page locks (writeback and far sends take them too);
-        a result goes in only if its page is still the cached entry it was made from: same
-        generation, state, pool, and not under writeback."""
-        table = self.table
-        with self.page_locks.hold(pages.tolist()):
-            with self.tree_lock:
-                st = table.state[pages]
-                ok = ((st == COMP) | (st == RAW)) & ~table.under_wb[pages]
-                pages = pages[ok]
-                gens = table.gen[pages].copy()
-                lengths = table.length[pages].astype(np.int64)
-                pids = table.pool_id[pages].copy()
-                pools = [self.registry.secondary(name, level) for name, level in algos]
-                for pool in pools:
-                    pool.holds.append(None)
-            try:
-                got, datas, _ = self.writeback.materialize(pages)
-                have = dict(zip(got, datas))
-                ok = np.array([p in have for p in pages.tolist()], bool)
-                pages, gens, lengths, pids = pages[ok], gens[ok], lengths[ok], pids[ok]
-                tried = np.zeros(len(pages), bool)
-                left = np.ones(len(pages), bool)
-                found = []                  # (pool, indices, scan of them)
-                for pool in pools:
-                    todo = np.flatnonzero(left & (pids != pool.id))
-                    if not len(todo):
-                        continue
-                    tried[todo] = True
-                    scan = pool.contexts.compress(
-                        b"".join(have[p] for p in pages[todo].tolist()),
-                        detect_same=False, raw_poor=True)
-                    better = np.flatnonzero((scan.states == COMP) & (scan.lengths < lengths[todo]))
-                    if len(better):
-                        found.append((pool, todo[better], _scan_subset(scan, better)))
-                        left[todo[better]] = False
-                with self.tree_lock:
-                    def unchanged(idx):
-                        p = pages[idx]
-                        st = table.state[p]
-                        return ((table.gen[p] == gens[idx]) & ((st == COMP) | (st == RAW)) &
-                                (table.pool_id[p] == pids[idx]) & ~table.under_wb[p])
-                    n = saved = 0
-                    for pool, idx, scan in found:
-                        keep = np.flatnonzero(unchanged(idx))
-                        if len(keep) < len(idx):
-                            idx, scan = idx[keep], _scan_subset(scan, keep)
-                        saved += table.recompressed(pages[idx], scan, pool)
-                        n += len(idx)
-                    rest = np.flatnonzero(left & tried)
-                    table.fill[pages[rest[unchanged(rest)]]] = INCOMPRESSIBLE
-                    self.c.recompressed_pages += n
-                    self.c.recompress_saved_bytes += saved
-            finally:
-                self.registry.release(pools)
-        return n
 
     def take_budget(self, pages: int) -> int:
         """How many of `pages` pages writeback may write now (zram's writeback_limit, here in
@@ -698,12 +586,6 @@ class Cache:
         with self.tree_lock:
             slots = self.table.objs_bytes()
         return slots + resident_bytes([*self.table.arrays, *more_arrays])
-
-
-def _scan_subset(scan: Scan, idx: np.ndarray) -> Scan:
-    """The pages `idx` of a scan, as a scan of their own."""
-    return Scan([scan.objs[i] for i in idx.tolist()], scan.states[idx], scan.lengths[idx],
-                scan.fills[idx], 0)
 
 
 def _pages(where, idx) -> list[int]:

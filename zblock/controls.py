@@ -37,6 +37,14 @@ def _write_action(mountpoint: str, name: str, value: str) -> threading.Thread:
     return t
 
 
+def _raise_error(t: threading.Thread, what: str) -> None:
+    """The action's error, if it had one: EINVAL (a value the server refused) is a usage
+    error, anything else a mount error."""
+    if t.error is not None:
+        raise (ConfigError if t.error.errno == errno.EINVAL else MountError)(
+            f"{what}: {t.error.strerror}")
+
+
 def _bar(done: int, total: int, width: int = 40) -> str:
     filled = width * done // total if total else width
     return f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} pages"
@@ -57,9 +65,7 @@ def cmd_writeback(args, argv) -> int:
                 sys.stderr.flush()
     if show:
         sys.stderr.write("\n")
-    if t.error is not None:
-        raise (ConfigError if t.error.errno == errno.EINVAL else MountError)(
-            f"writeback {args.type}: {t.error.strerror}")
+    _raise_error(t, f"writeback {args.type}")
     after = read_stats(mp)
     pages = after["written_back_on_demand"] - before["written_back_on_demand"]
     budget = after.get("writeback_limit", -1)
@@ -75,9 +81,7 @@ def cmd_recompress(args, argv) -> int:
     text = f"type={args.type} threshold={args.threshold}" + (f" algo={args.algo}" if args.algo else "")
     t = _write_action(mp, "recompress", text)
     t.join()
-    if t.error is not None:
-        raise (ConfigError if t.error.errno == errno.EINVAL else MountError)(
-            f"recompress {text}: {t.error.strerror}")
+    _raise_error(t, f"recompress {text}")
     after = read_stats(mp)
     pages = after["recompressed_pages"] - before["recompressed_pages"]
     saved = after["recompress_saved_bytes"] - before["recompress_saved_bytes"]
@@ -103,8 +107,8 @@ def register_cli(sub) -> None:
     p = sub.add_parser("writeback", help="write cached pages to the backing file now (zram writeback)",
                        description="Write the chosen cached pages of a mount to its backing file "
                                    "now, within its writeback_limit budget: idle (marked with "
-                                   "params/idle and not accessed since), huge or incompressible "
-                                   "(stored raw), or all.")
+                                   "params/idle and not accessed since), huge (stored raw), "
+                                   "incompressible (no recompression shrank them), or all.")
     p.add_argument("mountpoint")
     p.add_argument("--type", required=True, choices=WRITEBACK_TYPES)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")

@@ -295,11 +295,9 @@ class FarTier:
             res = self._per_node([keys[i] for i in todo], lambda p, j: p.get(keys[todo[j]]))
             again = []
             for i, r in zip(todo, res):
+                out[i] = r
                 if isinstance(r, Exception):
                     again.append(i)
-                    out[i] = r
-                else:
-                    out[i] = r
             if not again:
                 break
             if time.monotonic() + backoff > deadline:

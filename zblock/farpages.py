@@ -25,7 +25,6 @@ import logging
 
 import numpy as np
 
-from . import PAGE_SIZE
 from .entries import FAR, FAR_HEADER, far_value_size
 from .errors import DataError, ZblockError
 from .far import HEADER, FarCorrupt, FarError, FarTier
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 assert HEADER.size == FAR_HEADER
 DEMOTE_BATCH = 4096         # far pages demoted per step
 # victims go to disk directly once the far tier is this far over its limit (demotion lags)
-OVERSHOOT_PAGES = 8192
+OVERSHOOT = 16 << 20
 
 
 class FarPages:
@@ -65,7 +64,7 @@ class FarPages:
         if far.down or not len(pages):
             return pages[:0]
         with cache.tree_lock:
-            if table.far_bytes >= cfg.far_limit + OVERSHOOT_PAGES * PAGE_SIZE // 2:
+            if table.far_bytes >= cfg.far_limit + OVERSHOOT:
                 return pages[:0]
             st = table.state[pages]
             # Compressed pages only: a raw page's value (4 KiB + header) takes jemalloc's 5 KiB

@@ -60,9 +60,9 @@ def snapshot(cache) -> dict:
             "idle_pages": table.count(table.idle),
             "bd_count": table.disk_pages,
             "writeback_limit": cache.config.writeback_limit,
-            "writeback_progress": {"done": cache.writeback_progress[0],
-                                   "total": cache.writeback_progress[1]}
-            if cache.writeback_progress else {},
+            "writeback_progress": {"done": cache.on_demand.progress[0],
+                                   "total": cache.on_demand.progress[1]}
+            if cache.on_demand.progress else {},
             "far_stored_pages": table.far_pages,
             "far_bytes": table.far_bytes,
             "far_dirty_pages": table.count(lambda s: (table.state[s] == FAR) & table.dirty[s])

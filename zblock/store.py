@@ -375,7 +375,7 @@ class Store:
         elif name == "writeback":
             if text not in WRITEBACK_TYPES:
                 raise ConfigError(f"writeback: {text!r} is not one of {', '.join(WRITEBACK_TYPES)}")
-            self.cache.writeback_now(text)
+            self.cache.on_demand.writeback_now(text)
         elif name == "recompress":
             args = dict(kv.partition("=")[::2] for kv in text.split())
             kind = args.pop("type", "")
@@ -386,7 +386,7 @@ class Store:
                                   "[threshold=BYTES] [algo=NAME]")
             if algo:
                 parse_algorithm(algo)
-            self.cache.recompress(kind, int(threshold), algo)
+            self.cache.on_demand.recompress(kind, int(threshold), algo)
         elif name == "compact":
             before = self._proc.memory_info().rss
             self.cache.compact()
