@@ -195,4 +195,5 @@ def test_lz4pages_releases_the_gil_for_a_whole_list():
     out = subprocess.run([sys.executable, "-c", _GIL_PROBE], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     shares = json.loads(out)
-    assert len(shares) == 3 and all(s > 0.25 for s in shares), shares
+    # 0.1: 2.5x the most a GIL-holding build reached, and below what a busy second core allows
+    assert len(shares) == 3 and all(s > 0.1 for s in shares), shares
