@@ -172,6 +172,8 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
                 _reserve(data, path, size, progress)
             # always: a lost page must still be recordable when the filesystem is full
             _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
+            if sealer is not None:      # no page can be written back without its seal
+                _reserve(sealer.disk, seal_path(path), sealer.file_size, progress)
             if state == "imported" or version != META_VERSION:
                 _write_table(meta, table, loaded)
             meta.pwrite(0, pack_header(size, clean=False, encrypted=sealer is not None))  # dirty until a clean close

@@ -142,7 +142,7 @@ class Sealer:
         try:
             fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.ftruncate(fd, HEADER_SIZE + _table_bytes(size // PAGE_SIZE))
+                os.ftruncate(fd, HEADER_SIZE + _table_bytes(size // PAGE_SIZE))   # sparse
                 os.pwrite(fd, _pack_header(size, salt, _key_check(key, salt), LEASE_STEP), 0)
                 os.fsync(fd)
             finally:
@@ -178,6 +178,14 @@ class Sealer:
             raise BackingError(f"{spath}: {e.strerror}") from None
         finally:
             os.close(fd)
+
+    @property
+    def disk(self):
+        return self._disk
+
+    @property
+    def file_size(self) -> int:
+        return HEADER_SIZE + _table_bytes(self.npages)
 
     def close(self) -> None:
         if self._disk is not None:
