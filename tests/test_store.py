@@ -4,6 +4,7 @@ No mount. Counters are the oracle (as the kernel's test_zswap.c): a writeback te
 written_back_pages moved, and the bytes still read back right.
 """
 
+import collections
 import os
 import random
 import threading
@@ -17,6 +18,7 @@ from zblock import PAGE_SIZE
 from zblock.entries import (COMP, DISK, FAR, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME,
                             far_value_size)
 from zblock.lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
+from zblock.pool import charge
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
 from zblock.errors import ConfigError, DataError, OutOfRange
@@ -50,6 +52,13 @@ def mixed_bytes(rng: random.Random, n: int) -> bytes:
     return bytes(out[:n])
 
 
+def dup_bytes(rng: random.Random, n: int, library: list[bytes]) -> bytes:
+    """Whole pages, three in four copies of a page of `library`, the rest new mixed pages."""
+    pages = [rng.choice(library) if rng.random() < 0.75 else mixed_bytes(rng, PAGE_SIZE)
+             for _ in range(-(-n // PAGE_SIZE))]
+    return b"".join(pages)[:n]
+
+
 @pytest.fixture
 def backing_path(tmp_path):
     return str(tmp_path / "disk.img")
@@ -74,9 +83,27 @@ def check_consistency(store: Store) -> None:
         assert t.same_filled_pages == int(np.count_nonzero(st == SAME))
         assert t.stored_incompressible_pages == int(np.count_nonzero(st == RAW))
         assert t.pool_total_size == sum(p.total_size for p in pools)
+        dedup_pages = dedup_saved = 0
         for p in pools:
             mine = (t.pool_id == p.id) & cached
             assert p.stored_pages == int(np.count_nonzero(mine))
+            objs = [t.obj(q) for q in np.flatnonzero(mine).tolist()]
+            if not t.dedup:
+                assert p.total_size == sum(charge(len(o)) for o in objs)
+                assert not p.objects and not p.sharers
+                continue
+            # one charge per distinct object; the index holds exactly those objects, and
+            # counts the sharers of each object more than one entry holds
+            distinct = {id(o): o for o in objs}
+            holders = collections.Counter(map(id, objs))
+            assert p.total_size == sum(charge(len(o)) for o in distinct.values())
+            assert sorted(map(id, p.objects)) == sorted(distinct)
+            assert all(p.objects[o] is o for o in distinct.values())
+            assert {id(o): n for o, n in p.sharers.items()} == \
+                {i: n for i, n in holders.items() if n > 1}
+            dedup_pages += len(objs) - len(distinct)
+            dedup_saved += sum((holders[i] - 1) * charge(len(o)) for i, o in distinct.items())
+        assert (t.dedup_pages, t.dedup_saved_bytes) == (dedup_pages, dedup_saved)
         assert t.disk_pages == int(np.count_nonzero(st == DISK))
         far = st == FAR
         assert t.far_pages == int(np.count_nonzero(far))
@@ -104,18 +131,28 @@ def check_consistency(store: Store) -> None:
 # the model test
 
 
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
 @pytest.mark.parametrize("policy", ["evict", "zswap"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_store_matches_bytearray_model(backing_path, policy, seed):
+def test_store_matches_bytearray_model(backing_path, policy, seed, dedup):
     """Random writes, reads, discards and fsyncs against a bytearray, through a pool of a few
     dozen pages: most pages live on disk and are read back in runs. Seeds 1 and 3 with
-    write-through, seed 2 without (every page then reaches the disk by writeback or fsync)."""
+    write-through, seed 2 without (every page then reaches the disk by writeback or fsync).
+    With dedup, most pages written are copies of a dozen pages (so sharers are overwritten,
+    discarded, written back and switched between pools), and writeback on demand and
+    recompression run now and then."""
     rng = random.Random(seed)
     size = 2 * MiB
     cfg = make_config(pool_limit=96 * 1024, limit_policy=policy, accept_threshold=70,
                       incompressible_policy=rng.choice(["store_raw", "reject"]),
-                      write_through=seed != 2)
+                      write_through=seed != 2, dedup=dedup, recomp_algorithm="zstd:9,deflate")
+    if dedup:
+        library = [mixed_bytes(rng, PAGE_SIZE) for _ in range(12)]
+        pages_of = lambda n: dup_bytes(rng, n, library)     # noqa: E731
+    else:
+        pages_of = lambda n: mixed_bytes(rng, n)            # noqa: E731
     model = bytearray(size)
+    shared = 0                      # the most pages sharing another's object at once
     store = Store.open(backing_path, size, cfg)
     try:
         for step in range(250):
@@ -124,13 +161,14 @@ def test_store_matches_bytearray_model(backing_path, policy, seed):
                 if rng.random() < 0.5:   # page-aligned run
                     npages = rng.randrange(1, 80)
                     off = rng.randrange(0, size // PAGE_SIZE - npages + 1) * PAGE_SIZE
-                    data = mixed_bytes(rng, npages * PAGE_SIZE)
+                    data = pages_of(npages * PAGE_SIZE)
                 else:                    # any offset, any length
                     length = rng.randrange(1, 3 * PAGE_SIZE)
                     off = rng.randrange(0, size - length + 1)
-                    data = mixed_bytes(rng, length + PAGE_SIZE)[rng.randrange(PAGE_SIZE):][:length]
+                    data = pages_of(length + PAGE_SIZE)[rng.randrange(PAGE_SIZE):][:length]
                 assert store.write(off, data) == len(data)
                 model[off:off + len(data)] = data
+                shared = max(shared, store.cache.table.dedup_pages)
             elif op < 0.75:
                 length = rng.randrange(1, 300 * 1024)
                 off = rng.randrange(0, size)
@@ -140,6 +178,12 @@ def test_store_matches_bytearray_model(backing_path, policy, seed):
                 off = rng.randrange(0, size - length + 1)
                 store.discard(off, length)
                 model[off:off + length] = bytes(length)
+            elif dedup and op < 0.85:
+                store.set_param("idle", rng.choice(["all", "0"]))
+                if rng.random() < 0.5:
+                    store.set_param("writeback", rng.choice(["idle", "huge", "incompressible"]))
+                else:
+                    store.set_param("recompress", rng.choice(["type=idle", "type=huge"]))
             elif op < 0.87:
                 store.fsync()
             elif op < 0.93:
@@ -154,6 +198,7 @@ def test_store_matches_bytearray_model(backing_path, policy, seed):
                 assert store.size == size
         check_consistency(store)
         assert store.read(0, size) == bytes(model)
+        assert (shared > 0) == dedup
         st = store.stats()
         assert st["stored_pages"] == sum(p["stored_pages"] for p in st["pools"]) + st["same_filled_pages"]
         store.close()

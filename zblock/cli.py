@@ -71,7 +71,7 @@ _OPTION_PARAMS = {
     "contexts": "contexts",
 }
 _FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap", "sparse": "sparse",
-          "read-only": "read_only"}
+          "read-only": "read_only", "dedup": "dedup"}
 # -o names mount(8) uses for a zblock option
 _O_ALIASES = {"ro": "read_only"}
 
@@ -201,6 +201,8 @@ def _add_mount(sub) -> None:
                         "filesystem is full)")
     p.add_argument("--read-only", action="store_true",
                    help="mount read-only (-o ro): writes fail with EROFS, the backing file is not written")
+    p.add_argument("--dedup", action="store_true",
+                   help="pages of identical content share one pool object (copy-on-write)")
     p.add_argument("--fuse-version", choices=("2", "3"), default="3", help="libfuse major version (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

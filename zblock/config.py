@@ -282,6 +282,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           help="do not reserve the backing file's space (writes fail once its filesystem is full)"),
     Param("read_only", _bool("read_only"), _fmt_bool, runtime=False,
           help="mount read-only: every write fails with EROFS, params too; nothing is written"),
+    Param("dedup", _bool("dedup"), _fmt_bool, runtime=False,
+          help="pages of identical content share one pool object (copy-on-write)"),
     Param("fuse_impl", _choice("fuse_impl", ("auto", "native", "mfusepy")), runtime=False,
           help="FUSE front end: native (zblock speaks the protocol; needs root), mfusepy "
                "(libfuse), or auto (native where this process may mount)"),
@@ -331,6 +333,7 @@ class Config:
     swap: bool = False
     sparse: bool = False
     read_only: bool = False
+    dedup: bool = False
     fuse_impl: str = "auto"
 
     @classmethod

@@ -49,6 +49,10 @@ class Pool:
         self.stored_pages = 0      # entries that point at this pool (compressed + raw)
         self.total_size = 0        # charge() of every object held
         self.far_pages = 0         # entries whose object is in the far tier (decompressed here)
+        # dedup (zblock.entries): every object held, mapped to itself, and the number of
+        # entries holding each object held by more than one
+        self.objects: dict[bytes, bytes] = {}
+        self.sharers: dict[bytes, int] = {}
         self.holds: list = []      # one item per store or load at work with it, unlocked
         self.current = True
 
