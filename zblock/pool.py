@@ -2,7 +2,8 @@
 
 A pool is zswap's `struct zswap_pool`: the algorithm, its bounded set of acomp contexts, and the
 objects stored with it. Objects are Python `bytes` held by the cache's entry table; the pool only
-accounts for them. `charge(length)` is what one object really costs the process: the bytes
+accounts for them (and with dedup indexes them: `objects` and `sharers`, kept by
+zblock.entries). `charge(length)` is what one object really costs the process: the bytes
 object's header (33 bytes) plus malloc's chunk header and 16-byte rounding (glibc). Measured in
 tests/test_cache.py: pool_total_size stays within 10% of the process's RSS growth.
 
