@@ -351,16 +351,19 @@ class EntryTable:
         return True
 
     def whole_shares(self, pages: np.ndarray) -> np.ndarray:
-        """Bool per cached page of `pages`: its object is its own, or every entry sharing it is
-        among `pages`. Recompression moves a shared object only with all its sharers: one that
-        left alone would add its new object to the pool and save nothing."""
+        """Bool per page of `pages`: it is not cached, or its object is its own, or every entry
+        sharing it is among `pages`. Recompression moves a shared object only with all its
+        sharers: one that left alone would add its new object to the pool and save nothing."""
+        whole = np.ones(len(pages), bool)
         if not self.dedup:
-            return np.ones(len(pages), bool)
-        objs = [self.obj(p) for p in pages.tolist()]
+            return whole
+        idx = np.flatnonzero(self.cached(pages))
+        objs = [self.obj(p) for p in pages[idx].tolist()]
         among = collections.Counter(map(id, objs))
         pools = self.registry.pools
-        return np.array([pools[i].sharers.get(o, 1) == among[id(o)]
-                         for o, i in zip(objs, self.pool_id[pages].tolist())], bool)
+        whole[idx] = [pools[i].sharers.get(o, 1) == among[id(o)]
+                      for o, i in zip(objs, self.pool_id[pages[idx]].tolist())]
+        return whole
 
     @staticmethod
     def prepare(scan: Scan) -> None:
