@@ -1040,11 +1040,13 @@ def test_corrupt_object_in_a_read_names_its_page(backing_path, npages):
         store.close()
 
 
-def test_many_threads_overlapping_pages(backing_path):
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
+def test_many_threads_overlapping_pages(backing_path, dedup):
     """Whole-page writers on a shared range, partial writers on disjoint bytes of shared pages,
-    readers, fsync and writeback all at once: no torn page, no lost partial write, no deadlock."""
+    readers, fsync and writeback all at once: no torn page, no lost partial write, no deadlock.
+    The partial writers' pages end up equal: with dedup they share objects meanwhile."""
     npages = 64
-    cfg = make_config(pool_limit=PAGE_SIZE, shrinker_enabled=False)
+    cfg = make_config(pool_limit=PAGE_SIZE, shrinker_enabled=False, dedup=dedup)
     store = Store.open(backing_path, 2 * npages * PAGE_SIZE, cfg)
     errors: list = []
     stop = time.monotonic() + 4
