@@ -256,6 +256,7 @@ def test_fio_with_dedupe_percentage_50():
     mountutil.require_mounts()
     region = 32 * MiB
     with mountutil.Mount(size="64M", pool_limit="8M", compressor="lz4", dedup=True) as m:
+        assert m.param("dedup") == "Y"
         ref = os.path.join(m.workdir, "ref.img")
         phase1 = [f"--size={region}", f"--io_size={region * 3 // 2}", *FIO_DEDUP]
         fio(f"--filename={ref}", *phase1)
