@@ -32,6 +32,7 @@ import pytest
 from zblock import PAGE_SIZE
 from zblock.config import Config
 from faultdisk import Crash, CrashDisk, CrashPlan
+from test_store import write_key
 from zblock.disk import FileDisk
 from zblock.errors import DataError, ZblockError
 from zblock.store import Store
@@ -171,14 +172,20 @@ def crash_factory(plan: CrashPlan):
     return factory
 
 
-def config_for(variant: str) -> Config:
+def config_for(variant: str, key_dir: str) -> Config:
+    """`key_dir`: where the encrypt variant keeps its key file."""
     cfg = Config()
     cfg.shrinker_enabled = False
     cfg.contexts = 2
-    if variant in ("evict", "write-through"):   # the writeback worker runs whenever the tiny
-        cfg.pool_limit = 24 * PAGE_SIZE           # pool is full
+    if variant in ("evict", "write-through", "encrypt"):  # the writeback worker runs whenever
+        cfg.pool_limit = 24 * PAGE_SIZE                   # the tiny pool is full
         cfg.limit_policy = "evict"
         cfg.write_through = variant == "write-through"
+        if variant == "encrypt":    # the seal file is a third disk the crash journals
+            cfg.encrypt = True
+            cfg.key_file = os.path.join(key_dir, "key")
+            if not os.path.exists(cfg.key_file):
+                write_key(key_dir)
     else:                            # full pool and incompressible pages go straight to disk
         cfg.pool_limit = 16 * PAGE_SIZE
         cfg.limit_policy = "zswap"
@@ -200,12 +207,13 @@ def abandon(store: Store) -> None:
 def one_run(path: str, ops, variant: str, stop_at: int | None, mode: str, seed: int):
     """Run to the crash point (or the end), crash in `mode`, reopen and check.
     Returns (operations counted, crashed?, page counts)."""
-    for p in (path, path + ".zbmeta"):
+    for p in (path, path + ".zbmeta", path + ".zbseal"):
         if os.path.exists(p):
             os.unlink(p)
     plan = CrashPlan(None)
     model = Model()
-    store = Store.open(path, SIZE, config_for(variant), disk_factory=crash_factory(plan))
+    key_dir = os.path.dirname(path)
+    store = Store.open(path, SIZE, config_for(variant, key_dir), disk_factory=crash_factory(plan))
     opened = plan.count          # kill points count from here: the workload, not the creation
     if stop_at is not None:
         plan.stop_at = opened + stop_at
@@ -223,7 +231,7 @@ def one_run(path: str, ops, variant: str, stop_at: int | None, mode: str, seed: 
         plan.cut_power()
     elif mode == "volatile":
         plan.cut_power(random.Random(seed))
-    reopened = Store.open(path, None, config_for(variant))
+    reopened = Store.open(path, None, config_for(variant, key_dir))
     try:
         counts = check_pages(reopened, model)
     finally:
@@ -249,6 +257,8 @@ def kill_points(total: int, want: int) -> list[int]:
     ("evict", "kill", 6),
     ("write-through", "power", 7),
     ("write-through", "volatile", 8),
+    ("encrypt", "power", 9),
+    ("encrypt", "volatile", 10),
 ])
 def test_crash_at_every_kill_point(tmp_path, variant, mode, seed):
     path = str(tmp_path / "disk.img")

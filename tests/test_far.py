@@ -27,7 +27,8 @@ import mountutil
 import rediscluster
 from conftest import require
 from test_controls import controls_beside_io
-from test_store import check_consistency
+from test_encrypt import MARKER
+from test_store import check_consistency, write_key
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(180)
@@ -289,6 +290,35 @@ def test_an_evicting_cluster_is_refused_and_a_full_one_sends_pages_to_disk(tmp_p
     finally:
         for port in masters:
             cluster.cli(port, "CONFIG", "SET", "maxmemory", "0")
+
+
+def test_encrypted_far_values_hold_no_plaintext(tmp_path, cluster):
+    """--encrypt seals far values too: none of the cluster's values holds a marker the pages
+    carry (their compressed form would), and they read back through their tags."""
+    rng = random.Random(11)
+    data = b"".join((MARKER + page_of(rng, i))[:PAGE_SIZE] for i in range(1024))
+    cfg = roomy_config(cluster.url, encrypt=True, key_file=write_key(str(tmp_path)))
+    store = Store.open(str(tmp_path / "img"), 8 * MiB, cfg)
+    try:
+        store.write(0, data)
+        s = settle(store, lambda s: s["far_stored_pages"] > 500)
+        assert s["far_stored_pages"] > 500
+        values = []
+        for port in cluster.masters():
+            node = redis.Redis(host=rediscluster.HOST, port=port)
+            try:
+                values += [node.get(k) for k in node.scan_iter(count=1000)]
+            finally:
+                node.close()
+        assert len(values) >= s["far_stored_pages"]
+        assert not any(MARKER in v for v in values if v is not None)
+        assert store.read(0, len(data)) == data
+        s = store.stats()
+        assert s["far_reads"] > 0 and s["far_checksum_errors"] == 0
+        check_consistency(store)
+    finally:
+        store.close()
+    assert cluster.dbsize() == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,15 @@ def backing_path(tmp_path):
     return str(tmp_path / "disk.img")
 
 
+def write_key(directory: str, name: str = "key") -> str:
+    """A fresh 32-byte key file (mode 600) in `directory`; its path."""
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return path
+
+
 def make_config(**kw) -> Config:
     cfg = Config()
     for k, v in kw.items():
@@ -107,7 +116,8 @@ def check_consistency(store: Store) -> None:
         assert t.disk_pages == int(np.count_nonzero(st == DISK))
         far = st == FAR
         assert t.far_pages == int(np.count_nonzero(far))
-        assert t.far_bytes == int(far_value_size(t.length[far].astype(np.int64)).sum())
+        assert t.far_bytes == int(far_value_size(t.length[far].astype(np.int64),
+                                                 t.far_overhead).sum())
         for p in pools:
             assert p.far_pages == int(np.count_nonzero(far & (t.pool_id == p.id)))
         # every entry that needs its pool names a live one
@@ -131,13 +141,15 @@ def check_consistency(store: Store) -> None:
 # the model test
 
 
-@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
-@pytest.mark.parametrize("policy", ["evict", "zswap"])
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_store_matches_bytearray_model(backing_path, policy, seed, dedup):
+@pytest.mark.parametrize("policy, seed, encrypt, dedup",
+                         [(p, s, False, False) for p in ("evict", "zswap") for s in (1, 2, 3)]
+                         + [("evict", 2, True, False), ("zswap", 1, True, False)]
+                         + [(p, s, False, True) for p in ("evict", "zswap") for s in (1, 2, 3)])
+def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt, dedup):
     """Random writes, reads, discards and fsyncs against a bytearray, through a pool of a few
     dozen pages: most pages live on disk and are read back in runs. Seeds 1 and 3 with
     write-through, seed 2 without (every page then reaches the disk by writeback or fsync).
+    `encrypt`: every page that reaches the file is sealed (zblock.seal).
     With dedup, most pages written are copies of a dozen pages (so sharers are overwritten,
     discarded, written back and switched between pools), and writeback on demand and
     recompression run now and then."""
@@ -146,6 +158,8 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, dedup):
     cfg = make_config(pool_limit=96 * 1024, limit_policy=policy, accept_threshold=70,
                       incompressible_policy=rng.choice(["store_raw", "reject"]),
                       write_through=seed != 2, dedup=dedup, recomp_algorithm="zstd:9,deflate")
+    if encrypt:
+        cfg.encrypt, cfg.key_file = True, write_key(os.path.dirname(backing_path))
     if dedup:
         library = [mixed_bytes(rng, PAGE_SIZE) for _ in range(12)]
         pages_of = lambda n: dup_bytes(rng, n, library)     # noqa: E731
@@ -206,9 +220,14 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, dedup):
         assert store.read(0, size) == bytes(model)
     finally:
         store.close()
-    # after a clean close the backing file is the plain raw image
+    # after a clean close the backing file is the plain raw image, or its ciphertext
     with open(backing_path, "rb") as f:
-        assert f.read() == bytes(model)
+        image = f.read()
+    if encrypt:
+        written = [model[o:o + PAGE_SIZE] for o in range(0, size, PAGE_SIZE)]
+        assert not any(p in image for p in written if any(p)), "a page reached the file in clear"
+    else:
+        assert image == bytes(model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ from . import PAGE_SIZE
 from .backing_open import DiskFactory, Opened, human, open_files, stat_backing
 from .errors import BackingError, BackingLocked, DataError, DiskError, OutOfRange
 from . import pagemem
+from .seal import Sealer
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, LOST, PAGE_RUN,
                       UNCHECKED, ZERO, ZERO_PAGE_CRC, crc as _crc, fold, meta_path, pack_header,
                       page_crcs, parse_header, row_steps, table_rows, verify)
@@ -110,12 +111,15 @@ class Backing:
         self._data = opened.data
         self._meta = opened.meta
         self._crc = opened.table  # (rows, 2) uint32: durable, latest
+        self.sealer = opened.sealer  # --encrypt: pages are sealed on their way to the file
         self._loaded = opened.loaded  # rows that may be other than (ZERO, ZERO) as opened
         n = self.npages
         self._unsynced = pagemem.zeros(n, bool)  # written/discarded since the last sync
         self._inflight = pagemem.zeros(n, bool)  # disk write or punch in progress
         self._failed = pagemem.zeros(n, bool)  # last write failed: keep both values across sync
         self.arrays = (self._crc, self._unsynced, self._inflight, self._failed)   # table_bytes
+        if self.sealer is not None:
+            self.arrays += (self.sealer.rows,)
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(self._NSTRIPES)]
         self._sync_lock = threading.Lock()
@@ -132,13 +136,15 @@ class Backing:
 
     @classmethod
     def open(cls, path: str, size: int | None = None, *, ephemeral: bool = False,
-             sparse: bool = False, read_only: bool = False,
-             disk_factory: DiskFactory | None = None,
+             sparse: bool = False, read_only: bool = False, encrypt: bool = False,
+             key: bytes | None = None, disk_factory: DiskFactory | None = None,
              progress: Callable[[str], None] | None = None) -> "Backing":
         """Create (needs `size`) or open the backing file at `path`, locked while open: the
-        rules (sizes, space reserved, read-only, errors) are zblock.backing_open.open_files'."""
+        rules (sizes, space reserved, read-only, encryption, errors) are
+        zblock.backing_open.open_files'."""
         opened = open_files(path, size, ephemeral=ephemeral, sparse=sparse, read_only=read_only,
-                            disk_factory=disk_factory, progress=progress)
+                            encrypt=encrypt, key=key, disk_factory=disk_factory,
+                            progress=progress)
         try:
             return cls(opened)
         except BaseException:
@@ -215,7 +221,8 @@ class Backing:
         except OSError as e:
             raise self._read_error(f"read of pages {start}..{end - 1}", e) from None
         waited = (time.perf_counter_ns() - t0) // 1000
-        ok = verify(page_crcs(data, count), pair)
+        crcs = page_crcs(data, count)
+        ok = verify(crcs, pair)
         if zero.any():
             # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard
             # only marks them); they need no check.
@@ -230,6 +237,8 @@ class Backing:
             err = DataError(f"{self.path}: page {bad[0]}{more}: checksum mismatch")
             err.pages = bad
             raise err
+        if self.sealer is not None:
+            data = self._unseal(start, data, crcs, (pair == ZERO).any(axis=1) | zero)
         with self._lock:
             self.bd_reads += count
             self.bd_read_ios += 1
@@ -256,11 +265,26 @@ class Backing:
             err = DataError(f"{self.path}: page {i}: checksum mismatch")
             err.pages = [i]
             raise err
+        if self.sealer is not None:
+            data = self._unseal(i, data, (c,), (d == ZERO or l == ZERO,))
         with self._lock:
             self.bd_reads += 1
             self.bd_read_ios += 1
             self.bd_read_us += waited
         return data
+
+    def _unseal(self, first: int, data, crcs, maybe_zero) -> bytes:
+        """The plaintext of verified ciphertexts; DataError (EIO, checksum_errors) naming the
+        pages whose tag does not verify."""
+        plain, bad = self.sealer.unseal(first, data, crcs, maybe_zero)
+        if bad:
+            with self._lock:
+                self.checksum_errors += len(bad)
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            err = DataError(f"{self.path}: page {bad[0]}{more}: authentication tag mismatch")
+            err.pages = bad
+            raise err
+        return plain
 
     def unsynced_pages(self) -> np.ndarray:
         """Pages written or discarded since the last completed sync (a failed sync included)."""
@@ -295,6 +319,8 @@ class Backing:
             raise OutOfRange(f"{self.path}: page index outside 0..{self.npages - 1}")
         if sum(map(len, pages)) != n * PAGE_SIZE:
             raise ValueError(f"write_pages: every page must be {PAGE_SIZE} bytes")
+        if self.sealer is not None:
+            pages, ctrs, tags = self._seal(idx.tolist(), pages)
         crcs = fold(np.fromiter(map(_crc, pages), np.uint32, n))
         if not (np.diff(idx) > 0).all():
             order = np.argsort(idx, kind="stable")
@@ -303,14 +329,19 @@ class Backing:
         else:
             sidx, spages = idx, pages
         with self._lock:
-            self._crc[idx, 0] = self._on_disk(idx)
+            on_disk = self._on_disk(idx)
+            self._crc[idx, 0] = on_disk
             self._crc[idx, 1] = crcs
             self._inflight[idx] = True
             self._unsynced[idx] = True
+        if self.sealer is not None:
+            self.sealer.place(idx, on_disk, crcs, ctrs, tags)
         done = 0
         try:
             if not self.ephemeral:
                 self._put_meta_blocks(np.unique(sidx // ENTRIES_PER_BLOCK))  # pairs first
+                if self.sealer is not None:
+                    self.sealer.put_blocks(sidx)
             cuts = (np.flatnonzero(np.diff(sidx) != 1) + 1).tolist() if n > 1 else []
             t0 = time.perf_counter_ns()
             for a, b in zip([0] + cuts, cuts + [n]):
@@ -335,17 +366,24 @@ class Backing:
 
     def _write_one(self, i: int, data) -> None:
         """write_pages for a single page, same protocol, scalar bookkeeping."""
+        if self.sealer is not None:
+            (data,), ctrs, tags = self._seal([i], [data])
         c = max(_crc(data), FOLD)
         crc = self._crc
         with self._lock:
             if not self._failed[i]:
                 crc[i, 0] = crc[i, 1]
+            on_disk = int(crc[i, 0])
             crc[i, 1] = c
             self._inflight[i] = True
             self._unsynced[i] = True
+        if self.sealer is not None:
+            self.sealer.place((i,), (on_disk,), (c,), ctrs, tags)
         try:
             if not self.ephemeral:
                 self._put_meta_blocks((i // ENTRIES_PER_BLOCK,))
+                if self.sealer is not None:
+                    self.sealer.put_blocks((i,))
             t0 = time.perf_counter_ns()
             self._data.pwrite(i * PAGE_SIZE, data)
             waited = (time.perf_counter_ns() - t0) // 1000
@@ -364,6 +402,13 @@ class Backing:
             self.bd_writes += 1
             self.bd_write_ios += 1
             self.bd_write_us += waited
+
+    def _seal(self, idxs: list[int], pages: list):
+        """sealer.seal, its failure to make the counter's lease durable a DiskError."""
+        try:
+            return self.sealer.seal(idxs, pages)
+        except OSError as e:
+            raise self._disk_error("the seal file's counter lease", e) from None
 
     def discard(self, start: int, count: int) -> None:
         """Drop pages: they read as zeros. Punches the file (except in swap mode, where the
@@ -439,6 +484,8 @@ class Backing:
                 return
             try:
                 self._meta.fsync()  # (1) the pairs covering the data about to be made durable
+                if self.sealer is not None:
+                    self.sealer.fsync()     # ... and the seals to decrypt it
                 self._data.fsync()  # (2)
             except OSError as e:
                 raise self._disk_error("fsync", e) from None
@@ -463,13 +510,14 @@ class Backing:
             if clean and not (self.ephemeral or self.read_only):
                 self.sync()
                 st = os.fstat(self._lock_fd)
-                self._meta.pwrite(0, pack_header(self.size, True, st.st_mtime_ns, st.st_ino))
+                self._meta.pwrite(0, pack_header(self.size, True, st.st_mtime_ns, st.st_ino,
+                                                 encrypted=self.sealer is not None))
                 self._meta.fsync()
         except OSError as e:
             raise self._disk_error("clean close", e) from None
         finally:
             self._closed = True
-            for d in (self._meta, self._data):
+            for d in (self._meta, self._data, self.sealer):
                 if d is not None:
                     try:
                         d.close()
@@ -594,15 +642,17 @@ class FsckReport:
         return "\n".join(lines)
 
 
-def fsck(path: str) -> FsckReport:
+def fsck(path: str, key: bytes | None = None) -> FsckReport:
     """Check an unmounted backing file: sidecar header, size, and every page against its
-    checksums (zero-marked pages must read as zeros). BackingError if the file is missing or
-    not a file, BackingLocked if it is in use. Reads through the page cache and drops it."""
+    checksums (zero-marked pages must read as zeros), and for an encrypted image with its `key`
+    every page's authentication tag. BackingError if the file is missing or not a file, or the
+    key is wrong; BackingLocked if it is in use. Reads through the page cache and drops it."""
     path = os.path.abspath(os.fspath(path))
     st = stat_backing(path)
     if st is None:
         raise BackingError(f"{path} does not exist")
     rep = FsckReport(path=path, size=st.st_size, npages=st.st_size // PAGE_SIZE)
+    sealer = None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -632,6 +682,13 @@ def fsck(path: str) -> FsckReport:
         if head.size != st.st_size:
             rep.errors.append(f"sidecar is for {head.size} bytes, file has {st.st_size}")
             return rep
+        if head.encrypted and key is None:
+            rep.notes.append("encrypted: the pages' authentication tags were not checked "
+                             "(give --key-file)")
+        elif head.encrypted:
+            sealer = Sealer.open(path, st.st_size, key)     # a wrong key raises
+        elif key is not None:
+            rep.notes.append("not encrypted: --key-file is not used")
         if len(raw) != rows * ENTRY_SIZE:
             rep.errors.append("sidecar is truncated")
             return rep
@@ -656,10 +713,17 @@ def fsck(path: str) -> FsckReport:
             if len(data) < count * PAGE_SIZE:
                 data += bytes(count * PAGE_SIZE - len(data))
             os.posix_fadvise(fd, start * PAGE_SIZE, count * PAGE_SIZE, os.POSIX_FADV_DONTNEED)
-            ok = verify(page_crcs(data, count), table[start:start + count])
+            crcs = page_crcs(data, count)
+            pair = table[start:start + count]
+            ok = verify(crcs, pair)
+            if sealer is not None:
+                _, bad = sealer.unseal(start, data, crcs, (pair == ZERO).any(axis=1))
+                ok[np.asarray(bad, np.int64) - start] = False
             ok |= lost[start:start + count]     # listed as lost, not as bad
             rep.bad_pages += (np.flatnonzero(~ok) + start).tolist()
         rep.checked_pages = rep.npages - rep.unchecked_pages - len(rep.lost_pages)
         return rep
     finally:
+        if sealer is not None:
+            sealer.close()
         os.close(fd)

@@ -36,6 +36,7 @@ from . import PAGE_SIZE
 from .disk import FileDisk
 from .errors import BackingError, BackingLocked, DiskError
 from . import pagemem
+from .seal import Sealer, seal_path
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, META_VERSION, PAGE_RUN,
                       UNCHECKED, ZERO, ZERO_PAGE_CRC, meta_path, pack_header, page_crcs,
                       parse_header, row_steps, table_rows)
@@ -66,18 +67,19 @@ class Opened:
     ephemeral: bool
     sparse: bool
     read_only: bool
+    sealer: Sealer | None = None   # the encryption of an --encrypt image (zblock.seal)
 
     def close(self) -> None:
         """Release everything, writing nothing (the Backing could not be made)."""
-        for d in (self.meta, self.data):
+        for d in (self.meta, self.data, self.sealer):
             if d is not None:
                 d.close()
         os.close(self.lock_fd)
 
 
 def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
-               sparse: bool = False, read_only: bool = False,
-               disk_factory: DiskFactory | None = None,
+               sparse: bool = False, read_only: bool = False, encrypt: bool = False,
+               key: bytes | None = None, disk_factory: DiskFactory | None = None,
                progress: Callable[[str], None] | None = None) -> Opened:
     """Create (needs `size`) or open the backing file at `path`, locked while open.
 
@@ -90,6 +92,8 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
     `read_only` opens an existing file and its sidecar for reading only and writes nothing
     (no reservation; the sidecar keeps its state; without one, pages read unchecked);
     several read-only opens may share the file (LOCK_SH). Writing is the caller's to refuse.
+    `encrypt` makes a new image encrypted (zblock.seal) under `key` (swap mode: a random key
+    of this mount's own); an encrypted image opens only with its key, before any page is read.
     Raises BackingError with a one-line message, BackingLocked if another Backing has it,
     DiskError if settling the pairs a crash left fails.
     """
@@ -109,7 +113,8 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
         raise BackingError(f"{path}: cannot open: {e.strerror}") from None
     created = st is None
     made_meta = False           # this call created the sidecar (new or imported)
-    data = meta = None
+    made_seal = False           # ... or the seal file
+    data = meta = sealer = None
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -147,15 +152,21 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
                 if e.errno != errno.EOPNOTSUPP:
                     raise  # ENOSPC: BackingError below, at mount time, not during reclaim
                 log.warning("%s: cannot preallocate (%s): swap may meet ENOSPC", path, e.strerror)
-            try:
-                os.unlink(meta_path(path))  # checksums of discarded contents
-            except FileNotFoundError:
-                pass
+            for old in (meta_path(path), seal_path(path)):    # of discarded contents
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
+            if encrypt:
+                sealer = Sealer.ephemeral(size // PAGE_SIZE)
         elif read_only:
-            state, _, loaded = _load_table(path, size, new, fd, table, read_only=True)
+            state, _, loaded, encrypted = _load_table(path, size, new, fd, table, read_only=True)
+            sealer = _open_sealer(path, size, state, encrypted, encrypt, key, None)
         else:
-            state, version, loaded = _load_table(path, size, new, fd, table)
+            state, version, loaded, encrypted = _load_table(path, size, new, fd, table)
             made_meta = state in ("new", "imported")
+            sealer = _open_sealer(path, size, state, encrypted, encrypt, key, factory)
+            made_seal = sealer is not None and state == "new"
             meta = factory(meta_path(path), "meta")
             if not sparse:
                 _reserve(data, path, size, progress)
@@ -163,7 +174,7 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
             _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
             if state == "imported" or version != META_VERSION:
                 _write_table(meta, table, loaded)
-            meta.pwrite(0, pack_header(size, clean=False))  # dirty until a clean close
+            meta.pwrite(0, pack_header(size, clean=False, encrypted=sealer is not None))  # dirty until a clean close
             meta.fsync()
             if new:
                 data.fsync()
@@ -180,14 +191,15 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
         if not (ephemeral or read_only):
             _settle_pairs(path, data, meta, table, loaded, size // PAGE_SIZE)
         return Opened(path, size, fd, data, meta, table, state, loaded, ephemeral, sparse,
-                      read_only)
+                      read_only, sealer)
     except BaseException as e:
-        for d in (meta, data):
+        for d in (meta, data, sealer):
             if d is not None:
                 d.close()
         os.close(fd)
         if not isinstance(e, BackingLocked):
-            for p in ([path] if created else []) + ([meta_path(path)] if made_meta else []):
+            for p in ([path] if created else []) + ([meta_path(path)] if made_meta else []) \
+                    + ([seal_path(path)] if made_seal else []):
                 try:
                     os.unlink(p)
                 except OSError:
@@ -197,15 +209,35 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
         raise
 
 
+def _open_sealer(path: str, size: int, state: str, encrypted: bool, encrypt: bool,
+                 key: bytes | None, factory: DiskFactory | None) -> Sealer | None:
+    """The image's encryption, its seal file written through `factory` (None: read-only), or
+    None. BackingError with the reason when the image and the
+    request do not agree: an encrypted image needs its key, and pages already in clear cannot
+    be made secret by mounting with --encrypt."""
+    if encrypted and not encrypt:
+        raise BackingError(f"{path} is encrypted: mount it with --encrypt --key-file FILE")
+    if not encrypt:
+        return None
+    if key is None:
+        raise BackingError(f"{path}: --encrypt needs --key-file (only swap mode makes its own key)")
+    if state == "new":
+        return Sealer.create(path, size, key, factory)
+    if not encrypted:
+        raise BackingError(f"{path} holds pages in clear (not made with --encrypt): an encrypted "
+                           f"image must be a new one")
+    return Sealer.open(path, size, key, factory)
+
+
 # ---------------------------------------------------------------------------------------------
 # the sidecar's table
 
 
 def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray,
-                read_only: bool = False) -> tuple[str, int, list[tuple[int, int]]]:
+                read_only: bool = False) -> tuple[str, int, list[tuple[int, int]], bool]:
     """Fill the zeroed `table` from the sidecar (creating it if needed, unless
-    `read_only`); return how the file was found, the sidecar's format version and the row
-    ranges that may hold other than (ZERO, ZERO)."""
+    `read_only`); return how the file was found, the sidecar's format version, the row
+    ranges that may hold other than (ZERO, ZERO) and whether the image is encrypted."""
     mpath = meta_path(path)
     nbytes = HEADER_SIZE + table.nbytes
     if new:
@@ -214,7 +246,7 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
             os.ftruncate(mfd, nbytes)  # sparse zeros: every entry ZERO
         finally:
             os.close(mfd)
-        return "new", META_VERSION, []
+        return "new", META_VERSION, [], False
     try:
         mfd = os.open(mpath, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -225,7 +257,7 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
             finally:
                 os.close(mfd)
         table[:] = UNCHECKED
-        return "imported", META_VERSION, [(0, len(table))]
+        return "imported", META_VERSION, [(0, len(table))], False
     try:
         head = parse_header(os.pread(mfd, HEADER_SIZE, 0), mpath)
         if head.size != size:
@@ -240,14 +272,14 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
             part[part == 2] = FOLD
     if not head.clean:
         # after a crash: trust both values of every pair
-        return "recovered", head.version, loaded
+        return "recovered", head.version, loaded, head.encrypted
     st = os.fstat(data_fd)
     if st.st_mtime_ns != head.mtime_ns:  # not the inode: `cp -p` of both files is fine
         # Written outside zblock (losetup, dd) since the clean unmount. The checksums stay
         # in force: bit rot and a stray dd look alike, and both must read as EIO. A user
         # who edited the image on purpose removes the sidecar to import it unchecked.
-        return "changed", head.version, loaded
-    return "clean", head.version, loaded
+        return "changed", head.version, loaded, head.encrypted
+    return "clean", head.version, loaded, head.encrypted
 
 
 def _read_table(fd: int, table: np.ndarray, where: str) -> list[tuple[int, int]]:

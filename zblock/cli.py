@@ -4,7 +4,7 @@
     zblock umount MOUNTPOINT [--force]
     zblock stats MOUNTPOINT [--json | --prometheus]
     zblock set MOUNTPOINT NAME=VALUE...
-    zblock fsck BACKING [--json]
+    zblock fsck BACKING [--key-file FILE] [--json]
     zblock list [--json]
 
 Every mistake is one line on stderr ("zblock: ...") and a non-zero exit: ZblockError.exit_code
@@ -59,6 +59,7 @@ _OPTION_PARAMS = {
     "far-tls-ca": "far_tls_ca",
     "far-tls-cert": "far_tls_cert",
     "far-tls-key": "far_tls_key",
+    "key-file": "key_file",
     "accelerator": "accelerator",
     "hw-queues": "hw_queues",
     "hw-depth": "hw_depth",
@@ -71,7 +72,7 @@ _OPTION_PARAMS = {
     "contexts": "contexts",
 }
 _FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap", "sparse": "sparse",
-          "read-only": "read_only", "dedup": "dedup"}
+          "read-only": "read_only", "dedup": "dedup", "encrypt": "encrypt"}
 # -o names mount(8) uses for a zblock option
 _O_ALIASES = {"ro": "read_only"}
 
@@ -203,6 +204,9 @@ def _add_mount(sub) -> None:
                    help="mount read-only (-o ro): writes fail with EROFS, the backing file is not written")
     p.add_argument("--dedup", action="store_true",
                    help="pages of identical content share one pool object (copy-on-write)")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt every page that leaves RAM (AES-256-GCM): the key from "
+                        "--key-file, or in swap mode a random one made for this mount")
     p.add_argument("--fuse-version", choices=("2", "3"), default="3", help="libfuse major version (default 3)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -464,8 +468,10 @@ def cmd_set(args, argv) -> int:
 
 def cmd_fsck(args, argv) -> int:
     from . import backing
+    from .seal import read_key_file
     try:
-        report = backing.fsck(args.backing)
+        key = read_key_file(args.key_file) if args.key_file else None
+        report = backing.fsck(args.backing, key)
     except ZblockError as e:
         print(f"zblock: fsck: {e}", file=sys.stderr)
         return backing.FSCK_USAGE
@@ -497,6 +503,8 @@ def _add_fsck(sub) -> None:
         "the header, the size, and every page. It only reads; nothing is repaired.",
         _fsck_epilog)
     p.add_argument("backing")
+    p.add_argument("--key-file", help="an encrypted image's key: check every page's "
+                                      "authentication tag too")
     p.add_argument("--json", action="store_true", help="the report as JSON")
 
 

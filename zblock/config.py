@@ -284,6 +284,11 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           help="mount read-only: every write fails with EROFS, params too; nothing is written"),
     Param("dedup", _bool("dedup"), _fmt_bool, runtime=False,
           help="pages of identical content share one pool object (copy-on-write)"),
+    Param("encrypt", _bool("encrypt"), _fmt_bool, runtime=False,
+          help="encrypt every page that leaves RAM (backing file and far tier) with AES-256-GCM; "
+               "the key comes from key_file, or in swap mode is made at random for each mount"),
+    Param("key_file", str, runtime=False,
+          help="with encrypt: file (mode 600) holding the 32-byte key, raw or as 64 hex digits"),
     Param("fuse_impl", _choice("fuse_impl", ("auto", "native", "mfusepy")), runtime=False,
           help="FUSE front end: native (zblock speaks the protocol; needs root), mfusepy "
                "(libfuse), or auto (native where this process may mount)"),
@@ -334,6 +339,8 @@ class Config:
     sparse: bool = False
     read_only: bool = False
     dedup: bool = False
+    encrypt: bool = False
+    key_file: str = ""
     fuse_impl: str = "auto"
 
     @classmethod
@@ -368,6 +375,14 @@ class Config:
             raise ConfigError("--far cannot be used with --read-only (nothing is written back)")
         if self.swap and self.read_only:
             raise ConfigError("--read-only cannot be used with --swap (swap writes)")
+        if self.key_file and not self.encrypt:
+            raise ConfigError("--key-file is for --encrypt")
+        if self.encrypt and self.swap and self.key_file:
+            raise ConfigError("--key-file cannot be used with --swap: a swap mount encrypts with "
+                              "a random key of its own, never written anywhere")
+        if self.encrypt and not self.swap and not self.key_file:
+            raise ConfigError("--encrypt needs --key-file FILE (make one with: "
+                              "head -c 32 /dev/urandom > FILE; chmod 600 FILE)")
 
 
 # Defaults that depend on the machine, as a user would say them (Config computes the number).

@@ -72,9 +72,10 @@ INCOMPRESSIBLE = 1          # `fill` of a cached page no secondary algorithm shr
 FAR_HEADER = 24             # zblock.far.HEADER.size: a far value is the header and the object
 
 
-def far_value_size(length):
-    """Bytes a far value of an object of `length` bytes takes (an int or an int64 array)."""
-    return length + FAR_HEADER
+def far_value_size(length, overhead: int = FAR_HEADER):
+    """Bytes a far value of an object of `length` bytes takes (an int or an int64 array), with
+    `overhead` bytes besides the object (the header, and the seal of an encrypted one)."""
+    return length + overhead
 # `objs` is a list of chunks of OBJ_CHUNK slots, each None until a page in it is cached: one flat
 # list cost 8 bytes a page up front (2 GiB for an empty 1 TiB disk).
 OBJ_SHIFT = 12
@@ -141,6 +142,7 @@ class EntryTable:
         self.far_bytes = 0
         self.dedup_pages = 0
         self.dedup_saved_bytes = 0
+        self.far_overhead = FAR_HEADER      # bytes of a far value besides its object
         self.on_freed = None                # called with the bytes a free gave back (trimmer)
         self.on_far_freed = None            # called with (pages, versions) of far copies freed
 
@@ -444,7 +446,8 @@ class EntryTable:
         self.stamp[pages] = np.arange(self.seq, self.seq + len(pages))
         self.seq += len(pages)
         self.far_pages += len(pages)
-        self.far_bytes += int(far_value_size(self.length[pages].astype(np.int64)).sum())
+        self.far_bytes += int(far_value_size(self.length[pages].astype(np.int64),
+                                             self.far_overhead).sum())
 
     def _drop_far(self, pages: np.ndarray) -> None:
         """Far entries of `pages` leave the table: their pools' references and the far gauges
@@ -455,7 +458,8 @@ class EntryTable:
             pool.far_pages -= int(np.count_nonzero(ids == pid))
             self.registry.put_if_dead(pool)
         self.far_pages -= len(pages)
-        self.far_bytes -= int(far_value_size(self.length[pages].astype(np.int64)).sum())
+        self.far_bytes -= int(far_value_size(self.length[pages].astype(np.int64),
+                                             self.far_overhead).sum())
         if self.on_far_freed is not None:
             self.on_far_freed(pages, self.fill[pages].copy())
 

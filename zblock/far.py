@@ -36,6 +36,7 @@ import crc32c
 
 from . import PAGE_SIZE
 from .errors import ConfigError, ZblockError
+from .seal import VALUE_OVERHEAD
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class FarTier:
 
     def __init__(self, url: str, instance: str, *, replicas: int = 1, timeout: float = 5.0,
                  auth_file: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None):
+                 tls_cert: str | None = None, tls_key: str | None = None, sealer=None):
         from redis.backoff import NoBackoff
         from redis.cluster import ClusterNode, RedisCluster
         from redis.retry import Retry
@@ -157,6 +158,8 @@ class FarTier:
         self._latency: collections.deque = collections.deque(maxlen=LATENCY_SAMPLES)
         self.errors = 0             # far_errors: reads that failed, pages that could not be had
         self.checksum_errors = 0
+        self.sealer = sealer        # --encrypt: values are sealed (zblock.seal)
+        self.value_overhead = HEADER.size + (VALUE_OVERHEAD if sealer is not None else 0)
 
     @classmethod
     def connect(cls, url: str, instance: str, **kw) -> "FarTier":
@@ -198,6 +201,8 @@ class FarTier:
         return f"zb{{{self.instance}:{page >> EXTENT_SHIFT:x}}}{version:x}"
 
     def encode(self, page: int, algorithm: str, payload) -> bytes:
+        if self.sealer is not None:
+            payload = self.sealer.seal_value(page, payload)
         return HEADER.pack(FORMAT, ALGORITHMS.index(algorithm), len(payload),
                            crc32c.crc32c(payload), page, self.tag) + bytes(payload)
 
@@ -208,8 +213,13 @@ class FarTier:
         fmt, alg, length, crc, vpage, tag = HEADER.unpack_from(value)
         payload = value[HEADER.size:]
         if fmt != FORMAT or vpage != page or tag != self.tag or alg >= len(ALGORITHMS) or \
-                length != len(payload) or length > PAGE_SIZE or crc32c.crc32c(payload) != crc:
+                length != len(payload) or length > PAGE_SIZE + VALUE_OVERHEAD or \
+                crc32c.crc32c(payload) != crc:
             raise FarCorrupt(f"page {page}: far value fails its header check")
+        if self.sealer is not None:
+            payload = self.sealer.open_value(page, payload)
+            if payload is None:
+                raise FarCorrupt(f"page {page}: far value fails its authentication tag")
         return ALGORITHMS[alg], payload
 
     # ---- per-node pipelines -----------------------------------------------------------------

@@ -45,6 +45,7 @@ class FarPages:
         self.cache = cache
         self.far = far
         cache.table.on_far_freed = self._freed
+        cache.table.far_overhead = far.value_overhead
         removed = far.purge()
         if removed:
             log.info("far tier: deleted %d key(s) an earlier mount of this file left", removed)
@@ -197,7 +198,8 @@ class FarPages:
                 return True
             dirty = self._coldest(lambda s: (table.state[s] == FAR) & table.dirty[s],
                                   table.far_pages)
-            size = np.cumsum(far_value_size(table.length[dirty].astype(np.int64)))
+            size = np.cumsum(far_value_size(table.length[dirty].astype(np.int64),
+                                            table.far_overhead))
             over = int(size[-1]) - cfg.far_dirty_limit if len(size) else 0
             if over <= 0:
                 return True

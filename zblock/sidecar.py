@@ -2,7 +2,8 @@
 
 Beside a backing file, `PATH.zbmeta` holds
 
-    block 0      header: magic, version, page size, size, flags (bit 0: clean shutdown),
+    block 0      header: magic, version, page size, size, flags (bit 0: clean shutdown, bit 1:
+                 the pages are encrypted, see zblock.seal),
                  entry size, and at clean shutdown the data file's mtime_ns and inode; crc32c
     block 1...   per page two uint32 values, (durable, latest), little-endian, 512 pages per
                  4 KiB block, exactly the in-memory numpy table (npages rounded up to 512
@@ -43,6 +44,7 @@ HEADER_SIZE = 4096
 ENTRY_SIZE = 8  # two uint32: durable, latest
 ENTRIES_PER_BLOCK = PAGE_SIZE // ENTRY_SIZE  # 512
 FLAG_CLEAN = 1
+FLAG_ENCRYPTED = 2
 # magic, version, page_size, size, flags, entry_size, data_mtime_ns, data_ino; then crc32c
 HEADER = struct.Struct("<8sIIQIIqQ")
 
@@ -102,9 +104,10 @@ def verify(crcs: np.ndarray, pair: np.ndarray) -> np.ndarray:
 # header
 
 
-def pack_header(size: int, clean: bool, mtime_ns: int = 0, ino: int = 0) -> bytes:
-    head = HEADER.pack(META_MAGIC, META_VERSION, PAGE_SIZE, size, FLAG_CLEAN if clean else 0,
-                       ENTRY_SIZE, mtime_ns, ino)
+def pack_header(size: int, clean: bool, mtime_ns: int = 0, ino: int = 0,
+                encrypted: bool = False) -> bytes:
+    flags = (FLAG_CLEAN if clean else 0) | (FLAG_ENCRYPTED if encrypted else 0)
+    head = HEADER.pack(META_MAGIC, META_VERSION, PAGE_SIZE, size, flags, ENTRY_SIZE, mtime_ns, ino)
     head += struct.pack("<I", crc(head))
     return head + bytes(HEADER_SIZE - len(head))
 
@@ -118,6 +121,7 @@ class Header:
     entry_size: int
     mtime_ns: int
     ino: int
+    encrypted: bool = False
 
 
 def parse_header(raw: bytes, where: str) -> Header:
@@ -135,4 +139,5 @@ def parse_header(raw: bytes, where: str) -> Header:
     if page_size != PAGE_SIZE or entry_size != ENTRY_SIZE:
         raise BackingError(f"{where}: sidecar page size {page_size} / entry size {entry_size} "
                            f"not supported (want {PAGE_SIZE} / {ENTRY_SIZE})")
-    return Header(version, page_size, size, bool(flags & FLAG_CLEAN), entry_size, mtime_ns, ino)
+    return Header(version, page_size, size, bool(flags & FLAG_CLEAN), entry_size, mtime_ns, ino,
+                  bool(flags & FLAG_ENCRYPTED))

@@ -27,6 +27,7 @@ from .errors import ConfigError, OutOfRange
 from .far import FarTier, instance_id
 from .pool import Trimmer
 from .readahead import Readahead
+from .seal import ROW_BYTES, read_key_file
 from .staging import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ SWAP_TRIM_QUIET = 2.0
 # machine's memory at open: the entry table 31 bytes and its object slot 8, the backing's checksum
 # pair and flags 11, the write-behind queue's count and flag 3.
 TABLE_BYTES_PER_PAGE = 53
+SEAL_BYTES_PER_PAGE = ROW_BYTES     # --encrypt: each page's two seal slots (zblock.seal)
 # Params whose change makes a new current pool (zswap: a new compressor is a new pool).
 # Write-only files under params/ (zram's attributes of that kind): reading one shows what it takes.
 ACTIONS = {
@@ -63,14 +65,15 @@ POOL_PARAMS = {"compressor", "zstd_level", "accelerator", "hw_queues", "hw_depth
                "hw_throughput_mbps", "hw_mode", "hw_batch", "hw_fault_rate", "hw_seed", "contexts"}
 
 
-def check_table_fits(size: int, memory_total: int | None = None) -> None:
+def check_table_fits(size: int, memory_total: int | None = None, encrypt: bool = False) -> None:
     """ConfigError unless the per-page tables of a disk of `size` bytes, every page used, fit in
     `memory_total` bytes (default: this machine's memory)."""
     total = psutil.virtual_memory().total if memory_total is None else memory_total
-    need = (size >> PAGE_SHIFT) * TABLE_BYTES_PER_PAGE
+    per_page = TABLE_BYTES_PER_PAGE + (SEAL_BYTES_PER_PAGE if encrypt else 0)
+    need = (size >> PAGE_SHIFT) * per_page
     if need > total:
         raise ConfigError(f"a disk of {_size_text(size)} needs up to {_size_text(need)} of memory "
-                          f"for its page tables ({TABLE_BYTES_PER_PAGE} bytes a page once every "
+                          f"for its page tables ({per_page} bytes a page once every "
                           f"page is used), more than this machine's {_size_text(total)}")
 
 
@@ -101,7 +104,7 @@ class Store:
                                   replicas=config.far_replicas, timeout=config.far_timeout,
                                   auth_file=config.far_auth_file or None,
                                   tls_ca=config.far_tls_ca, tls_cert=config.far_tls_cert,
-                                  tls_key=config.far_tls_key)
+                                  tls_key=config.far_tls_key, sealer=backing.sealer)
         try:
             self.cache = Cache(self.npages, config, backing, on_disk=on_disk,
                                memory_pressure=memory_pressure, engine_factory=engine_factory,
@@ -144,10 +147,11 @@ class Store:
             except OSError:
                 pass                # Backing.open says what is wrong
         if isinstance(disk_size, int) and disk_size > 0:
-            check_table_fits(disk_size, memory_total)
+            check_table_fits(disk_size, memory_total, config.encrypt)
+        key = read_key_file(config.key_file) if config.key_file else None
         backing = Backing.open(backing_path, size, ephemeral=config.swap, sparse=config.sparse,
-                               read_only=config.read_only, disk_factory=disk_factory,
-                               progress=progress)
+                               read_only=config.read_only, encrypt=config.encrypt, key=key,
+                               disk_factory=disk_factory, progress=progress)
         try:
             return cls(backing, config, **kw)
         except BaseException:

@@ -75,6 +75,17 @@ def bench_size() -> int:
     return size
 
 
+def bench_key() -> str:
+    """A key file (mode 600) for the targets that run with --encrypt, made once in STATE_DIR."""
+    path = STATE_DIR / "bench.key"
+    if not path.exists():
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    return str(path)
+
+
 def bench_rounds() -> int:
     return max(1, int(os.environ.get("ZBLOCK_BENCH_ROUNDS", "4")))
 

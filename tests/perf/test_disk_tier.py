@@ -3,10 +3,11 @@ files, O_DIRECT): in one run, order rotated each round, medians.
 
 - Durable sequential write: `dd bs=1M oflag=direct conv=fsync` of 256 MiB, on `mix` and `usr`.
   zblock runs with its defaults (write-through off) and, as `zblock-wt`, with
-  `--write-through Y`, to show what write-through is worth.
+  `--write-through Y`, to show what write-through is worth, and as `zblock-encrypt` with
+  `--encrypt` (every page sealed on its way to the file: what encryption costs).
 - Random 4 KiB reads of written-back pages: zblock with `--pool-limit 0` (every page is on disk
   once written), filled with `usr`, then fio randread as in test_random.py; the file holds the
-  same bytes.
+  same bytes. `zblock-encrypt`: the same with `--encrypt`.
 
 Targets (issue "The disk tier at disk speed"): durable write >= 0.7x the disk, random reads of
 written-back pages >= 0.8x. Reported, not failed; a verify mismatch or a failed dd or fio fails
@@ -31,7 +32,8 @@ def test_durable_sequential_write():
     rep = h.Report("durable", f"Durable sequential write, dd bs=1M O_DIRECT conv=fsync, "
                               f"{size >> 20} MiB, MB/s, median of {rounds}")
     targets = [h.DiskFileTarget(size), h.ZblockTarget(size),
-               h.ZblockTarget(size, ["--write-through", "Y"], "zblock-wt")]
+               h.ZblockTarget(size, ["--write-through", "Y"], "zblock-wt"),
+               h.ZblockTarget(size, ["--encrypt", "--key-file", h.bench_key()], "zblock-encrypt")]
     with h.started(targets, rep.skipped) as live:
         for ds, path in data.items():
             for rnd in range(rounds):
@@ -59,7 +61,9 @@ def test_random_reads_of_written_back_pages():
     h.warm(usr)
     rep = h.Report("disk-randread", f"Random 4 KiB reads of written-back pages, fio 2 jobs, psync, "
                                     f"O_DIRECT, {seconds:g} s each, IOPS, median of {rounds}")
-    targets = [h.DiskFileTarget(size), h.ZblockTarget(size, ["--pool-limit", "0"])]
+    targets = [h.DiskFileTarget(size), h.ZblockTarget(size, ["--pool-limit", "0"]),
+               h.ZblockTarget(size, ["--pool-limit", "0", "--encrypt", "--key-file",
+                                     h.bench_key()], "zblock-encrypt")]
     with h.started(targets, rep.skipped) as live:
         for t in live:
             h.dd_write_durable(usr, t.path, size)

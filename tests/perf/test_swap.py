@@ -8,6 +8,7 @@ Targets (one swap device active at a time, each set up fresh for every run and t
   zswap+disk-loop      the same, with kernel zswap enabled in front of it (compressor lz4 when the
                        kernel's crypto API offers it, else the kernel's current one; max_pool_percent
                        raised only if the pool could not hold the swap area)
+  zblock-encrypt       the same with `--encrypt` (a random key of the mount's own)
   zblock-far           the same with a far tier: a local 6-node Redis Cluster (tests/rediscluster.py)
                        started for the run, `--far URL --far-limit SWAP_AREA`
   memfile-loop         the bare Python FUSE memory file (tests/perf/memfile.py, libfuse 3) behind
@@ -298,9 +299,9 @@ def far_cluster():
 
 
 @contextlib.contextmanager
-def swap_zblock(swap_size: int, zs: KernelZswap, far: bool = False):
+def swap_zblock(swap_size: int, zs: KernelZswap, far: bool = False, encrypt: bool = False):
     zs.force_off()
-    options = ["--swap"]
+    options = ["--swap"] + (["--encrypt"] if encrypt else [])
     if POOL_PERCENT is not None:
         options += ["--pool-limit", f"{POOL_PERCENT}%"]
     if POOL_LIMIT:
@@ -357,6 +358,7 @@ def _fs_of(path: Path) -> str:
 SWAP_TARGETS = {
     "zblock": lambda size, zs: swap_zblock(size, zs),
     "zblock-far": lambda size, zs: swap_zblock(size, zs, far=True),
+    "zblock-encrypt": lambda size, zs: swap_zblock(size, zs, encrypt=True),
     "zram-lz4": lambda size, zs: swap_zram(size, zs),
     "disk-loop": lambda size, zs: swap_disk_loop(size, zs, with_zswap=False),
     "zswap+disk-loop": lambda size, zs: swap_disk_loop(size, zs, with_zswap=True),

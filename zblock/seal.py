@@ -1,0 +1,354 @@
+"""Encryption of every page that leaves RAM (`--encrypt`): AES-256-GCM over the pages written to
+the backing file and the values sent to the far tier.
+
+Keys. In swap mode the key is 32 random bytes made at mount and never written anywhere (like an
+ephemeral dm-crypt swap). Otherwise it comes from `--key-file`: 32 raw bytes or 64 hex digits,
+refused if group or others may read the file.
+
+Nonces (96 bits) are a write counter (64 bits) and the page number (its low 32 bits). The counter
+is one per image and a value is used once: values are handed out only below a lease that is
+already durable in the seal file's header, and the lease moves on (header written and fsynced)
+before a value past it is used. A mount starts counting at the lease the file holds, so a crash
+skips at most LEASE_STEP values and never repeats one. Swap mode keeps the counter in memory:
+its key dies with the mount. Far values take their counters from the same allocator.
+Associated data: the image's salt (random per image), the page number and what the bytes are
+(a disk page or a far value), so a ciphertext moved to another page, image or tier fails its tag.
+
+The seal file `PATH.zbseal` (none in swap mode, where the table lives in memory only):
+    block 0     header: magic, version, size, salt, key check, lease; crc32c
+    block 1...  64 bytes a page, 64 pages a block: two slots of (counter, CRC32C of the
+                ciphertext, tag), 8 bytes free. Counter 0 marks an empty slot.
+The sidecar's pair says which bytes a page may hold; the slot whose CRC is the one the read just
+verified holds their counter and tag. A write keeps the slot of what the disk holds now and fills
+the other (zblock.backing's rule for the pair), and its blocks are written before the data, as
+the sidecar's are. So whatever a crash leaves on disk that the sidecar accepts can be decrypted,
+and neither a sync nor the settling at open has anything to do here.
+
+A tag that does not verify is EIO plus checksum_errors, never bytes: DataError from the caller.
+
+What this module does not do: decide which pages go to disk, or the sidecar's protocol
+(zblock.backing); the far tier's keys and header (zblock.far).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import struct
+import threading
+
+import crc32c
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import PAGE_SIZE, pagemem
+from .errors import BackingError, ConfigError
+
+KEY_BYTES = 32
+TAG_BYTES = 16
+COUNTER = struct.Struct("<Q")
+SEAL_SUFFIX = ".zbseal"
+SEAL_MAGIC = b"ZBLKSEAL"
+SEAL_VERSION = 1
+HEADER_SIZE = 4096
+# magic, version, page size, size, salt, key check, lease; then crc32c
+HEADER = struct.Struct("<8sIIQ16s16sQ")
+ROW_BYTES = 64
+ROWS_PER_BLOCK = PAGE_SIZE // ROW_BYTES
+# A lease moves the counter's durable bound this far at a time: one header fsync per million writes.
+LEASE_STEP = 1 << 20
+# A far value is its counter, its ciphertext and its tag.
+VALUE_OVERHEAD = COUNTER.size + TAG_BYTES
+_DISK, _FAR = 0, 1          # what a ciphertext is, in its associated data
+
+
+def seal_path(path: str) -> str:
+    return path + SEAL_SUFFIX
+
+
+def read_key_file(path: str) -> bytes:
+    """The 32-byte key in `path` (32 raw bytes, or 64 hex digits and maybe a newline).
+    ConfigError if it cannot be read, is not a key, or others may read it."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            raw = f.read(KEY_BYTES * 2 + 2)
+    except OSError as e:
+        raise ConfigError(f"--key-file {path}: {e.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"--key-file {path}: readable by others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+    if len(raw) == KEY_BYTES:
+        return raw
+    try:
+        key = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ConfigError(f"--key-file {path}: want 32 bytes or 64 hex digits "
+                          f"(make one with: head -c 32 /dev/urandom > {path})")
+    return key
+
+
+def _key_check(key: bytes, salt: bytes) -> bytes:
+    """What the header keeps to tell a wrong key at mount, before any page is read."""
+    return hashlib.blake2b(b"zblock key check" + salt, key=key, digest_size=16).digest()
+
+
+def _pack_header(size: int, salt: bytes, check: bytes, lease: int) -> bytes:
+    head = HEADER.pack(SEAL_MAGIC, SEAL_VERSION, PAGE_SIZE, size, salt, check, lease)
+    head += struct.pack("<I", crc32c.crc32c(head))
+    return head + bytes(HEADER_SIZE - len(head))
+
+
+class Sealer:
+    """The key, the counter and the slots of one image. Make one with `create`, `open` or
+    `ephemeral`. Thread-safe; the caller serialises work on one page, as zblock.backing's
+    does."""
+
+    def __init__(self, npages: int, key: bytes, salt: bytes, disk, lease: int):
+        self.npages = npages
+        self._aead = AESGCM(key)
+        self._salt = salt
+        self._check = _key_check(key, salt)
+        self._lock = threading.Lock()       # the slots (never held across I/O)
+        self._disk = disk                   # the seal file (zblock.disk), None in swap mode
+        self.rows = pagemem.zeros((-(-npages // ROWS_PER_BLOCK) * ROWS_PER_BLOCK, ROW_BYTES // 8),
+                                  np.uint64)
+        self._ctr = self.rows[:, 0:2]
+        self._crc = self.rows[:, 2:3].view(np.uint32)           # (rows, 2)
+        self._tag = self.rows[:, 3:7].view(np.uint8).reshape(-1, 2, TAG_BYTES)
+        self._counter_lock = threading.Lock()
+        self._next = lease                  # nothing below a durable lease is used twice
+        self._lease = lease
+        self._stripes = [threading.Lock() for _ in range(16)]
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def ephemeral(cls, npages: int) -> "Sealer":
+        """Swap mode: a random key that exists only in this process."""
+        return cls(npages, os.urandom(KEY_BYTES), os.urandom(16), None, 1)
+
+    @classmethod
+    def create(cls, path: str, size: int, key: bytes, factory) -> "Sealer":
+        """A new image's seal file (replacing any old one); `factory(path, "seal")` opens the
+        disk its blocks are written through."""
+        salt = os.urandom(16)
+        spath = seal_path(path)
+        try:
+            fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, HEADER_SIZE + _table_bytes(size // PAGE_SIZE))
+                os.pwrite(fd, _pack_header(size, salt, _key_check(key, salt), LEASE_STEP), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            disk = factory(spath, "seal")
+        except OSError as e:
+            raise BackingError(f"{spath}: cannot create: {e.strerror}") from None
+        sealer = cls(size // PAGE_SIZE, key, salt, disk, 1)
+        sealer._lease = LEASE_STEP
+        return sealer
+
+    @classmethod
+    def open(cls, path: str, size: int, key: bytes, factory=None) -> "Sealer":
+        """The seal file of an existing encrypted image, written through `factory(path, "seal")`
+        (None: read only). BackingError, before any page is read, if it is missing, damaged,
+        for another size, or `key` is not the image's key."""
+        spath = seal_path(path)
+        try:
+            fd = os.open(spath, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackingError(f"{path} is encrypted but its seal file {spath} cannot be "
+                               f"opened ({e.strerror}): its pages cannot be decrypted") from None
+        try:
+            salt, check, lease = _parse_header(os.pread(fd, HEADER_SIZE, 0), spath, size)
+            if _key_check(key, salt) != check:
+                raise BackingError(f"{path}: wrong key (--key-file is not this image's key)")
+            sealer = cls(size // PAGE_SIZE, key, salt, None, lease)
+            _read_rows(fd, sealer.rows, spath)
+            if factory is not None:
+                sealer._disk = factory(spath, "seal")
+            return sealer
+        except OSError as e:
+            raise BackingError(f"{spath}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
+
+    # -- the counter -------------------------------------------------------------------------
+
+    def _take(self, count: int) -> int:
+        """`count` fresh counter values, the first returned. OSError if the lease cannot be
+        made durable (nothing is then encrypted)."""
+        with self._counter_lock:
+            first = self._next
+            if first + count > self._lease and self._disk is not None:
+                lease = first + count + LEASE_STEP
+                self._disk.pwrite(0, _pack_header(self.npages * PAGE_SIZE, self._salt,
+                                                  self._check, lease))
+                self._disk.fsync()
+                self._lease = lease
+            self._next = first + count
+            return first
+
+    def _nonce(self, counter: int, page: int) -> bytes:
+        return COUNTER.pack(counter) + struct.pack("<I", page & 0xFFFFFFFF)
+
+    def _aad(self, kind: int, page: int) -> bytes:
+        return self._salt + struct.pack("<BQ", kind, page)
+
+    # -- disk pages --------------------------------------------------------------------------
+
+    def seal(self, pages: list[int], data: list) -> tuple[list[memoryview], list[int], list[bytes]]:
+        """Ciphertexts of whole pages `data` for `pages`, with their counters and tags (for
+        place, once the caller knows what the disk holds)."""
+        first = self._take(len(pages))
+        cts, ctrs, tags = [], [], []
+        for i, (p, d) in enumerate(zip(pages, data)):
+            out = self._aead.encrypt(self._nonce(first + i, p), bytes(d), self._aad(_DISK, p))
+            cts.append(memoryview(out)[:PAGE_SIZE])
+            ctrs.append(first + i)
+            tags.append(out[PAGE_SIZE:])
+        return cts, ctrs, tags
+
+    def place(self, pages, on_disk, crcs, ctrs, tags) -> None:
+        """Record the seals of pages about to be written: the slot of what each disk page holds
+        now (CRC `on_disk`) stays, the other takes the new seal."""
+        with self._lock:
+            self._place(pages, on_disk, crcs, ctrs, tags)
+
+    def _place(self, pages, on_disk, crcs, ctrs, tags) -> None:
+        for p, old, c, n, t in zip(np.asarray(pages).tolist(), np.asarray(on_disk).tolist(),
+                                   np.asarray(crcs).tolist(), ctrs, tags):
+            s = 1 if self._ctr[p, 0] and self._crc[p, 0] == old else 0
+            self._ctr[p, s] = n
+            self._crc[p, s] = c
+            self._tag[p, s] = np.frombuffer(t, np.uint8)
+
+    def put_blocks(self, pages) -> None:
+        """Write the seal blocks of `pages` (before their data: see the module docstring), each
+        snapshot taken and written under its stripe lock so versions land in order."""
+        if self._disk is None:
+            return
+        for b in np.unique(np.asarray(pages, np.int64) // ROWS_PER_BLOCK).tolist():
+            with self._stripes[b % len(self._stripes)]:
+                with self._lock:
+                    buf = self.rows[b * ROWS_PER_BLOCK:(b + 1) * ROWS_PER_BLOCK].tobytes()
+                self._disk.pwrite(HEADER_SIZE + b * PAGE_SIZE, buf)
+
+    def fsync(self) -> None:
+        if self._disk is not None:
+            self._disk.fsync()
+
+    def unseal(self, first: int, data, crcs, maybe_zero) -> tuple[bytes, list[int]]:
+        """The plaintext of `data`, the bytes of pages `first`... that the sidecar accepted,
+        whose checksums are `crcs`; `maybe_zero` (bool per page) where the sidecar also allows
+        the zero page (a discard), which reads as zeros. Returns (plaintext, bad pages): a bad
+        page's tag did not verify, and its bytes in the result are zeros."""
+        count = len(crcs)
+        mv = memoryview(data)
+        with self._lock:
+            slots = self.rows[first:first + count].copy()
+        ctr = slots[:, 0:2]
+        crc = slots[:, 2:3].view(np.uint32)
+        tag = slots[:, 3:7].view(np.uint8).reshape(-1, 2, TAG_BYTES)
+        out = bytearray(count * PAGE_SIZE)
+        bad = []
+        for i, c in enumerate(np.asarray(crcs).tolist()):
+            p = first + i
+            ct = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            plain = None
+            for s in (1, 0):
+                if ctr[i, s] and crc[i, s] == c:
+                    try:
+                        plain = self._aead.decrypt(self._nonce(int(ctr[i, s]), p),
+                                                   bytes(ct) + tag[i, s].tobytes(),
+                                                   self._aad(_DISK, p))
+                        break
+                    except InvalidTag:
+                        pass
+            if plain is not None:
+                out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = plain
+            elif not (maybe_zero[i] and not any(ct)):
+                bad.append(p)
+        return bytes(out), bad
+
+    # -- far values --------------------------------------------------------------------------
+
+    def seal_value(self, page: int, payload) -> bytes:
+        n = self._take(1)
+        return COUNTER.pack(n) + self._aead.encrypt(self._nonce(n, page), bytes(payload),
+                                                   self._aad(_FAR, page))
+
+    def open_value(self, page: int, sealed) -> bytes | None:
+        """The payload of a far value sealed for `page`; None if its tag does not verify."""
+        if len(sealed) < VALUE_OVERHEAD:
+            return None
+        n = COUNTER.unpack_from(sealed)[0]
+        try:
+            return self._aead.decrypt(self._nonce(n, page), bytes(sealed[COUNTER.size:]),
+                                      self._aad(_FAR, page))
+        except InvalidTag:
+            return None
+
+
+def _table_bytes(npages: int) -> int:
+    return -(-npages // ROWS_PER_BLOCK) * PAGE_SIZE
+
+
+def _parse_header(raw: bytes, where: str, size: int) -> tuple[bytes, bytes, int]:
+    n = HEADER.size
+    if len(raw) < n + 4:
+        raise BackingError(f"{where}: seal file too short for a header")
+    magic, version, page_size, hsize, salt, check, lease = HEADER.unpack_from(raw)
+    if magic != SEAL_MAGIC:
+        raise BackingError(f"{where}: not a zblock seal file (bad magic)")
+    if struct.unpack_from("<I", raw, n)[0] != crc32c.crc32c(raw[:n]):
+        raise BackingError(f"{where}: seal file header checksum mismatch")
+    if version != SEAL_VERSION or page_size != PAGE_SIZE:
+        raise BackingError(f"{where}: seal file version {version} / page size {page_size} "
+                           f"not supported")
+    if hsize != size:
+        raise BackingError(f"{where}: seal file is for a {hsize}-byte image, not {size}")
+    return salt, check, lease
+
+
+def _read_rows(fd: int, rows: np.ndarray, where: str) -> None:
+    """Fill `rows` from the seal file, block by block, skipping its holes (blocks of pages never
+    written) so their memory is never touched."""
+    dst = memoryview(rows).cast("B")
+    end = HEADER_SIZE + len(dst)
+    if os.fstat(fd).st_size < end:
+        raise BackingError(f"{where}: seal file is truncated")
+    pos = HEADER_SIZE
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if pos >= end:
+            return
+        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE
+        stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        while pos < stop:
+            block = os.pread(fd, min(1 << 20, stop - pos), pos)
+            if not block:
+                raise BackingError(f"{where}: seal file is truncated")
+            if len(block) % PAGE_SIZE:
+                raise BackingError(f"{where}: seal file is truncated")
+            used = np.frombuffer(block, np.uint64).reshape(-1, PAGE_SIZE // 8).any(axis=1)
+            for b in np.flatnonzero(used).tolist():
+                at = pos - HEADER_SIZE + b * PAGE_SIZE
+                dst[at:at + PAGE_SIZE] = block[b * PAGE_SIZE:(b + 1) * PAGE_SIZE]
+            pos += len(block)
