@@ -4,6 +4,7 @@ No mount. Counters are the oracle (as the kernel's test_zswap.c): a writeback te
 written_back_pages moved, and the bytes still read back right.
 """
 
+import collections
 import os
 import random
 import threading
@@ -17,6 +18,7 @@ from zblock import PAGE_SIZE
 from zblock.entries import (COMP, DISK, FAR, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME,
                             far_value_size)
 from zblock.lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
+from zblock.pool import charge
 from zblock.pools import HW_COUNTERS
 from zblock.config import Config
 from zblock.errors import ConfigError, DataError, OutOfRange
@@ -48,6 +50,13 @@ def mixed_bytes(rng: random.Random, n: int) -> bytes:
         else:
             out += text_page(rng)
     return bytes(out[:n])
+
+
+def dup_bytes(rng: random.Random, n: int, library: list[bytes]) -> bytes:
+    """Whole pages, three in four copies of a page of `library`, the rest new mixed pages."""
+    pages = [rng.choice(library) if rng.random() < 0.75 else mixed_bytes(rng, PAGE_SIZE)
+             for _ in range(-(-n // PAGE_SIZE))]
+    return b"".join(pages)[:n]
 
 
 @pytest.fixture
@@ -83,9 +92,27 @@ def check_consistency(store: Store) -> None:
         assert t.same_filled_pages == int(np.count_nonzero(st == SAME))
         assert t.stored_incompressible_pages == int(np.count_nonzero(st == RAW))
         assert t.pool_total_size == sum(p.total_size for p in pools)
+        dedup_pages = dedup_saved = 0
         for p in pools:
             mine = (t.pool_id == p.id) & cached
             assert p.stored_pages == int(np.count_nonzero(mine))
+            objs = [t.obj(q) for q in np.flatnonzero(mine).tolist()]
+            if not t.dedup:
+                assert p.total_size == sum(charge(len(o)) for o in objs)
+                assert not p.objects and not p.sharers
+                continue
+            # one charge per distinct object; the index holds exactly those objects, and
+            # counts the sharers of each object more than one entry holds
+            distinct = {id(o): o for o in objs}
+            holders = collections.Counter(map(id, objs))
+            assert p.total_size == sum(charge(len(o)) for o in distinct.values())
+            assert sorted(map(id, p.objects)) == sorted(distinct)
+            assert all(p.objects[o] is o for o in distinct.values())
+            assert {id(o): n for o, n in p.sharers.items()} == \
+                {i: n for i, n in holders.items() if n > 1}
+            dedup_pages += len(objs) - len(distinct)
+            dedup_saved += sum((holders[i] - 1) * charge(len(o)) for i, o in distinct.items())
+        assert (t.dedup_pages, t.dedup_saved_bytes) == (dedup_pages, dedup_saved)
         assert t.disk_pages == int(np.count_nonzero(st == DISK))
         far = st == FAR
         assert t.far_pages == int(np.count_nonzero(far))
@@ -114,22 +141,32 @@ def check_consistency(store: Store) -> None:
 # the model test
 
 
-@pytest.mark.parametrize("policy, seed, encrypt",
-                         [(p, s, False) for p in ("evict", "zswap") for s in (1, 2, 3)]
-                         + [("evict", 2, True), ("zswap", 1, True)])
-def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt):
+@pytest.mark.parametrize("policy, seed, encrypt, dedup",
+                         [(p, s, False, False) for p in ("evict", "zswap") for s in (1, 2, 3)]
+                         + [("evict", 2, True, False), ("zswap", 1, True, False)]
+                         + [(p, s, False, True) for p in ("evict", "zswap") for s in (1, 2, 3)])
+def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt, dedup):
     """Random writes, reads, discards and fsyncs against a bytearray, through a pool of a few
     dozen pages: most pages live on disk and are read back in runs. Seeds 1 and 3 with
     write-through, seed 2 without (every page then reaches the disk by writeback or fsync).
-    `encrypt`: every page that reaches the file is sealed (zblock.seal)."""
+    `encrypt`: every page that reaches the file is sealed (zblock.seal).
+    With dedup, most pages written are copies of a dozen pages (so sharers are overwritten,
+    discarded, written back and switched between pools), and writeback on demand and
+    recompression run now and then."""
     rng = random.Random(seed)
     size = 2 * MiB
     cfg = make_config(pool_limit=96 * 1024, limit_policy=policy, accept_threshold=70,
                       incompressible_policy=rng.choice(["store_raw", "reject"]),
-                      write_through=seed != 2)
+                      write_through=seed != 2, dedup=dedup, recomp_algorithm="zstd:9,deflate")
     if encrypt:
         cfg.encrypt, cfg.key_file = True, write_key(os.path.dirname(backing_path))
+    if dedup:
+        library = [mixed_bytes(rng, PAGE_SIZE) for _ in range(12)]
+        pages_of = lambda n: dup_bytes(rng, n, library)     # noqa: E731
+    else:
+        pages_of = lambda n: mixed_bytes(rng, n)            # noqa: E731
     model = bytearray(size)
+    shared = 0                      # the most pages sharing another's object at once
     store = Store.open(backing_path, size, cfg)
     try:
         for step in range(250):
@@ -138,13 +175,14 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt):
                 if rng.random() < 0.5:   # page-aligned run
                     npages = rng.randrange(1, 80)
                     off = rng.randrange(0, size // PAGE_SIZE - npages + 1) * PAGE_SIZE
-                    data = mixed_bytes(rng, npages * PAGE_SIZE)
+                    data = pages_of(npages * PAGE_SIZE)
                 else:                    # any offset, any length
                     length = rng.randrange(1, 3 * PAGE_SIZE)
                     off = rng.randrange(0, size - length + 1)
-                    data = mixed_bytes(rng, length + PAGE_SIZE)[rng.randrange(PAGE_SIZE):][:length]
+                    data = pages_of(length + PAGE_SIZE)[rng.randrange(PAGE_SIZE):][:length]
                 assert store.write(off, data) == len(data)
                 model[off:off + len(data)] = data
+                shared = max(shared, store.cache.table.dedup_pages)
             elif op < 0.75:
                 length = rng.randrange(1, 300 * 1024)
                 off = rng.randrange(0, size)
@@ -154,6 +192,12 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt):
                 off = rng.randrange(0, size - length + 1)
                 store.discard(off, length)
                 model[off:off + length] = bytes(length)
+            elif dedup and op < 0.85:
+                store.set_param("idle", rng.choice(["all", "0"]))
+                if rng.random() < 0.5:
+                    store.set_param("writeback", rng.choice(["idle", "huge", "incompressible"]))
+                else:
+                    store.set_param("recompress", rng.choice(["type=idle", "type=huge"]))
             elif op < 0.87:
                 store.fsync()
             elif op < 0.93:
@@ -168,6 +212,7 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt):
                 assert store.size == size
         check_consistency(store)
         assert store.read(0, size) == bytes(model)
+        assert (shared > 0) == dedup
         st = store.stats()
         assert st["stored_pages"] == sum(p["stored_pages"] for p in st["pools"]) + st["same_filled_pages"]
         store.close()
@@ -1014,11 +1059,13 @@ def test_corrupt_object_in_a_read_names_its_page(backing_path, npages):
         store.close()
 
 
-def test_many_threads_overlapping_pages(backing_path):
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
+def test_many_threads_overlapping_pages(backing_path, dedup):
     """Whole-page writers on a shared range, partial writers on disjoint bytes of shared pages,
-    readers, fsync and writeback all at once: no torn page, no lost partial write, no deadlock."""
+    readers, fsync and writeback all at once: no torn page, no lost partial write, no deadlock.
+    The partial writers' pages end up equal: with dedup they share objects meanwhile."""
     npages = 64
-    cfg = make_config(pool_limit=PAGE_SIZE, shrinker_enabled=False)
+    cfg = make_config(pool_limit=PAGE_SIZE, shrinker_enabled=False, dedup=dedup)
     store = Store.open(backing_path, 2 * npages * PAGE_SIZE, cfg)
     errors: list = []
     stop = time.monotonic() + 4

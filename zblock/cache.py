@@ -114,7 +114,7 @@ class Cache:
         self.page_locks = PageLocks()
         self.c = Counters()
         self.registry = PoolRegistry(config, engine_factory)
-        self.table = EntryTable(npages, self.registry, on_disk)
+        self.table = EntryTable(npages, self.registry, on_disk, dedup=config.dedup)
         self.table.on_freed = self._freed
         self.reached_full = False   # zswap policy: rejecting until below the accept threshold
         self.table.referenced_on_store = config.limit_policy == "zswap"
@@ -255,6 +255,8 @@ class Cache:
                                           raw_poor=cfg.incompressible_policy == "store_raw")
             poor = np.flatnonzero(scan.states == NONE).tolist() if NONE in scan.states else []
             through = self.write_through is not None and cfg.write_through and not clean
+            if self.table.dedup:
+                self.table.prepare(scan)
             with self.tree_lock:
                 if expect_gen is not None and self.table.gn[first] != expect_gen:
                     return False

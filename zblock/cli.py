@@ -72,7 +72,7 @@ _OPTION_PARAMS = {
     "contexts": "contexts",
 }
 _FLAGS = {"kernel-cache": "kernel_cache", "swap": "swap", "sparse": "sparse",
-          "read-only": "read_only", "encrypt": "encrypt"}
+          "read-only": "read_only", "dedup": "dedup", "encrypt": "encrypt"}
 # -o names mount(8) uses for a zblock option
 _O_ALIASES = {"ro": "read_only"}
 
@@ -202,6 +202,8 @@ def _add_mount(sub) -> None:
                         "filesystem is full)")
     p.add_argument("--read-only", action="store_true",
                    help="mount read-only (-o ro): writes fail with EROFS, the backing file is not written")
+    p.add_argument("--dedup", action="store_true",
+                   help="pages of identical content share one pool object (copy-on-write)")
     p.add_argument("--encrypt", action="store_true",
                    help="encrypt every page that leaves RAM (AES-256-GCM): the key from "
                         "--key-file, or in swap mode a random one made for this mount")

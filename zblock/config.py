@@ -282,6 +282,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           help="do not reserve the backing file's space (writes fail once its filesystem is full)"),
     Param("read_only", _bool("read_only"), _fmt_bool, runtime=False,
           help="mount read-only: every write fails with EROFS, params too; nothing is written"),
+    Param("dedup", _bool("dedup"), _fmt_bool, runtime=False,
+          help="pages of identical content share one pool object (copy-on-write)"),
     Param("encrypt", _bool("encrypt"), _fmt_bool, runtime=False,
           help="encrypt every page that leaves RAM (backing file and far tier) with AES-256-GCM; "
                "the key comes from key_file, or in swap mode is made at random for each mount"),
@@ -336,6 +338,7 @@ class Config:
     swap: bool = False
     sparse: bool = False
     read_only: bool = False
+    dedup: bool = False
     encrypt: bool = False
     key_file: str = ""
     fuse_impl: str = "auto"

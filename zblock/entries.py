@@ -22,13 +22,29 @@ Page states:
 A cached or far page (SAME/COMP/RAW/FAR) is `dirty` until the backing file holds the same bytes
 durably.
 
+Dedup (`dedup`, fixed at mount): COMP and RAW pages of equal content in one pool hold the one
+same bytes object. Each pool indexes its objects (`Pool.objects`, every object it holds mapped
+to itself) and counts the sharers of objects held by more than one page (`Pool.sharers`). The
+key is the object itself: the dict hashes it (CPython's keyed SipHash, cached in the bytes
+object) and compares the bytes in full on a hash match, so pages share only equal objects, and
+an equal object in one pool decompresses to an equal page. Identical pages compress to
+identical objects within a pool (one algorithm and level), so hashing the compressed object
+finds them at a fraction of the page's bytes. A sharer that goes (overwrite, discard,
+writeback, far tier, recompression) drops one reference: copy-on-write needs nothing more,
+since a store always installs a new object and objects are never changed in place.
+
 Invariants (each method keeps them; the caller holds the cache's tree lock for every call):
     * gen[p] changes whenever page p's bytes or its place in the file change (slow work
       re-validates against it); a move to the far tier keeps it (to_far);
     * a page has an object in `objs` exactly when it is COMP or RAW;
     * every SAME, COMP or RAW page lies in a chunk marked `live` (a live chunk may hold none);
-    * pool_total_size == sum of charge(length) over COMP and RAW entries == sum of the pools'
-      total_size; each pool's stored_pages counts its COMP and RAW entries;
+    * pool_total_size == sum of charge(length) over the distinct objects of COMP and RAW
+      entries (over the entries themselves without dedup) == sum of the pools' total_size;
+      each pool's stored_pages counts its COMP and RAW entries;
+    * with dedup, each pool's `objects` holds exactly the distinct objects of its COMP and RAW
+      entries, and `sharers` the number of entries holding each object held by more than one;
+      dedup_pages counts the entries beyond the first of each object and dedup_saved_bytes
+      their charge (what pool_total_size would hold more without sharing);
     * same_filled_pages and stored_incompressible_pages count SAME and RAW entries, disk_pages
       DISK ones;
     * far_pages counts FAR entries and far_bytes their values (far_value_size of each length);
@@ -40,6 +56,7 @@ Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' l
 
 from __future__ import annotations
 
+import collections
 import sys
 import time
 
@@ -72,9 +89,11 @@ SPAN = 1 << 20
 class EntryTable:
     """The entries of `npages` pages, and the gauges they add up to."""
 
-    def __init__(self, npages: int, registry, on_disk: np.ndarray | None = None):
+    def __init__(self, npages: int, registry, on_disk: np.ndarray | None = None,
+                 dedup: bool = False):
         self.npages = npages
         self.registry = registry            # zblock.pools.PoolRegistry: put_if_dead, pools
+        self.dedup = dedup
         self.state = pagemem.zeros(npages, np.uint8)
         self.length = pagemem.zeros(npages, np.uint16)
         self.pool_id = pagemem.zeros(npages, np.uint8)
@@ -121,6 +140,8 @@ class EntryTable:
         self.mem_used_max = 0
         self.far_pages = 0
         self.far_bytes = 0
+        self.dedup_pages = 0
+        self.dedup_saved_bytes = 0
         self.far_overhead = FAR_HEADER      # bytes of a far value besides its object
         self.on_freed = None                # called with the bytes a free gave back (trimmer)
         self.on_far_freed = None            # called with (pages, versions) of far copies freed
@@ -189,12 +210,16 @@ class EntryTable:
         self.atime[pages] = self.now()
         self.seq += 1
         first = pages.start if type(pages) is slice else None
+        saved = self.dedup_saved_bytes
         for i, o in enumerate(objs):
             if o is not None:
+                if self.dedup:
+                    o = self._share(pool, o)
                 self._set_obj(first + i if first is not None else int(pages[i]), o)
         cached = states >= COMP
         ncached = int(np.count_nonzero(cached))
         size = int(charge(lengths[cached].astype(np.int64)).sum()) if ncached else 0
+        size -= self.dedup_saved_bytes - saved     # objects shared with pages already held
         self._account(pool, ncached, size, n - ncached,
                       int(np.count_nonzero(states == RAW)))
         return n
@@ -216,10 +241,16 @@ class EntryTable:
         self.ref[page] = self.referenced_on_store
         self.at[page] = self.now()
         self.seq += 1
-        self._set_obj(page, scan.objs[0])
+        obj = scan.objs[0]
+        if self.dedup and obj is not None:
+            held = self._share(pool, obj)
+            shared, obj = held is not obj, held
+        else:
+            shared = False
+        self._set_obj(page, obj)
         cached = state >= COMP
-        self._account(pool, int(cached), charge(length) if cached else 0, int(not cached),
-                      int(state == RAW))
+        self._account(pool, int(cached), charge(length) if cached and not shared else 0,
+                      int(not cached), int(state == RAW))
         return 1
 
     def _account(self, pool: Pool, ncached: int, size: int, nsame: int, nraw: int) -> None:
@@ -237,8 +268,15 @@ class EntryTable:
         st = self.state[pages]
         cached = (st == COMP) | (st == RAW)
         if cached.any():
-            ids = self.pool_id[pages][cached]
-            sizes = charge(self.length[pages][cached].astype(np.int64))
+            cpages = (np.flatnonzero(cached) + pages.start) if type(pages) is slice \
+                else pages[cached]
+            ids = self.pool_id[cpages]
+            sizes = charge(self.length[cpages].astype(np.int64))
+            if self.dedup:                  # an object other pages still share keeps its charge
+                pools = self.registry.pools
+                kept = [self._unshare(pools[i], self.obj(p))
+                        for p, i in zip(cpages.tolist(), ids.tolist())]
+                sizes[np.array(kept, bool)] = 0
             freed = int(sizes.sum())
             if (ids == ids[0]).all():       # one pool, as nearly always
                 self._unaccount(self.registry.pools[int(ids[0])], len(ids), freed)
@@ -251,12 +289,8 @@ class EntryTable:
             self.stored_incompressible_pages -= int(np.count_nonzero(st == RAW))
             if self.on_freed is not None:
                 self.on_freed(freed)
-            if type(pages) is slice:
-                for p in (np.flatnonzero(cached) + pages.start).tolist():
-                    self._set_obj(p, None)
-            else:
-                for p in pages[cached].tolist():
-                    self._set_obj(p, None)
+            for p in cpages.tolist():
+                self._set_obj(p, None)
         self.same_filled_pages -= int(np.count_nonzero(st == SAME))
         self.disk_pages -= int(np.count_nonzero(st == DISK))
         far = st == FAR
@@ -272,8 +306,10 @@ class EntryTable:
         """free() for one page with scalar code."""
         st = self.st[page]
         if st == COMP or st == RAW:
-            size = charge(self.ln[page])
-            self._unaccount(self.registry.pools[self.pid[page]], 1, size)
+            pool = self.registry.pools[self.pid[page]]
+            shared = self.dedup and self._unshare(pool, self.obj(page))
+            size = 0 if shared else charge(self.ln[page])
+            self._unaccount(pool, 1, size)
             self.pool_total_size -= size
             if st == RAW:
                 self.stored_incompressible_pages -= 1
@@ -290,6 +326,54 @@ class EntryTable:
         self.dt[page] = False
         self.ref[page] = False
         self.uwb[page] = False
+
+    def _share(self, pool: Pool, obj: bytes) -> bytes:
+        """Dedup: the object a new entry of `pool` holds for `obj`: an equal object the pool
+        holds already (one more sharer: counted, not charged again), or `obj` itself, indexed."""
+        held = pool.objects.setdefault(obj, obj)
+        if held is not obj:
+            pool.sharers[held] = pool.sharers.get(held, 1) + 1
+            self.dedup_pages += 1
+            self.dedup_saved_bytes += charge(len(held))
+        return held
+
+    def _unshare(self, pool: Pool, obj: bytes) -> bool:
+        """Dedup: an entry of `pool` no longer holds `obj`. True if other entries still do (its
+        memory stays); False if it was the last, and the object leaves the index."""
+        n = pool.sharers.get(obj)
+        if n is None:
+            del pool.objects[obj]
+            return False
+        if n == 2:
+            del pool.sharers[obj]
+        else:
+            pool.sharers[obj] = n - 1
+        self.dedup_pages -= 1
+        self.dedup_saved_bytes -= charge(len(obj))
+        return True
+
+    def whole_shares(self, pages: np.ndarray) -> np.ndarray:
+        """Bool per page of `pages`: it is not cached, or its object is its own, or every entry
+        sharing it is among `pages`. Recompression moves a shared object only with all its
+        sharers: one that left alone would add its new object to the pool and save nothing."""
+        whole = np.ones(len(pages), bool)
+        if not self.dedup:
+            return whole
+        idx = np.flatnonzero(self.cached(pages))
+        objs = [self.obj(p) for p in pages[idx].tolist()]
+        among = collections.Counter(map(id, objs))
+        pools = self.registry.pools
+        whole[idx] = [pools[i].sharers.get(o, 1) == among[id(o)]
+                      for o, i in zip(objs, self.pool_id[pages[idx]].tolist())]
+        return whole
+
+    @staticmethod
+    def prepare(scan: Scan) -> None:
+        """Dedup, without the tree lock: hash the scan's objects now (a bytes object keeps its
+        hash), so that install() under the lock only looks them up."""
+        for o in scan.objs:
+            if o is not None:
+                hash(o)
 
     def recompressed(self, pages: np.ndarray, scan: Scan, pool: Pool) -> int:
         """Cached pages whose objects a secondary algorithm made smaller: their new objects
@@ -443,6 +527,8 @@ class EntryTable:
         return sum(p.stored_pages for p in self.registry.live()) + self.same_filled_pages
 
     def objs_bytes(self) -> int:
-        """Memory `objs` holds for its slots now: the list of chunks and the chunks that exist
-        (not the objects: they are the pool's)."""
-        return sys.getsizeof(self.objs) + sum(map(sys.getsizeof, filter(None, self.objs)))
+        """Memory `objs` holds for its slots now: the list of chunks and the chunks that exist,
+        and with dedup the pools' indexes (not the objects: they are the pool's)."""
+        index = sum(sys.getsizeof(p.objects) + sys.getsizeof(p.sharers)
+                    for p in self.registry.live()) if self.dedup else 0
+        return sys.getsizeof(self.objs) + sum(map(sys.getsizeof, filter(None, self.objs))) + index

@@ -2,7 +2,8 @@
 
 A pool is zswap's `struct zswap_pool`: the algorithm, its bounded set of acomp contexts, and the
 objects stored with it. Objects are Python `bytes` held by the cache's entry table; the pool only
-accounts for them. `charge(length)` is what one object really costs the process: the bytes
+accounts for them (and with dedup indexes them: `objects` and `sharers`, kept by
+zblock.entries). `charge(length)` is what one object really costs the process: the bytes
 object's header (33 bytes) plus malloc's chunk header and 16-byte rounding (glibc). Measured in
 tests/test_cache.py: pool_total_size stays within 10% of the process's RSS growth.
 
@@ -49,6 +50,10 @@ class Pool:
         self.stored_pages = 0      # entries that point at this pool (compressed + raw)
         self.total_size = 0        # charge() of every object held
         self.far_pages = 0         # entries whose object is in the far tier (decompressed here)
+        # dedup (zblock.entries): every object held, mapped to itself, and the number of
+        # entries holding each object held by more than one
+        self.objects: dict[bytes, bytes] = {}
+        self.sharers: dict[bytes, int] = {}
         self.holds: list = []      # one item per store or load at work with it, unlocked
         self.current = True
 

@@ -65,6 +65,8 @@ def snapshot(cache) -> dict:
             if cache.on_demand.progress else {},
             "far_stored_pages": table.far_pages,
             "far_bytes": table.far_bytes,
+            "dedup_pages": table.dedup_pages,
+            "dedup_saved_bytes": table.dedup_saved_bytes,
             "far_dirty_pages": table.count(lambda s: (table.state[s] == FAR) & table.dirty[s])
             if table.far_pages else 0,
         }
