@@ -292,6 +292,46 @@ def test_an_evicting_cluster_is_refused_and_a_full_one_sends_pages_to_disk(tmp_p
             cluster.cli(port, "CONFIG", "SET", "maxmemory", "0")
 
 
+def test_far_pages_read_often_come_back_into_the_pool(tmp_path, cluster):
+    """promote_after=1: a far page's second read brings it back into the pool, clean or dirty as
+    it was, and its far copy goes; a page read once stays far."""
+    rng = random.Random(12)
+    path = str(tmp_path / "img")
+    store = Store.open(path, 8 * MiB, roomy_config(cluster.url, promote_after=1))
+    data = b"".join(page_of(rng, i) for i in range(1024))
+    try:
+        store.write(0, data[:len(data) // 2])
+        store.fsync()                           # the first half: clean wherever it goes
+        store.write(len(data) // 2, data[len(data) // 2:])
+        settle(store, lambda s: s["far_stored_pages"] > 600)
+        store.set_param("pool_limit", "64M")    # room to promote (below the accept threshold)
+        with store.cache.tree_lock:
+            t = store.cache.table
+            far = np.flatnonzero(t.state == FAR)
+            dirty = t.dirty[far].copy()
+        picked = np.concatenate([far[~dirty][:20], far[dirty][:20]])
+        assert len(picked) == 40, "want far pages both clean and dirty"
+        before = store.stats()
+        for p in picked.tolist():
+            assert store.read(p * PAGE_SIZE, PAGE_SIZE) == data[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+        assert (states(store)[picked] == FAR).all(), "one read is not more than promote_after"
+        for p in picked.tolist():
+            assert store.read(p * PAGE_SIZE, PAGE_SIZE) == data[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+        s = store.stats()
+        assert s["promoted_pages"] - before["promoted_pages"] == 40
+        assert before["far_stored_pages"] - s["far_stored_pages"] == 40
+        with store.cache.tree_lock:
+            t = store.cache.table
+            assert not np.isin(t.state[picked], (FAR, DISK)).any()
+            assert (t.dirty[picked] == np.concatenate([np.zeros(20, bool), np.ones(20, bool)])).all()
+        check_consistency(store)
+        assert store.read(0, len(data)) == data
+    finally:
+        store.close()
+    assert cluster.dbsize() == 0
+    reads_back_without_far(path, bytearray(data))
+
+
 def test_encrypted_far_values_hold_no_plaintext(tmp_path, cluster):
     """--encrypt seals far values too: none of the cluster's values holds a marker the pages
     carry (their compressed form would), and they read back through their tags."""

@@ -262,8 +262,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("recomp_algorithm", _parse_recomp,
           help="secondary algorithms for `recompress`, NAME or zstd:LEVEL, comma-separated in "
                f"priority order, at most {MAX_RECOMP} (zram recomp_algorithm); empty: none"),
-    _int_param("promote_after", 0, 255, "bring a page read from the backing file more than this "
-               "many times back into the pool, below the accept threshold; 0: never"),
+    _int_param("promote_after", 0, 255, "bring a page read from the backing file or the far tier "
+               "more than this many times back into the pool, below the accept threshold; 0: never"),
     Param("accelerator", _choice("accelerator", ("none", "sim")), help="none or sim (simulated engine)"),
     _int_param("hw_queues", 1, 64, "engine work queues"),
     _int_param("hw_depth", 1, 4096, "entries per engine queue"),

@@ -46,6 +46,9 @@ class FarPages:
         self.far = far
         cache.table.on_far_freed = self._freed
         cache.table.far_overhead = far.value_overhead
+        # promote_after: reads of far pages so far, by page (a FAR entry's `fill` holds its
+        # version); guarded by the tree lock, a page's count goes with its far copy
+        self.reads: dict[int, int] = {}
         removed = far.purge()
         if removed:
             log.info("far tier: deleted %d key(s) an earlier mount of this file left", removed)
@@ -53,7 +56,11 @@ class FarPages:
     def _freed(self, pages: np.ndarray, versions: np.ndarray) -> None:
         """Far copies the table dropped (tree lock held): queued for deletion."""
         key = self.far.key
-        self.far.forget([key(p, v) for p, v in zip(pages.tolist(), versions.tolist())])
+        pages = pages.tolist()
+        self.far.forget([key(p, v) for p, v in zip(pages, versions.tolist())])
+        if self.reads:
+            for p in pages:
+                self.reads.pop(p, None)
 
     # ---- send ---------------------------------------------------------------------------------
 
@@ -96,9 +103,10 @@ class FarPages:
 
     # ---- read ---------------------------------------------------------------------------------
 
-    def read(self, pages: list[int], failed: list | None = None) -> list:
+    def read(self, pages: list[int], failed: list | None = None, access: bool = True) -> list:
         """The bytes of FAR pages. A page that cannot be had raises DataError, or with `failed`
-        (a list) is appended there and its slot is None."""
+        (a list) is appended there and its slot is None. `access`: a client's read, which counts
+        toward promote_after (not writeback's or fsync's)."""
         cache, table, far = self.cache, self.cache.table, self.far
         with cache.tree_lock:
             # the callers looked under an earlier hold of the lock: a page may have changed
@@ -143,7 +151,30 @@ class FarPages:
             cache.registry.release(pools.values())
         with cache.tree_lock:
             cache.c.far_reads += len(pages)
+        if access and cache.config.promote_after:
+            self._promote(pages, here, gens, out)
         return out
+
+    def _promote(self, pages: list[int], here: list[bool], gens: list[int], out: list) -> None:
+        """Far pages just read (`out`) that have been read more than `promote_after` times come
+        back into the pool if it is below its accept threshold, dirty or clean as they were,
+        unless they changed since (`gens`); their far copies then go (the table frees them)."""
+        cache, table = self.cache, self.cache.table
+        hot = []
+        with cache.tree_lock:
+            for i, p in enumerate(pages):
+                if not here[i] or out[i] is None or table.st[p] != FAR or table.gn[p] != gens[i]:
+                    continue
+                self.reads[p] = n = self.reads.get(p, 0) + 1
+                if n > cache.config.promote_after:
+                    hot.append((i, bool(table.dt[p])))
+            if not hot or table.pool_total_size >= cache.accept_level():
+                return
+        for i, dirty in hot:
+            if cache.store_pages(pages[i], out[i], expect_gen=gens[i], may_wait=False,
+                                 clean=not dirty):
+                with cache.tree_lock:
+                    cache.c.promoted_pages += 1
 
     def _missing(self, page: int, gen: int, err, failed: list | None):
         """A far copy that did not come back (`err`: None for a missing key, or the error)."""

@@ -282,7 +282,8 @@ class Writeback:
                 cache.c.decompress_fail += len(failed)
         far = np.flatnonzero(st == FAR).tolist()
         if far:
-            for i, r in zip(far, cache.far_pages.read([int(pages[i]) for i in far], failed)):
+            for i, r in zip(far, cache.far_pages.read([int(pages[i]) for i in far], failed,
+                                                      access=False)):
                 if r is not None:
                     data[i] = r
         out_pages, out_data = [], []
