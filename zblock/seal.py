@@ -63,6 +63,14 @@ LEASE_STEP = 1 << 20
 # A far value is its counter, its ciphertext and its tag.
 VALUE_OVERHEAD = COUNTER.size + TAG_BYTES
 _DISK, _FAR = 0, 1          # what a ciphertext is, in its associated data
+_NONCE = struct.Struct("<QI")
+_AAD = struct.Struct("<BQ")
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def _ints(values) -> list[int]:
+    """Python ints from a numpy array, a list or a tuple (per-element numpy access is slow)."""
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
 def seal_path(path: str) -> str:
@@ -118,9 +126,12 @@ class Sealer:
         self._disk = disk                   # the seal file (zblock.disk), None in swap mode
         self.rows = pagemem.zeros((-(-npages // ROWS_PER_BLOCK) * ROWS_PER_BLOCK, ROW_BYTES // 8),
                                   np.uint64)
-        self._ctr = self.rows[:, 0:2]
-        self._crc = self.rows[:, 2:3].view(np.uint32)           # (rows, 2)
-        self._tag = self.rows[:, 3:7].view(np.uint8).reshape(-1, 2, TAG_BYTES)
+        # Flat views of the rows for the per-page work: a row is 8 words, counter 0 and 1, the
+        # two CRCs (slot 0 low), then tag 0 and tag 1; scalar access through a memoryview costs
+        # a fraction of numpy's per-element call.
+        self._words = memoryview(self.rows).cast("B").cast("Q")
+        self._bytes = memoryview(self.rows).cast("B")
+        self._aad_head = salt
         self._counter_lock = threading.Lock()
         self._next = lease                  # nothing below a durable lease is used twice
         self._lease = lease
@@ -208,11 +219,12 @@ class Sealer:
             self._next = first + count
             return first
 
-    def _nonce(self, counter: int, page: int) -> bytes:
-        return COUNTER.pack(counter) + struct.pack("<I", page & 0xFFFFFFFF)
+    @staticmethod
+    def _nonce(counter: int, page: int) -> bytes:
+        return _NONCE.pack(counter, page & 0xFFFFFFFF)
 
     def _aad(self, kind: int, page: int) -> bytes:
-        return self._salt + struct.pack("<BQ", kind, page)
+        return self._aad_head + _AAD.pack(kind, page)
 
     # -- disk pages --------------------------------------------------------------------------
 
@@ -220,27 +232,30 @@ class Sealer:
         """Ciphertexts of whole pages `data` for `pages`, with their counters and tags (for
         place, once the caller knows what the disk holds)."""
         first = self._take(len(pages))
-        cts, ctrs, tags = [], [], []
-        for i, (p, d) in enumerate(zip(pages, data)):
-            out = self._aead.encrypt(self._nonce(first + i, p), bytes(d), self._aad(_DISK, p))
+        encrypt, nonce, aad = self._aead.encrypt, self._nonce, self._aad
+        cts, tags = [], []
+        for n, (p, d) in enumerate(zip(pages, data), first):
+            out = encrypt(nonce(n, p), d if type(d) is bytes else bytes(d), aad(_DISK, p))
             cts.append(memoryview(out)[:PAGE_SIZE])
-            ctrs.append(first + i)
             tags.append(out[PAGE_SIZE:])
-        return cts, ctrs, tags
+        return cts, list(range(first, first + len(pages))), tags
 
     def place(self, pages, on_disk, crcs, ctrs, tags) -> None:
         """Record the seals of pages about to be written: the slot of what each disk page holds
         now (CRC `on_disk`) stays, the other takes the new seal."""
+        w, b = self._words, self._bytes
         with self._lock:
-            self._place(pages, on_disk, crcs, ctrs, tags)
-
-    def _place(self, pages, on_disk, crcs, ctrs, tags) -> None:
-        for p, old, c, n, t in zip(np.asarray(pages).tolist(), np.asarray(on_disk).tolist(),
-                                   np.asarray(crcs).tolist(), ctrs, tags):
-            s = 1 if self._ctr[p, 0] and self._crc[p, 0] == old else 0
-            self._ctr[p, s] = n
-            self._crc[p, s] = c
-            self._tag[p, s] = np.frombuffer(t, np.uint8)
+            for p, old, c, n, t in zip(_ints(pages), _ints(on_disk), _ints(crcs), ctrs, tags):
+                at = p * 8
+                crc2 = w[at + 2]
+                if w[at] and crc2 & 0xFFFFFFFF == old:     # slot 0 holds what the disk holds
+                    w[at + 1] = n
+                    w[at + 2] = (crc2 & 0xFFFFFFFF) | c << 32
+                    b[at * 8 + 40:at * 8 + 56] = t
+                else:
+                    w[at] = n
+                    w[at + 2] = (crc2 & ~0xFFFFFFFF) | c
+                    b[at * 8 + 24:at * 8 + 40] = t
 
     def put_blocks(self, pages) -> None:
         """Write the seal blocks of `pages` (before their data: see the module docstring), each
@@ -263,32 +278,30 @@ class Sealer:
         the zero page (a discard), which reads as zeros. Returns (plaintext, bad pages): a bad
         page's tag did not verify, and its bytes in the result are zeros."""
         count = len(crcs)
-        mv = memoryview(data)
         with self._lock:
-            slots = self.rows[first:first + count].copy()
-        ctr = slots[:, 0:2]
-        crc = slots[:, 2:3].view(np.uint32)
-        tag = slots[:, 3:7].view(np.uint8).reshape(-1, 2, TAG_BYTES)
-        out = bytearray(count * PAGE_SIZE)
-        bad = []
-        for i, c in enumerate(np.asarray(crcs).tolist()):
-            p = first + i
+            words = self._words[first * 8:(first + count) * 8].tolist()
+            tags = self._bytes[first * ROW_BYTES:(first + count) * ROW_BYTES].tobytes()
+        decrypt, nonce, aad = self._aead.decrypt, self._nonce, self._aad
+        mv = memoryview(data)
+        out, bad = [], []
+        for i, c in enumerate(_ints(crcs)):
+            p, at = first + i, i * 8
             ct = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
             plain = None
-            for s in (1, 0):
-                if ctr[i, s] and crc[i, s] == c:
+            for s, n in ((1, words[at + 1]), (0, words[at])):   # slot 1 first: often the newer
+                if n and (words[at + 2] >> 32 * s) & 0xFFFFFFFF == c:
+                    tag = tags[i * ROW_BYTES + 24 + 16 * s:i * ROW_BYTES + 40 + 16 * s]
                     try:
-                        plain = self._aead.decrypt(self._nonce(int(ctr[i, s]), p),
-                                                   bytes(ct) + tag[i, s].tobytes(),
-                                                   self._aad(_DISK, p))
+                        plain = decrypt(nonce(n, p), bytes(ct) + tag, aad(_DISK, p))
                         break
                     except InvalidTag:
                         pass
-            if plain is not None:
-                out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = plain
-            elif not (maybe_zero[i] and not any(ct)):
-                bad.append(p)
-        return bytes(out), bad
+            if plain is None:
+                plain = ZERO_PAGE
+                if not (maybe_zero[i] and ct == ZERO_PAGE):
+                    bad.append(p)
+            out.append(plain)
+        return (out[0] if count == 1 else b"".join(out)), bad
 
     # -- far values --------------------------------------------------------------------------
 
