@@ -7,10 +7,11 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 # fuse3 and libfuse2 side by side (never the `fuse` package: it conflicts with fuse3);
-# gcc and liblzo2-dev because python-lzo builds from source, gcc and liblz4-dev for zblock's own
-# extension (zblock/_lz4pages.c); redis-server and redis-tools for the far tier's test clusters;
+# gcc and liblzo2-dev because python-lzo builds from source, gcc, liblz4-dev and libssl-dev for
+# zblock's own extensions (zblock/_lz4pages.c, zblock/_sealpages.c); redis-server and
+# redis-tools for the far tier's test clusters;
 # the rest are the real clients tests drive.
-DEB_PKGS := fuse3 libfuse2 gcc liblzo2-dev liblz4-dev fio e2fsprogs util-linux redis-server redis-tools
+DEB_PKGS := fuse3 libfuse2 gcc liblzo2-dev liblz4-dev libssl-dev fio e2fsprogs util-linux redis-server redis-tools
 DEB_BENCH_PKGS := nbdkit libnbd-bin
 
 .PHONY: all deps sysdeps venv test test-fast demo bench install uninstall clean
@@ -24,7 +25,7 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py zblock/_lz4pages.c
+$(VENV)/.installed: pyproject.toml setup.py zblock/_lz4pages.c zblock/_sealpages.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
@@ -37,13 +38,15 @@ deps: venv
 # The second run: the engine, the model tests and one real mount without the optional C
 # extension (python-lz4 and numpy serve lz4), as a machine without gcc or liblz4-dev runs them.
 NO_EXTENSION_TESTS := tests/test_store.py tests/test_acomp.py tests/test_accel.py \
-	tests/test_staging.py tests/test_compressors.py tests/test_mount.py::test_dd_write_then_cmp
+	tests/test_staging.py tests/test_compressors.py tests/test_encrypt.py \
+	tests/test_mount.py::test_dd_write_then_cmp
 
 # The third run: the tests with real mounts once more on the mfusepy front end (libfuse 3); the
 # first run mounts with the native one (tests/test_mount.py names each front end itself).
 test: deps
 	$(PY) -m pytest -q tests --ignore=tests/perf
-	ZBLOCK_NO_EXTENSION=1 $(PY) -m pytest -q -k 'not c_scan and not lz4pages' $(NO_EXTENSION_TESTS)
+	ZBLOCK_NO_EXTENSION=1 $(PY) -m pytest -q -k 'not c_scan and not lz4pages and not c_and_python' \
+	  $(NO_EXTENSION_TESTS)
 	ZBLOCK_TEST_FUSE=fuse3 $(PY) -m pytest -q -m mount tests --ignore=tests/perf \
 	  --ignore=tests/test_mount.py
 

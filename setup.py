@@ -1,8 +1,13 @@
-"""The one compiled part: zblock._lz4pages, an optional accelerator (see its source for why):
-without gcc or liblz4-dev the build skips it and zblock runs on python-lz4. Metadata is in
-pyproject.toml."""
+"""The compiled parts, optional accelerators (see their sources for why): zblock._lz4pages
+(without gcc or liblz4-dev the build skips it and zblock runs on python-lz4) and
+zblock._sealpages (without libssl-dev, --encrypt runs on the cryptography package). Metadata is
+in pyproject.toml."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("zblock._lz4pages", ["zblock/_lz4pages.c"], libraries=["lz4"],
-                             extra_compile_args=["-O2", "-Wall"], optional=True)])
+setup(ext_modules=[
+    Extension("zblock._lz4pages", ["zblock/_lz4pages.c"], libraries=["lz4"],
+              extra_compile_args=["-O2", "-Wall"], optional=True),
+    Extension("zblock._sealpages", ["zblock/_sealpages.c"], libraries=["crypto"],
+              extra_compile_args=["-O2", "-Wall"], optional=True),
+])

@@ -26,6 +26,10 @@ and neither a sync nor the settling at open has anything to do here.
 
 A tag that does not verify is EIO plus checksum_errors, never bytes: DataError from the caller.
 
+The cipher work runs in batches, on zblock._sealpages (OpenSSL, the GIL released once a batch)
+where it was built, else on the cryptography package page by page (ZBLOCK_NO_EXTENSION=1 forces
+that; the tests run both ways). Both give the same bytes.
+
 What this module does not do: decide which pages go to disk, or the sidecar's protocol
 (zblock.backing); the far tier's keys and header (zblock.far).
 """
@@ -65,7 +69,66 @@ VALUE_OVERHEAD = COUNTER.size + TAG_BYTES
 _DISK, _FAR = 0, 1          # what a ciphertext is, in its associated data
 _NONCE = struct.Struct("<QI")
 _AAD = struct.Struct("<BQ")
+_PAGE_MASK = 0xFFFFFFFF
 ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def _load_extension():
+    """zblock._sealpages, the optional C accelerator, or None: not built here, or switched off
+    with ZBLOCK_NO_EXTENSION=1."""
+    if os.environ.get("ZBLOCK_NO_EXTENSION") == "1":
+        return None
+    try:
+        from . import _sealpages
+    except ImportError:
+        return None
+    return _sealpages
+
+
+_sealpages = _load_extension()
+# which code seals pages (shown in the stats): the C extension, or the cryptography package
+SEAL_BACKEND = "c" if _sealpages is not None else "cryptography"
+
+
+class _CBatch:
+    """Batches of AES-256-GCM on zblock._sealpages (see its source for the interface)."""
+
+    def __init__(self, key: bytes):
+        self._key = key
+
+    def seal_many(self, nonces: bytes, aads: bytes, srcs: list) -> tuple[bytes, bytes]:
+        return _sealpages.seal_many(self._key, nonces, aads, srcs)
+
+    def open_many(self, nonces: bytes, aads: bytes, data, tags: bytes) -> tuple[bytes, list[int]]:
+        return _sealpages.open_many(self._key, nonces, aads, data, tags)
+
+
+class _PyBatch:
+    """The same batches on the cryptography package, one call a page."""
+
+    def __init__(self, key: bytes):
+        self._aead = AESGCM(key)
+
+    def seal_many(self, nonces: bytes, aads: bytes, srcs: list) -> tuple[bytes, bytes]:
+        a = len(aads) // len(srcs)
+        out = [self._aead.encrypt(nonces[12 * i:12 * i + 12], bytes(src), aads[a * i:a * i + a])
+               for i, src in enumerate(srcs)]
+        return b"".join(o[:-TAG_BYTES] for o in out), b"".join(o[-TAG_BYTES:] for o in out)
+
+    def open_many(self, nonces: bytes, aads: bytes, data, tags: bytes) -> tuple[bytes, list[int]]:
+        n = len(tags) // TAG_BYTES
+        a, size, mv = len(aads) // n, len(data) // n, memoryview(data)
+        out, bad = [], []
+        for i in range(n):
+            try:
+                out.append(self._aead.decrypt(
+                    nonces[12 * i:12 * i + 12],
+                    bytes(mv[i * size:(i + 1) * size]) + tags[TAG_BYTES * i:TAG_BYTES * (i + 1)],
+                    aads[a * i:a * i + a]))
+            except InvalidTag:
+                out.append(bytes(size))
+                bad.append(i)
+        return b"".join(out), bad
 
 
 def _ints(values) -> list[int]:
@@ -119,7 +182,7 @@ class Sealer:
 
     def __init__(self, npages: int, key: bytes, salt: bytes, disk, lease: int):
         self.npages = npages
-        self._aead = AESGCM(key)
+        self._cipher = _CBatch(key) if _sealpages is not None else _PyBatch(key)
         self._salt = salt
         self._check = _key_check(key, salt)
         self._lock = threading.Lock()       # the slots (never held across I/O)
@@ -221,7 +284,7 @@ class Sealer:
 
     @staticmethod
     def _nonce(counter: int, page: int) -> bytes:
-        return _NONCE.pack(counter, page & 0xFFFFFFFF)
+        return _NONCE.pack(counter, page & _PAGE_MASK)
 
     def _aad(self, kind: int, page: int) -> bytes:
         return self._aad_head + _AAD.pack(kind, page)
@@ -231,14 +294,16 @@ class Sealer:
     def seal(self, pages: list[int], data: list) -> tuple[list[memoryview], list[int], list[bytes]]:
         """Ciphertexts of whole pages `data` for `pages`, with their counters and tags (for
         place, once the caller knows what the disk holds)."""
-        first = self._take(len(pages))
-        encrypt, nonce, aad = self._aead.encrypt, self._nonce, self._aad
-        cts, tags = [], []
-        for n, (p, d) in enumerate(zip(pages, data), first):
-            out = encrypt(nonce(n, p), d if type(d) is bytes else bytes(d), aad(_DISK, p))
-            cts.append(memoryview(out)[:PAGE_SIZE])
-            tags.append(out[PAGE_SIZE:])
-        return cts, list(range(first, first + len(pages))), tags
+        n = len(pages)
+        first = self._take(n)
+        nonce, aad = self._nonce, self._aad
+        cts, tags = self._cipher.seal_many(
+            b"".join([nonce(c, p) for c, p in zip(range(first, first + n), pages)]),
+            b"".join([aad(_DISK, p) for p in pages]), data)
+        mv = memoryview(cts)
+        return ([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(n)],
+                list(range(first, first + n)),
+                [tags[i * TAG_BYTES:(i + 1) * TAG_BYTES] for i in range(n)])
 
     def place(self, pages, on_disk, crcs, ctrs, tags) -> None:
         """Record the seals of pages about to be written: the slot of what each disk page holds
@@ -280,46 +345,58 @@ class Sealer:
         count = len(crcs)
         with self._lock:
             words = self._words[first * 8:(first + count) * 8].tolist()
-            tags = self._bytes[first * ROW_BYTES:(first + count) * ROW_BYTES].tobytes()
-        decrypt, nonce, aad = self._aead.decrypt, self._nonce, self._aad
-        mv = memoryview(data)
-        out, bad = [], []
+            rows = self._bytes[first * ROW_BYTES:(first + count) * ROW_BYTES].tobytes()
+        nonce, aad = self._nonce, self._aad
+        nonces, aads, tags = [], [], []
+        other: dict[int, tuple[bytes, bytes]] = {}     # pages both slots match (a CRC collision)
         for i, c in enumerate(_ints(crcs)):
             p, at = first + i, i * 8
-            ct = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            plain = None
-            for s, n in ((1, words[at + 1]), (0, words[at])):   # slot 1 first: often the newer
-                if n and (words[at + 2] >> 32 * s) & 0xFFFFFFFF == c:
-                    tag = tags[i * ROW_BYTES + 24 + 16 * s:i * ROW_BYTES + 40 + 16 * s]
-                    try:
-                        plain = decrypt(nonce(n, p), bytes(ct) + tag, aad(_DISK, p))
-                        break
-                    except InvalidTag:
-                        pass
-            if plain is None:
-                plain = ZERO_PAGE
+            match = [s for s in (1, 0)
+                     if words[at + s] and (words[at + 2] >> 32 * s) & _PAGE_MASK == c]
+            s = match[0] if match else 0    # no slot: its tag fails (a discard's zeros, or bad)
+            nonces.append(nonce(words[at + s], p))
+            aads.append(aad(_DISK, p))
+            tags.append(rows[i * ROW_BYTES + 24 + 16 * s:i * ROW_BYTES + 40 + 16 * s])
+            if len(match) == 2:
+                t = rows[i * ROW_BYTES + 24:i * ROW_BYTES + 40]
+                other[i] = (nonce(words[at], p), t)
+        plain, failed = self._cipher.open_many(b"".join(nonces), b"".join(aads), data,
+                                               b"".join(tags))
+        bad = []
+        if failed:
+            mv, again = memoryview(data), {}
+            for i in failed:
+                ct = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                if i in other:
+                    page, no = self._cipher.open_many(other[i][0], aads[i], ct, other[i][1])
+                    if not no:
+                        again[i] = page
+                        continue
                 if not (maybe_zero[i] and ct == ZERO_PAGE):
-                    bad.append(p)
-            out.append(plain)
-        return (out[0] if count == 1 else b"".join(out)), bad
+                    bad.append(first + i)
+            if again:
+                whole = bytearray(plain)
+                for i, page in again.items():
+                    whole[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = page
+                plain = bytes(whole)
+        return plain, bad
 
     # -- far values --------------------------------------------------------------------------
 
     def seal_value(self, page: int, payload) -> bytes:
         n = self._take(1)
-        return COUNTER.pack(n) + self._aead.encrypt(self._nonce(n, page), bytes(payload),
-                                                   self._aad(_FAR, page))
+        ct, tag = self._cipher.seal_many(self._nonce(n, page), self._aad(_FAR, page), [payload])
+        return COUNTER.pack(n) + ct + tag
 
     def open_value(self, page: int, sealed) -> bytes | None:
         """The payload of a far value sealed for `page`; None if its tag does not verify."""
         if len(sealed) < VALUE_OVERHEAD:
             return None
         n = COUNTER.unpack_from(sealed)[0]
-        try:
-            return self._aead.decrypt(self._nonce(n, page), bytes(sealed[COUNTER.size:]),
-                                      self._aad(_FAR, page))
-        except InvalidTag:
-            return None
+        mv = memoryview(sealed)
+        plain, bad = self._cipher.open_many(self._nonce(n, page), self._aad(_FAR, page),
+                                            mv[COUNTER.size:-TAG_BYTES], bytes(mv[-TAG_BYTES:]))
+        return None if bad else plain
 
 
 def _table_bytes(npages: int) -> int:
