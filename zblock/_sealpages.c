@@ -7,7 +7,7 @@
  * other threads run Python: with one busy thread beside it, sealing a page took 340 us instead of
  * 1.2 us, and the swap hog ran 1.25-1.4x as long with --encrypt. Here a batch's buffers are
  * taken with the GIL held, OpenSSL runs without it, and one bytes object holds the results: one
- * hand-off per batch. A batch of less than two pages keeps the GIL.
+ * hand-off per batch. A batch of less than 64 pages keeps the GIL (see GIL_RELEASE_MIN).
  *
  * Output is byte for byte what cryptography's AESGCM gives for the same key, nonce and
  * associated data (tests/test_encrypt.py checks both ways).
@@ -29,8 +29,10 @@
 #define KEY_LEN 32
 #define NONCE_LEN 12
 #define TAG_LEN 16
-/* Less work than this keeps the GIL (see the top of the file; zblock/_lz4pages.c does the same). */
-#define GIL_RELEASE_MIN (2 * 4096)
+/* Less work than this keeps the GIL: AES-GCM takes about 1 us a page here, far less than the
+ * wait to take the GIL back from a busy thread (up to its 5 ms switch interval), so only a batch
+ * of 64 pages or more (writeback's) is worth the hand-off; a swap-in's few pages are not. */
+#define GIL_RELEASE_MIN (64 * 4096)
 
 static PyThreadState *
 gil_release(Py_ssize_t nbytes)
