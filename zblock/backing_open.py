@@ -176,7 +176,8 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
                 _reserve(sealer.disk, seal_path(path), sealer.file_size, progress)
             if state == "imported" or version != META_VERSION:
                 _write_table(meta, table, loaded)
-            meta.pwrite(0, pack_header(size, clean=False, encrypted=sealer is not None))  # dirty until a clean close
+            # dirty until a clean close
+            meta.pwrite(0, pack_header(size, clean=False, encrypted=sealer is not None))
             meta.fsync()
             if new:
                 data.fsync()
