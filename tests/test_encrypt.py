@@ -218,6 +218,70 @@ def test_nonces_never_repeat_across_remounts_and_crashes(img, key):
         store.close()
 
 
+def test_one_key_file_for_two_images_and_a_copied_image_never_share_a_nonce(tmp_path, key):
+    """Images under one key file seal with keys of their own (the same nonce, page and bytes
+    give other ciphertexts), and a copy of an image goes on far past the original's counter."""
+    data = marked_pages(64)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for path in (a, b):
+        store = Store.open(path, 1 * MiB, encrypted(key))
+        store.write(0, data)
+        store.close()
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        ca, cb = fa.read(64 * PAGE_SIZE), fb.read(64 * PAGE_SIZE)
+    assert ca != cb and ca[:PAGE_SIZE] != cb[:PAGE_SIZE]
+    c = str(tmp_path / "c")                 # cp of all three files: the same salt and lease
+    for suffix in ("", ".zbmeta", ".zbseal"):
+        shutil.copyfile(a + suffix, c + suffix)
+    os.chmod(c, 0o600)
+    counters = {}
+    for path in (a, c):
+        store = Store.open(path, None, encrypted(key))
+        try:
+            assert store.read(0, len(data)) == data
+            store.write(0, data[:PAGE_SIZE])
+            store.fsync()
+            ctr = store.backing.sealer.rows[0, 0:2]
+            counters[path] = int(ctr.max())
+        finally:
+            store.close()
+    assert counters[a] < seal.FORK_JUMP <= counters[c] - counters[a]
+    # the copy's header now names the copy: its next mount goes on without another jump
+    store = Store.open(c, None, encrypted(key))
+    try:
+        store.write(0, data[:PAGE_SIZE])
+        store.fsync()
+        assert int(store.backing.sealer.rows[0, 0:2].max()) < counters[c] + 2 * LEASE_STEP
+    finally:
+        store.close()
+
+
+def test_an_encrypted_image_is_never_served_in_clear(img, key):
+    """Its sidecar says version 3 (zblock before encryption refuses it), and without the sidecar
+    it is refused instead of imported unchecked; a far value of another version fails."""
+    store = Store.open(img, 1 * MiB, encrypted(key))
+    store.write(0, marked_pages(4))
+    store.close()
+    with open(meta_path(img), "rb") as f:
+        head = f.read(64)
+    assert int.from_bytes(head[8:12], "little") == 3
+    os.rename(meta_path(img), meta_path(img) + ".away")
+    for cfg in (Config(), encrypted(key)):
+        with pytest.raises(BackingError, match="sidecar .* is missing"):
+            Store.open(img, None, cfg)
+    assert not os.path.exists(meta_path(img))
+    os.rename(meta_path(img) + ".away", meta_path(img))
+    store = Store.open(img, None, encrypted(key))
+    try:
+        sealer = store.backing.sealer
+        value = sealer.seal_value(7, 41, b"compressed bytes")
+        assert sealer.open_value(7, 41, value) == b"compressed bytes"
+        assert sealer.open_value(7, 40, value) is None      # an older version of the page
+        assert sealer.open_value(8, 41, value) is None      # another page
+    finally:
+        store.close()
+
+
 def test_swap_mode_encrypts_with_a_key_of_its_own(img):
     data = marked_pages(256)
     store = Store.open(img, 2 * MiB, Config(swap=True, encrypt=True, pool_limit=16 * PAGE_SIZE))

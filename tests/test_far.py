@@ -391,7 +391,7 @@ def test_keys_an_earlier_mount_left_are_deleted_at_mount(tmp_path, cluster):
         f.truncate(4 * MiB)
     stale = FarTier.connect(cluster.url, instance_id(path), timeout=3)
     keys = [stale.key(p, p) for p in range(50)]
-    assert all(stale.put(keys, [stale.encode(p, "raw", bytes(PAGE_SIZE)) for p in range(50)]))
+    assert all(stale.put(keys, [stale.encode(p, p, "raw", bytes(PAGE_SIZE)) for p in range(50)]))
     stale.close()       # a crashed mount: nothing purged
     assert cluster.dbsize() == 50
     store = Store.open(path, None, far_config(cluster.url))

@@ -165,8 +165,8 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
         else:
             state, version, loaded, encrypted = _load_table(path, size, new, fd, table)
             made_meta = state in ("new", "imported")
+            made_seal = encrypt and state == "new"      # (before: a failed create leaves it)
             sealer = _open_sealer(path, size, state, encrypted, encrypt, key, factory)
-            made_seal = sealer is not None and state == "new"
             meta = factory(meta_path(path), "meta")
             if not sparse:
                 _reserve(data, path, size, progress)
@@ -174,7 +174,7 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
             _reserve(meta, meta_path(path), HEADER_SIZE + table.nbytes, progress)
             if sealer is not None:      # no page can be written back without its seal
                 _reserve(sealer.disk, seal_path(path), sealer.file_size, progress)
-            if state == "imported" or version != META_VERSION:
+            if state == "imported" or version == 1:
                 _write_table(meta, table, loaded)
             # dirty until a clean close
             meta.pwrite(0, pack_header(size, clean=False, encrypted=sealer is not None))
@@ -221,6 +221,11 @@ def _open_sealer(path: str, size: int, state: str, encrypted: bool, encrypt: boo
     if encrypted and not encrypt:
         raise BackingError(f"{path} is encrypted: mount it with --encrypt --key-file FILE")
     if not encrypt:
+        if state == "new":              # a seal file left from an image of the same name
+            try:
+                os.unlink(seal_path(path))
+            except FileNotFoundError:
+                pass
         return None
     if key is None:
         raise BackingError(f"{path}: --encrypt needs --key-file (only swap mode makes its own key)")
@@ -253,6 +258,10 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
     try:
         mfd = os.open(mpath, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     except FileNotFoundError:
+        if os.path.exists(seal_path(path)):
+            raise BackingError(f"{path} is encrypted ({seal_path(path)} is beside it) but its "
+                               f"sidecar {mpath} is missing: restore the sidecar (importing the "
+                               f"image would serve its ciphertext as data)") from None
         if not read_only:
             mfd = os.open(mpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:

@@ -200,14 +200,15 @@ class FarTier:
     def key(self, page: int, version: int) -> str:
         return f"zb{{{self.instance}:{page >> EXTENT_SHIFT:x}}}{version:x}"
 
-    def encode(self, page: int, algorithm: str, payload) -> bytes:
+    def encode(self, page: int, version: int, algorithm: str, payload) -> bytes:
         if self.sealer is not None:
-            payload = self.sealer.seal_value(page, payload)
+            payload = self.sealer.seal_value(page, version, payload)
         return HEADER.pack(FORMAT, ALGORITHMS.index(algorithm), len(payload),
                            crc32c.crc32c(payload), page, self.tag) + bytes(payload)
 
-    def decode(self, page: int, value: bytes) -> tuple[str, bytes]:
-        """(algorithm, payload) of a value read for `page`; FarCorrupt if it is not that."""
+    def decode(self, page: int, version: int, value: bytes) -> tuple[str, bytes]:
+        """(algorithm, payload) of a value read for `page` at `version`; FarCorrupt if it is
+        not that."""
         if len(value) < HEADER.size:
             raise FarCorrupt(f"page {page}: far value too short ({len(value)} bytes)")
         fmt, alg, length, crc, vpage, tag = HEADER.unpack_from(value)
@@ -217,7 +218,7 @@ class FarTier:
                 crc32c.crc32c(payload) != crc:
             raise FarCorrupt(f"page {page}: far value fails its header check")
         if self.sealer is not None:
-            payload = self.sealer.open_value(page, payload)
+            payload = self.sealer.open_value(page, version, payload)
             if payload is None:
                 raise FarCorrupt(f"page {page}: far value fails its authentication tag")
         return ALGORITHMS[alg], payload

@@ -87,8 +87,8 @@ class FarPages:
         versions = np.arange(first, first + len(pages), dtype=np.uint64)
         plist = pages.tolist()
         keys = [far.key(p, v) for p, v in zip(plist, versions.tolist())]
-        values = [far.encode(p, "raw" if s == RAW else n, o)
-                  for p, s, n, o in zip(plist, st.tolist(), names, objs)]
+        values = [far.encode(p, v, "raw" if s == RAW else n, o)
+                  for p, v, s, n, o in zip(plist, versions.tolist(), st.tolist(), names, objs)]
         ok = np.array(far.put(keys, values), bool)
         with cache.tree_lock:
             moved = ok & (table.gen[pages] == gens)
@@ -127,7 +127,7 @@ class FarPages:
                     out[i] = cache.load_page(p)
                 elif type(v) is bytes:
                     try:
-                        alg, out[i] = far.decode(p, v)
+                        alg, out[i] = far.decode(p, versions[i], v)
                     except FarCorrupt as e:
                         with cache.tree_lock:
                             cache.c.far_checksum_errors += 1

@@ -3,16 +3,22 @@ the backing file and the values sent to the far tier.
 
 Keys. In swap mode the key is 32 random bytes made at mount and never written anywhere (like an
 ephemeral dm-crypt swap). Otherwise it comes from `--key-file`: 32 raw bytes or 64 hex digits,
-refused if group or others may read the file.
+refused if group or others may read the file. Pages are sealed under a key of the image's own,
+BLAKE2b keyed with that key over the image's random salt, so one key file can serve many images
+without two of them ever sharing a (key, nonce) pair.
 
 Nonces (96 bits) are a write counter (64 bits) and the page number (its low 32 bits). The counter
 is one per image and a value is used once: values are handed out only below a lease that is
 already durable in the seal file's header, and the lease moves on (header written and fsynced)
 before a value past it is used. A mount starts counting at the lease the file holds, so a crash
-skips at most LEASE_STEP values and never repeats one. Swap mode keeps the counter in memory:
-its key dies with the mount. Far values take their counters from the same allocator.
-Associated data: the image's salt (random per image), the page number and what the bytes are
-(a disk page or a far value), so a ciphertext moved to another page, image or tier fails its tag.
+skips at most LEASE_STEP values and never repeats one. A copy of the image (its data file is
+another file than the one the header names) would go on from the same lease as the original:
+its first mount moves the lease on by a random FORK_JUMP to 2 * FORK_JUMP, far past anything
+either copy will use. Swap mode keeps the counter in memory: its key dies with the mount. Far
+values take their counters from the same allocator.
+Associated data: the image's salt, the page number, what the bytes are (a disk page or a far
+value) and a far value's version, so a ciphertext moved to another page, image, tier or version
+fails its tag.
 
 The seal file `PATH.zbseal` (none in swap mode, where the table lives in memory only):
     block 0     header: magic, version, size, salt, key check, lease; crc32c
@@ -58,17 +64,22 @@ SEAL_SUFFIX = ".zbseal"
 SEAL_MAGIC = b"ZBLKSEAL"
 SEAL_VERSION = 1
 HEADER_SIZE = 4096
-# magic, version, page size, size, salt, key check, lease; then crc32c
-HEADER = struct.Struct("<8sIIQ16s16sQ")
+# magic, version, page size, size, salt, key check, lease, the data file's st_dev and st_ino;
+# then crc32c
+HEADER = struct.Struct("<8sIIQ16s16sQQQ")
 ROW_BYTES = 64
 ROWS_PER_BLOCK = PAGE_SIZE // ROW_BYTES
 # A lease moves the counter's durable bound this far at a time: one header fsync per million writes.
 LEASE_STEP = 1 << 20
+# A copy's first mount moves its counter on by FORK_JUMP to 2 * FORK_JUMP (random): 2^52 page
+# writes are 16 EiB, and the 64-bit counter has room for 2^11 generations of copies.
+FORK_JUMP = 1 << 52
+COUNTER_END = 1 << 64
 # A far value is its counter, its ciphertext and its tag.
 VALUE_OVERHEAD = COUNTER.size + TAG_BYTES
 _DISK, _FAR = 0, 1          # what a ciphertext is, in its associated data
 _NONCE = struct.Struct("<QI")
-_AAD = struct.Struct("<BQ")
+_AAD = struct.Struct("<BQQ")        # kind, page, far version (0 for a disk page)
 _PAGE_MASK = 0xFFFFFFFF
 ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -169,8 +180,20 @@ def _key_check(key: bytes, salt: bytes) -> bytes:
     return hashlib.blake2b(b"zblock key check" + salt, key=key, digest_size=16).digest()
 
 
-def _pack_header(size: int, salt: bytes, check: bytes, lease: int) -> bytes:
-    head = HEADER.pack(SEAL_MAGIC, SEAL_VERSION, PAGE_SIZE, size, salt, check, lease)
+def _image_key(key: bytes, salt: bytes) -> bytes:
+    """The AES key of one image: a key file shared by images never shares nonces."""
+    return hashlib.blake2b(b"", key=key, salt=salt, person=b"zblock-aes-key",
+                           digest_size=KEY_BYTES).digest()
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _pack_header(size: int, salt: bytes, check: bytes, lease: int,
+                 identity: tuple[int, int]) -> bytes:
+    head = HEADER.pack(SEAL_MAGIC, SEAL_VERSION, PAGE_SIZE, size, salt, check, lease, *identity)
     head += struct.pack("<I", crc32c.crc32c(head))
     return head + bytes(HEADER_SIZE - len(head))
 
@@ -180,9 +203,14 @@ class Sealer:
     `ephemeral`. Thread-safe; the caller serialises work on one page, as zblock.backing's
     does."""
 
-    def __init__(self, npages: int, key: bytes, salt: bytes, disk, lease: int):
+    def __init__(self, npages: int, key: bytes, salt: bytes, disk, lease: int,
+                 identity: tuple[int, int] | None = None):
+        """`identity`: the data file's (st_dev, st_ino) the header records; None in swap mode
+        (no seal file) and read-only (nothing is sealed)."""
         self.npages = npages
-        self._cipher = _CBatch(key) if _sealpages is not None else _PyBatch(key)
+        image_key = _image_key(key, salt)
+        self._cipher = _CBatch(image_key) if _sealpages is not None else _PyBatch(image_key)
+        self._identity = identity
         self._salt = salt
         self._check = _key_check(key, salt)
         self._lock = threading.Lock()       # the slots (never held across I/O)
@@ -205,7 +233,9 @@ class Sealer:
     @classmethod
     def ephemeral(cls, npages: int) -> "Sealer":
         """Swap mode: a random key that exists only in this process."""
-        return cls(npages, os.urandom(KEY_BYTES), os.urandom(16), None, 1)
+        sealer = cls(npages, os.urandom(KEY_BYTES), os.urandom(16), None, 1)
+        sealer._lease = COUNTER_END         # nothing to make durable
+        return sealer
 
     @classmethod
     def create(cls, path: str, size: int, key: bytes, factory) -> "Sealer":
@@ -214,17 +244,19 @@ class Sealer:
         salt = os.urandom(16)
         spath = seal_path(path)
         try:
+            identity = _identity(path)
             fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, HEADER_SIZE + _table_bytes(size // PAGE_SIZE))   # sparse
-                os.pwrite(fd, _pack_header(size, salt, _key_check(key, salt), LEASE_STEP), 0)
+                os.pwrite(fd, _pack_header(size, salt, _key_check(key, salt), LEASE_STEP,
+                                           identity), 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             disk = factory(spath, "seal")
         except OSError as e:
             raise BackingError(f"{spath}: cannot create: {e.strerror}") from None
-        sealer = cls(size // PAGE_SIZE, key, salt, disk, 1)
+        sealer = cls(size // PAGE_SIZE, key, salt, disk, 1, identity)
         sealer._lease = LEASE_STEP
         return sealer
 
@@ -240,13 +272,22 @@ class Sealer:
             raise BackingError(f"{path} is encrypted but its seal file {spath} cannot be "
                                f"opened ({e.strerror}): its pages cannot be decrypted") from None
         try:
-            salt, check, lease = _parse_header(os.pread(fd, HEADER_SIZE, 0), spath, size)
+            salt, check, lease, identity = _parse_header(os.pread(fd, HEADER_SIZE, 0), spath, size)
             if _key_check(key, salt) != check:
                 raise BackingError(f"{path}: wrong key (--key-file is not this image's key)")
-            sealer = cls(size // PAGE_SIZE, key, salt, None, lease)
+            here = _identity(path)
+            if factory is not None and here != identity:
+                # a copy (or the original moved): it must not go on from the original's lease
+                lease += FORK_JUMP + int.from_bytes(os.urandom(8), "little") % FORK_JUMP
+                if lease + FORK_JUMP > COUNTER_END:
+                    raise BackingError(f"{path}: copied too many times to seal more pages "
+                                       f"safely: make a new image")
+            sealer = cls(size // PAGE_SIZE, key, salt, None, lease,
+                         here if factory is not None else None)
             _read_rows(fd, sealer.rows, spath)
             if factory is not None:
                 sealer._disk = factory(spath, "seal")
+                sealer._write_header()      # the identity and lease this mount goes on from
             return sealer
         except OSError as e:
             raise BackingError(f"{spath}: {e.strerror}") from None
@@ -273,21 +314,25 @@ class Sealer:
         made durable (nothing is then encrypted)."""
         with self._counter_lock:
             first = self._next
-            if first + count > self._lease and self._disk is not None:
-                lease = first + count + LEASE_STEP
-                self._disk.pwrite(0, _pack_header(self.npages * PAGE_SIZE, self._salt,
-                                                  self._check, lease))
-                self._disk.fsync()
-                self._lease = lease
+            if first + count > self._lease:
+                if self._disk is None:
+                    raise BackingError("seal: a read-only image seals nothing")
+                self._lease = first + count + LEASE_STEP
+                self._write_header()
             self._next = first + count
             return first
+
+    def _write_header(self) -> None:
+        self._disk.pwrite(0, _pack_header(self.npages * PAGE_SIZE, self._salt, self._check,
+                                          self._lease, self._identity))
+        self._disk.fsync()
 
     @staticmethod
     def _nonce(counter: int, page: int) -> bytes:
         return _NONCE.pack(counter, page & _PAGE_MASK)
 
-    def _aad(self, kind: int, page: int) -> bytes:
-        return self._aad_head + _AAD.pack(kind, page)
+    def _aad(self, kind: int, page: int, version: int = 0) -> bytes:
+        return self._aad_head + _AAD.pack(kind, page, version)
 
     # -- disk pages --------------------------------------------------------------------------
 
@@ -383,18 +428,20 @@ class Sealer:
 
     # -- far values --------------------------------------------------------------------------
 
-    def seal_value(self, page: int, payload) -> bytes:
+    def seal_value(self, page: int, version: int, payload) -> bytes:
         n = self._take(1)
-        ct, tag = self._cipher.seal_many(self._nonce(n, page), self._aad(_FAR, page), [payload])
+        ct, tag = self._cipher.seal_many(self._nonce(n, page), self._aad(_FAR, page, version),
+                                         [payload])
         return COUNTER.pack(n) + ct + tag
 
-    def open_value(self, page: int, sealed) -> bytes | None:
-        """The payload of a far value sealed for `page`; None if its tag does not verify."""
+    def open_value(self, page: int, version: int, sealed) -> bytes | None:
+        """The payload of a far value sealed for `page` at `version`; None if its tag does not
+        verify (another value, or an older one of the same page)."""
         if len(sealed) < VALUE_OVERHEAD:
             return None
         n = COUNTER.unpack_from(sealed)[0]
         mv = memoryview(sealed)
-        plain, bad = self._cipher.open_many(self._nonce(n, page), self._aad(_FAR, page),
+        plain, bad = self._cipher.open_many(self._nonce(n, page), self._aad(_FAR, page, version),
                                             mv[COUNTER.size:-TAG_BYTES], bytes(mv[-TAG_BYTES:]))
         return None if bad else plain
 
@@ -403,11 +450,11 @@ def _table_bytes(npages: int) -> int:
     return -(-npages // ROWS_PER_BLOCK) * PAGE_SIZE
 
 
-def _parse_header(raw: bytes, where: str, size: int) -> tuple[bytes, bytes, int]:
+def _parse_header(raw: bytes, where: str, size: int) -> tuple[bytes, bytes, int, tuple[int, int]]:
     n = HEADER.size
     if len(raw) < n + 4:
         raise BackingError(f"{where}: seal file too short for a header")
-    magic, version, page_size, hsize, salt, check, lease = HEADER.unpack_from(raw)
+    magic, version, page_size, hsize, salt, check, lease, dev, ino = HEADER.unpack_from(raw)
     if magic != SEAL_MAGIC:
         raise BackingError(f"{where}: not a zblock seal file (bad magic)")
     if struct.unpack_from("<I", raw, n)[0] != crc32c.crc32c(raw[:n]):
@@ -417,7 +464,7 @@ def _parse_header(raw: bytes, where: str, size: int) -> tuple[bytes, bytes, int]
                            f"not supported")
     if hsize != size:
         raise BackingError(f"{where}: seal file is for a {hsize}-byte image, not {size}")
-    return salt, check, lease
+    return salt, check, lease, (dev, ino)
 
 
 def _read_rows(fd: int, rows: np.ndarray, where: str) -> None:
@@ -437,8 +484,9 @@ def _read_rows(fd: int, rows: np.ndarray, where: str) -> None:
             raise
         if pos >= end:
             return
-        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE
+        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE    # whole blocks
         stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        stop = min(end, HEADER_SIZE + -(-(stop - HEADER_SIZE) // PAGE_SIZE) * PAGE_SIZE)
         while pos < stop:
             block = os.pread(fd, min(1 << 20, stop - pos), pos)
             if not block:

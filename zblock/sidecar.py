@@ -3,7 +3,9 @@
 Beside a backing file, `PATH.zbmeta` holds
 
     block 0      header: magic, version, page size, size, flags (bit 0: clean shutdown, bit 1:
-                 the pages are encrypted, see zblock.seal),
+                 the pages are encrypted, see zblock.seal; an encrypted image's header says
+                 version 3, which zblock before encryption refuses, so it never serves the
+                 ciphertext as data),
                  entry size, and at clean shutdown the data file's mtime_ns and inode; crc32c
     block 1...   per page two uint32 values, (durable, latest), little-endian, 512 pages per
                  4 KiB block, exactly the in-memory numpy table (npages rounded up to 512
@@ -40,6 +42,7 @@ from .errors import BackingError
 META_SUFFIX = ".zbmeta"
 META_MAGIC = b"ZBLKMETA"
 META_VERSION = 2
+ENCRYPTED_VERSION = 3       # version 2's format, FLAG_ENCRYPTED set
 HEADER_SIZE = 4096
 ENTRY_SIZE = 8  # two uint32: durable, latest
 ENTRIES_PER_BLOCK = PAGE_SIZE // ENTRY_SIZE  # 512
@@ -107,7 +110,8 @@ def verify(crcs: np.ndarray, pair: np.ndarray) -> np.ndarray:
 def pack_header(size: int, clean: bool, mtime_ns: int = 0, ino: int = 0,
                 encrypted: bool = False) -> bytes:
     flags = (FLAG_CLEAN if clean else 0) | (FLAG_ENCRYPTED if encrypted else 0)
-    head = HEADER.pack(META_MAGIC, META_VERSION, PAGE_SIZE, size, flags, ENTRY_SIZE, mtime_ns, ino)
+    version = ENCRYPTED_VERSION if encrypted else META_VERSION
+    head = HEADER.pack(META_MAGIC, version, PAGE_SIZE, size, flags, ENTRY_SIZE, mtime_ns, ino)
     head += struct.pack("<I", crc(head))
     return head + bytes(HEADER_SIZE - len(head))
 
@@ -134,8 +138,10 @@ def parse_header(raw: bytes, where: str) -> Header:
         raise BackingError(f"{where}: not a zblock sidecar (bad magic)")
     if struct.unpack("<I", raw[n:n + 4])[0] != crc(raw[:n]):
         raise BackingError(f"{where}: sidecar header checksum mismatch")
-    if version not in (1, META_VERSION):
-        raise BackingError(f"{where}: sidecar version {version} is not supported (want {META_VERSION})")
+    if version not in (1, META_VERSION, ENCRYPTED_VERSION) \
+            or bool(flags & FLAG_ENCRYPTED) != (version == ENCRYPTED_VERSION):
+        raise BackingError(f"{where}: sidecar version {version} (flags {flags:#x}) is not "
+                           f"supported (want {META_VERSION}, or {ENCRYPTED_VERSION} encrypted)")
     if page_size != PAGE_SIZE or entry_size != ENTRY_SIZE:
         raise BackingError(f"{where}: sidecar page size {page_size} / entry size {entry_size} "
                            f"not supported (want {PAGE_SIZE} / {ENTRY_SIZE})")
