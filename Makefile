@@ -25,7 +25,7 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py zblock/_lz4pages.c zblock/_sealpages.c
+$(VENV)/.installed: pyproject.toml setup.py zblock/_lz4pages.c zblock/_sealpages.c zblock/_gil.h
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'

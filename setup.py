@@ -7,7 +7,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[
     Extension("zblock._lz4pages", ["zblock/_lz4pages.c"], libraries=["lz4"],
-              extra_compile_args=["-O2", "-Wall"], optional=True),
+              depends=["zblock/_gil.h"], extra_compile_args=["-O2", "-Wall"], optional=True),
     Extension("zblock._sealpages", ["zblock/_sealpages.c"], libraries=["crypto"],
-              extra_compile_args=["-O2", "-Wall"], optional=True),
+              depends=["zblock/_gil.h"], extra_compile_args=["-O2", "-Wall"], optional=True),
 ])

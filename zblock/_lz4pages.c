@@ -27,6 +27,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <lz4.h>
+#include "_gil.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -38,14 +39,7 @@
 static PyThreadState *
 gil_release(Py_ssize_t nbytes)
 {
-    return nbytes >= GIL_RELEASE_MIN ? PyEval_SaveThread() : NULL;
-}
-
-static void
-gil_retake(PyThreadState *ts)
-{
-    if (ts != NULL)
-        PyEval_RestoreThread(ts);
+    return gil_release_from(nbytes, GIL_RELEASE_MIN);
 }
 
 /* Buffers of every item of a sequence (GIL held). On failure the ones taken are released. */

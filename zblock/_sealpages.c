@@ -24,6 +24,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <openssl/evp.h>
+#include "_gil.h"
 #include <string.h>
 
 #define KEY_LEN 32
@@ -37,14 +38,7 @@
 static PyThreadState *
 gil_release(Py_ssize_t nbytes)
 {
-    return nbytes >= GIL_RELEASE_MIN ? PyEval_SaveThread() : NULL;
-}
-
-static void
-gil_retake(PyThreadState *ts)
-{
-    if (ts != NULL)
-        PyEval_RestoreThread(ts);
+    return gil_release_from(nbytes, GIL_RELEASE_MIN);
 }
 
 /* A context with the key schedule made once for the batch; NULL with the error set. */

@@ -230,13 +230,7 @@ class Backing:
             if ok.all():
                 data = _zero_fill(data, zero)
         if not ok.all():
-            bad = (np.flatnonzero(~ok) + start).tolist()
-            with self._lock:
-                self.checksum_errors += len(bad)
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            err = DataError(f"{self.path}: page {bad[0]}{more}: checksum mismatch")
-            err.pages = bad
-            raise err
+            raise self._bad_pages((np.flatnonzero(~ok) + start).tolist(), "checksum mismatch")
         if self.sealer is not None:
             data = self._unseal(start, data, crcs, (pair == ZERO).any(axis=1) | zero)
         with self._lock:
@@ -260,11 +254,7 @@ class Backing:
         c = max(_crc(data), FOLD)
         if not (c == d or c == l or d == UNCHECKED or l == UNCHECKED
                 or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))):
-            with self._lock:
-                self.checksum_errors += 1
-            err = DataError(f"{self.path}: page {i}: checksum mismatch")
-            err.pages = [i]
-            raise err
+            raise self._bad_pages([i], "checksum mismatch")
         if self.sealer is not None:
             data = self._unseal(i, data, (c,), (d == ZERO or l == ZERO,))
         with self._lock:
@@ -278,13 +268,18 @@ class Backing:
         pages whose tag does not verify."""
         plain, bad = self.sealer.unseal(first, data, crcs, maybe_zero)
         if bad:
-            with self._lock:
-                self.checksum_errors += len(bad)
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            err = DataError(f"{self.path}: page {bad[0]}{more}: authentication tag mismatch")
-            err.pages = bad
-            raise err
+            raise self._bad_pages(bad, "authentication tag mismatch")
         return plain
+
+    def _bad_pages(self, bad: list[int], what: str) -> DataError:
+        """EIO for pages whose bytes failed a check, counted in checksum_errors; the error's
+        `pages` lists them."""
+        with self._lock:
+            self.checksum_errors += len(bad)
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        err = DataError(f"{self.path}: page {bad[0]}{more}: {what}")
+        err.pages = bad
+        return err
 
     def unsynced_pages(self) -> np.ndarray:
         """Pages written or discarded since the last completed sync (a failed sync included)."""

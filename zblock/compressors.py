@@ -12,11 +12,11 @@ result that is not exactly `out_len` bytes.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 from . import PAGE_SIZE, scan
 from .errors import UnknownCompressor
+from .extensions import optional
 
 ALGORITHMS = ("lz4", "lzo", "zstd", "deflate")
 
@@ -25,19 +25,7 @@ class CompressionError(Exception):
     """The library failed to compress or decompress (corrupt input, wrong length)."""
 
 
-def _load_extension():
-    """zblock._lz4pages, the optional C accelerator, or None: not built here, or switched off
-    with ZBLOCK_NO_EXTENSION=1 (the tests run both ways)."""
-    if os.environ.get("ZBLOCK_NO_EXTENSION") == "1":
-        return None
-    try:
-        from . import _lz4pages
-    except ImportError:
-        return None
-    return _lz4pages
-
-
-_lz4pages = _load_extension()
+_lz4pages = optional("_lz4pages")
 # which code serves lz4 (shown in the stats): the C extension, or python-lz4 and numpy
 LZ4_BACKEND = "c" if _lz4pages is not None else "python-lz4"
 

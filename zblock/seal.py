@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import PAGE_SIZE, pagemem
 from .errors import BackingError, ConfigError
+from .extensions import optional
 
 KEY_BYTES = 32
 TAG_BYTES = 16
@@ -84,19 +85,7 @@ _PAGE_MASK = 0xFFFFFFFF
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def _load_extension():
-    """zblock._sealpages, the optional C accelerator, or None: not built here, or switched off
-    with ZBLOCK_NO_EXTENSION=1."""
-    if os.environ.get("ZBLOCK_NO_EXTENSION") == "1":
-        return None
-    try:
-        from . import _sealpages
-    except ImportError:
-        return None
-    return _sealpages
-
-
-_sealpages = _load_extension()
+_sealpages = optional("_sealpages")
 # which code seals pages (shown in the stats): the C extension, or the cryptography package
 SEAL_BACKEND = "c" if _sealpages is not None else "cryptography"
 
