@@ -652,7 +652,7 @@ class ZblockTarget(Target):
         self.mp = new_mountpoint(self.name)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         self.backing = STATE_DIR / f"{self.name}-{os.getpid()}.img"
-        for p in (self.backing, Path(str(self.backing) + ".zbmeta")):
+        for p in self.backing_files():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         _run([*self.cmd, "mount", str(self.mp), "--backing", str(self.backing),
@@ -690,10 +690,14 @@ class ZblockTarget(Target):
             with contextlib.suppress(OSError):
                 self.mp.rmdir()
         if self.backing is not None:
-            for p in (self.backing, Path(str(self.backing) + ".zbmeta")):
+            for p in self.backing_files():
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         self.mp = None
+
+    def backing_files(self) -> list[Path]:
+        """The backing file, its sidecar and (--encrypt) its seal file."""
+        return [self.backing] + [Path(f"{self.backing}{s}") for s in (".zbmeta", ".zbseal")]
 
     def server_pids(self) -> list[int]:
         return [self.pid] if self.pid is not None and psutil.pid_exists(self.pid) else []
