@@ -44,9 +44,7 @@ from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, META_VER
 # the same logger as zblock.backing: opening is part of what a backing file reports
 log = logging.getLogger("zblock.backing")
 
-# The table is read from the sidecar through a buffer this big, and written to a new sidecar in
-# steps this big (one pwrite returns at most 2 GiB).
-_READ_STEP = 1 << 20
+# The table is written to a new sidecar in steps this big (one pwrite returns at most 2 GiB).
 _WRITE_STEP = 64 << 20
 
 DiskFactory = Callable[[str, str], object]  # (path, role "data" | "meta") -> disk
@@ -275,7 +273,7 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
         if head.size != size:
             raise BackingError(f"{mpath}: sidecar is for a {head.size}-byte file, the backing "
                                f"file is {size} bytes (remove the sidecar to import it unchecked)")
-        loaded = _read_table(mfd, table, mpath)
+        loaded = pagemem.fill_from_file(mfd, table, HEADER_SIZE, f"{mpath}: sidecar")
     finally:
         os.close(mfd)
     if head.version == 1:       # zblock.sidecar: "Version 1 sidecars"; open_files rewrites it
@@ -292,57 +290,6 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
         # who edited the image on purpose removes the sidecar to import it unchecked.
         return "changed", head.version, loaded, head.encrypted
     return "clean", head.version, loaded, head.encrypted
-
-
-def _read_table(fd: int, table: np.ndarray, where: str) -> list[tuple[int, int]]:
-    """Fill the zeroed `table` from the sidecar and return the row ranges (first, end) it
-    wrote; every other row is (ZERO, ZERO). Only the file's data extents are read, and only
-    their 4 KiB blocks that hold something are copied in: the rest of `table` stays memory the
-    kernel has not given (a new disk's sidecar is one hole; a sidecar copied without its holes,
-    or read through the page cache by fsck, is data that reads as zeros).
-    BackingError if the file is shorter than the table."""
-    dst = memoryview(table).cast("B")
-    end = HEADER_SIZE + len(dst)
-    if os.fstat(fd).st_size < end:
-        raise BackingError(f"{where}: sidecar is truncated")
-    scratch = bytearray(_READ_STEP)
-    view = memoryview(scratch)
-    ranges: list[tuple[int, int]] = []
-    pos = HEADER_SIZE
-    while pos < end:
-        try:
-            pos = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:      # nothing but holes from here on
-                break
-            raise
-        if pos >= end:
-            break
-        stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE   # whole blocks
-        stop = min(end, HEADER_SIZE + -(-(stop - HEADER_SIZE) // PAGE_SIZE) * PAGE_SIZE)
-        while pos < stop:
-            count = min(len(scratch), stop - pos)
-            got = 0
-            while got < count:              # one read may return less than asked
-                n = os.preadv(fd, [view[got:count]], pos + got)
-                if n == 0:
-                    raise BackingError(f"{where}: sidecar is truncated")
-                got += n
-            blocks = np.frombuffer(scratch, np.uint64, count // 8).reshape(-1, ENTRIES_PER_BLOCK)
-            used = np.flatnonzero(blocks.any(axis=1))
-            base = (pos - HEADER_SIZE) // PAGE_SIZE       # the table block at `pos`
-            for run in np.split(used, np.flatnonzero(np.diff(used) != 1) + 1) if len(used) else ():
-                a, b = int(run[0]), int(run[-1]) + 1
-                dst[(base + a) * PAGE_SIZE:(base + b) * PAGE_SIZE] = \
-                    view[a * PAGE_SIZE:b * PAGE_SIZE]
-                first, last = (base + a) * ENTRIES_PER_BLOCK, (base + b) * ENTRIES_PER_BLOCK
-                if ranges and ranges[-1][1] == first:
-                    ranges[-1] = (ranges[-1][0], last)
-                else:
-                    ranges.append((first, last))
-            pos += count
-    return ranges
 
 
 def _write_table(meta, table: np.ndarray, ranges) -> None:

@@ -484,13 +484,23 @@ class Cache:
                 table.fl[p] = min(table.fl[p] + 1, 1 << 16)
                 if table.fl[p] > after:
                     hot.append(i)
-            if not hot or table.pool_total_size >= self.accept_level():
+            if not hot or not self.may_promote():
                 return
         mv = memoryview(data)
-        for i in hot:
-            # installed clean only if the page is still the DISK entry the bytes came from
-            if self.store_pages(first + i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE],
-                                expect_gen=gens[i], may_wait=False, clean=True):
+        self.promote([(first + i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], gens[i], True)
+                      for i in hot])
+
+    def may_promote(self) -> bool:
+        """Caller holds the tree lock. Pages read often may come back: the pool is below its
+        accept threshold."""
+        return self.table.pool_total_size < self.accept_level()
+
+    def promote(self, pages: list) -> None:
+        """Bring pages read often (from the file, or the far tier) back into the pool: (page,
+        bytes, the generation they were read with, clean). A page rewritten since keeps its new
+        entry (the store expects the generation)."""
+        for page, data, gen, clean in pages:
+            if self.store_pages(page, data, expect_gen=gen, may_wait=False, clean=clean):
                 with self.tree_lock:
                     self.c.promoted_pages += 1
 

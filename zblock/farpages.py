@@ -168,13 +168,9 @@ class FarPages:
                 self.reads[p] = n = self.reads.get(p, 0) + 1
                 if n > cache.config.promote_after:
                     hot.append((i, bool(table.dt[p])))
-            if not hot or table.pool_total_size >= cache.accept_level():
+            if not hot or not cache.may_promote():
                 return
-        for i, dirty in hot:
-            if cache.store_pages(pages[i], out[i], expect_gen=gens[i], may_wait=False,
-                                 clean=not dirty):
-                with cache.tree_lock:
-                    cache.c.promoted_pages += 1
+        cache.promote([(pages[i], out[i], gens[i], not dirty) for i, dirty in hot])
 
     def _missing(self, page: int, gen: int, err, failed: list | None):
         """A far copy that did not come back (`err`: None for a missing key, or the error)."""

@@ -11,16 +11,22 @@ and `nbytes` says nothing about what is resident (resident_bytes reads it from p
 Invariant: per-page arrays are made by zeros(). Reads of untouched memory map the shared zero
 page, which is not counted.
 
+fill_from_file loads such a table from its file (the sidecar, the seal file) without touching
+the memory of blocks that hold nothing.
+
 What this module does not do: decide which arrays exist or how big (their owners do), or limit
 anything (zblock.store refuses a disk whose tables would not fit in memory).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
 import numpy as np
+
+from .errors import BackingError
 
 
 # Arrays at least this big get a mapping of their own: below it an array is a few pages anyway.
@@ -30,6 +36,10 @@ HUGE_ARRAY = 2 << 20
 # mapped; both set is a page of this process's own in RAM.
 RESIDENT_HERE = np.uint64(1 << 63 | 1 << 56)
 PAGEMAP_CHUNK = 1 << 20                     # entries per read: 8 MiB of pagemap, 4 GiB of table
+# Tables on disk (the sidecar's, the seal file's) are written and read in blocks this big, and
+# read through a buffer of _READ_STEP.
+BLOCK = 4096
+_READ_STEP = 1 << 20
 
 
 def zeros(shape, dtype) -> np.ndarray:
@@ -73,3 +83,55 @@ def resident_bytes(arrays) -> int:
     finally:
         os.close(fd)
     return pages * mmap.PAGESIZE
+
+
+def fill_from_file(fd: int, table: np.ndarray, offset: int, where: str) -> list[tuple[int, int]]:
+    """Fill the zeroed per-page `table` from the file `fd` holds it in, from byte `offset` on,
+    and return the row ranges (first, end) it wrote; every other row stays zeros. Only the
+    file's data extents are read, and only their 4 KiB blocks that hold something are copied
+    in: the rest of `table` stays memory the kernel has not given (a new disk's sidecar is one
+    hole; a file copied without its holes, or read through the page cache, is data that reads as
+    zeros). `table`'s rows must divide 4 KiB. BackingError naming `where` if the file is shorter
+    than the table."""
+    dst = memoryview(table).cast("B")
+    rows_per_block = BLOCK // table.strides[0]
+    end = offset + len(dst)
+    if os.fstat(fd).st_size < end:
+        raise BackingError(f"{where} is truncated")
+    scratch = bytearray(_READ_STEP)
+    view = memoryview(scratch)
+    ranges: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # nothing but holes from here on
+                break
+            raise
+        if pos >= end:
+            break
+        stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        pos = offset + (pos - offset) // BLOCK * BLOCK      # whole blocks
+        stop = min(end, offset + -(-(stop - offset) // BLOCK) * BLOCK)
+        while pos < stop:
+            count = min(len(scratch), stop - pos)
+            got = 0
+            while got < count:              # one read may return less than asked
+                n = os.preadv(fd, [view[got:count]], pos + got)
+                if n == 0:
+                    raise BackingError(f"{where} is truncated")
+                got += n
+            blocks = np.frombuffer(scratch, np.uint64, count // 8).reshape(-1, BLOCK // 8)
+            used = np.flatnonzero(blocks.any(axis=1))
+            base = (pos - offset) // BLOCK      # the table block at `pos`
+            for run in np.split(used, np.flatnonzero(np.diff(used) != 1) + 1) if len(used) else ():
+                a, b = int(run[0]), int(run[-1]) + 1
+                dst[(base + a) * BLOCK:(base + b) * BLOCK] = view[a * BLOCK:b * BLOCK]
+                first, last = (base + a) * rows_per_block, (base + b) * rows_per_block
+                if ranges and ranges[-1][1] == first:
+                    ranges[-1] = (ranges[-1][0], last)
+                else:
+                    ranges.append((first, last))
+            pos += count
+    return ranges

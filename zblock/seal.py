@@ -42,7 +42,6 @@ What this module does not do: decide which pages go to disk, or the sidecar's pr
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat
@@ -211,7 +210,6 @@ class Sealer:
         # a fraction of numpy's per-element call.
         self._words = memoryview(self.rows).cast("B").cast("Q")
         self._bytes = memoryview(self.rows).cast("B")
-        self._aad_head = salt
         self._counter_lock = threading.Lock()
         self._next = lease                  # nothing below a durable lease is used twice
         self._lease = lease
@@ -273,7 +271,7 @@ class Sealer:
                                        f"safely: make a new image")
             sealer = cls(size // PAGE_SIZE, key, salt, None, lease,
                          here if factory is not None else None)
-            _read_rows(fd, sealer.rows, spath)
+            pagemem.fill_from_file(fd, sealer.rows, HEADER_SIZE, f"{spath}: seal file")
             if factory is not None:
                 sealer._disk = factory(spath, "seal")
                 sealer._write_header()      # the identity and lease this mount goes on from
@@ -321,7 +319,7 @@ class Sealer:
         return _NONCE.pack(counter, page & _PAGE_MASK)
 
     def _aad(self, kind: int, page: int, version: int = 0) -> bytes:
-        return self._aad_head + _AAD.pack(kind, page, version)
+        return self._salt + _AAD.pack(kind, page, version)
 
     # -- disk pages --------------------------------------------------------------------------
 
@@ -454,36 +452,3 @@ def _parse_header(raw: bytes, where: str, size: int) -> tuple[bytes, bytes, int,
     if hsize != size:
         raise BackingError(f"{where}: seal file is for a {hsize}-byte image, not {size}")
     return salt, check, lease, (dev, ino)
-
-
-def _read_rows(fd: int, rows: np.ndarray, where: str) -> None:
-    """Fill `rows` from the seal file, block by block, skipping its holes (blocks of pages never
-    written) so their memory is never touched."""
-    dst = memoryview(rows).cast("B")
-    end = HEADER_SIZE + len(dst)
-    if os.fstat(fd).st_size < end:
-        raise BackingError(f"{where}: seal file is truncated")
-    pos = HEADER_SIZE
-    while pos < end:
-        try:
-            pos = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return
-            raise
-        if pos >= end:
-            return
-        pos = HEADER_SIZE + (pos - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE    # whole blocks
-        stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        stop = min(end, HEADER_SIZE + -(-(stop - HEADER_SIZE) // PAGE_SIZE) * PAGE_SIZE)
-        while pos < stop:
-            block = os.pread(fd, min(1 << 20, stop - pos), pos)
-            if not block:
-                raise BackingError(f"{where}: seal file is truncated")
-            if len(block) % PAGE_SIZE:
-                raise BackingError(f"{where}: seal file is truncated")
-            used = np.frombuffer(block, np.uint64).reshape(-1, PAGE_SIZE // 8).any(axis=1)
-            for b in np.flatnonzero(used).tolist():
-                at = pos - HEADER_SIZE + b * PAGE_SIZE
-                dst[at:at + PAGE_SIZE] = block[b * PAGE_SIZE:(b + 1) * PAGE_SIZE]
-            pos += len(block)
