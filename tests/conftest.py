@@ -28,6 +28,12 @@ def pytest_sessionstart(session):
         print(f"swept leftovers of earlier runs: {', '.join(swept)}", file=sys.stderr)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The kernel setting tests changed for the whole machine goes back to what it was."""
+    import mountutil
+    mountutil.restore_fuse_uring()
+
+
 @pytest.fixture
 def fault_rules(tmp_path, monkeypatch):
     """An empty fault-script file that fault servers started by this test follow (see

@@ -38,6 +38,7 @@ PREFIX = "/tmp/zblock-test-"
 # The FUSE front ends a test can mount with, as `zblock mount` options. Mounts use
 # ZBLOCK_TEST_FUSE (make test runs the mount tests once more with fuse3) unless a test names one.
 FRONT_ENDS = {"native": ["--fuse-impl", "native"],
+              "native-uring": ["--fuse-impl", "native", "--fuse-uring", "on"],
               "fuse3": ["--fuse-impl", "mfusepy", "--fuse-version", "3"],
               "fuse2": ["--fuse-impl", "mfusepy", "--fuse-version", "2"]}
 DEFAULT_FUSE = os.environ.get("ZBLOCK_TEST_FUSE", "native")
@@ -72,6 +73,29 @@ def require_mounts() -> None:
     require(os.geteuid() == 0, "real mounts need root here (allow_other, umount, loop devices)")
     require(shutil.which("fusermount3") is not None or shutil.which("fusermount") is not None,
             "no fusermount")
+
+
+FUSE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+_fuse_uring_before: list[str] = []
+
+
+def enable_fuse_uring() -> None:
+    """Let the kernel offer FUSE over io_uring (Linux 6.14+); restore_fuse_uring() (conftest, at
+    the session's end) puts the admin's setting back."""
+    require(os.path.exists(FUSE_URING_PARAM), "this kernel has no FUSE over io_uring (6.14+)")
+    with open(FUSE_URING_PARAM) as f:
+        now = f.read().strip()
+    if not _fuse_uring_before:
+        _fuse_uring_before.append(now)
+    if now != "Y":
+        with open(FUSE_URING_PARAM, "w") as f:
+            f.write("Y")
+
+
+def restore_fuse_uring() -> None:
+    if _fuse_uring_before:
+        with open(FUSE_URING_PARAM, "w") as f:
+            f.write(_fuse_uring_before.pop())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +315,8 @@ class Mount:
 
     def start(self) -> "Mount":
         require_mounts()
+        if self.fuse == "native-uring":
+            enable_fuse_uring()
         res = zblock(*self.args(), timeout=self.start_timeout, faults=self.faults)
         if res.returncode != 0:
             self.cleanup()

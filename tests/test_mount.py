@@ -25,8 +25,8 @@ from mountutil import Mount
 
 pytestmark = pytest.mark.mount
 
-# every front end: zblock's own (native) and mfusepy on libfuse 3 and 2
-FRONT_ENDS = ["native", "fuse3", "fuse2"]
+# every front end: zblock's own (native, and native over io_uring) and mfusepy on libfuse 3 and 2
+FRONT_ENDS = ["native", "native-uring", "fuse3", "fuse2"]
 
 
 def make_data(nbytes: int, seed: int = 1) -> bytes:
@@ -484,7 +484,7 @@ def _end_writer(writer: subprocess.Popen) -> None:
     writer.wait(timeout=30)
 
 
-@pytest.mark.parametrize("fuse", ["native", "fuse3"])
+@pytest.mark.parametrize("fuse", ["native", "native-uring", "fuse3"])
 @pytest.mark.parametrize("how", ["umount -l", "SIGKILL", "zblock umount --force"])
 def test_ending_the_mount_during_io_hangs_nothing(how, fuse):
     """A lazy unmount, a killed server and a forced unmount while a writer is in the middle of

@@ -376,10 +376,11 @@ WORKING_SET_MIB = 320
 @pytest.mark.mount
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_hog_really_swaps_through_zblock():
+@pytest.mark.parametrize("fuse", ["native", "native-uring"])
+def test_hog_really_swaps_through_zblock(fuse):
     require_swap_tools()
     zswap_must_be_off()
-    with Mount(size="512M", swap=True, pool_limit="128M") as m:
+    with Mount(size="512M", swap=True, pool_limit="128M", fuse=fuse) as m:
         disk = os.path.join(os.path.realpath(m.mountpoint), "disk")
         hog = loop = None
         try:

@@ -44,6 +44,7 @@ _OPTION_PARAMS = {
     "limit-policy": "limit_policy",
     "incompressible": "incompressible_policy",
     "fuse-impl": "fuse_impl",
+    "fuse-uring": "fuse_uring",
     "same-filled": "same_filled_pages_enabled",
     "shrinker": "shrinker_enabled",
     "write-through": "write_through",
@@ -170,7 +171,7 @@ def cmd_mount(args, argv, *, store_factory=None, program=None) -> int:
     from . import daemon, hardening
     config, size, backing = _mount_config(args)
     fuse_version = int(args.fuse_version)
-    daemon.check_fuse(fuse_version, daemon.fuse_front_end(config))
+    daemon.check_fuse(fuse_version, daemon.fuse_front_end(config), config.fuse_uring)
     daemon.check_mountpoint(args.mountpoint)
     daemon.check_backing(backing, size, read_only=config.read_only)
     if config.swap and not args.foreground:

@@ -292,6 +292,10 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("fuse_impl", _choice("fuse_impl", ("auto", "native", "mfusepy")), runtime=False,
           help="FUSE front end: native (zblock speaks the protocol; needs root), mfusepy "
                "(libfuse), or auto (native where this process may mount)"),
+    Param("fuse_uring", _choice("fuse_uring", ("auto", "on", "off")), runtime=False,
+          help="native front end: requests through FUSE over io_uring (Linux 6.14+, with the "
+               "fuse module's enable_uring set): on, off, or auto (where the admin has enabled "
+               "it); off by default, since random reads measured slower through it"),
 ]}
 
 
@@ -342,6 +346,7 @@ class Config:
     encrypt: bool = False
     key_file: str = ""
     fuse_impl: str = "auto"
+    fuse_uring: str = "off"
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> "Config":

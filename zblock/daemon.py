@@ -157,9 +157,16 @@ def fuse_front_end(config) -> str:
     return "native" if os.geteuid() == 0 else "mfusepy"
 
 
-def check_fuse(fuse_version: int, front_end: str = "mfusepy") -> None:
+def check_fuse(fuse_version: int, front_end: str = "mfusepy", fuse_uring: str = "auto") -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
+    if fuse_uring == "on":
+        if front_end != "native":
+            raise MountError("--fuse-uring on needs the native front end (--fuse-impl native)")
+        from .fuse import uring
+        if not uring.enabled():
+            raise MountError(f"FUSE over io_uring is not enabled in this kernel (Linux 6.14 or "
+                             f"later; as root: echo Y > {uring.ENABLE_PARAM})")
     if front_end == "native":
         if os.geteuid() != 0:
             raise MountError("the native FUSE front end mounts with mount(2), which needs root; "
@@ -272,7 +279,7 @@ def serve(mountpoint: str, backing: str, size: int | None, config, *, fuse_versi
 
     front_end = fuse_front_end(config)
     try:
-        check_fuse(fuse_version, front_end)
+        check_fuse(fuse_version, front_end, config.fuse_uring)
         check_mountpoint(mountpoint)
         if front_end == "mfusepy":
             mfusepy, libfuse = _load_fuse(fuse_version)
@@ -352,11 +359,15 @@ def _serve_mfusepy(mfusepy, libfuse, ops, mountpoint: str, backing: str, config,
 def _serve_native(ops, mountpoint: str, backing: str, config) -> None:
     """zblock.fuse.native's loop until unmounted or aborted. SIGTERM, SIGINT and SIGHUP end it
     as they end libfuse's: a lazy unmount, then the connection is aborted."""
-    from .fuse import native
+    from .fuse import native, uring
     workers = native.SWAP_WORKERS if config.swap else native.DEFAULT_WORKERS
+    depth = 0
+    if config.fuse_uring == "on" or (config.fuse_uring == "auto" and uring.enabled()):
+        depth = native.URING_SWAP_DEPTH if config.swap else native.URING_DEPTH
     session = native.NativeFuse(ops, mountpoint, fsname=os.path.realpath(backing),
                                 read_only=config.read_only, workers=workers,
-                                on_init=lambda: ops.negotiated(session.info))
+                                on_init=lambda: ops.negotiated(session.info, session.counters),
+                                uring_depth=depth)
     try:
         session.mount()
     except OSError as e:

@@ -110,6 +110,7 @@ class ZblockOps:
         self._on_destroy = on_destroy
         # what INIT agreed (front end, max_write, ...), shown under "fuse" in the stats file
         self._fuse_info: dict = {}
+        self._fuse_counters = None
         self._fh_lock = threading.Lock()
         self._handles: dict[int, _Snapshot] = {}
         self._next_fh = 1
@@ -120,9 +121,11 @@ class ZblockOps:
     # ------------------------------------------------------------------------------------------
     # lifecycle
 
-    def negotiated(self, info: dict) -> None:
-        """The front end's INIT: record what it agreed (the stats' "fuse"), then ready."""
+    def negotiated(self, info: dict, counters=None) -> None:
+        """The front end's INIT: record what it agreed (the stats' "fuse", with what
+        `counters()` returns when the stats are read), then ready."""
         self._fuse_info = info
+        self._fuse_counters = counters
         if self._on_init is not None:
             self._on_init()
 
@@ -223,7 +226,9 @@ class ZblockOps:
             if acc != os.O_RDONLY:
                 raise FuseError(errno.EACCES)
             stats = self.store.stats()
-            stats["fuse"] = self._fuse_info
+            stats["fuse"] = dict(self._fuse_info)
+            if self._fuse_counters is not None:
+                stats["fuse"].update(self._fuse_counters())
             data = (json.dumps(stats, indent=1, sort_keys=True) + "\n").encode()
             fi.fh = self._new_handle(_Snapshot(data))
             fi.direct_io = 1

@@ -2,7 +2,8 @@
 
 One handle, `libc`, with prototypes for what zblock calls: fallocate and sync_file_range
 (zblock.disk), prctl, mlockall and munlockall (zblock.hardening, zblock.memory), malloc_trim and
-mallopt (zblock.pool, zblock.memory), mount and umount2 (zblock.fuse.native, zblock.runtime).
+mallopt (zblock.pool, zblock.memory), mount and umount2 (zblock.fuse.native, zblock.runtime),
+syscall (io_uring's calls, which glibc does not wrap: zblock.fuse.uring).
 The Linux constants these calls take (linux/falloc.h, linux/fs.h, linux/prctl.h, sys/mman.h,
 sys/mount.h) are defined here and nowhere else.
 
@@ -55,11 +56,16 @@ _PROTOTYPES = {
     "mount": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                              ctypes.c_char_p)),
     "umount2": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_int)),
+    # variadic in C; seven longs is how every 64-bit ABI Linux runs on passes its arguments
+    "syscall": (ctypes.c_long, (ctypes.c_long,) * 7),
 }
 for _name, (_restype, _argtypes) in _PROTOTYPES.items():
     _fn = getattr(libc, _name, None)
     if _fn is not None:
         _fn.restype, _fn.argtypes = _restype, _argtypes
+
+
+syscall = libc.syscall
 
 
 def _raise_errno() -> None:

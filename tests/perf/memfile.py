@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mountpoint")
     ap.add_argument("--size", default="256M")
-    ap.add_argument("--libfuse", choices=("2", "3", "native"), default="3")
+    ap.add_argument("--libfuse", choices=("2", "3", "native", "native-uring"), default="3")
     ap.add_argument("--max-write", type=int, default=1 << 20,
                     help="bytes; libfuse 3 sets it in init (it refuses -o max_write), "
                          "libfuse 2 takes -o max_write and the kernel caps it at 128 KiB")
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memfile: --size {args.size!r} must be a positive multiple of {PAGE_SIZE}", file=sys.stderr)
         return 2
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    if args.libfuse == "native":
-        return serve_native(args.mountpoint, size, args.max_write)
+    if args.libfuse.startswith("native"):
+        return serve_native(args.mountpoint, size, args.max_write, args.libfuse == "native-uring")
     # mfusepy picks libfuse 2 when both are installed unless told (DESIGN: Concurrency model).
     os.environ["FUSE_LIBRARY_NAME"] = "fuse3" if args.libfuse == "3" else "fuse"
     import mfusepy
@@ -91,13 +91,14 @@ class _NativeErrors:
         return OSError(err, os.strerror(err))
 
 
-def serve_native(mountpoint: str, size: int, max_write: int) -> int:
+def serve_native(mountpoint: str, size: int, max_write: int, uring: bool = False) -> int:
     import signal
-    from zblock.fuse.native import NativeFuse
+    from zblock.fuse.native import URING_DEPTH, NativeFuse
     global pin_thread_state
     pin_thread_state = lambda: None         # noqa: E731 -- Python threads keep theirs anyway
     ops = MemFile(_NativeErrors, size, max_write)
-    session = NativeFuse(ops, mountpoint, fsname="memfile", allow_other=True)
+    session = NativeFuse(ops, mountpoint, fsname="memfile", allow_other=True,
+                         uring_depth=URING_DEPTH if uring else 0)
     session.mount()
     ops.max_write_set = max_write
     for sig in (signal.SIGTERM, signal.SIGINT):

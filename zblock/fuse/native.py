@@ -32,6 +32,7 @@ import threading
 from .. import libc
 from ..runtime import abort_fuse_connection, find_mount
 from . import protocol as p
+from . import uring
 
 log = logging.getLogger("zblock.fuse")
 
@@ -45,6 +46,10 @@ DEFAULT_WORKERS = 2
 SWAP_WORKERS = 4
 # Request buffer: the largest WRITE (header, fuse_write_in, max_write bytes), with room to spare.
 BUFFER_SIZE = MAX_WRITE + 4096
+# Entries per io_uring queue (one queue per CPU): requests the kernel can hand over before the
+# queue's thread answers; each has a max_write payload buffer, resident once used.
+URING_DEPTH = 2
+URING_SWAP_DEPTH = 4
 # Entries and attributes are cached by the kernel this long: libfuse's high-level default.
 TTL_S = 1
 ROOT_ID = 1
@@ -97,7 +102,8 @@ class NativeFuse:
     """One FUSE connection served by `workers` threads. See the module docstring."""
 
     def __init__(self, ops, mountpoint: str, *, fsname: str, read_only: bool = False,
-                 allow_other: bool = True, workers: int = DEFAULT_WORKERS, on_init=None):
+                 allow_other: bool = True, workers: int = DEFAULT_WORKERS, on_init=None,
+                 uring_depth: int = 0):
         self.ops = ops
         self.mountpoint = os.path.realpath(mountpoint)
         self.fsname = fsname
@@ -105,6 +111,10 @@ class NativeFuse:
         self.allow_other = allow_other
         self.workers = workers
         self.on_init = on_init
+        # 0: /dev/fuse only; else FUSE over io_uring with this many entries a queue, if the
+        # kernel offers it at INIT (zblock.fuse.uring)
+        self.uring_depth = uring_depth
+        self.rings: list[uring.UringQueue] = []
         self.nodes = _Nodes(ops)
         self.fd = -1
         self.info: dict = {"impl": "native"}
@@ -149,6 +159,8 @@ class NativeFuse:
             pass                                # not mounted (any more): the abort still ends it
         if entry is not None and entry.fstype == "fuse.zblock":
             abort_fuse_connection(entry.minor)
+        for q in self.rings:
+            q.stop()
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -168,7 +180,13 @@ class NativeFuse:
                 # nothing else may come before INIT; answer it anyway so nobody waits
                 if n:
                     self._reply_error(self.fd, p.IN_HEADER.unpack_from(buf)[2], errno.EIO)
-            fds += [self._clone() for _ in range(self.workers - 1)]
+            if self.info.get("uring"):
+                self._start_rings()
+            # with the rings, /dev/fuse carries only what comes before they are all registered,
+            # FORGET and INTERRUPT: one worker
+            workers = 1 if self.rings else self.workers
+            self.info["workers"] = workers
+            fds += [self._clone() for _ in range(workers - 1)]
             threads = [threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{i}",
                                         daemon=True) for i, fd in enumerate(fds)]
             for t in threads:
@@ -177,10 +195,37 @@ class NativeFuse:
                 self.on_init()
             for t in threads:
                 t.join()
+            for q in self.rings:            # the connection has ended: so have the rings
+                q.stop()
+                q.thread.join()
         finally:
+            for q in self.rings:
+                q.close()
+            self.rings = []
             for fd in fds:
                 os.close(fd)
             self.fd = -1
+
+    def counters(self) -> dict:
+        """What moves while serving (the stats' fuse, beside what INIT agreed)."""
+        return {"uring_requests": sum(q.served for q in self.rings)}
+
+    def _start_rings(self) -> None:
+        """One io_uring queue a CPU. If they cannot be set up, /dev/fuse serves everything: the
+        kernel switches to the rings only once every queue has registered."""
+        try:
+            for qid in range(uring.queue_count()):
+                self.rings.append(uring.UringQueue(self.fd, qid, self.uring_depth, MAX_WRITE,
+                                                   self._answer, _FileInfo()))
+                self.rings[-1].start()
+        except OSError as e:
+            log.warning("FUSE over io_uring could not be set up (%s): serving on /dev/fuse", e)
+            for q in self.rings:
+                q.stop()
+                q.thread.join()
+                q.close()
+            self.rings = []
+            self.info["uring"] = False
 
     def _clone(self) -> int:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -208,7 +253,7 @@ class NativeFuse:
         bufs = [buf]
         readv, writev = os.readv, os.writev
         header, out_header = p.IN_HEAD.unpack_from, p.OUT_HEADER.pack
-        handlers = self._handlers
+        answer = self._answer
         fi = _FileInfo()
         while True:
             try:
@@ -222,28 +267,34 @@ class NativeFuse:
             if not n:
                 return                          # end of file: the device never, a test's socket
             _, opcode, unique, node = header(buf)
-            handler = handlers.get(opcode)
+            reply = answer(opcode, node, mv, n, fi)
+            if reply is None:
+                continue
+            error, out = reply
             try:
-                if handler is None:
-                    if opcode in _NO_REPLY:
-                        continue
-                    raise OSError(errno.ENOSYS, "not implemented")
-                out = handler(node, mv, n, fi)
-                parts = [out_header(16 + len(out), 0, unique), out] if out else \
-                    [out_header(16, 0, unique)]
-            except OSError as e:
-                err = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
-                parts = [out_header(16, -err, unique)]
-            except Exception:
-                log.exception("FUSE opcode %d failed", opcode)
-                parts = [out_header(16, -errno.EIO, unique)]
-            try:
-                writev(fd, parts)
+                writev(fd, [out_header(16 + len(out), error, unique), out] if out else
+                       [out_header(16, error, unique)])
             except OSError as e:
                 # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: the
                 # connection ended. Either way nobody waits for this answer any more.
                 if e.errno not in (errno.ENOENT, errno.ENODEV):
                     raise
+
+    def _answer(self, opcode: int, node: int, mv, n: int, fi) -> tuple[int, bytes] | None:
+        """(error, reply) of one request laid out as /dev/fuse delivers it; None for the
+        requests that take no reply. Shared by the /dev/fuse workers and the io_uring queues."""
+        handler = self._handlers.get(opcode)
+        try:
+            if handler is None:
+                if opcode in _NO_REPLY:
+                    return None
+                raise OSError(errno.ENOSYS, "not implemented")
+            return 0, handler(node, mv, n, fi)
+        except OSError as e:
+            return -(e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO), b""
+        except Exception:
+            log.exception("FUSE opcode %d failed", opcode)
+            return -errno.EIO, b""
 
     def _reply_error(self, fd: int, unique: int, err: int) -> None:
         self._send(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size, -err, unique))
@@ -261,7 +312,7 @@ class NativeFuse:
 
     def _init(self, fd: int, req: memoryview) -> None:
         unique = p.IN_HEADER.unpack_from(req)[2]
-        major, minor, max_readahead, kflags, _ = p.INIT_IN.unpack_from(req, p.IN_HEADER.size)
+        major, minor, max_readahead, kflags, kflags2 = p.INIT_IN.unpack_from(req, p.IN_HEADER.size)
         if major != p.KERNEL_VERSION or minor < p.MIN_KERNEL_MINOR:
             log.error("FUSE protocol %d.%d is not supported (need %d.%d or later)", major, minor,
                       p.KERNEL_VERSION, p.MIN_KERNEL_MINOR)
@@ -270,14 +321,20 @@ class NativeFuse:
         want = (p.FUSE_ASYNC_READ | p.FUSE_ATOMIC_O_TRUNC | p.FUSE_BIG_WRITES | p.FUSE_ASYNC_DIO
                 | p.FUSE_PARALLEL_DIROPS | p.FUSE_MAX_PAGES)
         flags = want & kflags
+        flags2 = 0
+        use_uring = bool(self.uring_depth and kflags2 & p.FUSE_OVER_IO_URING)
+        if use_uring:
+            flags, flags2 = flags | p.FUSE_INIT_EXT, p.FUSE_OVER_IO_URING
         minor = min(minor, p.KERNEL_MINOR)
         readahead = min(max_readahead, MAX_WRITE)
         out = p.INIT_OUT.pack(p.KERNEL_VERSION, minor, readahead, flags, 0, 0, MAX_WRITE, 1,
-                              MAX_PAGES, 0, 0, 0)
+                              MAX_PAGES, 0, flags2, 0)
         self._send(fd, p.OUT_HEADER.pack(p.OUT_HEADER.size + len(out), 0, unique) + out)
         self.info = {"impl": "native", "protocol": f"{p.KERNEL_VERSION}.{minor}",
                      "max_write": MAX_WRITE, "max_pages": MAX_PAGES if flags & p.FUSE_MAX_PAGES else 32,
                      "max_readahead": readahead, "workers": self.workers,
+                     "uring": {"queues": uring.queue_count(), "depth": self.uring_depth}
+                     if use_uring else False,
                      "flags": sorted(name for bit, name in p.INIT_FLAG_NAMES.items() if flags & bit)}
         log.info("FUSE %d.%d: %s", p.KERNEL_VERSION, minor, self.info)
 

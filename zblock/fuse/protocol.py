@@ -48,6 +48,9 @@ FUSE_ASYNC_DIO = 1 << 15
 FUSE_WRITEBACK_CACHE = 1 << 16
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
+FUSE_INIT_EXT = 1 << 30                       # the flags2 word is meant
+# flags2 (the high 32 bits of the 64-bit flags)
+FUSE_OVER_IO_URING = 1 << (41 - 32)           # requests through io_uring (zblock.fuse.uring)
 INIT_FLAG_NAMES = {FUSE_ASYNC_READ: "async_read", FUSE_ATOMIC_O_TRUNC: "atomic_o_trunc",
                    FUSE_BIG_WRITES: "big_writes", FUSE_ASYNC_DIO: "async_dio",
                    FUSE_WRITEBACK_CACHE: "writeback_cache", FUSE_PARALLEL_DIROPS: "parallel_dirops",
