@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 import rediscluster
 from conftest import require
@@ -195,6 +196,24 @@ def cleanup_dir(path: str) -> None:
         if not wait_pid(pid, 10):
             kill_and_wait(pid)
     shutil.rmtree(path, ignore_errors=True)
+    remove_runtime_files(path)
+
+
+def remove_runtime_files(path: str, keep=lambda mountpoint: False) -> int:
+    """Remove the servers' pid and log files (zblock.runtime) of mount points under `path`,
+    but those `keep` names: tests leave none behind in /run/zblock. Returns how many."""
+    from zblock import runtime
+    rt = runtime.runtime_dir()
+    prefix = urllib.parse.quote(os.path.realpath(path).rstrip("/") + "/", safe="")
+    n = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir(rt):
+            if name.startswith(prefix) and name.endswith((".log", ".pid")) and \
+                    not keep(urllib.parse.unquote(name.rsplit(".", 1)[0])):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(rt, name))
+                    n += 1
+    return n
 
 
 def new_workdir(tag: str = "") -> str:
@@ -270,6 +289,9 @@ def sweep(prefix: str = PREFIX) -> list[str]:
             done.append(f"redis cluster in {path}")
         if stale(path) and not any(mp.startswith(path) for mp, _, _ in mountinfo()):
             shutil.rmtree(path, ignore_errors=True)
+    removed = remove_runtime_files(os.path.dirname(prefix), keep=lambda mp: not stale(mp))
+    if removed:
+        done.append(f"{removed} runtime file(s) of earlier runs")
     return done
 
 
@@ -363,6 +385,7 @@ class Mount:
                 os.close(fd)
         if remove and self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            remove_runtime_files(self.workdir)
 
     def __enter__(self) -> "Mount":
         return self.start()

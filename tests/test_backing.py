@@ -123,7 +123,7 @@ def test_read_only_open_writes_nothing_and_shares_the_lock(img):
     files = (img, meta_path(img))
     before = [(pathlib.Path(p).read_bytes(), os.stat(p).st_mtime_ns) for p in files]
     with Backing.open(img, read_only=True) as ro, Backing.open(img, read_only=True) as ro2:
-        assert ro.open_state == "clean" and ro.read_page(2) == page("two") == ro2.read_page(2)
+        assert ro.open_state == "clean" and ro.read_pages(2, 1) == page("two") == ro2.read_pages(2, 1)
         with pytest.raises(BackingLocked):
             Backing.open(img)                                # a writer waits for the readers
         ro.sync()
@@ -173,23 +173,23 @@ def test_write_sync_reopen_reads_back(img):
     pages = {i: page(f"p{i}") for i in (0, 1, 2, 7, 100, 511, 512, 513, 1023)}
     with Backing.open(img, 1024 * PS) as b:
         assert b.read_pages(0, 4) == bytes(4 * PS)  # never written: zeros, no disk read
-        assert b.bd_reads == 0
+        assert b.stats.bd_reads == 0
         idxs = list(pages)
         random.Random(1).shuffle(idxs)  # any order; runs are coalesced after sorting
         b.write_pages(idxs, [pages[i] for i in idxs])
-        assert b.bd_writes == len(pages)
-        assert b.bd_write_ios == 5 and b.bd_write_us > 0        # runs 0-2, 7, 100, 511-513, 1023
+        assert b.stats.bd_writes == len(pages)
+        assert b.stats.bd_write_ios == 5 and b.stats.bd_write_us > 0        # runs 0-2, 7, 100, 511-513, 1023
         for i, data in pages.items():
-            assert b.read_page(i) == data
+            assert b.read_pages(i, 1) == data
         b.sync()
     with Backing.open(img) as b:
         assert b.open_state == "clean"
         got = b.read_pages(0, 3)
         assert got == pages[0] + pages[1] + pages[2]
         assert b.read_pages(510, 4) == bytes(PS) + pages[511] + pages[512] + pages[513]
-        assert b.bd_reads == 7
-        assert b.bd_read_ios == 2 and b.bd_read_us > 0         # one I/O a request
-        assert b.checksum_errors == 0
+        assert b.stats.bd_reads == 7
+        assert b.stats.bd_read_ios == 2 and b.stats.bd_read_us > 0         # one I/O a request
+        assert b.stats.checksum_errors == 0
     # A plain raw image at the same offsets.
     with open(img, "rb") as f:
         f.seek(513 * PS)
@@ -263,7 +263,7 @@ def test_concurrent_writers_and_sync(img):
         assert not errors, errors
         for t in range(n_threads):
             for i in range(t * per, (t + 1) * per):
-                assert b.read_page(i) == page(f"t{t}r3i{i}")
+                assert b.read_pages(i, 1) == page(f"t{t}r3i{i}")
     finally:
         b.close()
     rep = fsck(img)
@@ -284,15 +284,15 @@ def test_corrupted_page_is_eio_and_fsck_finds_it(img):
     assert rep.bad_pages == [3] and not rep.ok
     assert any("modified since" in n for n in rep.notes)
     with Backing.open(img) as b:
-        assert b.read_page(2) == page("c2")
+        assert b.read_pages(2, 1) == page("c2")
         with pytest.raises(DataError, match="page 3") as ei:
-            b.read_page(3)
+            b.read_pages(3, 1)
         assert ei.value.errno == errno.EIO and ei.value.pages == [3]
         with pytest.raises(DataError, match="page 3"):
             b.read_pages(0, 8)
-        assert b.checksum_errors == 2
+        assert b.stats.checksum_errors == 2
         b.write_pages([3], [page("fixed")])  # rewriting the page heals it
-        assert b.read_page(3) == page("fixed")
+        assert b.read_pages(3, 1) == page("fixed")
     assert fsck(img).ok
 
 
@@ -315,7 +315,7 @@ def test_raw_image_without_sidecar_is_imported(img):
     rep = fsck(img)
     assert rep.ok and rep.unchecked_pages == 15, rep.summary()
     with Backing.open(img) as b:
-        assert b.read_page(4) == page("new") and b.read_page(5) == raw[5]
+        assert b.read_pages(4, 1) == page("new") and b.read_pages(5, 1) == raw[5]
 
 
 def test_fsck_missing_and_no_sidecar(img, tmp_path):
@@ -345,9 +345,9 @@ def test_write_eio_keeps_old_data(img):
         assert ei.value.errno == errno.EIO
         assert fd.faults["write"] == 1
         assert b.read_pages(5, 2) == page("old5") + page("old6")
-        assert b.bd_writes == 2
+        assert b.stats.bd_writes == 2
         b.sync()  # the failed pages keep both values across a sync
-        assert b.read_page(5) == page("old5")
+        assert b.read_pages(5, 1) == page("old5")
         b.write_pages([5], [page("new5")])  # a retry succeeds
         b.sync()
     with Backing.open(img) as b:
@@ -363,18 +363,18 @@ def test_write_enospc_on_nth_and_torn_write(img):
         with pytest.raises(DiskError) as ei:
             b.write_pages([0], [page("lost")])
         assert ei.value.errno == errno.ENOSPC
-        assert b.read_page(0) == page("o0")
+        assert b.read_pages(0, 1) == page("o0")
         b.sync()
         # A run that fails at page 4 after pages 0..3 landed: every page reads old or new.
         fd.add(Fault("write", pages=[4], torn=True))
         with pytest.raises(DiskError):
             b.write_pages(list(range(8)), [page(f"n{i}") for i in range(8)])
-        got = [b.read_page(i) for i in range(8)]
+        got = [b.read_pages(i, 1) for i in range(8)]
         assert got[:4] == [page(f"n{i}") for i in range(4)]
         assert got[4:] == [page(f"o{i}") for i in range(4, 8)]
         b.sync()
     with Backing.open(img) as b:  # across a clean close too
-        assert [b.read_page(i) for i in range(8)] == got
+        assert [b.read_pages(i, 1) for i in range(8)] == got
     assert fsck(img).ok
 
 
@@ -385,9 +385,9 @@ def test_read_and_fsync_and_punch_faults(img):
         b.write_pages([1], [page("x")])
         fd.add(Fault("read", pages=[1], err=errno.ENOSPC))
         with pytest.raises(DataError) as ei:      # a failed read is EIO, whatever the disk said
-            b.read_page(1)
-        assert ei.value.errno == errno.EIO and b.io_errors == 1
-        assert b.read_page(1) == page("x")  # times=1: the next read works
+            b.read_pages(1, 1)
+        assert ei.value.errno == errno.EIO and b.stats.io_errors == 1
+        assert b.read_pages(1, 1) == page("x")  # times=1: the next read works
         fd.add(Fault("fsync"))
         with pytest.raises(DiskError):
             b.sync()
@@ -395,9 +395,9 @@ def test_read_and_fsync_and_punch_faults(img):
         fd.add(Fault("punch", err=errno.EIO))
         with pytest.raises(DiskError):
             b.discard(1, 1)
-        assert b.read_page(1) in (page("x"), bytes(PS))
+        assert b.read_pages(1, 1) in (page("x"), bytes(PS))
         b.discard(1, 1)
-        assert b.read_page(1) == bytes(PS)
+        assert b.read_pages(1, 1) == bytes(PS)
         assert fd.calls["fsync"] >= 2 and fd.faults == {"read": 1, "write": 0, "fsync": 1, "punch": 1, "prealloc": 0}
     assert fsck(img).ok
 
@@ -411,9 +411,9 @@ def test_sidecar_write_failure_writes_no_data(img):
         with pytest.raises(DiskError) as ei:
             b.write_pages([2], [page("new")])
         assert ei.value.errno == errno.ENOSPC
-        assert b.read_page(2) == page("old")
+        assert b.read_pages(2, 1) == page("old")
     with Backing.open(img) as b:
-        assert b.read_page(2) == page("old")
+        assert b.read_pages(2, 1) == page("old")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +476,7 @@ class Model:
             assert b.open_state in ("recovered", "clean", "changed")
             for p in CRASH_PAGES:
                 try:
-                    got = b.read_page(p)
+                    got = b.read_pages(p, 1)
                 except DataError:
                     got = None
                 if not self.since[p]:
@@ -564,10 +564,10 @@ def test_crash_model_really_drops_unsynced_writes(tmp_path):
     ops = [("w", [1], [page("unsynced")])]
     plan, model = run_with_crash(base, work, initial, ops + [("w", [2], [page("z")])], 4, "all")
     with Backing.open(work) as b:
-        assert b.read_page(1) == initial[1]
+        assert b.read_pages(1, 1) == initial[1]
     plan, model = run_with_crash(base, work, initial, ops, None, None)  # close syncs
     with Backing.open(work) as b:
-        assert b.read_page(1) == page("unsynced")
+        assert b.read_pages(1, 1) == page("unsynced")
 
 
 def test_write_before_sidecar_would_be_caught(tmp_path):
@@ -714,7 +714,7 @@ def test_crash_during_concurrent_writes_and_syncs(fast_dir):
         with Backing.open(work) as b2:
             for p, recs in writes.items():
                 try:
-                    got = b2.read_page(p)
+                    got = b2.read_pages(p, 1)
                 except DataError:
                     got = None
                 if not recs:
@@ -784,7 +784,7 @@ def test_stale_sidecar_block_cannot_land_after_sync(img):
         gates["meta"].release.set()
         b.close(clean=False)  # the process dies here: nothing more written
     with Backing.open(img) as b2:
-        assert b2.read_page(1) == page("new1")  # synced: must read exactly
+        assert b2.read_pages(1, 1) == page("new1")  # synced: must read exactly
     assert not b_done_first, "B's sidecar write did not wait for A's"
 
 
@@ -802,7 +802,7 @@ def test_without_fallocate_the_holes_are_written_with_zeros(img):
     said = []
     with Backing.open(img, disk_factory=fac, progress=said.append) as b:
         assert fac.disks["data"].faults["prealloc"] == 1
-        assert b.read_page(3) == page("keep")
+        assert b.read_pages(3, 1) == page("keep")
     assert os.stat(img).st_blocks * 512 >= 64 * PS, "the holes were not filled"
     assert fsck(img).ok
 
@@ -814,12 +814,12 @@ def test_lost_pages_read_eio_until_rewritten(img):
     rep = fsck(img)
     assert rep.lost_pages == [2, 5] and rep.exit_code == 4 and not rep.bad_pages, rep.summary()
     with Backing.open(img) as b:
-        assert b.read_page(1) == page("a")
+        assert b.read_pages(1, 1) == page("a")
         for p in (2, 5):
             with pytest.raises(DataError):
-                b.read_page(p)
+                b.read_pages(p, 1)
         b.write_pages([5], [page("new")])
-        assert b.read_page(5) == page("new")
+        assert b.read_pages(5, 1) == page("new")
     assert fsck(img).lost_pages == [2]
 
 
@@ -839,9 +839,9 @@ def test_version_1_sidecar_is_converted(img):
         f.seek(sc.HEADER_SIZE + 8)              # page 1's pair: as a v1 page whose crc was 0
         f.write(struct.pack("<II", 2, 2))
     with Backing.open(img) as b:
-        assert b.read_page(0) == page("x")
+        assert b.read_pages(0, 1) == page("x")
         with pytest.raises(DataError):          # its data's crc is not 0..3: a mismatch, not LOST
-            b.read_page(1)
+            b.read_pages(1, 1)
         assert int(b._crc[1, 0]) == sc.FOLD
     assert fsck(img).version == 2
 
@@ -867,7 +867,7 @@ def test_large_sidecar_reopens_and_loads_only_what_holds_entries(img):
     try:
         with Backing.open(img, sparse=True) as b:       # sparse: do not reserve 1 TiB
             assert b.open_state == "clean"
-            assert [b.read_page(p) for p in (0, npages // 2, npages - 1)] == \
+            assert [b.read_pages(p, 1) for p in (0, npages // 2, npages - 1)] == \
                 [page("a"), page("m"), page("z")]
             assert b._loaded == [(0, 512), (npages // 2, npages // 2 + 512),
                                  (npages - 512, npages)]
@@ -892,7 +892,7 @@ def test_sidecar_without_holes_loads_only_blocks_with_entries(img):
         os.fsync(f.fileno())
     with Backing.open(img) as b:
         assert b._loaded == [(0, 512), (9728, 10240)]
-        assert b.read_page(3) == page("a") and b.read_page(10000) == page("b")
+        assert b.read_pages(3, 1) == page("a") and b.read_pages(10000, 1) == page("b")
         assert np.flatnonzero(b.written_mask()).tolist() == [3, 10000]
 
 
@@ -918,10 +918,10 @@ def test_discard_of_never_written_pages_leaves_table_and_sidecar_alone(img):
         before = _table_resident(b)
         b.discard(0, npages)
         assert sorted(set(writes)) == [4096, 4096 + (npages // 512 - 1) * PS], writes
-        assert b.read_page(1) == b.read_page(npages - 2) == bytes(PS)
+        assert b.read_pages(1, 1) == b.read_pages(npages - 2, 1) == bytes(PS)
         grew = _table_resident(b) - before
         assert grew < 1 << 20, grew                     # 704 MiB if every row were written
         b.sync()
     with Backing.open(img, sparse=True) as b:           # sparse: do not reserve 64 GiB
-        assert b.read_page(1) == b.read_page(npages - 2) == bytes(PS)
+        assert b.read_pages(1, 1) == b.read_pages(npages - 2, 1) == bytes(PS)
         assert b._loaded == []          # discarded pairs are (ZERO, ZERO): nothing to load

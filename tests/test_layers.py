@@ -96,3 +96,16 @@ def test_the_printer_runs():
     lines = res.stdout.splitlines()
     assert any(ln.startswith("zblock.cli -> ") for ln in lines)
     assert not any(ln.startswith("cycle:") for ln in lines)
+
+
+def test_no_class_is_over_400_lines():
+    """One class per concept: a class past 400 lines has taken on a second one (the core
+    redesign's bar; Cache had reached about 1,030)."""
+    import ast
+    import pathlib
+    big = []
+    for path in (pathlib.Path(importgraph.__file__).resolve().parents[1] / "zblock").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 400:
+                big.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not big, big

@@ -29,14 +29,14 @@ import zlib
 import numpy as np
 import pytest
 
-from zblock import PAGE_SIZE, cache, compressors
+from zblock import PAGE_SIZE, compressors, limits
 from zblock.store import WRITE_BEHIND_BYTES, Store
 from test_store import check_consistency, make_config
 
 MiB = 1 << 20
 NWRITERS = 4
 POOL_LIMIT = 64 * 1024
-# Writers wait for the writeback worker once the pool is this far over its limit (cache.OVERSHOOT
+# Writers wait for the writeback worker once the pool is this far over its limit (limits.OVERSHOOT
 # is 8 MiB, more than these disks hold): the waits before page locks are exercised too.
 OVERSHOOT = 32 * 1024
 JOIN_TIMEOUT = 40.0
@@ -196,7 +196,7 @@ def test_writers_on_interleaved_bytes_of_shared_pages(tmp_path, monkeypatch, lz4
     pages, one page, 8-60 KiB, 1 MiB, discards, fsync) while the pool writes back: every
     writer reads its latest bytes back at once, the file holds them after its fsync, and the
     disk ends as the models put together, before and after a reopen."""
-    monkeypatch.setattr(cache, "OVERSHOOT", OVERSHOOT)
+    monkeypatch.setattr(limits, "OVERSHOOT", OVERSHOOT)
     rng = random.Random(f"{policy}-{lz4}")
     size, segs = deal_segments(rng)
     path = str(tmp_path / "disk.img")
@@ -419,7 +419,7 @@ def test_overlapping_writes_leave_whole_last_versions(tmp_path, monkeypatch, pol
     8-60 KiB, 1 MiB over 4 KiB ones), discards, reads and fsync, while the writeback worker and
     the shrinker write back. After each of six rounds no slot is torn, each holds a last version
     and every page fits one order of the writes; the same after a reopen and in the file."""
-    monkeypatch.setattr(cache, "OVERSHOOT", OVERSHOOT)
+    monkeypatch.setattr(limits, "OVERSHOOT", OVERSHOOT)
     path = str(tmp_path / "disk.img")
     # write-through on in the evict rows (one with the write-behind queue, one without)
     cfg = dict(pool_limit=POOL_LIMIT, limit_policy=policy, accept_threshold=50,
@@ -474,7 +474,7 @@ def test_writers_waiting_for_space_do_not_wake_each_other(tmp_path, monkeypatch)
     waiters, who then ask again (a storm that took the GIL from the worker it waited for). Once
     the disk goes on, every write lands."""
     from zblock.backing import Backing
-    monkeypatch.setattr(cache, "OVERSHOOT", OVERSHOOT)
+    monkeypatch.setattr(limits, "OVERSHOOT", OVERSHOOT)
     backing = HeldBacking(Backing.open(str(tmp_path / "disk.img"), 4 * MiB))
     store = Store(backing, make_config(pool_limit=POOL_LIMIT, shrinker_enabled=False),
                   write_behind=0)

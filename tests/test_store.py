@@ -439,16 +439,16 @@ def test_zswap_policy_rejects_until_threshold(backing_path):
         with c.tree_lock:
             real = t.pool_total_size
             try:
-                c.reached_full = False
+                c.limits.reached_full = False
                 t.pool_total_size = cfg.pool_limit
                 hits = c.c.pool_limit_hit
-                assert c._check_limits(16)                   # at the limit: reject
+                assert c.limits.check(16)                   # at the limit: reject
                 assert c.c.pool_limit_hit == hits + 16       # a hit per page, as per folio
                 t.pool_total_size = cfg.pool_limit * 70 // 100
-                assert c._check_limits()                     # below the limit, above 50%
+                assert c.limits.check()                     # below the limit, above 50%
                 t.pool_total_size = cfg.pool_limit * 50 // 100
-                assert not c._check_limits()                 # at the threshold: accept again
-                assert not c._check_limits()
+                assert not c.limits.check()                 # at the threshold: accept again
+                assert not c.limits.check()
             finally:
                 t.pool_total_size = real
     finally:

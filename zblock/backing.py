@@ -49,8 +49,8 @@ contents discarded at open; discard only marks pages zero (a punch would give ba
 preallocation reserved); sync and close write nothing.
 
 Lock protocol. Lock order: _sync_lock -> stripe lock -> _lock.
-  _lock        (small, never held across I/O) guards _crc, _unsynced, _inflight, _failed and the
-               counters bd_reads, bd_writes, checksum_errors, io_errors.
+  _lock        (small, never held across I/O) guards _crc, _unsynced, _inflight and _failed.
+               The I/O counters have their own leaf lock (zblock.diskstats).
   _stripes[b % N]  serialises snapshot + pwrite of sidecar block b (held across one 4 KiB
                buffered pwrite: the ordering above needs it).
   _sync_lock   one sync() at a time.
@@ -77,7 +77,8 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .backing_open import DiskFactory, Opened, human, open_files, stat_backing
-from .errors import BackingError, BackingLocked, DataError, DiskError, OutOfRange
+from .diskstats import DiskStats
+from .errors import BackingError, BackingLocked, OutOfRange
 from . import pagemem
 from .seal import Sealer
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, LOST, PAGE_RUN,
@@ -124,15 +125,7 @@ class Backing:
         self._stripes = [threading.Lock() for _ in range(self._NSTRIPES)]
         self._sync_lock = threading.Lock()
         self._closed = False
-        self.bd_reads = 0
-        self.bd_writes = 0
-        # data file I/O calls (a run of pages is one) and the time spent in them
-        self.bd_read_ios = 0
-        self.bd_write_ios = 0
-        self.bd_read_us = 0
-        self.bd_write_us = 0
-        self.checksum_errors = 0
-        self.io_errors = 0           # disk operations that failed (EIO, ENOSPC, ...)
+        self.stats = DiskStats(self.path)
 
     @classmethod
     def open(cls, path: str, size: int | None = None, *, ephemeral: bool = False,
@@ -175,16 +168,6 @@ class Backing:
                     buf = self._crc[b * ENTRIES_PER_BLOCK:(b + 1) * ENTRIES_PER_BLOCK].tobytes()
                 self._meta.pwrite(HEADER_SIZE + b * PAGE_SIZE, buf)
 
-    def _disk_error(self, what: str, e: OSError) -> DiskError:
-        with self._lock:
-            self.io_errors += 1
-        return DiskError(f"{self.path}: {what} failed: {e.strerror or e}", e.errno or errno.EIO)
-
-    def _read_error(self, what: str, e: OSError) -> DataError:
-        """A read that failed answers EIO whatever the disk said (ENOSPC from a read would only
-        confuse the reader); the disk's own error stays in the message."""
-        return DataError(str(self._disk_error(what, e)))
-
     # -- reads -------------------------------------------------------------------------------
 
     def written_mask(self) -> np.ndarray:
@@ -219,7 +202,7 @@ class Backing:
         try:
             data = self._data.pread(start * PAGE_SIZE, count * PAGE_SIZE)
         except OSError as e:
-            raise self._read_error(f"read of pages {start}..{end - 1}", e) from None
+            raise self.stats.read_error(f"read of pages {start}..{end - 1}", e) from None
         waited = (time.perf_counter_ns() - t0) // 1000
         crcs = page_crcs(data, count)
         ok = verify(crcs, pair)
@@ -230,13 +213,10 @@ class Backing:
             if ok.all():
                 data = _zero_fill(data, zero)
         if not ok.all():
-            raise self._bad_pages((np.flatnonzero(~ok) + start).tolist(), "checksum mismatch")
+            raise self.stats.bad_pages((np.flatnonzero(~ok) + start).tolist(), "checksum mismatch")
         if self.sealer is not None:
             data = self._unseal(start, data, crcs, (pair == ZERO).any(axis=1) | zero)
-        with self._lock:
-            self.bd_reads += count
-            self.bd_read_ios += 1
-            self.bd_read_us += waited
+        self.stats.read(count, waited)
         return data
 
     def _read_one(self, i: int) -> bytes:
@@ -249,18 +229,15 @@ class Backing:
         try:
             data = self._data.pread(i * PAGE_SIZE, PAGE_SIZE)
         except OSError as e:
-            raise self._read_error(f"read of page {i}", e) from None
+            raise self.stats.read_error(f"read of page {i}", e) from None
         waited = (time.perf_counter_ns() - t0) // 1000
         c = max(_crc(data), FOLD)
         if not (c == d or c == l or d == UNCHECKED or l == UNCHECKED
                 or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))):
-            raise self._bad_pages([i], "checksum mismatch")
+            raise self.stats.bad_pages([i], "checksum mismatch")
         if self.sealer is not None:
             data = self._unseal(i, data, (c,), (d == ZERO or l == ZERO,))
-        with self._lock:
-            self.bd_reads += 1
-            self.bd_read_ios += 1
-            self.bd_read_us += waited
+        self.stats.read(1, waited)
         return data
 
     def _unseal(self, first: int, data, crcs, maybe_zero) -> bytes:
@@ -268,26 +245,13 @@ class Backing:
         pages whose tag does not verify."""
         plain, bad = self.sealer.unseal(first, data, crcs, maybe_zero)
         if bad:
-            raise self._bad_pages(bad, "authentication tag mismatch")
+            raise self.stats.bad_pages(bad, "authentication tag mismatch")
         return plain
-
-    def _bad_pages(self, bad: list[int], what: str) -> DataError:
-        """EIO for pages whose bytes failed a check, counted in checksum_errors; the error's
-        `pages` lists them."""
-        with self._lock:
-            self.checksum_errors += len(bad)
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        err = DataError(f"{self.path}: page {bad[0]}{more}: {what}")
-        err.pages = bad
-        return err
 
     def unsynced_pages(self) -> np.ndarray:
         """Pages written or discarded since the last completed sync (a failed sync included)."""
         with self._lock:
             return np.flatnonzero(self._unsynced)
-
-    def read_page(self, idx: int) -> bytes:
-        return self.read_pages(idx, 1)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -347,7 +311,7 @@ class Backing:
             with self._lock:
                 self._failed[sidx[done:]] = True
                 self._inflight[idx] = False
-            raise self._disk_error(f"write of {n - done} page(s) from page {int(sidx[done])}", e) from None
+            raise self.stats.disk_error(f"write of {n - done} page(s) from page {int(sidx[done])}", e) from None
         except BaseException:
             with self._lock:
                 self._inflight[idx] = False
@@ -355,9 +319,7 @@ class Backing:
         with self._lock:
             self._inflight[idx] = False
             self._failed[idx] = False
-            self.bd_writes += n
-            self.bd_write_ios += len(cuts) + 1
-            self.bd_write_us += waited
+        self.stats.wrote(n, len(cuts) + 1, waited)
 
     def _write_one(self, i: int, data) -> None:
         """write_pages for a single page, same protocol, scalar bookkeeping."""
@@ -386,7 +348,7 @@ class Backing:
             with self._lock:
                 self._failed[i] = True
                 self._inflight[i] = False
-            raise self._disk_error(f"write of page {i}", e) from None
+            raise self.stats.disk_error(f"write of page {i}", e) from None
         except BaseException:
             with self._lock:
                 self._inflight[i] = False
@@ -394,16 +356,14 @@ class Backing:
         with self._lock:
             self._inflight[i] = False
             self._failed[i] = False
-            self.bd_writes += 1
-            self.bd_write_ios += 1
-            self.bd_write_us += waited
+        self.stats.wrote(1, 1, waited)
 
     def _seal(self, idxs: list[int], pages: list):
         """sealer.seal, its failure to make the counter's lease durable a DiskError."""
         try:
             return self.sealer.seal(idxs, pages)
         except OSError as e:
-            raise self._disk_error("the seal file's counter lease", e) from None
+            raise self.stats.disk_error("the seal file's counter lease", e) from None
 
     def discard(self, start: int, count: int) -> None:
         """Drop pages: they read as zeros. Punches the file (except in swap mode, where the
@@ -432,7 +392,7 @@ class Backing:
             with self._lock:
                 self._failed[idx] = True
                 self._inflight[idx] = False
-            raise self._disk_error(f"discard of pages {start}..{end - 1}", e) from None
+            raise self.stats.disk_error(f"discard of pages {start}..{end - 1}", e) from None
         except BaseException:
             with self._lock:
                 self._inflight[idx] = False
@@ -457,7 +417,7 @@ class Backing:
             self._put_meta_blocks(np.unique(idx // ENTRIES_PER_BLOCK))
             self._meta.fsync()
         except OSError as e:
-            raise self._disk_error(f"marking {len(idx)} lost page(s) in the sidecar", e) from None
+            raise self.stats.disk_error(f"marking {len(idx)} lost page(s) in the sidecar", e) from None
 
     # -- durability --------------------------------------------------------------------------
 
@@ -483,7 +443,7 @@ class Backing:
                     self.sealer.fsync()     # ... and the seals to decrypt it
                 self._data.fsync()  # (2)
             except OSError as e:
-                raise self._disk_error("fsync", e) from None
+                raise self.stats.disk_error("fsync", e) from None
             with self._lock:  # (3) collapse what (2) covered and nobody rewrote since
                 still = self._crc[cand, 1] == snap
                 keep = cand[still]
@@ -493,7 +453,7 @@ class Backing:
                 self._put_meta_blocks(np.unique(keep // ENTRIES_PER_BLOCK))
                 self._meta.fsync()
             except OSError as e:
-                raise self._disk_error("sidecar update", e) from None
+                raise self.stats.disk_error("sidecar update", e) from None
 
     def close(self, clean: bool = True) -> None:
         """Release the file. `clean=True` syncs and marks the sidecar clean (an error then
@@ -509,7 +469,7 @@ class Backing:
                                                  encrypted=self.sealer is not None))
                 self._meta.fsync()
         except OSError as e:
-            raise self._disk_error("clean close", e) from None
+            raise self.stats.disk_error("clean close", e) from None
         finally:
             self._closed = True
             for d in (self._meta, self._data, self.sealer):

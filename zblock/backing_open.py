@@ -34,7 +34,8 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .disk import FileDisk
-from .errors import BackingError, BackingLocked, DiskError
+from .diskstats import disk_error
+from .errors import BackingError, BackingLocked
 from . import pagemem
 from .seal import Sealer, seal_path
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, META_VERSION, PAGE_RUN,
@@ -315,7 +316,7 @@ def _settle_pairs(path: str, data, meta, table: np.ndarray, loaded, npages: int)
     try:
         data.fsync()            # what we read must be durable before the pairs say so
     except OSError as e:
-        raise _disk_error(path, "fsync", e) from None
+        raise disk_error(path, "fsync", e) from None
     settled = []
     for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
         for lo in range(0, len(run), PAGE_RUN):
@@ -338,13 +339,9 @@ def _settle_pairs(path: str, data, meta, table: np.ndarray, loaded, npages: int)
                 meta.pwrite(HEADER_SIZE + b * PAGE_SIZE, rows.tobytes())
             meta.fsync()
         except OSError as e:
-            raise _disk_error(path, "sidecar update", e) from None
+            raise disk_error(path, "sidecar update", e) from None
         log.info("%s: settled the checksums of %d page(s) written before the last close",
                  path, len(settled))
-
-
-def _disk_error(path: str, what: str, e: OSError) -> DiskError:
-    return DiskError(f"{path}: {what} failed: {e.strerror or e}", e.errno or errno.EIO)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,11 +13,13 @@ dominate it.
 The parts, each a module with its own invariants:
     zblock.entries    the entry table and the only install/free/accounting code
     zblock.pools      the pools and engines (find-get, holds, death outside the tree lock)
+    zblock.limits     the pool limit, the accept threshold, back-pressure, the writeback budget
     zblock.lru        second-chance victim selection
     zblock.writeback  the writeback worker, shrink, flush and close
     zblock.writethrough  stored pages on to the backing file in the background (persistent mode)
     zblock.farpages   the far tier (Redis Cluster) between the pool and the backing file
     zblock.ondemand   zram's writeback on demand and recompression
+    zblock.promotion  pages read often from the file or the far tier back into the pool
     zblock.stats      counters and the stats snapshot
 
 Invariants: an entry changes only under the tree lock, and its generation with it; slow work
@@ -41,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from typing import Callable
 
 import numpy as np
@@ -52,10 +53,12 @@ from .config import Config
 from .entries import DISK, FAR, EntryTable
 from .errors import DataError, DiskError
 from .farpages import FarPages
+from .limits import Limits
 from .ondemand import OnDemand
 from .pagemem import resident_bytes
 from .pool import Trimmer
 from .pools import PoolRegistry
+from .promotion import Promotion
 from .scan import COMP, NONE, RAW, SAME, ZERO_PAGE, Scan, filled_page
 from .stats import Counters, snapshot
 from .writeback import Writeback
@@ -64,10 +67,6 @@ from .writethrough import WriteThrough
 log = logging.getLogger(__name__)
 
 NSTRIPES = 1024
-# A writer under the `evict` policy waits for the writeback worker once the pool is this far over
-# its limit (back-pressure), but never longer than SPACE_WAIT: a failing disk must not hang writes.
-OVERSHOOT = 8 << 20
-SPACE_WAIT = 5.0
 
 
 class PageLocks:
@@ -116,12 +115,13 @@ class Cache:
         self.registry = PoolRegistry(config, engine_factory)
         self.table = EntryTable(npages, self.registry, on_disk, dedup=config.dedup)
         self.table.on_freed = self._freed
-        self.reached_full = False   # zswap policy: rejecting until below the accept threshold
+        self.limits = Limits(self)
         self.table.referenced_on_store = config.limit_policy == "zswap"
         self.writeback = Writeback(self, memory_pressure)
         self.write_through = None if config.swap or config.read_only else WriteThrough(self)
         self.far_pages = None if far is None else FarPages(self, far)
         self.on_demand = OnDemand(self)
+        self.promotion = Promotion(self)
 
     @property
     def trimmer(self) -> Trimmer:
@@ -132,63 +132,7 @@ class Cache:
         self.writeback.trimmer = trimmer
 
     # =========================================================================================
-    # limits (caller holds the tree lock unless said otherwise)
-
-    def over_limit(self) -> bool:
-        return self.table.pool_total_size >= self.config.pool_limit
-
-    def accept_level(self) -> int:
-        return self.config.pool_limit * self.config.accept_threshold // 100
-
-    def _check_limits(self, pages: int = 1) -> bool:
-        """zswap_check_limits() for a store of `pages` pages: True if it must be rejected. The
-        kernel checks once per folio stored (a swapped page), so a hit counts every page."""
-        if self.over_limit():
-            self.c.pool_limit_hit += pages
-            self.writeback.wake()
-            if self.config.limit_policy == "zswap":
-                self.reached_full = True
-        if self.reached_full:
-            if self.config.limit_policy != "zswap" or \
-                    self.table.pool_total_size <= self.accept_level():
-                self.reached_full = False
-            elif not self.writeback.pending:
-                self.writeback.wake()       # zswap_store() queues shrink_worker on a reject
-        return self.reached_full
-
-    def params_changed(self, name: str) -> None:
-        """A limit param changed: a lower limit or a new policy may need writeback."""
-        if name == "limit_policy":
-            self.reached_full = False
-            self.table.referenced_on_store = self.config.limit_policy == "zswap"
-        self.writeback.wake()
-
-    def wait_for_space(self) -> None:
-        """Back-pressure for the evict policy, for a caller about to take a page lock.
-        Caller holds neither lock."""
-        with self.tree_lock:
-            if self.config.limit_policy == "evict":
-                self._wait_for_space()
-
-    def _wait_for_space(self) -> None:
-        """Caller holds the tree lock and no page lock (the worker needs page locks)."""
-        limit = self.config.pool_limit + OVERSHOOT
-        if self.table.pool_total_size < limit:
-            return
-        if time.monotonic() - self.writeback.failed_at < SPACE_WAIT or self.budget_spent():
-            return      # writeback is failing or has no budget: waiting would only slow writes
-        deadline = time.monotonic() + SPACE_WAIT
-        while self.table.pool_total_size >= limit and not self.writeback.closing:
-            # Ask only if no request is pending: wake() notifies every waiter on wb_cond, and
-            # waiters that each asked again on every wake-up woke each other without end (four
-            # writers made 28,000 wake-ups in 0.2 s while the worker was in one disk write).
-            if not self.writeback.pending:
-                self.writeback.wake()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return      # the disk is failing (reject_reclaim_fail): keep data, exceed the limit
-            self.wb_cond.wait(left)
-
+    # pool memory given back
     def _freed(self, nbytes: int) -> None:
         """The table gave pool memory back (tree lock held): the worker trims when it adds up."""
         if self.writeback.trimmer.freed(nbytes):
@@ -214,15 +158,11 @@ class Cache:
         """zswap_store()'s checks for a store of `pages` pages: (the current pool, held while we
         compress; reject?)."""
         with self.tree_lock:
-            # below the limit and accepting (nearly every store): nothing to check further
-            if self.table.pool_total_size < self.config.pool_limit and not self.reached_full:
-                reject = False
-            else:
-                reject = self._check_limits(pages)
-                if reject:
-                    self.c.reject_pool_limit += pages
-                elif may_wait and self.config.limit_policy == "evict":
-                    self._wait_for_space()
+            reject = self.limits.reject(pages)
+            if reject:
+                self.c.reject_pool_limit += pages
+            elif may_wait and self.config.limit_policy == "evict":
+                self.limits.wait_for_space_locked()
             pool = self.registry.current
             pool.holds.append(None)
         return pool, reject
@@ -239,9 +179,9 @@ class Cache:
         `expect_gen` (one page, read-modify-write): store only if the page's entry is still the
         one the caller read; False if another store replaced it meanwhile (the caller retries).
         `may_wait=False`: no back-pressure wait (the caller holds a page lock the writeback worker
-        may need: it calls wait_for_space() before taking it). `clean`: the backing file already
-        holds these bytes (promotion): the pages go in clean, and those the pool rejects stay
-        where they are, unwritten."""
+        may need: it calls limits.wait_for_space() before taking it). `clean`: the backing file
+        already holds these bytes (promotion): the pages go in clean, and those the pool rejects
+        stay where they are, unwritten."""
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         first = where if type(where) is int else int(where[0])
@@ -256,7 +196,7 @@ class Cache:
             poor = np.flatnonzero(scan.states == NONE).tolist() if NONE in scan.states else []
             through = self.write_through is not None and cfg.write_through and not clean
             if self.table.dedup:
-                self.table.prepare(scan)
+                self.table.dedup.prepare(scan)
             with self.tree_lock:
                 if expect_gen is not None and self.table.gn[first] != expect_gen:
                     return False
@@ -271,7 +211,7 @@ class Cache:
                     index = np.flatnonzero(scan.states != NONE)
                     pages = (index + first) if type(where) is int else where[index]
                     gens = self.table.gen[pages].copy()
-                if self.over_limit():
+                if self.limits.over():
                     self.writeback.wake()
         finally:
             self.registry.release((pool,))
@@ -317,7 +257,7 @@ class Cache:
                                np.full(len(same), PAGE_SIZE, np.uint16),
                                np.frombuffer(b"".join(d[:8] for d in kept), np.uint64), 0)
                     self.c.zswpout += self.table.install(same, raw, self.registry.current)
-                    if self.over_limit():
+                    if self.limits.over():
                         self.writeback.wake()
         return True
 
@@ -429,7 +369,7 @@ class Cache:
             if moved:
                 return self.load_page(page)
             data = self.backing.read_pages(page, 1)
-            self._read_from_disk(page, [gen], data)
+            self.promotion.disk_reads(page, [gen], data)
             return data
 
     def _decompress_failed(self, page: int, err) -> None:
@@ -460,76 +400,18 @@ class Cache:
                     data = self.load_pages(start + a, count)
                 else:
                     data = self.backing.read_pages(start + a, count)
-                    self._read_from_disk(start + a, gens, data)
+                    self.promotion.disk_reads(start + a, gens, data)
             mv = memoryview(data)
             for k in range(count):
                 parts[a + k] = mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
 
-    def _read_from_disk(self, first: int, gens: list[int], data) -> None:
-        """Pages first .. first+len(gens) were read from the backing file while DISK with
-        generations `gens` (caller holds their page locks; a whole-page write takes none, so
-        each is checked again): count the reads, and bring back into the pool, clean, those
-        read more than `promote_after` times, if the pool is below its accept threshold (zswap
-        never does: its loads from disk bypass it)."""
-        after = self.config.promote_after
-        if not after or self.config.read_only:
-            return
-        table = self.table
-        with self.tree_lock:
-            hot = []
-            for i, gen in enumerate(gens):
-                p = first + i
-                if table.st[p] != DISK or table.gn[p] != gen:
-                    continue                # written or discarded since: its fill is not ours
-                table.fl[p] = min(table.fl[p] + 1, 1 << 16)
-                if table.fl[p] > after:
-                    hot.append(i)
-            if not hot or not self.may_promote():
-                return
-        mv = memoryview(data)
-        self.promote([(first + i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], gens[i], True)
-                      for i in hot])
-
-    def may_promote(self) -> bool:
-        """Caller holds the tree lock. Pages read often may come back: the pool is below its
-        accept threshold."""
-        return self.table.pool_total_size < self.accept_level()
-
-    def promote(self, pages: list) -> None:
-        """Bring pages read often (from the file, or the far tier) back into the pool: (page,
-        bytes, the generation they were read with, clean). A page rewritten since keeps its new
-        entry (the store expects the generation)."""
-        for page, data, gen, clean in pages:
-            if self.store_pages(page, data, expect_gen=gen, may_wait=False, clean=clean):
-                with self.tree_lock:
-                    self.c.promoted_pages += 1
-
     # =========================================================================================
-    # zram-style controls: idle pages, the writeback budget, compaction (zblock.ondemand has
-    # writeback on demand and recompression)
+    # zram-style controls: idle pages, compaction (zblock.ondemand has writeback on demand and
+    # recompression, zblock.limits the writeback budget)
 
     def mark_idle(self, older_than: float | None = None) -> int:
         with self.tree_lock:
             return self.table.mark_idle(older_than)
-
-    def take_budget(self, pages: int) -> int:
-        """How many of `pages` pages writeback may write now (zram's writeback_limit, here in
-        bytes; -1 is no limit); that much budget is spent. Caller holds the tree lock."""
-        budget = self.config.writeback_limit
-        if budget < 0:
-            return pages
-        allowed = min(pages, budget // PAGE_SIZE)
-        self.config.writeback_limit = budget - allowed * PAGE_SIZE
-        return allowed
-
-    def refund_budget(self, pages: int) -> None:
-        """Give back budget taken for pages that were not written. Caller holds the tree lock."""
-        if self.config.writeback_limit >= 0:
-            self.config.writeback_limit += pages * PAGE_SIZE
-
-    def budget_spent(self) -> bool:
-        """No page may be written back now (a budget below one page)."""
-        return 0 <= self.config.writeback_limit < PAGE_SIZE
 
     def compact(self) -> None:
         """Give free heap back to the system now (zram's `compact`)."""

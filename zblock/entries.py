@@ -22,16 +22,8 @@ Page states:
 A cached or far page (SAME/COMP/RAW/FAR) is `dirty` until the backing file holds the same bytes
 durably.
 
-Dedup (`dedup`, fixed at mount): COMP and RAW pages of equal content in one pool hold the one
-same bytes object. Each pool indexes its objects (`Pool.objects`, every object it holds mapped
-to itself) and counts the sharers of objects held by more than one page (`Pool.sharers`). The
-key is the object itself: the dict hashes it (CPython's keyed SipHash, cached in the bytes
-object) and compares the bytes in full on a hash match, so pages share only equal objects, and
-an equal object in one pool decompresses to an equal page. Identical pages compress to
-identical objects within a pool (one algorithm and level), so hashing the compressed object
-finds them at a fraction of the page's bytes. A sharer that goes (overwrite, discard,
-writeback, far tier, recompression) drops one reference: copy-on-write needs nothing more,
-since a store always installs a new object and objects are never changed in place.
+Dedup (`dedup`, fixed at mount): COMP and RAW pages of equal content in one pool hold one
+bytes object (zblock.dedup: the index, the sharing counts, its invariants).
 
 Invariants (each method keeps them; the caller holds the cache's tree lock for every call):
     * gen[p] changes whenever page p's bytes or its place in the file change (slow work
@@ -41,10 +33,7 @@ Invariants (each method keeps them; the caller holds the cache's tree lock for e
     * pool_total_size == sum of charge(length) over the distinct objects of COMP and RAW
       entries (over the entries themselves without dedup) == sum of the pools' total_size;
       each pool's stored_pages counts its COMP and RAW entries;
-    * with dedup, each pool's `objects` holds exactly the distinct objects of its COMP and RAW
-      entries, and `sharers` the number of entries holding each object held by more than one;
-      dedup_pages counts the entries beyond the first of each object and dedup_saved_bytes
-      their charge (what pool_total_size would hold more without sharing);
+    * with dedup, zblock.dedup's (the index, dedup_pages, dedup_saved_bytes);
     * same_filled_pages and stored_incompressible_pages count SAME and RAW entries, disk_pages
       DISK ones;
     * far_pages counts FAR entries and far_bytes their values (far_value_size of each length);
@@ -56,13 +45,13 @@ Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' l
 
 from __future__ import annotations
 
-import collections
 import sys
 import time
 
 import numpy as np
 
 from . import pagemem
+from .dedup import DedupIndex
 from .pool import Pool, charge
 from .scan import COMP, NONE, RAW, SAME, Scan
 
@@ -93,7 +82,7 @@ class EntryTable:
                  dedup: bool = False):
         self.npages = npages
         self.registry = registry            # zblock.pools.PoolRegistry: put_if_dead, pools
-        self.dedup = dedup
+        self.dedup = DedupIndex(self) if dedup else None
         self.state = pagemem.zeros(npages, np.uint8)
         self.length = pagemem.zeros(npages, np.uint16)
         self.pool_id = pagemem.zeros(npages, np.uint8)
@@ -214,7 +203,7 @@ class EntryTable:
         for i, o in enumerate(objs):
             if o is not None:
                 if self.dedup:
-                    o = self._share(pool, o)
+                    o = self.dedup.share(pool, o)
                 self._set_obj(first + i if first is not None else int(pages[i]), o)
         cached = states >= COMP
         ncached = int(np.count_nonzero(cached))
@@ -243,7 +232,7 @@ class EntryTable:
         self.seq += 1
         obj = scan.objs[0]
         if self.dedup and obj is not None:
-            held = self._share(pool, obj)
+            held = self.dedup.share(pool, obj)
             shared, obj = held is not obj, held
         else:
             shared = False
@@ -274,7 +263,7 @@ class EntryTable:
             sizes = charge(self.length[cpages].astype(np.int64))
             if self.dedup:                  # an object other pages still share keeps its charge
                 pools = self.registry.pools
-                kept = [self._unshare(pools[i], self.obj(p))
+                kept = [self.dedup.unshare(pools[i], self.obj(p))
                         for p, i in zip(cpages.tolist(), ids.tolist())]
                 sizes[np.array(kept, bool)] = 0
             freed = int(sizes.sum())
@@ -307,7 +296,7 @@ class EntryTable:
         st = self.st[page]
         if st == COMP or st == RAW:
             pool = self.registry.pools[self.pid[page]]
-            shared = self.dedup and self._unshare(pool, self.obj(page))
+            shared = self.dedup is not None and self.dedup.unshare(pool, self.obj(page))
             size = 0 if shared else charge(self.ln[page])
             self._unaccount(pool, 1, size)
             self.pool_total_size -= size
@@ -326,54 +315,6 @@ class EntryTable:
         self.dt[page] = False
         self.ref[page] = False
         self.uwb[page] = False
-
-    def _share(self, pool: Pool, obj: bytes) -> bytes:
-        """Dedup: the object a new entry of `pool` holds for `obj`: an equal object the pool
-        holds already (one more sharer: counted, not charged again), or `obj` itself, indexed."""
-        held = pool.objects.setdefault(obj, obj)
-        if held is not obj:
-            pool.sharers[held] = pool.sharers.get(held, 1) + 1
-            self.dedup_pages += 1
-            self.dedup_saved_bytes += charge(len(held))
-        return held
-
-    def _unshare(self, pool: Pool, obj: bytes) -> bool:
-        """Dedup: an entry of `pool` no longer holds `obj`. True if other entries still do (its
-        memory stays); False if it was the last, and the object leaves the index."""
-        n = pool.sharers.get(obj)
-        if n is None:
-            del pool.objects[obj]
-            return False
-        if n == 2:
-            del pool.sharers[obj]
-        else:
-            pool.sharers[obj] = n - 1
-        self.dedup_pages -= 1
-        self.dedup_saved_bytes -= charge(len(obj))
-        return True
-
-    def whole_shares(self, pages: np.ndarray) -> np.ndarray:
-        """Bool per page of `pages`: it is not cached, or its object is its own, or every entry
-        sharing it is among `pages`. Recompression moves a shared object only with all its
-        sharers: one that left alone would add its new object to the pool and save nothing."""
-        whole = np.ones(len(pages), bool)
-        if not self.dedup:
-            return whole
-        idx = np.flatnonzero(self.cached(pages))
-        objs = [self.obj(p) for p in pages[idx].tolist()]
-        among = collections.Counter(map(id, objs))
-        pools = self.registry.pools
-        whole[idx] = [pools[i].sharers.get(o, 1) == among[id(o)]
-                      for o, i in zip(objs, self.pool_id[pages[idx]].tolist())]
-        return whole
-
-    @staticmethod
-    def prepare(scan: Scan) -> None:
-        """Dedup, without the tree lock: hash the scan's objects now (a bytes object keeps its
-        hash), so that install() under the lock only looks them up."""
-        for o in scan.objs:
-            if o is not None:
-                hash(o)
 
     def recompressed(self, pages: np.ndarray, scan: Scan, pool: Pool) -> int:
         """Cached pages whose objects a secondary algorithm made smaller: their new objects

@@ -168,9 +168,9 @@ class FarPages:
                 self.reads[p] = n = self.reads.get(p, 0) + 1
                 if n > cache.config.promote_after:
                     hot.append((i, bool(table.dt[p])))
-            if not hot or not cache.may_promote():
+            if not hot or not cache.promotion.allowed():
                 return
-        cache.promote([(pages[i], out[i], gens[i], not dirty) for i, dirty in hot])
+        cache.promotion.promote([(pages[i], out[i], gens[i], not dirty) for i, dirty in hot])
 
     def _missing(self, page: int, gen: int, err, failed: list | None):
         """A far copy that did not come back (`err`: None for a missing key, or the error)."""

@@ -131,7 +131,10 @@ class OnDemand:
                                 (table.pool_id[p] == pids[idx]) & ~table.under_wb[p])
                     n = saved = 0
                     for pool, idx, scan in found:
-                        keep = np.flatnonzero(unchanged(idx) & table.whole_shares(pages[idx]))
+                        ok = unchanged(idx)
+                        if table.dedup is not None:
+                            ok &= table.dedup.whole_shares(pages[idx])
+                        keep = np.flatnonzero(ok)
                         if len(keep) < len(idx):
                             idx, scan = idx[keep], _scan_subset(scan, keep)
                         saved += table.recompressed(pages[idx], scan, pool)

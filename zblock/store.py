@@ -239,7 +239,7 @@ class Store:
         while True:
             if self.staging:
                 self.staging.wait_range(page, 1)
-            self.cache.wait_for_space()     # never wait for the worker holding a page lock
+            self.cache.limits.wait_for_space()     # never wait for the worker holding a page lock
             with self.cache.page_locks.hold((page,)):
                 gen = self.cache.page_gen(page)
                 buf = bytearray(self.cache.load_pages(page, 1))
@@ -355,7 +355,7 @@ class Store:
         value = param.parse(text)        # ConfigError leaves everything unchanged
         with self._param_lock, self.cache.tree_lock:
             setattr(self.config, name, value)
-            self.cache.params_changed(name)
+            self.cache.limits.params_changed(name)
         if name in POOL_PARAMS:
             if self.staging:
                 self.staging.settle()       # writes acknowledged before the change use the old pool
@@ -407,12 +407,11 @@ class Store:
             self.staging.settle()
         d = {"schema": 1}
         d.update(self.cache.snapshot())
-        b = self.backing
+        disk = self.backing.stats
         for key in ("bd_reads", "bd_writes", "bd_read_ios", "bd_write_ios", "bd_read_us",
-                    "bd_write_us"):
-            d[key] = getattr(b, key)
-        d["checksum_errors"] = self.backing.checksum_errors + d["far_checksum_errors"]
-        d["io_errors"] = self.backing.io_errors
+                    "bd_write_us", "io_errors"):
+            d[key] = getattr(disk, key)
+        d["checksum_errors"] = disk.checksum_errors + d["far_checksum_errors"]
         d["sparse"] = self.backing.sparse
         hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}
         for (op, nbytes), count in sorted(self._request_sizes.items(), key=lambda kv: kv[0][1]):

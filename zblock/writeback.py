@@ -99,17 +99,16 @@ class Writeback:
                     if self.closing:
                         return
                     wanted, self._wanted = self._wanted, False
-                    over = cache.over_limit() or (cache.reached_full and
-                                                  cache.table.pool_total_size > cache.accept_level())
+                    over = cache.limits.over() or cache.limits.above_accept()
                     shrinker = cache.config.shrinker_enabled
                     lru = sum(p.stored_pages for p in cache.registry.live())
                 if wanted or over:
                     before = self.evicted
                     like_zswap = cache.config.limit_policy == "zswap"
-                    if not self.shrink(cache.accept_level(), like_zswap=like_zswap):
+                    if not self.shrink(cache.limits.accept_level(), like_zswap=like_zswap):
                         self._pause_after_failure()
                     elif like_zswap and self.evicted == before and \
-                            cache.table.pool_total_size > cache.accept_level():   # gave up
+                            cache.table.pool_total_size > cache.limits.accept_level():   # gave up
                         self._pause(GIVE_UP_PAUSE)
                 elif shrinker and lru and self.memory_pressure():
                     # the shrinker: under memory pressure give back a quarter of the pool a pass
@@ -220,7 +219,7 @@ class Writeback:
                 dirty = table.dirty[pages].copy()
                 # the budget is asked before any decompression: an empty one costs nothing
                 ndirty = int(np.count_nonzero(dirty))
-                allowed = cache.take_budget(ndirty)
+                allowed = cache.limits.take_budget(ndirty)
             out_of_budget = allowed < ndirty
             if out_of_budget:           # the dirty pages past the budget stay as they are
                 over = np.flatnonzero(dirty)[allowed:]
@@ -230,7 +229,7 @@ class Writeback:
             wpages, wdata, _ = self.materialize(pages[dirty])
             if len(wpages) < allowed:   # pages that could not be read back: nothing written
                 with cache.tree_lock:
-                    cache.refund_budget(allowed - len(wpages))
+                    cache.limits.refund_budget(allowed - len(wpages))
             try:
                 if wpages:
                     cache.backing.write_pages(wpages, wdata)
@@ -239,7 +238,7 @@ class Writeback:
                 with cache.tree_lock:
                     cache.c.reject_reclaim_fail += 1
                     self.failed_at = time.monotonic()
-                    cache.refund_budget(len(wpages))
+                    cache.limits.refund_budget(len(wpages))
                 return False, len(sent)
             written = np.isin(pages, wpages)
             with cache.tree_lock:

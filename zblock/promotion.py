@@ -1,0 +1,60 @@
+"""Promotion: pages read often from the backing file or the far tier come back into the pool.
+
+zswap never does this (its loads from disk bypass it); zram's writeback has no way back either.
+zblock counts the client reads of each written-back page (in the entry's `fill`, unused while
+the page is on disk; the far tier keeps its own counts) and, once a page has been read more than
+`promote_after` times, stores it again, clean (the file still holds it) or dirty (a far page the
+file does not hold yet), if the pool is below its accept threshold. A page rewritten meanwhile
+keeps its new entry: the store expects the generation the page was read with.
+
+Lock protocol: disk_reads() runs under the pages' locks and takes the tree lock for the counts;
+the stores take the locks store_pages takes.
+"""
+
+from __future__ import annotations
+
+from . import PAGE_SIZE
+from .entries import DISK
+
+
+class Promotion:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def allowed(self) -> bool:
+        """Caller holds the tree lock. Pages read often may come back: the pool is below its
+        accept threshold."""
+        return self.cache.table.pool_total_size < self.cache.limits.accept_level()
+
+    def disk_reads(self, first: int, gens: list[int], data) -> None:
+        """Pages first .. first+len(gens) were read from the backing file while DISK with
+        generations `gens` (caller holds their page locks; a whole-page write takes none, so
+        each is checked again): count the reads, and promote the pages read often."""
+        cache = self.cache
+        after = cache.config.promote_after
+        if not after or cache.config.read_only:
+            return
+        table = cache.table
+        with cache.tree_lock:
+            hot = []
+            for i, gen in enumerate(gens):
+                p = first + i
+                if table.st[p] != DISK or table.gn[p] != gen:
+                    continue                # written or discarded since: its fill is not ours
+                table.fl[p] = min(table.fl[p] + 1, 1 << 16)
+                if table.fl[p] > after:
+                    hot.append(i)
+            if not hot or not self.allowed():
+                return
+        mv = memoryview(data)
+        self.promote([(first + i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], gens[i], True)
+                      for i in hot])
+
+    def promote(self, pages: list) -> None:
+        """Store pages back into the pool: (page, bytes, the generation they were read with,
+        clean)."""
+        cache = self.cache
+        for page, data, gen, clean in pages:
+            if cache.store_pages(page, data, expect_gen=gen, may_wait=False, clean=clean):
+                with cache.tree_lock:
+                    cache.c.promoted_pages += 1
