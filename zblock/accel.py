@@ -54,7 +54,7 @@ import time
 from collections import deque
 from typing import Callable, Sequence
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, cpus
 from .compressors import get_compressor
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,7 @@ class Engine:
     # ---- the device thread ------------------------------------------------------------------
 
     def _device(self) -> None:
+        cpus.unpin()                        # maybe made on a pinned thread (a param write)
         cond = self._cond
         while True:
             with cond:

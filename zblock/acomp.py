@@ -61,7 +61,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import PAGE_SIZE, scan
+from . import PAGE_SIZE, cpus, scan
 from .accel import Engine, HwJob
 from .compressors import CompressionError, get_compressor
 from .errors import ZblockError
@@ -540,6 +540,7 @@ class _Workers:
             t.start()
 
     def _run(self) -> None:
+        cpus.unpin()                        # a new pool's, maybe made on a pinned thread
         get = self._q.get
         while True:
             task = get()

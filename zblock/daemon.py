@@ -164,9 +164,9 @@ def check_fuse(fuse_version: int, front_end: str = "mfusepy", fuse_uring: str = 
         if front_end != "native":
             raise MountError("--fuse-uring on needs the native front end (--fuse-impl native)")
         from .fuse import uring
-        if not uring.enabled():
-            raise MountError(f"FUSE over io_uring is not enabled in this kernel (Linux 6.14 or "
-                             f"later; as root: echo Y > {uring.ENABLE_PARAM})")
+        why = uring.unavailable()
+        if why:
+            raise MountError(f"--fuse-uring on: FUSE over io_uring: {why}")
     if front_end == "native":
         if os.geteuid() != 0:
             raise MountError("the native FUSE front end mounts with mount(2), which needs root; "
@@ -362,7 +362,7 @@ def _serve_native(ops, mountpoint: str, backing: str, config) -> None:
     from .fuse import native, uring
     workers = native.SWAP_WORKERS if config.swap else native.DEFAULT_WORKERS
     depth = 0
-    if config.fuse_uring == "on" or (config.fuse_uring == "auto" and uring.enabled()):
+    if config.fuse_uring == "on" or (config.fuse_uring == "auto" and not uring.unavailable()):
         depth = native.URING_SWAP_DEPTH if config.swap else native.URING_DEPTH
     session = native.NativeFuse(ops, mountpoint, fsname=os.path.realpath(backing),
                                 read_only=config.read_only, workers=workers,

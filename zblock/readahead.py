@@ -29,6 +29,8 @@ import threading
 
 import numpy as np
 
+from . import cpus
+
 log = logging.getLogger(__name__)
 
 # Reads shorter than this (libfuse 2 sends 128 KiB, swap-in 32 KiB) gain less than the worker's
@@ -92,6 +94,7 @@ class Readahead:
             self._thread.start()
 
     def _run(self) -> None:
+        cpus.unpin()                        # started from a request: maybe on a pinned thread
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or self._want)

@@ -50,6 +50,7 @@ BUFFER_SIZE = MAX_WRITE + 4096
 # queue's thread answers; each has a max_write payload buffer, resident once used.
 URING_DEPTH = 2
 URING_SWAP_DEPTH = 4
+RING_JOIN_S = 60                # a ring's thread answering a slow request (a long fsync) ends after it
 # Entries and attributes are cached by the kernel this long: libfuse's high-level default.
 TTL_S = 1
 ROOT_ID = 1
@@ -195,12 +196,16 @@ class NativeFuse:
                 self.on_init()
             for t in threads:
                 t.join()
-            for q in self.rings:            # the connection has ended: so have the rings
-                q.stop()
-                q.thread.join()
         finally:
+            # the connection has ended (or serve failed): the rings' threads go first, then
+            # their buffers, which the kernel may write into while a thread waits
             for q in self.rings:
-                q.close()
+                q.stop()
+                q.thread.join(RING_JOIN_S)
+                if q.thread.is_alive():
+                    log.error("FUSE ring %d did not end; its buffers stay mapped", q.qid)
+                else:
+                    q.close()
             self.rings = []
             for fd in fds:
                 os.close(fd)
@@ -216,7 +221,7 @@ class NativeFuse:
         try:
             for qid in range(uring.queue_count()):
                 self.rings.append(uring.UringQueue(self.fd, qid, self.uring_depth, MAX_WRITE,
-                                                   self._answer, _FileInfo()))
+                                                   self._answer, _FileInfo(), self.stop))
                 self.rings[-1].start()
         except OSError as e:
             log.warning("FUSE over io_uring could not be set up (%s): serving on /dev/fuse", e)

@@ -25,8 +25,9 @@ ctypes and the mmap module: liburing's SQE helpers are inline functions a bindin
 in Debian 12's liburing 2.3, and what is needed here is a few stores into the mapped rings.
 ctypes releases the GIL while a thread waits in io_uring_enter.
 
-Requests are handed to the caller's `answer(opcode, node, request, length)` laid out exactly
-as on /dev/fuse (fuse_in_header, the op's struct, the rest), so both paths share every handler.
+Requests are handed to the caller's `answer(opcode, node, request, length, file_info)` laid out
+as on /dev/fuse (room for fuse_in_header, the op's struct, the rest), so both paths share every
+handler; the header's fields a handler needs come as arguments, and its bytes are not copied.
 
 Lock protocol: none. Each queue's ring and buffers belong to its one thread.
 """
@@ -38,6 +39,7 @@ import errno
 import logging
 import mmap
 import os
+import platform
 import struct
 import threading
 
@@ -53,6 +55,7 @@ ENABLE_PARAM = "/sys/module/fuse/parameters/enable_uring"
 _SYS_IO_URING_SETUP, _SYS_IO_URING_ENTER, _SYS_IO_URING_REGISTER = 425, 426, 427
 
 IORING_SETUP_CQSIZE = 1 << 3
+IORING_SETUP_SUBMIT_ALL = 1 << 7            # a command that fails does not hold back the next
 IORING_SETUP_SQE128 = 1 << 10
 IORING_SETUP_SINGLE_ISSUER = 1 << 12
 IORING_SETUP_DEFER_TASKRUN = 1 << 13
@@ -87,13 +90,18 @@ ENT_IN_OUT = struct.Struct("<QQII8x")       # flags commit_id payload_sz padding
 HEADER_SIZE = 4096                          # page-aligned: the kernel pins it
 STOP = (1 << 64) - 1                        # user_data of the eventfd poll
 
-def enabled() -> bool:
-    """Whether the admin allows FUSE over io_uring (the fuse module's enable_uring)."""
+def unavailable() -> str | None:
+    """Why FUSE over io_uring cannot serve here, or None: the admin allows it (the fuse module's
+    enable_uring) on a machine whose memory order the rings' plain stores rely on."""
+    if platform.machine() != "x86_64" or mmap.PAGESIZE != 4096:
+        return "zblock drives io_uring on x86-64 with 4 KiB pages only"
     try:
         with open(ENABLE_PARAM) as f:
-            return f.read().strip() in ("Y", "1")
+            if f.read().strip() in ("Y", "1"):
+                return None
     except OSError:
-        return False                        # a kernel without it (before 6.14) or no fuse module
+        pass                                # a kernel without it (before 6.14) or no fuse module
+    return f"not enabled in this kernel (Linux 6.14 or later; as root: echo Y > {ENABLE_PARAM})"
 
 
 def queue_count() -> int:
@@ -140,8 +148,8 @@ class Ring:
 
     def __init__(self, slots: int, flags: int = 0):
         params = bytearray(PARAMS.size)
-        struct.pack_into("<II", params, 4, 2 * slots,
-                         IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE | flags)
+        struct.pack_into("<II", params, 4, 2 * slots, IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE
+                         | IORING_SETUP_SUBMIT_ALL | flags)
         arg = (ctypes.c_char * len(params)).from_buffer(params)
         ret = _syscall(_SYS_IO_URING_SETUP, slots, ctypes.addressof(arg), 0, 0, 0, 0)
         del arg
@@ -149,7 +157,7 @@ class Ring:
         try:
             f = PARAMS.unpack(params)
             sq_entries, cq_entries, features = f[0], f[1], f[5]
-            sq_tail, sq_mask, sq_array = f[11], f[12], f[16]
+            sq_head, sq_tail, sq_mask, sq_array = f[10], f[11], f[12], f[16]
             cq_head, cq_tail, cq_mask, cqes = f[19], f[20], f[21], f[24]
             sq_size = sq_array + 4 * sq_entries
             cq_size = cqes + CQE.size * cq_entries
@@ -165,10 +173,9 @@ class Ring:
             raise
         self._sq_mask = U32.unpack_from(self._sq, sq_mask)[0]
         self._cq_mask = U32.unpack_from(self._cq, cq_mask)[0]
-        self._sq_tail_at, self._sq_array_at = sq_tail, sq_array
+        self._sq_head_at, self._sq_tail_at, self._sq_array_at = sq_head, sq_tail, sq_array
         self._cq_head_at, self._cq_tail_at, self._cqes_at = cq_head, cq_tail, cqes
         self._tail = U32.unpack_from(self._sq, sq_tail)[0]
-        self.pending = 0
 
     def register_file(self, fd: int) -> None:
         """Register `fd` as fixed file 0 (the kernel then skips a file lookup per SQE)."""
@@ -187,17 +194,19 @@ class Ring:
         self._tail = tail = (tail + 1) & 0xFFFFFFFF
         # x86 keeps stores in order: the slot is written before the kernel can see the new tail
         U32.pack_into(sq, self._sq_tail_at, tail)
-        self.pending += 1
 
-    def wait(self) -> list[tuple[int, int]]:
-        """Submit what is queued, wait for a completion (GIL released), and return every
-        completion ready as (user_data, res), consumed."""
-        n, self.pending = self.pending, 0
-        while _syscall(_SYS_IO_URING_ENTER, self.fd, n, 1, IORING_ENTER_GETEVENTS, 0, 0, 0) < 0:
+    def wait(self, at_least: int = 1) -> list[tuple[int, int]]:
+        """Submit what is queued, wait for `at_least` completions (GIL released), and return
+        every completion ready as (user_data, res), consumed."""
+        while True:
+            # what the kernel has not taken yet (all of it, but after an interrupted call)
+            todo = (self._tail - U32.unpack_from(self._sq, self._sq_head_at)[0]) & 0xFFFFFFFF
+            if _syscall(_SYS_IO_URING_ENTER, self.fd, todo, at_least, IORING_ENTER_GETEVENTS,
+                        0, 0, 0) >= 0:
+                break
             err = ctypes.get_errno()
-            if err != errno.EINTR:
+            if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
                 raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
-            n = 0                           # a signal: what was queued went in before it
         cq = self._cq
         head = U32.unpack_from(cq, self._cq_head_at)[0]
         tail = U32.unpack_from(cq, self._cq_tail_at)[0]
@@ -251,8 +260,13 @@ class UringQueue:
     (error, reply bytes), or None for a request without a reply (the kernel sends none of those
     through the ring). `file_info` is this thread's own, as each /dev/fuse worker has one."""
 
-    def __init__(self, dev_fd: int, qid: int, depth: int, payload_size: int, answer, file_info):
+    def __init__(self, dev_fd: int, qid: int, depth: int, payload_size: int, answer, file_info,
+                 on_failure=None):
+        """`on_failure()` runs if the thread ends with an error once serving: the kernel would
+        keep sending this CPU's requests to a queue nobody answers, so the caller ends the
+        connection instead."""
         self.dev_fd = dev_fd
+        self.on_failure = on_failure
         self.qid = qid
         self.answer = answer
         self.file_info = file_info
@@ -282,16 +296,17 @@ class UringQueue:
                 pass
 
     def close(self) -> None:
-        """After the thread ended: closing the ring cancels what the kernel still holds."""
-        for e in self.entries:
-            e.close()
-        self.entries = []
-        if self.stop_fd >= 0:
-            os.close(self.stop_fd)
-            self.stop_fd = -1
+        """After the thread ended: the ring first (closing it cancels the commands the kernel
+        still holds, which point into the entries' buffers), then the buffers."""
         if self.ring is not None:
             self.ring.close()
             self.ring = None
+        for e in self.entries:
+            e.close()
+        self.entries = []
+        fd, self.stop_fd = self.stop_fd, -1     # stop() from a signal must not see a closed fd
+        if fd >= 0:
+            os.close(fd)
 
     def _run(self) -> None:
         try:
@@ -311,18 +326,26 @@ class UringQueue:
             for slot, e in enumerate(self.entries):
                 ring.set(slot, e.register)
                 ring.submit(slot)
+            # the registrations go in now: one the kernel refuses completes at once with its
+            # error; a request may complete one too, once every queue has registered
+            first = ring.wait(at_least=0)
+            for slot, res in first:
+                if res < 0:
+                    raise OSError(-res, f"FUSE ring {self.qid}: register: {os.strerror(-res)}")
         except BaseException as e:          # noqa: BLE001 - start() raises it
             self.error = e
             return
         finally:
             self._set_up.set()
         try:
-            self._serve()
-        except BaseException as e:          # noqa: BLE001 - the caller reports it after join
+            self._serve(first)
+        except BaseException as e:          # noqa: BLE001 - the caller ends the connection
             self.error = e
-            log.error("FUSE ring %d failed: %s", self.qid, e)
+            log.error("FUSE ring %d failed, ending the connection: %s", self.qid, e)
+            if self.on_failure is not None:
+                self.on_failure()
 
-    def _serve(self) -> None:
+    def _serve(self, first: list[tuple[int, int]]) -> None:
         """Wait, answer every request that came, commit the answers with the next wait. Written
         flat, as the /dev/fuse loop is: at 4 KiB this Python is a good part of a request."""
         ring, entries, answer, fi = self.ring, self.entries, self.answer, self.file_info
@@ -330,8 +353,9 @@ class UringQueue:
         ent_unpack, ent_pack = ENT_IN_OUT.unpack_from, ENT_IN_OUT.pack_into
         in_head, out_header = p.IN_HEAD.unpack_from, p.OUT_HEADER.pack_into
         head_size, out_size, limit = p.IN_HEADER.size, p.OUT_HEADER.size, self.payload_size
+        done = first
         while True:
-            for slot, res in ring.wait():
+            for slot, res in done:
                 if slot == STOP:
                     return
                 e = entries[slot]
@@ -365,3 +389,4 @@ class UringQueue:
                 pack_commit_id(sqes, slot * SQE_SIZE + COMMIT_ID_AT, commit_id)
                 submit(slot)
                 self.served += 1
+            done = ring.wait()
