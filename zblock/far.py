@@ -21,7 +21,6 @@ Not here: which pages go far, or the entry table (zblock.farpages).
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import os
 import re
@@ -120,6 +119,7 @@ def instance_id(backing_path: str) -> str:
             machine = f.read().strip()
     except OSError:
         machine = os.uname().nodename
+    import hashlib      # here: its OpenSSL half costs a mount without a far tier ~3 MiB
     return hashlib.blake2b(f"{machine}:{st.st_dev}:{st.st_ino}".encode(), digest_size=8).hexdigest()
 
 

@@ -42,7 +42,7 @@ What this module does not do: decide which pages go to disk, or the sidecar's pr
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 import stat
 import struct
@@ -50,8 +50,6 @@ import threading
 
 import crc32c
 import numpy as np
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import PAGE_SIZE, pagemem
 from .errors import BackingError, ConfigError
@@ -84,9 +82,17 @@ _PAGE_MASK = 0xFFFFFFFF
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-_sealpages = optional("_sealpages")
-# which code seals pages (shown in the stats): the C extension, or the cryptography package
-SEAL_BACKEND = "c" if _sealpages is not None else "cryptography"
+@functools.cache
+def _c_module():
+    """zblock._sealpages, or None. Loaded on first use: it maps OpenSSL's libcrypto (about
+    3 MiB resident), which a mount that encrypts nothing never needs."""
+    return optional("_sealpages")
+
+
+def backend() -> str:
+    """Which code seals pages in this process (the stats' seal_backend): the C extension, or
+    the cryptography package."""
+    return "c" if _c_module() is not None else "cryptography"
 
 
 class _CBatch:
@@ -94,19 +100,24 @@ class _CBatch:
 
     def __init__(self, key: bytes):
         self._key = key
+        self._c = _c_module()
 
     def seal_many(self, nonces: bytes, aads: bytes, srcs: list) -> tuple[bytes, bytes]:
-        return _sealpages.seal_many(self._key, nonces, aads, srcs)
+        return self._c.seal_many(self._key, nonces, aads, srcs)
 
     def open_many(self, nonces: bytes, aads: bytes, data, tags: bytes) -> tuple[bytes, list[int]]:
-        return _sealpages.open_many(self._key, nonces, aads, data, tags)
+        return self._c.open_many(self._key, nonces, aads, data, tags)
 
 
 class _PyBatch:
     """The same batches on the cryptography package, one call a page."""
 
     def __init__(self, key: bytes):
+        # imported here: the package holds about 10 MiB resident, and only this fallback uses it
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         self._aead = AESGCM(key)
+        self._invalid_tag = InvalidTag
 
     def seal_many(self, nonces: bytes, aads: bytes, srcs: list) -> tuple[bytes, bytes]:
         a = len(aads) // len(srcs)
@@ -124,7 +135,7 @@ class _PyBatch:
                     nonces[12 * i:12 * i + 12],
                     bytes(mv[i * size:(i + 1) * size]) + tags[TAG_BYTES * i:TAG_BYTES * (i + 1)],
                     aads[a * i:a * i + a]))
-            except InvalidTag:
+            except self._invalid_tag:
                 out.append(bytes(size))
                 bad.append(i)
         return b"".join(out), bad
@@ -165,11 +176,13 @@ def read_key_file(path: str) -> bytes:
 
 def _key_check(key: bytes, salt: bytes) -> bytes:
     """What the header keeps to tell a wrong key at mount, before any page is read."""
+    import hashlib      # here: its OpenSSL half costs a mount that encrypts nothing ~3 MiB
     return hashlib.blake2b(b"zblock key check" + salt, key=key, digest_size=16).digest()
 
 
 def _image_key(key: bytes, salt: bytes) -> bytes:
     """The AES key of one image: a key file shared by images never shares nonces."""
+    import hashlib      # as in _key_check
     return hashlib.blake2b(b"", key=key, salt=salt, person=b"zblock-aes-key",
                            digest_size=KEY_BYTES).digest()
 
@@ -197,7 +210,8 @@ class Sealer:
         (no seal file) and read-only (nothing is sealed)."""
         self.npages = npages
         image_key = _image_key(key, salt)
-        self._cipher = _CBatch(image_key) if _sealpages is not None else _PyBatch(image_key)
+        self.backend = backend()
+        self._cipher = _CBatch(image_key) if self.backend == "c" else _PyBatch(image_key)
         self._identity = identity
         self._salt = salt
         self._check = _key_check(key, salt)

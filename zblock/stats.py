@@ -13,7 +13,6 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .compressors import LZ4_BACKEND
-from .seal import SEAL_BACKEND
 from .entries import FAR
 from .pools import merge_hw
 
@@ -58,7 +57,6 @@ def snapshot(cache) -> dict:
                                    for s in table.spans()),
             "dirty_pages": table.count(lambda s: table.dirty[s]),
             "lz4_backend": LZ4_BACKEND,
-            "seal_backend": SEAL_BACKEND,
             "idle_pages": table.count(table.idle),
             "bd_count": table.disk_pages,
             "writeback_limit": cache.config.writeback_limit,

@@ -413,6 +413,8 @@ class Store:
             d[key] = getattr(disk, key)
         d["checksum_errors"] = disk.checksum_errors + d["far_checksum_errors"]
         d["sparse"] = self.backing.sparse
+        sealer = self.backing.sealer
+        d["seal_backend"] = sealer.backend if sealer is not None else "none"
         hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}
         for (op, nbytes), count in sorted(self._request_sizes.items(), key=lambda kv: kv[0][1]):
             # sizes bucketed to the next power of two

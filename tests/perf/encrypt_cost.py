@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from zblock.config import Config  # noqa: E402
-from zblock.seal import SEAL_BACKEND  # noqa: E402
+from zblock.seal import backend  # noqa: E402
 from zblock.store import Store  # noqa: E402
 
 WRITE = 32 << 10
@@ -62,7 +62,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for encrypt in (False, True):
             runs[encrypt].append(one_run(path, encrypt))
-    print(f"seal backend: {SEAL_BACKEND}")
+    print(f"seal backend: {backend()}")
     for encrypt, rs in runs.items():
         write = statistics.median(r["write_s"] for r in rs)
         read = statistics.median(r["read_s"] for r in rs)
