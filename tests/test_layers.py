@@ -109,3 +109,22 @@ def test_no_class_is_over_400_lines():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 400:
                 big.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not big, big
+
+
+def test_a_server_that_encrypts_nothing_loads_no_openssl():
+    """What a mount imports (the CLI, the daemon, the native front end, the whole core) and an
+    open Store without --encrypt or --far: no cryptography package, no OpenSSL through hashlib
+    or zblock._sealpages (about 13 MiB of an idle server's RSS; docs/performance.md)."""
+    loaded = set(json.loads(run_python(
+        "import json, os, sys, tempfile\n"
+        "import zblock.cli, zblock.daemon, zblock.fuse.native\n"
+        "from zblock.config import Config\n"
+        "from zblock.store import Store\n"
+        "d = tempfile.mkdtemp()\n"
+        "s = Store.open(os.path.join(d, 'b.img'), 1 << 24, Config())\n"
+        "s.write(0, b'x' * 8192); s.read(0, 8192); s.stats(); s.fsync(); s.close()\n"
+        "print(json.dumps(sorted(sys.modules)))")))
+    assert "zblock.store" in loaded
+    heavy = {m for m in loaded if m.split(".")[0] in ("cryptography", "_hashlib", "hashlib")
+             or m == "zblock._sealpages"}
+    assert not heavy, sorted(heavy)
