@@ -10,6 +10,7 @@ beyond what `make demo` installs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from .runtime import log_file
 
 DATA_MIB = 256
 DISK = "512M"
@@ -101,7 +104,7 @@ def main() -> int:
     backing = os.path.join(work, "disk.img")
     data = os.path.join(work, "data.tar")
     os.makedirs(mnt)
-    mounted = False
+    mounted = ok = False
     try:
         say(f"== zblock demo in {work}")
         say(f"1. Preparing {DATA_MIB} MiB of real data: a tar stream of /usr/share ...")
@@ -172,6 +175,10 @@ def main() -> int:
             res = zblock("umount", mnt, check=False)
             if res.returncode != 0:
                 zblock("umount", "--force", mnt, check=False, timeout=120)
+        elif ok:
+            # the server's log of a demo that went well names a directory that is gone
+            with contextlib.suppress(OSError):
+                os.unlink(log_file(mnt))
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -57,6 +57,27 @@ class TargetUnavailable(Exception):
     """This target cannot run on this machine or in this tree yet; reported as skipped."""
 
 
+FUSE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+@contextlib.contextmanager
+def fuse_uring_enabled():
+    """The kernel offers FUSE over io_uring (`--fuse-uring on` targets) for the block, and the
+    admin's setting is back after it."""
+    try:
+        with open(FUSE_URING_PARAM) as f:
+            before = f.read().strip()
+    except OSError:
+        raise TargetUnavailable("this kernel has no FUSE over io_uring (Linux 6.14+)") from None
+    with open(FUSE_URING_PARAM, "w") as f:
+        f.write("Y")
+    try:
+        yield
+    finally:
+        with open(FUSE_URING_PARAM, "w") as f:
+            f.write(before)
+
+
 # =============================================================================================
 # knobs
 
@@ -312,6 +333,9 @@ def sweep_leftovers() -> list[str]:
                 continue
             with contextlib.suppress(OSError):
                 d.rmdir()
+                for p in runtime_files(d):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
     kept = []
     for dev, pid in _zram_state():
         if owned_by_live_run(pid):
@@ -604,6 +628,17 @@ class MemfileTarget(Target):
 # --- zblock (its CLI) --------------------------------------------------------------------------
 
 
+def runtime_files(mp: Path) -> list[Path]:
+    """A zblock server's runtime files for mount point `mp` (zblock.runtime: RUNTIME_DIR/<the
+    quoted mount point>.log and .pid), where zblock's own lookup would put them."""
+    import urllib.parse
+    rt = os.environ.get("ZBLOCK_RUNTIME_DIR") or ("/run/zblock" if os.geteuid() == 0 else None)
+    if rt is None:
+        return []
+    name = urllib.parse.quote(os.path.realpath(mp), safe="")
+    return [Path(rt) / f"{name}{ext}" for ext in (".log", ".pid")]
+
+
 class ZblockTarget(Target):
     """`zblock mount MP --backing FILE --size SIZE [opts]`; `zblock umount MP`.
 
@@ -689,6 +724,9 @@ class ZblockTarget(Target):
         if self.mp is not None:
             with contextlib.suppress(OSError):
                 self.mp.rmdir()
+            for p in runtime_files(self.mp):      # the server's log and pid file
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
         if self.backing is not None:
             for p in self.backing_files():
                 with contextlib.suppress(FileNotFoundError):

@@ -1,11 +1,13 @@
 """Random 4 KiB: fio randwrite and randread IOPS, 2 jobs, psync, O_DIRECT, on a disk first filled
-with the `mix` set; zblock against the same references as the sequential benchmark, one run,
-order rotated each round, medians.
+with the `mix` set; zblock (also over FUSE io_uring: zblock-uring) against the same references as
+the sequential benchmark, one run, order rotated each round, medians.
 
 Targets: against the bare libfuse 3 memory file (the old ceiling) zblock >= 2.5x its random
 writes (zblock's native front end writes in parallel) and >= 0.9x its random reads (issue "native
 FUSE front end"); against the same file on the native front end (the new ceiling) reported.
 """
+
+import contextlib
 
 import pytest
 
@@ -20,8 +22,16 @@ def test_random_4k():
     rep = h.Report("random", f"Random 4 KiB fio, 2 jobs, psync, O_DIRECT, {seconds:g} s each, "
                              f"IOPS, median of {rounds}")
     targets = h.reference_targets(size) + [
-        h.ZblockTarget(size), h.ZblockTarget(size, ["--fuse-impl", "mfusepy"], "zblock-mfusepy")]
-    with h.started(targets, rep.skipped) as live:
+        h.ZblockTarget(size), h.ZblockTarget(size, ["--fuse-impl", "mfusepy"], "zblock-mfusepy"),
+        h.ZblockTarget(size, ["--fuse-uring", "on"], "zblock-uring")]
+    with contextlib.ExitStack() as stack:
+        if h.wanted("zblock-uring"):
+            try:
+                stack.enter_context(h.fuse_uring_enabled())
+            except h.TargetUnavailable as e:
+                rep.skipped["zblock-uring"] = str(e)
+                targets.pop()
+        live = stack.enter_context(h.started(targets, rep.skipped))
         for t in live:
             h.dd_write(mix, t.path, size)
             h.verify(t, mix, size)

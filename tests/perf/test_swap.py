@@ -9,6 +9,7 @@ Targets (one swap device active at a time, each set up fresh for every run and t
                        kernel's crypto API offers it, else the kernel's current one; max_pool_percent
                        raised only if the pool could not hold the swap area)
   zblock-encrypt       the same with `--encrypt` (a random key of the mount's own)
+  zblock-uring         the same with `--fuse-uring on` (the fuse module's enable_uring set for it)
   zblock-far           the same with a far tier: a local 6-node Redis Cluster (tests/rediscluster.py)
                        started for the run, `--far URL --far-limit SWAP_AREA`
   memfile-loop         the bare Python FUSE memory file (tests/perf/memfile.py, libfuse 3) behind
@@ -299,9 +300,11 @@ def far_cluster():
 
 
 @contextlib.contextmanager
-def swap_zblock(swap_size: int, zs: KernelZswap, far: bool = False, encrypt: bool = False):
+def swap_zblock(swap_size: int, zs: KernelZswap, far: bool = False, encrypt: bool = False,
+                uring: bool = False):
     zs.force_off()
-    options = ["--swap"] + (["--encrypt"] if encrypt else [])
+    options = ["--swap"] + (["--encrypt"] if encrypt else []) + \
+        (["--fuse-uring", "on"] if uring else [])
     if POOL_PERCENT is not None:
         options += ["--pool-limit", f"{POOL_PERCENT}%"]
     if POOL_LIMIT:
@@ -309,6 +312,8 @@ def swap_zblock(swap_size: int, zs: KernelZswap, far: bool = False, encrypt: boo
     if LIMIT_POLICY:
         options += ["--limit-policy", LIMIT_POLICY]
     with contextlib.ExitStack() as stack:
+        if uring:
+            stack.enter_context(h.fuse_uring_enabled())
         if far:
             cluster = stack.enter_context(far_cluster())
             options += ["--far", cluster.url, "--far-limit", str(swap_size)]
@@ -357,6 +362,7 @@ def _fs_of(path: Path) -> str:
 
 SWAP_TARGETS = {
     "zblock": lambda size, zs: swap_zblock(size, zs),
+    "zblock-uring": lambda size, zs: swap_zblock(size, zs, uring=True),
     "zblock-far": lambda size, zs: swap_zblock(size, zs, far=True),
     "zblock-encrypt": lambda size, zs: swap_zblock(size, zs, encrypt=True),
     "zram-lz4": lambda size, zs: swap_zram(size, zs),
