@@ -15,8 +15,12 @@ calling thread, starts the workers and returns when the connection ends: an unmo
 abort makes every read fail with ENODEV. stop() (the daemon's signal handler) unmounts lazily
 and aborts the connection, as libfuse does when a signal ends its loop.
 
+With FUSE over io_uring (`uring_depth`, zblock.fuse.uring) the same handlers also serve the
+requests of one ring a CPU, through `_answer`; one /dev/fuse worker stays for what the kernel
+sends there (anything before every ring has registered, FORGET, INTERRUPT).
+
 Node ids are fixed: the filesystem is one directory of files that never change (see _Nodes).
-Lock protocol: none of its own after INIT; workers share only read-only tables.
+Lock protocol: none of its own after INIT; workers and rings share only read-only tables.
 """
 
 from __future__ import annotations
