@@ -31,7 +31,12 @@ The rules file (every key optional):
   `os._exit(EXIT_CRASH)`. A plain SIGKILL proves little: the backing file's page cache would
   outlive the process, this does not.
 
-Only this script reads ZBLOCK_TEST_FAULTS: a plain `zblock` server never does. Thread-safety: the
+FUSE over io_uring faults (ZBLOCK_TEST_RING_FAULT, read at start, native front end):
+    register:Q     queue Q registers a payload buffer too small for the kernel (EINVAL)
+    serve:Q:N      queue Q's thread fails after answering N requests
+
+Only this script reads ZBLOCK_TEST_FAULTS and ZBLOCK_TEST_RING_FAULT: a plain `zblock` server
+never does. Thread-safety: the
 rule swap happens under the FaultyDisk's own lock, a reload under `_reload_lock` (order:
 reload -> _lock).
 """
@@ -39,6 +44,7 @@ reload -> _lock).
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -52,6 +58,7 @@ from zblock.disk import FileDisk
 log = logging.getLogger("faultserver")
 
 ENV_FAULTS = "ZBLOCK_TEST_FAULTS"
+ENV_RING_FAULT = "ZBLOCK_TEST_RING_FAULT"
 EXIT_CRASH = 86          # exit status of a server stopped by a crash rule (tests look for it)
 ROLES = ("data", "meta", "any")
 SCRIPT = os.path.abspath(__file__)
@@ -249,7 +256,42 @@ def open_fault_store(backing_path, size, config, **kw):
     return Store.open(backing_path, size, config, disk_factory=disk_factory_from_env(), **kw)
 
 
+def ring_faults() -> None:
+    """Patch zblock.fuse.uring as ZBLOCK_TEST_RING_FAULT says (see the module docstring)."""
+    spec = os.environ.get(ENV_RING_FAULT)
+    if not spec:
+        return
+    from zblock.fuse import uring
+    kind, qid, *rest = spec.split(":")
+    qid = int(qid)
+    if kind == "register":
+        entry_init = uring._Entry.__init__
+
+        def small_payload(self, index, q, payload_size):
+            entry_init(self, index, q, payload_size)
+            if q == qid:
+                self.iov[3] = 4096          # the iovec's payload length the kernel checks
+        uring._Entry.__init__ = small_payload
+    elif kind == "serve":
+        limit, serve = int(rest[0]), uring.UringQueue._serve
+
+        def failing_serve(self, first):
+            if self.qid == qid:
+                answer, count = self.answer, itertools.count(1)
+
+                def answer_then_fail(*args):
+                    if next(count) > limit:
+                        raise RuntimeError(f"injected failure of FUSE ring {qid}")
+                    return answer(*args)
+                self.answer = answer_then_fail
+            return serve(self, first)
+        uring.UringQueue._serve = failing_serve
+    else:
+        raise SystemExit(f"{ENV_RING_FAULT}={spec!r}: register:Q or serve:Q:N")
+
+
 def main(argv: list[str] | None = None) -> int:
+    ring_faults()
     return cli.main(argv, store_factory=open_fault_store, program=[sys.executable, SCRIPT])
 
 

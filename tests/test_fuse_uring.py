@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+import faultserver
 import mountutil
 from conftest import require
 from mountutil import Mount
@@ -116,3 +117,49 @@ def test_auto_follows_the_admins_setting_and_the_default_is_off(option, param, r
                 assert fuse["workers"] == 2, fuse
     finally:
         _set_param("Y")
+
+
+def test_a_queue_the_kernel_refuses_leaves_every_request_to_dev_fuse(monkeypatch):
+    """The last queue's registration is refused (a payload buffer too small): the queues set up
+    before it are taken down, /dev/fuse serves everything with the usual workers, the log says
+    why, and the data is right."""
+    monkeypatch.setenv(faultserver.ENV_RING_FAULT, f"register:{_possible_cpus() - 1}")
+    with Mount(size="16M", fuse="native-uring", faults=True) as m:
+        data = os.urandom(1 << 20)
+        with open(m.disk, "r+b", buffering=0) as f:
+            f.write(data)
+        with open(m.disk, "rb") as f:
+            assert f.read(len(data)) == data
+        fuse = m.stats()["fuse"]
+        assert fuse["uring"] is False and fuse["workers"] == 2, fuse
+        assert fuse["uring_requests"] == 0, fuse
+        from zblock import runtime
+        with open(runtime.log_file(m.mountpoint)) as f:
+            assert "could not be set up" in f.read()
+
+
+@pytest.mark.timeout(180)
+def test_a_ring_that_dies_while_serving_ends_the_connection_instead_of_hanging(monkeypatch):
+    """Queue 0's thread fails after 200 requests. The kernel would keep sending CPU 0's requests
+    to it, unanswered: the server ends the connection instead. A writer on CPU 0 gets an error,
+    the server exits, the mount goes; nothing is left blocked."""
+    monkeypatch.setenv(faultserver.ENV_RING_FAULT, "serve:0:200")
+    with Mount(size="16M", fuse="native-uring", faults=True) as m:
+        pid = m.pid
+        writer = subprocess.Popen(
+            ["taskset", "-c", "0", "dd", "if=/dev/zero", f"of={m.disk}", "bs=4k", "count=4000",
+             "oflag=direct", "conv=notrunc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            _, err = writer.communicate(timeout=60)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait(10)
+        assert writer.returncode != 0, "the writer finished through a dead ring"
+        assert mountutil.wait_pid(pid, 60), "the server did not exit"
+        mountutil.wait_for(lambda: not mountutil.is_mounted(m.mountpoint, None), 30,
+                           "the mount to go")
+        from zblock import runtime
+        with open(runtime.log_file(m.mountpoint)) as f:
+            assert "failed, ending the connection" in f.read()
