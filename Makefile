@@ -42,13 +42,14 @@ NO_EXTENSION_TESTS := tests/test_store.py tests/test_acomp.py tests/test_accel.p
 	tests/test_mount.py::test_dd_write_then_cmp
 
 # The third run: the tests with real mounts once more on the mfusepy front end (libfuse 3); the
-# first run mounts with the native one (tests/test_mount.py names each front end itself).
+# first run mounts with the native one (tests/test_mount.py and tests/test_fuse_uring.py name
+# their front ends themselves).
 test: deps
 	$(PY) -m pytest -q tests --ignore=tests/perf
 	ZBLOCK_NO_EXTENSION=1 $(PY) -m pytest -q -k 'not c_scan and not lz4pages and not c_and_python' \
 	  $(NO_EXTENSION_TESTS)
 	ZBLOCK_TEST_FUSE=fuse3 $(PY) -m pytest -q -m mount tests --ignore=tests/perf \
-	  --ignore=tests/test_mount.py
+	  --ignore=tests/test_mount.py --ignore=tests/test_fuse_uring.py
 
 test-fast: deps
 	$(PY) -m pytest -q tests -m 'not mount and not slow'
