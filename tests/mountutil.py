@@ -80,17 +80,21 @@ FUSE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 _fuse_uring_before: list[str] = []
 
 
-def enable_fuse_uring() -> None:
-    """Let the kernel offer FUSE over io_uring (Linux 6.14+); restore_fuse_uring() (conftest, at
-    the session's end) puts the admin's setting back."""
+def set_fuse_uring(value: str) -> None:
+    """Whether the kernel offers FUSE over io_uring (Linux 6.14+: "Y" or "N");
+    restore_fuse_uring() (conftest, at the session's end) puts the admin's setting back."""
     require(os.path.exists(FUSE_URING_PARAM), "this kernel has no FUSE over io_uring (6.14+)")
     with open(FUSE_URING_PARAM) as f:
         now = f.read().strip()
     if not _fuse_uring_before:
         _fuse_uring_before.append(now)
-    if now != "Y":
+    if now != value:
         with open(FUSE_URING_PARAM, "w") as f:
-            f.write("Y")
+            f.write(value)
+
+
+def enable_fuse_uring() -> None:
+    set_fuse_uring("Y")
 
 
 def restore_fuse_uring() -> None:

@@ -23,12 +23,6 @@ def _possible_cpus() -> int:
     return uring.queue_count()
 
 
-def _set_param(value: str) -> None:
-    mountutil.enable_fuse_uring()           # records the admin's value for the session's end
-    with open(mountutil.FUSE_URING_PARAM, "w") as f:
-        f.write(value)
-
-
 def _fio(cwd: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """fio in `cwd` (where a verify run leaves its state files)."""
     require(subprocess.run(["which", "fio"], capture_output=True).returncode == 0, "no fio")
@@ -87,12 +81,12 @@ def test_two_writers_sharing_pages_through_the_rings():
 
 def test_fuse_uring_on_is_refused_where_the_kernel_does_not_offer_it():
     mountutil.require_mounts()
-    _set_param("N")
+    mountutil.set_fuse_uring("N")
     try:
         with pytest.raises(AssertionError, match="FUSE over io_uring: not enabled in this kernel"):
             Mount(size="16M", fuse="native", fuse_uring="on").start()
     finally:
-        _set_param("Y")
+        mountutil.set_fuse_uring("Y")
     with pytest.raises(AssertionError, match="needs the native front end"):
         Mount(size="16M", fuse="fuse3", fuse_uring="on").start()
 
@@ -103,7 +97,7 @@ def test_auto_follows_the_admins_setting_and_the_default_is_off(option, param, r
     """--fuse-uring auto: the rings where the admin has enabled them, else /dev/fuse with the
     usual workers. Without the option (off) /dev/fuse serves even where the kernel offers them."""
     mountutil.require_mounts()
-    _set_param(param)
+    mountutil.set_fuse_uring(param)
     try:
         extra = {"fuse_uring": option} if option else {}
         with Mount(size="16M", fuse="native", **extra) as m:
@@ -116,7 +110,7 @@ def test_auto_follows_the_admins_setting_and_the_default_is_off(option, param, r
                 assert fuse["uring"] is False and fuse["uring_requests"] == 0, fuse
                 assert fuse["workers"] == 2, fuse
     finally:
-        _set_param("Y")
+        mountutil.set_fuse_uring("Y")
 
 
 def test_a_queue_the_kernel_refuses_leaves_every_request_to_dev_fuse(monkeypatch):

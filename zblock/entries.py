@@ -202,7 +202,7 @@ class EntryTable:
         saved = self.dedup_saved_bytes
         for i, o in enumerate(objs):
             if o is not None:
-                if self.dedup:
+                if self.dedup is not None:
                     o = self.dedup.share(pool, o)
                 self._set_obj(first + i if first is not None else int(pages[i]), o)
         cached = states >= COMP
@@ -231,7 +231,7 @@ class EntryTable:
         self.at[page] = self.now()
         self.seq += 1
         obj = scan.objs[0]
-        if self.dedup and obj is not None:
+        if self.dedup is not None and obj is not None:
             held = self.dedup.share(pool, obj)
             shared, obj = held is not obj, held
         else:
@@ -261,7 +261,7 @@ class EntryTable:
                 else pages[cached]
             ids = self.pool_id[cpages]
             sizes = charge(self.length[cpages].astype(np.int64))
-            if self.dedup:                  # an object other pages still share keeps its charge
+            if self.dedup is not None:      # an object other pages still share keeps its charge
                 pools = self.registry.pools
                 kept = [self.dedup.unshare(pools[i], self.obj(p))
                         for p, i in zip(cpages.tolist(), ids.tolist())]
@@ -471,5 +471,5 @@ class EntryTable:
         """Memory `objs` holds for its slots now: the list of chunks and the chunks that exist,
         and with dedup the pools' indexes (not the objects: they are the pool's)."""
         index = sum(sys.getsizeof(p.objects) + sys.getsizeof(p.sharers)
-                    for p in self.registry.live()) if self.dedup else 0
+                    for p in self.registry.live()) if self.dedup is not None else 0
         return sys.getsizeof(self.objs) + sum(map(sys.getsizeof, filter(None, self.objs))) + index

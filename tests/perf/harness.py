@@ -629,14 +629,10 @@ class MemfileTarget(Target):
 
 
 def runtime_files(mp: Path) -> list[Path]:
-    """A zblock server's runtime files for mount point `mp` (zblock.runtime: RUNTIME_DIR/<the
-    quoted mount point>.log and .pid), where zblock's own lookup would put them."""
-    import urllib.parse
-    rt = os.environ.get("ZBLOCK_RUNTIME_DIR") or ("/run/zblock" if os.geteuid() == 0 else None)
-    if rt is None:
-        return []
-    name = urllib.parse.quote(os.path.realpath(mp), safe="")
-    return [Path(rt) / f"{name}{ext}" for ext in (".log", ".pid")]
+    """A zblock server's log and pid file for mount point `mp`, as zblock.runtime names them
+    (imported here: the harness measures trees where zblock may not be written yet)."""
+    from zblock import runtime
+    return [Path(runtime.log_file(str(mp))), Path(runtime.pid_file(str(mp)))]
 
 
 class ZblockTarget(Target):

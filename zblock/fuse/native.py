@@ -201,16 +201,7 @@ class NativeFuse:
             for t in threads:
                 t.join()
         finally:
-            # the connection has ended (or serve failed): the rings' threads go first, then
-            # their buffers, which the kernel may write into while a thread waits
-            for q in self.rings:
-                q.stop()
-                q.thread.join(RING_JOIN_S)
-                if q.thread.is_alive():
-                    log.error("FUSE ring %d did not end; its buffers stay mapped", q.qid)
-                else:
-                    q.close()
-            self.rings = []
+            self._end_rings()                   # the connection has ended (or serve failed)
             for fd in fds:
                 os.close(fd)
             self.fd = -1
@@ -229,12 +220,20 @@ class NativeFuse:
                 self.rings[-1].start()
         except OSError as e:
             log.warning("FUSE over io_uring could not be set up (%s): serving on /dev/fuse", e)
-            for q in self.rings:
-                q.stop()
-                q.thread.join()
-                q.close()
-            self.rings = []
+            self._end_rings()
             self.info["uring"] = False
+
+    def _end_rings(self) -> None:
+        """Stop the rings' threads, then free their buffers, which the kernel may write into
+        while a thread waits: a thread that does not end keeps its buffers mapped."""
+        for q in self.rings:
+            q.stop()
+            q.thread.join(RING_JOIN_S)
+            if q.thread.is_alive():
+                log.error("FUSE ring %d did not end; its buffers stay mapped", q.qid)
+            else:
+                q.close()
+        self.rings = []
 
     def _clone(self) -> int:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)

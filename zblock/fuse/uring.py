@@ -90,6 +90,7 @@ ENT_IN_OUT = struct.Struct("<QQII8x")       # flags commit_id payload_sz padding
 HEADER_SIZE = 4096                          # page-aligned: the kernel pins it
 STOP = (1 << 64) - 1                        # user_data of the eventfd poll
 
+
 def unavailable() -> str | None:
     """Why FUSE over io_uring cannot serve here, or None: the admin allows it (the fuse module's
     enable_uring) on a machine whose memory order the rings' plain stores rely on."""
@@ -122,12 +123,8 @@ def _check(ret: int, what: str) -> int:
 
 
 def address(buf) -> int:
-    """The address of a writable buffer (an mmap), without keeping it exported."""
-    c = ctypes.c_char.from_buffer(buf)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c
+    """The address of a writable buffer (an mmap); the export ends with the expression."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
 def sqe(opcode: int, fd: int, user_data: int, *, flags: int = 0, cmd_op: int = 0, addr: int = 0,
