@@ -232,7 +232,7 @@ class Cache:
         write gets the pages cached raw and dirty instead, over the limit if need be: the write
         succeeds, and the next fsync retries the disk and reports the error."""
         mv = memoryview(buf).cast("B")
-        datas = [bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(len(idxs))]
+        datas = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(len(idxs))]
         with self.page_locks.hold(idxs):
             with self.tree_lock:
                 gens = self.table.gen[idxs].copy()
@@ -252,7 +252,7 @@ class Cache:
                     self.table.free(same)
                     self.table.set_disk(same)
                 elif len(same):
-                    kept = [d for d, k in zip(datas, keep.tolist()) if k]
+                    kept = [bytes(d) for d, k in zip(datas, keep.tolist()) if k]
                     raw = Scan(kept, np.full(len(same), RAW, np.uint8),
                                np.full(len(same), PAGE_SIZE, np.uint16),
                                np.frombuffer(b"".join(d[:8] for d in kept), np.uint64), 0)

@@ -194,11 +194,8 @@ class FileDisk:
         try:
             with memoryview(buf) as mv:
                 if length <= BOUNCE_SIZE:  # the common case: one request, one syscall
-                    fill = 0
-                    for b in bufs:
-                        end = fill + len(b)
-                        mv[fill:end] = b
-                        fill = end
+                    # one join and one copy beat a Python loop over a run's 256 pages
+                    mv[:length] = bufs[0] if len(bufs) == 1 else b"".join(bufs)
                     self._write_full(mv, length, offset)
                     return
                 fill = 0
