@@ -127,6 +127,8 @@ def test_uninstalled_compressor(work, tmp_path):
     (["-o", "hw_seed=1e3"], "hw_seed: '1e3' is not a decimal integer"),
     (["--read-only", "--swap"], "--read-only"), (["-o", "ro,swap"], "--read-only"),
     (["-o", "sparse,swap"], "--sparse"),      # a bare flag, as `swap` is
+    (["--swap", "--sequential-cutoff", "4M"], "sequential_cutoff: persistent mode only"),
+    (["--sequential-cutoff", "4X"], "sequential_cutoff: '4X' is not a size"),
 ])
 def test_bad_options(work, args, what):
     assert what in one_line_error(zblock(*mount_args(work, *args)), 2)

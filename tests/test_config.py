@@ -89,7 +89,8 @@ def test_invalid_values_change_nothing(name, bad):
     assert cfg.get(name) == before
 
 
-SIZE_PARAMS = ("pool_limit", "far_limit", "far_dirty_limit", "writeback_limit")     # sizes
+SIZE_PARAMS = ("pool_limit", "far_limit", "far_dirty_limit", "writeback_limit",   # sizes
+               "sequential_cutoff")
 INT_PARAMS = [name for name in PARAMS if type(getattr(Config(), name)) is int
               and name not in SIZE_PARAMS]
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.mount
 
 # every front end: zblock's own (native, and native over io_uring) and mfusepy on libfuse 3 and 2
 FRONT_ENDS = ["native", "native-uring", "fuse3", "fuse2"]
+MiB = 1 << 20
 
 
 def make_data(nbytes: int, seed: int = 1) -> bytes:
@@ -222,6 +223,27 @@ def test_one_write_uses_both_cores(tmp_path):
         print(f"server cpu {total:.2f} s in {wall:.2f} s wall; {both:.0%} of busy samples had 2+ threads running")
         # Either measure shows it; the CPU ratio alone is fragile when other jobs share the cores.
         assert total / wall > 1.2 or both > 0.3, (total, wall, both, len(samples))
+
+
+def test_durable_dd_past_the_sequential_cutoff(data32, tmp_path):
+    """`dd conv=fsync` with -o sequential_cutoff: after the first MiB the stream goes to the
+    backing file as written, not into the pool; cmp through the mount and after a remount."""
+    src = tmp_path / "src"
+    src.write_bytes(data32)
+    with Mount(size="64M", extra=["-o", "sequential_cutoff=1M"]) as m:
+        res = dd(f"if={src}", f"of={m.disk}", "bs=1M", "oflag=direct", "conv=fsync,notrunc")
+        assert res.returncode == 0, res.stderr
+        st = m.stats()
+        assert st["bypassed_pages"] == (len(data32) - MiB) // 4096, st
+        assert st["stored_pages"] <= MiB // 4096, st
+        assert read_all(m.disk, len(data32)) == data32
+        m.umount()
+        m2 = Mount(size=None, backing=m.backing, workdir=m.workdir)
+        m2.start()
+        try:
+            assert read_all(m2.disk, len(data32)) == data32
+        finally:
+            m2.umount()
 
 
 @pytest.mark.parametrize("fuse", FRONT_ENDS)

@@ -148,7 +148,8 @@ def check_consistency(store: Store) -> None:
 def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt, dedup):
     """Random writes, reads, discards and fsyncs against a bytearray, through a pool of a few
     dozen pages: most pages live on disk and are read back in runs. Seeds 1 and 3 with
-    write-through, seed 2 without (every page then reaches the disk by writeback or fsync).
+    write-through, seed 2 without (every page then reaches the disk by writeback or fsync);
+    seed 3 starts with a sequential cutoff, and every seed turns it on and off now and then.
     `encrypt`: every page that reaches the file is sealed (zblock.seal).
     With dedup, most pages written are copies of a dozen pages (so sharers are overwritten,
     discarded, written back and switched between pools), and writeback on demand and
@@ -157,7 +158,8 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt, dedu
     size = 2 * MiB
     cfg = make_config(pool_limit=96 * 1024, limit_policy=policy, accept_threshold=70,
                       incompressible_policy=rng.choice(["store_raw", "reject"]),
-                      write_through=seed != 2, dedup=dedup, recomp_algorithm="zstd:9,deflate")
+                      write_through=seed != 2, dedup=dedup, recomp_algorithm="zstd:9,deflate",
+                      sequential_cutoff=64 * 1024 if seed == 3 else 0)
     if encrypt:
         cfg.encrypt, cfg.key_file = True, write_key(os.path.dirname(backing_path))
     if dedup:
@@ -203,8 +205,11 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt, dedu
             elif op < 0.93:
                 store.set_param("compressor", rng.choice(["lz4", "lzo", "zstd", "deflate"]))
             elif op < 0.96:
-                store.set_param(rng.choice(["same_filled_pages_enabled", "write_through"]),
-                                rng.choice("YN"))
+                if rng.random() < 0.3:       # runs of more than 16 pages go to disk, uncompressed
+                    store.set_param("sequential_cutoff", rng.choice(["0", "64K"]))
+                else:
+                    store.set_param(rng.choice(["same_filled_pages_enabled", "write_through"]),
+                                    rng.choice("YN"))
             else:
                 check_consistency(store)
                 store.close()
@@ -385,6 +390,60 @@ def test_write_through_keeps_what_was_written_not_what_the_buffer_became(backing
         store.close()
     with open(backing_path, "rb") as f:
         assert f.read(len(first)) == first
+
+
+def test_a_stream_past_the_sequential_cutoff_goes_to_disk_uncompressed(backing_path):
+    """bcache's sequential_cutoff: the first `cutoff` bytes of a run of consecutive writes go
+    into the pool, the rest to the backing file as written (and out of the pool, older entries
+    included); an interleaved second stream is told apart; a random write still goes into the
+    pool; everything reads back, also after a remount."""
+    rng = random.Random(21)
+    size = 4 * MiB
+    a = b"".join(text_page(rng) for _ in range(256))        # 1 MiB, compressible
+    b = b"".join(text_page(rng) for _ in range(256))
+    store = Store.open(backing_path, size, make_config(sequential_cutoff=256 * 1024))
+    try:
+        store.write(0, a)                   # cached first: the stream then replaces it
+        store.fsync()
+        before = store.stats()
+        for k in range(8):                  # two streams, 128 KiB writes, interleaved
+            store.write(k * 128 * 1024, a[k * 128 * 1024:(k + 1) * 128 * 1024])
+            store.write(2 * MiB + k * 128 * 1024, b[k * 128 * 1024:(k + 1) * 128 * 1024])
+        store.write(3 * MiB + 5 * PAGE_SIZE, b[:PAGE_SIZE])      # a lone page: into the pool
+        st = store.stats()
+        assert st["bypassed_pages"] - before["bypassed_pages"] == 2 * (256 - 64), st
+        # each stream's first 256 KiB (64 pages) and the lone page are cached, the rest are not
+        assert st["stored_pages"] == 2 * 64 + 1, st
+        assert st["bd_writes"] - before["bd_writes"] >= 2 * (256 - 64), st
+        assert store.read(0, MiB) == a and store.read(2 * MiB, MiB) == b
+        assert store.read(3 * MiB + 5 * PAGE_SIZE, PAGE_SIZE) == b[:PAGE_SIZE]
+        with open(backing_path, "rb") as f:     # the bypassed pages are in the file already
+            f.seek(MiB - PAGE_SIZE)
+            assert f.read(PAGE_SIZE) == a[-PAGE_SIZE:]
+        store.set_param("sequential_cutoff", "0")       # off: the same stream is cached again
+        store.write(0, b)
+        assert store.stats()["bypassed_pages"] == st["bypassed_pages"]
+        assert store.read(0, MiB) == b
+    finally:
+        store.close()
+    store = Store.open(backing_path, None, make_config())
+    try:
+        assert store.read(0, MiB) == b and store.read(2 * MiB, MiB) == b
+    finally:
+        store.close()
+
+
+def test_sequential_cutoff_is_refused_in_swap_mode(backing_path):
+    with pytest.raises(ConfigError, match="persistent mode only"):
+        Config.from_strings({"swap": "Y", "sequential_cutoff": "4M"})
+    store = Store.open(backing_path, 1 * MiB, make_config(swap=True))
+    try:
+        with pytest.raises(ConfigError, match="persistent mode only"):
+            store.set_param("sequential_cutoff", "4M")
+        assert store.config.sequential_cutoff == 0
+        store.set_param("sequential_cutoff", "0")
+    finally:
+        store.close()
 
 
 def test_zswap_policy_passes_that_give_up_do_not_spin(backing_path, monkeypatch):

@@ -255,33 +255,30 @@ class Backing:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def write_pages(self, idxs: list[int], pages: list[bytes]) -> None:
-        """Write whole pages (any order; contiguous runs go out in one syscall each).
+    def write_pages(self, idxs: list[int], pages) -> None:
+        """Write whole pages (any order; contiguous runs go out in one syscall each). `pages`:
+        a buffer a page, or one buffer of them all (written as it is where `idxs` is one run).
         DiskError(err) on failure: the pages then read as their old or new bytes."""
         n = len(idxs)
-        if n != len(pages):
-            raise ValueError("write_pages: idxs and pages differ in length")
+        run = None if isinstance(pages, list) else memoryview(pages).cast("B")
+        if run is not None:
+            pages = [run[i:i + PAGE_SIZE] for i in range(0, len(run), PAGE_SIZE)]
+        if n != len(pages) or sum(map(len, pages)) != n * PAGE_SIZE:
+            raise ValueError(f"write_pages: {n} page(s) need {n} buffer(s) of {PAGE_SIZE} bytes")
         if n == 0:
             return
-        if self._closed:
-            raise BackingError(f"{self.path}: backing is closed")
         if n == 1:  # scalar path: numpy's per-call overhead dominates one page
-            i = int(idxs[0])
-            if not 0 <= i < self.npages:
-                raise OutOfRange(f"{self.path}: page {i} outside 0..{self.npages - 1}")
-            if len(pages[0]) != PAGE_SIZE:
-                raise ValueError(f"write_pages: every page must be {PAGE_SIZE} bytes")
-            self._write_one(i, pages[0])
+            self._check_range(int(idxs[0]), 1)
+            self._write_one(int(idxs[0]), pages[0])
             return
         idx = np.fromiter(idxs, np.int64, n)
-        if idx.min() < 0 or idx.max() >= self.npages:
-            raise OutOfRange(f"{self.path}: page index outside 0..{self.npages - 1}")
-        if sum(map(len, pages)) != n * PAGE_SIZE:
-            raise ValueError(f"write_pages: every page must be {PAGE_SIZE} bytes")
+        self._check_range(int(idx.min()), int(idx.max() - idx.min()) + 1)
         if self.sealer is not None:
             pages, ctrs, tags = self._seal(idx.tolist(), pages)
         crcs = fold(np.fromiter(map(_crc, pages), np.uint32, n))
-        if not (np.diff(idx) > 0).all():
+        if run is not None and self.sealer is None and (np.diff(idx) == 1).all():
+            sidx, spages = idx, [run]
+        elif not (np.diff(idx) > 0).all():
             order = np.argsort(idx, kind="stable")
             sidx = idx[order]
             spages = [pages[i] for i in order.tolist()]
@@ -301,10 +298,10 @@ class Backing:
                 self._put_meta_blocks(np.unique(sidx // ENTRIES_PER_BLOCK))  # pairs first
                 if self.sealer is not None:
                     self.sealer.put_blocks(sidx)
-            cuts = (np.flatnonzero(np.diff(sidx) != 1) + 1).tolist() if n > 1 else []
+            cuts = (np.flatnonzero(np.diff(sidx) != 1) + 1).tolist()
             t0 = time.perf_counter_ns()
             for a, b in zip([0] + cuts, cuts + [n]):
-                self._data.pwritev(int(sidx[a]) * PAGE_SIZE, spages[a:b])
+                self._data.pwritev(int(sidx[a]) * PAGE_SIZE, spages[a:b])   # [run] when one run
                 done = b
             waited = (time.perf_counter_ns() - t0) // 1000
         except OSError as e:

@@ -59,6 +59,7 @@ from .pagemem import resident_bytes
 from .pool import Trimmer
 from .pools import PoolRegistry
 from .promotion import Promotion
+from .sequential import SequentialCutoff
 from .scan import COMP, NONE, RAW, SAME, ZERO_PAGE, Scan, filled_page
 from .stats import Counters, snapshot
 from .writeback import Writeback
@@ -119,6 +120,7 @@ class Cache:
         self.table.referenced_on_store = config.limit_policy == "zswap"
         self.writeback = Writeback(self, memory_pressure)
         self.write_through = None if config.swap or config.read_only else WriteThrough(self)
+        self.sequential = None if config.swap or config.read_only else SequentialCutoff(config)
         self.far_pages = None if far is None else FarPages(self, far)
         self.on_demand = OnDemand(self)
         self.promotion = Promotion(self)
@@ -185,6 +187,11 @@ class Cache:
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         first = where if type(where) is int else int(where[0])
+        if (self.sequential is not None and type(where) is int and not clean
+                and expect_gen is None and self.sequential.bypass(first, n)):
+            with self.tree_lock:
+                self.c.bypassed_pages += n
+            return self._store_to_disk(mv, list(range(first, first + n)))
         pool, reject = self._pool_get(may_wait, n)
         try:
             if reject:
@@ -232,14 +239,15 @@ class Cache:
         write gets the pages cached raw and dirty instead, over the limit if need be: the write
         succeeds, and the next fsync retries the disk and reports the error."""
         mv = memoryview(buf).cast("B")
-        datas = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(len(idxs))]
+        datas = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(len(idxs))] \
+            if idxs != list(range(idxs[0], idxs[0] + len(idxs))) else None    # else one run
         with self.page_locks.hold(idxs):
             with self.tree_lock:
                 gens = self.table.gen[idxs].copy()
             if expect_gen is not None and gens[0] != expect_gen:
                 return False
             try:
-                self.backing.write_pages(idxs, datas)
+                self.backing.write_pages(idxs, mv if datas is None else datas)
                 failed = False
             except DiskError as e:
                 log.warning("store to disk failed, caching the pages instead: %s", e)
@@ -252,7 +260,8 @@ class Cache:
                     self.table.free(same)
                     self.table.set_disk(same)
                 elif len(same):
-                    kept = [bytes(d) for d, k in zip(datas, keep.tolist()) if k]
+                    kept = [bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                            for i in np.flatnonzero(keep).tolist()]
                     raw = Scan(kept, np.full(len(same), RAW, np.uint8),
                                np.full(len(same), PAGE_SIZE, np.uint16),
                                np.frombuffer(b"".join(d[:8] for d in kept), np.uint64), 0)

@@ -48,6 +48,7 @@ _OPTION_PARAMS = {
     "same-filled": "same_filled_pages_enabled",
     "shrinker": "shrinker_enabled",
     "write-through": "write_through",
+    "sequential-cutoff": "sequential_cutoff",
     "writeback-limit": "writeback_limit",
     "recomp-algorithm": "recomp_algorithm",
     "promote-after": "promote_after",
@@ -248,7 +249,8 @@ def _add_umount(sub) -> None:
 # Classification for the Prometheus names and the table (DESIGN.md "Stats").
 COUNTERS = {"pool_limit_hit", "written_back_pages", "flushed_pages", "written_through_pages",
             "reject_compress_poor", "reject_compress_fail", "reject_alloc_fail",
-            "reject_reclaim_fail", "reject_pool_limit", "decompress_fail", "bd_reads", "bd_writes",
+            "reject_reclaim_fail", "reject_pool_limit", "bypassed_pages", "decompress_fail",
+            "bd_reads", "bd_writes",
             "bd_read_ios", "bd_write_ios", "bd_read_us", "bd_write_us", "zswpout", "zswpin",
             "zswpwb", "discarded_pages", "far_writes", "far_reads", "far_demoted_pages",
             "far_errors", "far_checksum_errors",

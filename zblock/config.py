@@ -231,6 +231,10 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("write_through", _bool("write_through"), _fmt_bool,
           help="persistent mode: write stored pages on to the backing file in the background, "
                "so fsync has little left to write"),
+    Param("sequential_cutoff", lambda t: parse_size(t, "sequential_cutoff"),
+          help=f"persistent mode: a run of writes to consecutive pages goes on to the backing file "
+               f"uncompressed, past the pool, once it passes this many bytes ({SIZE_SUFFIXES}; "
+               "bcache's sequential_cutoff); 0: every write goes into the pool"),
     Param("far", _parse_far, runtime=False,
           help="far tier: redis://HOST:PORT[,HOST:PORT...] (or rediss://) of a Redis Cluster that "
                "holds cold compressed pages before they go to the backing file; empty: none"),
@@ -305,6 +309,10 @@ WRITEBACK_TYPES = ("idle", "huge", "incompressible", "all")
 RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
 
 
+SWAP_NO_CUTOFF = ("sequential_cutoff: persistent mode only (swap pages are written once and read "
+                  "back soon: what the pool is for)")
+
+
 @dataclass
 class Config:
     compressor: str = "lz4"
@@ -316,6 +324,7 @@ class Config:
     same_filled_pages_enabled: bool = True
     shrinker_enabled: bool = True
     write_through: bool = False
+    sequential_cutoff: int = 0
     writeback_limit: int = -1
     recomp_algorithm: str = ""
     promote_after: int = 0
@@ -369,6 +378,8 @@ class Config:
     def check(self) -> None:
         if self.swap and self.kernel_cache:
             raise ConfigError("--kernel-cache cannot be used with --swap (swap pages would be cached twice)")
+        if self.swap and self.sequential_cutoff:
+            raise ConfigError(SWAP_NO_CUTOFF)
         if self.swap and self.sparse:
             raise ConfigError("--sparse cannot be used with --swap (swap space is always reserved: "
                               "reclaim must never meet ENOSPC)")

@@ -23,7 +23,7 @@ class Counters:
     NAMES = ("pool_limit_hit", "written_back_pages", "flushed_pages", "written_through_pages",
              "reject_compress_poor",
              "reject_compress_fail", "reject_alloc_fail", "reject_reclaim_fail",
-             "reject_pool_limit", "decompress_fail",
+             "reject_pool_limit", "bypassed_pages", "decompress_fail",
              "zswpout", "zswpin", "zswpwb", "discarded_pages",
              "far_writes", "far_reads", "far_demoted_pages", "far_errors", "far_checksum_errors",
              "written_back_on_demand", "promoted_pages", "recompressed_pages",

@@ -22,7 +22,8 @@ import psutil
 from . import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .backing import Backing
 from .cache import Cache
-from .config import PARAMS, RECOMPRESS_TYPES, WRITEBACK_TYPES, Config, parse_algorithm
+from .config import (PARAMS, RECOMPRESS_TYPES, SWAP_NO_CUTOFF, WRITEBACK_TYPES, Config,
+                     parse_algorithm)
 from .errors import ConfigError, OutOfRange
 from .far import FarTier, instance_id
 from .pool import Trimmer
@@ -353,6 +354,8 @@ class Store:
         if param is None or not param.runtime:
             raise ConfigError(f"{name!r} is not a run-time parameter")
         value = param.parse(text)        # ConfigError leaves everything unchanged
+        if name == "sequential_cutoff" and value and self.config.swap:
+            raise ConfigError(SWAP_NO_CUTOFF)
         with self._param_lock, self.cache.tree_lock:
             setattr(self.config, name, value)
             self.cache.limits.params_changed(name)

@@ -4,7 +4,9 @@ files, O_DIRECT): in one run, order rotated each round, medians.
 - Durable sequential write: `dd bs=1M oflag=direct conv=fsync` of 256 MiB, on `mix` and `usr`.
   zblock runs with its defaults (write-through off) and, as `zblock-wt`, with
   `--write-through Y`, to show what write-through is worth, and as `zblock-encrypt` with
-  `--encrypt` (every page sealed on its way to the file: what encryption costs).
+  `--encrypt` (every page sealed on its way to the file: what encryption costs), and as
+  `zblock-seqcut` with `--sequential-cutoff 4M` (bcache's default: past the first 4 MiB the
+  stream goes to the file uncompressed, past the pool).
 - Random 4 KiB reads of written-back pages: zblock with `--pool-limit 0` (every page is on disk
   once written), filled with `usr`, then fio randread as in test_random.py; the file holds the
   same bytes. `zblock-encrypt`: the same with `--encrypt`.
@@ -33,7 +35,8 @@ def test_durable_sequential_write():
                               f"{size >> 20} MiB, MB/s, median of {rounds}")
     targets = [h.DiskFileTarget(size), h.ZblockTarget(size),
                h.ZblockTarget(size, ["--write-through", "Y"], "zblock-wt"),
-               h.ZblockTarget(size, ["--encrypt", "--key-file", h.bench_key()], "zblock-encrypt")]
+               h.ZblockTarget(size, ["--encrypt", "--key-file", h.bench_key()], "zblock-encrypt"),
+               h.ZblockTarget(size, ["--sequential-cutoff", "4M"], "zblock-seqcut")]
     with h.started(targets, rep.skipped) as live:
         for ds, path in data.items():
             for rnd in range(rounds):
@@ -44,7 +47,7 @@ def test_durable_sequential_write():
         for t in live:
             rep.targets_info[t.name] = t.info()
     for ds in DATASETS:
-        for t in ("zblock", "zblock-wt"):
+        for t in ("zblock", "zblock-wt", "zblock-seqcut"):
             rep.check(f"durable write {ds} vs the backing disk", t, f"write_{ds}",
                       "backing-disk", at_least=DISK_NEED)
         rep.check(f"durable write {ds}: write-through against none", "zblock-wt", f"write_{ds}",
