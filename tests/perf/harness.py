@@ -583,10 +583,15 @@ class NbdTarget(Target):
 class MemfileTarget(Target):
     """tests/perf/memfile.py as a subprocess: pages uncompressed in a dict (the ceiling)."""
 
-    def __init__(self, size: int, libfuse: int | str = 3):
+    def __init__(self, size: int, libfuse: int | str = 3, on_disk: bool = False):
         super().__init__(size)
         self.libfuse = libfuse
-        if libfuse == "native":
+        self.backing: Path | None = None
+        if on_disk:     # memfile.py --backing: the pages in a file beside zblock's, O_DIRECT
+            self.name = f"diskfile-{libfuse}"
+            self.kind = f"bare Python FUSE server over the backing disk (O_DIRECT), {libfuse}"
+            self.backing = STATE_DIR / f"{self.name}-{os.getpid()}.img"
+        elif libfuse == "native":
             self.name = "memfile-native"
             self.kind = "bare Python FUSE memory file, zblock's native front end"
         else:
@@ -598,9 +603,14 @@ class MemfileTarget(Target):
     def start(self) -> None:
         self.mp = new_mountpoint(self.name)
         self.log = open(self.mp.parent / f"{self.name}-{os.getpid()}.log", "w+")
+        extra = []
+        if self.backing is not None:
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            _run(["fallocate", "-l", str(self.size), str(self.backing)])
+            extra = ["--backing", str(self.backing)]
         self.proc = subprocess.Popen(
             [PYTHON, str(HERE / "memfile.py"), str(self.mp), "--size", str(self.size),
-             "--libfuse", str(self.libfuse)], stdout=self.log, stderr=subprocess.STDOUT)
+             "--libfuse", str(self.libfuse), *extra], stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: is_mount(self.mp), f"{self.name} mount", proc=self.proc)
         self.path = self.mp / "disk"
 
@@ -614,6 +624,9 @@ class MemfileTarget(Target):
             self.log.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.log.name)
+        if self.backing is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.backing.unlink()
         self.mp = None
 
     def server_pids(self) -> list[int]:

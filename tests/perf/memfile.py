@@ -1,6 +1,7 @@
 """The bare Python FUSE memory file: the ceiling zblock is measured against.
 
     python tests/perf/memfile.py MOUNTPOINT --size 256M [--libfuse 3|2|native] [--max-write BYTES]
+                                 [--backing FILE]
 
 Exposes `MOUNTPOINT/disk` (SIZE bytes, a block device's semantics like zblock's `disk`) and
 `MOUNTPOINT/stats` (JSON: libfuse version, max_write asked for and set, request-size histograms).
@@ -20,6 +21,11 @@ are one dict assignment, atomic under the GIL). The histograms are updated witho
 approximate under concurrent requests (they prove sizes, they are not exact counts).
 
 What it does not do: persistence, compression, fsync (a no-op), resize.
+
+`--backing FILE` (DiskFile): the pages live in FILE instead, read and written with O_DIRECT
+through an aligned buffer per thread, and fsync is fsync(2): the ceiling of a Python FUSE server
+over the backing disk, for the disk tier's benchmark. Its I/O must be page-aligned (EINVAL
+otherwise) and it does not discard.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import mmap
 import os
 import stat
 from pathlib import Path
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-write", type=int, default=1 << 20,
                     help="bytes; libfuse 3 sets it in init (it refuses -o max_write), "
                          "libfuse 2 takes -o max_write and the kernel caps it at 128 KiB")
+    ap.add_argument("--backing", help="a file of --size bytes that holds the pages (O_DIRECT)")
     args = ap.parse_args(argv)
     size = _parse_size(args.size)
     if size <= 0 or size % PAGE_SIZE:
@@ -65,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     if args.libfuse.startswith("native"):
-        return serve_native(args.mountpoint, size, args.max_write, args.libfuse == "native-uring")
+        return serve_native(args.mountpoint, size, args.max_write, args.libfuse == "native-uring",
+                            args.backing)
     # mfusepy picks libfuse 2 when both are installed unless told (DESIGN: Concurrency model).
     os.environ["FUSE_LIBRARY_NAME"] = "fuse3" if args.libfuse == "3" else "fuse"
     import mfusepy
     global pin_thread_state
     from zblock.threadstate import pin_thread_state
 
-    ops = MemFile(mfusepy, size, args.max_write)
+    ops = MemFile(mfusepy, size, args.max_write) if args.backing is None else \
+        DiskFile(args.backing, mfusepy, size, args.max_write)
     kwargs = dict(foreground=True, fsname="memfile", raw_fi=True)
     if mfusepy.fuse_version_major == 2:
         kwargs.update(big_writes=True, max_write=min(args.max_write, 128 << 10))
@@ -91,12 +101,14 @@ class _NativeErrors:
         return OSError(err, os.strerror(err))
 
 
-def serve_native(mountpoint: str, size: int, max_write: int, uring: bool = False) -> int:
+def serve_native(mountpoint: str, size: int, max_write: int, uring: bool = False,
+                 backing: str | None = None) -> int:
     import signal
     from zblock.fuse.native import URING_DEPTH, NativeFuse
     global pin_thread_state
     pin_thread_state = lambda: None         # noqa: E731 -- Python threads keep theirs anyway
-    ops = MemFile(_NativeErrors, size, max_write)
+    ops = MemFile(_NativeErrors, size, max_write) if backing is None else \
+        DiskFile(backing, _NativeErrors, size, max_write)
     session = NativeFuse(ops, mountpoint, fsname="memfile", allow_other=True,
                          uring_depth=URING_DEPTH if uring else 0)
     session.mount()
@@ -260,5 +272,48 @@ class MemFile:
         }) + "\n").encode()
 
 
+class DiskFile(MemFile):
+    """MemFile over a file with O_DIRECT (see the module docstring, `--backing`)."""
+
+    def __init__(self, path: str, *args):
+        super().__init__(*args)
+        self.fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        self._bufs = threading.local()
+
+    def _buffer(self, size: int) -> memoryview:
+        buf = getattr(self._bufs, "buf", None)
+        if buf is None:
+            buf = self._bufs.buf = mmap.mmap(-1, max(self.max_write_asked, 1 << 20))
+        return memoryview(buf)[:size]
+
+    def _check(self, offset: int, size: int) -> None:
+        if offset % PAGE_SIZE or size % PAGE_SIZE or offset + size > self.size:
+            raise self._fuse.FuseOSError(errno.EINVAL)
+
+    def read(self, path, size, offset, fi):
+        if fi.fh == 2:
+            return super().read(path, size, offset, fi)
+        size = min(size, self.size - offset)
+        self._check(offset, size)
+        buf = self._buffer(size)
+        return bytes(buf[:os.preadv(self.fd, [buf], offset)])
+
+    def write(self, path, data, offset, fi):
+        if fi.fh != 1:
+            raise self._fuse.FuseOSError(errno.EACCES)
+        self._check(offset, len(data))
+        buf = self._buffer(len(data))
+        buf[:] = data
+        return os.pwritev(self.fd, [buf], offset)
+
+    def fsync(self, path, datasync, fh):
+        os.fsync(self.fd)
+        return 0
+
+    def fallocate(self, path, mode, offset, length, fi):
+        raise self._fuse.FuseOSError(errno.EOPNOTSUPP)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

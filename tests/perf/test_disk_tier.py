@@ -11,6 +11,11 @@ files, O_DIRECT): in one run, order rotated each round, medians.
   once written), filled with `usr`, then fio randread as in test_random.py; the file holds the
   same bytes. `zblock-encrypt`: the same with `--encrypt`.
 
+Both also measure `diskfile-native`: tests/perf/memfile.py --backing, a bare Python server on
+zblock's native front end that only preads and pwrites the file with O_DIRECT. It is the ceiling
+of any Python FUSE server over this disk: what is lost against the disk itself beyond it is the
+FUSE round trip's, not zblock's.
+
 Targets (issue "The disk tier at disk speed"): durable write >= 0.7x the disk, random reads of
 written-back pages >= 0.8x. Reported, not failed; a verify mismatch or a failed dd or fio fails
 the run.
@@ -33,7 +38,8 @@ def test_durable_sequential_write():
         h.warm(path)
     rep = h.Report("durable", f"Durable sequential write, dd bs=1M O_DIRECT conv=fsync, "
                               f"{size >> 20} MiB, MB/s, median of {rounds}")
-    targets = [h.DiskFileTarget(size), h.ZblockTarget(size),
+    targets = [h.DiskFileTarget(size), h.MemfileTarget(size, "native", on_disk=True),
+               h.ZblockTarget(size),
                h.ZblockTarget(size, ["--write-through", "Y"], "zblock-wt"),
                h.ZblockTarget(size, ["--encrypt", "--key-file", h.bench_key()], "zblock-encrypt"),
                h.ZblockTarget(size, ["--sequential-cutoff", "4M"], "zblock-seqcut")]
@@ -52,6 +58,8 @@ def test_durable_sequential_write():
                       "backing-disk", at_least=DISK_NEED)
         rep.check(f"durable write {ds}: write-through against none", "zblock-wt", f"write_{ds}",
                   "zblock", at_least=1.0)
+        rep.check(f"durable write {ds}: a bare Python FUSE server over the disk", "diskfile-native",
+                  f"write_{ds}", "backing-disk", at_least=DISK_NEED)
     rep.emit()
     if "zblock" in rep.skipped:
         pytest.skip(f"references measured; {rep.skipped['zblock']}")
@@ -64,7 +72,8 @@ def test_random_reads_of_written_back_pages():
     h.warm(usr)
     rep = h.Report("disk-randread", f"Random 4 KiB reads of written-back pages, fio 2 jobs, psync, "
                                     f"O_DIRECT, {seconds:g} s each, IOPS, median of {rounds}")
-    targets = [h.DiskFileTarget(size), h.ZblockTarget(size, ["--pool-limit", "0"]),
+    targets = [h.DiskFileTarget(size), h.MemfileTarget(size, "native", on_disk=True),
+               h.ZblockTarget(size, ["--pool-limit", "0"]),
                h.ZblockTarget(size, ["--pool-limit", "0", "--encrypt", "--key-file",
                                      h.bench_key()], "zblock-encrypt")]
     with h.started(targets, rep.skipped) as live:
@@ -78,6 +87,8 @@ def test_random_reads_of_written_back_pages():
             rep.targets_info[t.name] = t.info()
     rep.check("random reads of written-back pages vs the backing disk", "zblock", "randread_iops",
               "backing-disk", at_least=RANDREAD_NEED)
+    rep.check("the same vs a bare Python FUSE server over the disk", "zblock", "randread_iops",
+              "diskfile-native", at_least=RANDREAD_NEED)
     rep.emit()
     if "zblock" in rep.skipped:
         pytest.skip(f"references measured; {rep.skipped['zblock']}")
