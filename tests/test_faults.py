@@ -172,6 +172,33 @@ def test_fsync_fault_then_retry(path, role, op, err):
     reopen_and_compare(path, new)
 
 
+def test_a_stream_past_the_sequential_cutoff_falls_back_to_the_pool_on_a_failing_disk(path):
+    """A bypassed store the disk refuses is cached (raw, over the limit if need be) for fsync to
+    write again, and while the disk fails the rest of the stream is stored in the pool: nothing
+    is lost, and no stream is held uncompressed in RAM request after request."""
+    f = Faults()
+    s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB, sequential_cutoff=64 * 1024,
+                                      write_through=False), disk_factory=f)
+    try:
+        data = text_pages(256, tag=5)
+        f.data.add(Fault("write", errno.EIO, times=1))
+        for k in range(8):      # 128 KiB writes, each past the cutoff: the first one fails
+            s.write(k * 128 * 1024, data[k * 128 * 1024:(k + 1) * 128 * 1024])
+        st = s.stats()
+        assert f.data.faults["write"] == 1 and st["io_errors"] == 1, st
+        assert st["bypassed_pages"] == 0, st        # the failed one is not counted, nor the rest
+        # the failed store's 32 pages held raw, the other 224 compressed in the pool
+        assert st["stored_pages"] == 256 and st["stored_incompressible_pages"] == 32, st
+        assert st["dirty_pages"] == 256, st
+        assert s.read(0, len(data)) == data
+        s.fsync()                                   # the disk works again: written now
+        assert s.stats()["dirty_pages"] == 0
+    finally:
+        f.clear()
+        s.close()
+    reopen_and_compare(path, data)
+
+
 @pytest.mark.parametrize("role", ["data", "meta"])
 def test_failed_write_through_leaves_pages_for_fsync(path, role):
     """A background write-through that fails leaves its pages dirty: the next fsync writes

@@ -401,11 +401,13 @@ def test_a_stream_past_the_sequential_cutoff_goes_to_disk_uncompressed(backing_p
     size = 4 * MiB
     a = b"".join(text_page(rng) for _ in range(256))        # 1 MiB, compressible
     b = b"".join(text_page(rng) for _ in range(256))
-    store = Store.open(backing_path, size, make_config(sequential_cutoff=256 * 1024))
+    store = Store.open(backing_path, size, make_config())
     try:
         store.write(0, a)                   # cached first: the stream then replaces it
         store.fsync()
+        store.set_param("sequential_cutoff", "256K")
         before = store.stats()
+        assert before["stored_pages"] == 256 and before["bypassed_pages"] == 0, before
         for k in range(8):                  # two streams, 128 KiB writes, interleaved
             store.write(k * 128 * 1024, a[k * 128 * 1024:(k + 1) * 128 * 1024])
             store.write(2 * MiB + k * 128 * 1024, b[k * 128 * 1024:(k + 1) * 128 * 1024])
@@ -423,6 +425,7 @@ def test_a_stream_past_the_sequential_cutoff_goes_to_disk_uncompressed(backing_p
         store.set_param("sequential_cutoff", "0")       # off: the same stream is cached again
         store.write(0, b)
         assert store.stats()["bypassed_pages"] == st["bypassed_pages"]
+        assert store.stats()["stored_pages"] == 256 + 64 + 1
         assert store.read(0, MiB) == b
     finally:
         store.close()

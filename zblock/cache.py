@@ -5,7 +5,8 @@ pool at its limit is a `pool_limit_hit`; under the `zswap` policy stores are the
 the pool is below the accept threshold, under `evict` they are admitted and the coldest pages
 written back), then one acomp compress request for the request's pages on a context of the
 current pool (zblock.acomp: same-filled check, compression, the incompressible rule), then one
-install into the entry table. Pages rejected go to disk. A load is one path too: the entries
+install into the entry table. Pages rejected go to disk, and so do the stores of a stream past
+the sequential cutoff (zblock.sequential), without the pool. A load is one path too: the entries
 are read under the tree lock, then disk pages are read and compressed ones decompressed with it
 released; a single page (a 4 KiB read) has its own scalar path, as numpy's per-call cost would
 dominate it.
@@ -20,6 +21,7 @@ The parts, each a module with its own invariants:
     zblock.farpages   the far tier (Redis Cluster) between the pool and the backing file
     zblock.ondemand   zram's writeback on demand and recompression
     zblock.promotion  pages read often from the file or the far tier back into the pool
+    zblock.sequential which stores are part of a stream past the sequential cutoff
     zblock.stats      counters and the stats snapshot
 
 Invariants: an entry changes only under the tree lock, and its generation with it; slow work
@@ -43,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -53,7 +56,7 @@ from .config import Config
 from .entries import DISK, FAR, EntryTable
 from .errors import DataError, DiskError
 from .farpages import FarPages
-from .limits import Limits
+from .limits import SPACE_WAIT, Limits
 from .ondemand import OnDemand
 from .pagemem import resident_bytes
 from .pool import Trimmer
@@ -181,17 +184,18 @@ class Cache:
         `expect_gen` (one page, read-modify-write): store only if the page's entry is still the
         one the caller read; False if another store replaced it meanwhile (the caller retries).
         `may_wait=False`: no back-pressure wait (the caller holds a page lock the writeback worker
-        may need: it calls limits.wait_for_space() before taking it). `clean`: the backing file
+        may need: it calls limits.wait_for_space() before taking it). A store at a first page that
+        carries a stream past the sequential cutoff goes to disk instead. `clean`: the backing file
         already holds these bytes (promotion): the pages go in clean, and those the pool rejects
         stay where they are, unwritten."""
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         first = where if type(where) is int else int(where[0])
-        if (self.sequential is not None and type(where) is int and not clean
-                and expect_gen is None and self.sequential.bypass(first, n)):
-            with self.tree_lock:
-                self.c.bypassed_pages += n
-            return self._store_to_disk(mv, list(range(first, first + n)))
+        if (self.sequential is not None and n and type(where) is int and not clean
+                and expect_gen is None and self.sequential.bypass(first, n)
+                and time.monotonic() - self.writeback.failed_at > SPACE_WAIT):
+            # (not while the disk fails: the pages would be held raw over the limit instead)
+            return self._store_to_disk(mv, list(range(first, first + n)), bypass=True)
         pool, reject = self._pool_get(may_wait, n)
         try:
             if reject:
@@ -233,14 +237,16 @@ class Cache:
             return self._store_to_disk(b"".join(pages), _pages(where, poor), expect_gen)
         return True
 
-    def _store_to_disk(self, buf, idxs: list[int], expect_gen: int | None = None) -> bool:
-        """A store that goes to disk first: write under the pages' locks, then erase the older
-        cached entries (unless a newer store replaced them meanwhile). A disk that refuses the
-        write gets the pages cached raw and dirty instead, over the limit if need be: the write
-        succeeds, and the next fsync retries the disk and reports the error."""
+    def _store_to_disk(self, buf, idxs: list[int], expect_gen: int | None = None,
+                       bypass: bool = False) -> bool:
+        """A store that goes to disk first (rejected by the pool, or past the sequential cutoff:
+        `bypass`): write under the pages' locks, then erase the older cached entries (unless a
+        newer store replaced them meanwhile). A disk that refuses the write gets the pages
+        cached raw and dirty instead, over the limit if need be: the write succeeds, and the
+        next fsync retries the disk and reports the error."""
         mv = memoryview(buf).cast("B")
-        datas = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(len(idxs))] \
-            if idxs != list(range(idxs[0], idxs[0] + len(idxs))) else None    # else one run
+        run = bool(idxs) and idxs == list(range(idxs[0], idxs[0] + len(idxs)))
+        datas = None if run else [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(len(idxs))]
         with self.page_locks.hold(idxs):
             with self.tree_lock:
                 gens = self.table.gen[idxs].copy()
@@ -252,6 +258,7 @@ class Cache:
             except DiskError as e:
                 log.warning("store to disk failed, caching the pages instead: %s", e)
                 failed = True
+                self.writeback.failed_at = time.monotonic()
             with self.tree_lock:
                 arr = np.asarray(idxs, np.int64)
                 keep = self.table.gen[arr] == gens
@@ -259,6 +266,8 @@ class Cache:
                 if not failed:
                     self.table.free(same)
                     self.table.set_disk(same)
+                    if bypass:
+                        self.c.bypassed_pages += len(idxs)
                 elif len(same):
                     kept = [bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
                             for i in np.flatnonzero(keep).tolist()]

@@ -1,6 +1,6 @@
 """Sequential cutoff (bcache's `sequential_cutoff`): once a run of writes to consecutive pages
-passes `sequential_cutoff` bytes, the rest of it goes to the backing file as it is, not into
-the pool.
+passes `sequential_cutoff` bytes, the rest of it goes to the backing file uncompressed (sealed
+with --encrypt), not into the pool.
 
 Why: a bulk load (an image restored with dd, a backup written once) fills the pool with pages
 nobody reads soon, pushing out the ones that are, and compressing it costs more CPU than writing
@@ -12,9 +12,10 @@ continues it, so interleaved streams are told apart. The ends of the last STREAM
 remembered; the oldest is forgotten first.
 
 Only stores of whole pages at consecutive page numbers are seen (Cache.store_pages with a first
-page): requests and their parts. Batches of separate one-page writes (the write-behind queue's
-4 KiB writes) are not counted. Persistent mode only: swap pages are written once and read back
-soon, what the pool is for.
+page): requests and their parts, and a 4 KiB write stored on its own. The write-behind queue
+stores 4 KiB writes that arrive together as one batch of page numbers, which is not seen, so a
+stream of 4 KiB writes is counted only in part. Persistent mode only: swap pages are written
+once and read back soon, what the pool is for.
 
 Lock protocol: `_lock` guards `_streams`; it is a leaf (nothing else is taken under it).
 """
@@ -46,6 +47,7 @@ class SequentialCutoff:
         with self._lock:
             streams = self._streams
             pages = streams.pop(first, 0) + n
+            streams.pop(first + n, None)        # another stream ends there: this one is newer
             streams[first + n] = pages
             if len(streams) > STREAMS:
                 streams.popitem(last=False)

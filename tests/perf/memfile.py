@@ -316,4 +316,3 @@ class DiskFile(MemFile):
 
 if __name__ == "__main__":
     sys.exit(main())
-
