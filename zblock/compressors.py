@@ -115,6 +115,14 @@ class LZ4(Compressor):
         compress = self._block.compress
         return [compress(p, store_size=False) for p in pages]
 
+    def decompress_many(self, srcs, out_len: int = PAGE_SIZE) -> list:
+        if self._c is not None:
+            try:
+                return self._c.decompress_many(srcs, out_len)
+            except ValueError:
+                pass                # a bad stream: page by page below names it
+        return super().decompress_many(srcs, out_len)
+
     def decompress_join(self, items, out_len=PAGE_SIZE) -> bytes:
         if self._c is None:
             return super().decompress_join(items, out_len)

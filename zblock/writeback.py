@@ -8,7 +8,8 @@
   of memory (the shrinker), a quarter of the pool per pass. And it gives freed heap back to the
   system (the Trimmer), outside every lock.
 - flush (fsync and unmount): every dirty page to disk, then the backing made durable; entries
-  stay, now clean.
+  stay, now clean. Two threads flush batches side by side (the caller and a helper): one's
+  decompression runs while the other's disk write does, both with the GIL released.
 Writeback writes the uncompressed page, as zswap does.
 
 Invariants: a page's disk write happens under that page's lock, and its entry stays in the
@@ -37,6 +38,7 @@ import psutil
 from .entries import FAR
 from .errors import DataError, DiskError
 from .lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
+from .cpus import unpin
 from .pool import Trimmer
 from .scan import COMP, RAW, SAME, filled_page
 
@@ -360,27 +362,55 @@ class Writeback:
     def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list,
                      errors: list | None) -> None:
         """Write dirty pages (not yet durable); append (pages, gens) written to `flushed` and
-        pages whose data could not be decompressed to `lost`. A failed write raises, or with
-        `errors` (a list) is appended there and the next batch is tried."""
-        cache = self.cache
-        for lo in range(0, len(dirty), BATCH):
-            pages = dirty[lo:lo + BATCH]
-            with cache.page_locks.hold(pages.tolist()):
-                with cache.tree_lock:
-                    pages = pages[cache.table.dirty[pages]]
-                    gens = cache.table.gen[pages].copy()
-                wpages, wdata, failed = self.materialize(pages)
+        pages whose data could not be decompressed to `lost`. A failed write raises (once both
+        threads have stopped), or with `errors` (a list) is appended there and the next batch
+        is tried. Batches are taken in order by the caller and one helper thread."""
+        batches = iter([dirty[lo:lo + BATCH] for lo in range(0, len(dirty), BATCH)])
+        take = threading.Lock()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            while not failure:
+                with take:
+                    pages = next(batches, None)
+                if pages is None:
+                    return
                 try:
-                    if wpages:
-                        cache.backing.write_pages(wpages, wdata)
-                except DiskError as e:
-                    if errors is None:
-                        raise
-                    errors.append(e)
-                    continue
-                ok = ~np.isin(pages, failed)
-                flushed.append((pages[ok], gens[ok]))
-                lost.extend(failed)
+                    self._flush_batch(pages, flushed, lost, errors)
+                except BaseException as e:      # a test's Crash too: raised by the caller
+                    failure.append(e)
+
+        helper = None
+        if len(dirty) > BATCH:
+            helper = threading.Thread(target=lambda: (unpin(), work()), name="zblock-flush",
+                                      daemon=True)
+            helper.start()
+        work()
+        if helper is not None:
+            helper.join()
+        if failure:
+            raise failure[0]
+
+    def _flush_batch(self, pages: np.ndarray, flushed: list, lost: list,
+                     errors: list | None) -> None:
+        """_flush_pages for one batch, under its pages' locks."""
+        cache = self.cache
+        with cache.page_locks.hold(pages.tolist()):
+            with cache.tree_lock:
+                pages = pages[cache.table.dirty[pages]]
+                gens = cache.table.gen[pages].copy()
+            wpages, wdata, failed = self.materialize(pages)
+            try:
+                if wpages:
+                    cache.backing.write_pages(wpages, wdata)
+            except DiskError as e:
+                if errors is None:
+                    raise
+                errors.append(e)
+                return
+            ok = ~np.isin(pages, failed)
+            flushed.append((pages[ok], gens[ok]))
+            lost.extend(failed)
 
     def _wait_under_wb(self, pages: np.ndarray) -> None:
         cache = self.cache
