@@ -172,6 +172,39 @@ def test_fsync_fault_then_retry(path, role, op, err):
     reopen_and_compare(path, new)
 
 
+def test_a_flush_on_two_threads_stops_at_a_failed_write_and_loses_nothing(path):
+    """fsync of more than one batch of dirty pages runs on the caller and a helper thread; a
+    write that fails (the third of the flush) raises once both have stopped, leaves every page
+    dirty (nothing is marked durable that the sync did not cover), and the next fsync writes
+    them all. Also with write-through off, so fsync does the writing."""
+    f = Faults()
+    s = Store.open(path, 8 * MiB, cfg(pool_limit=64 * MiB, write_through=False), disk_factory=f)
+    threads = set()
+    write_pages = s.backing.write_pages
+
+    def record(idxs, pages):
+        threads.add(threading.current_thread().name)
+        return write_pages(idxs, pages)
+
+    s.backing.write_pages = record
+    try:
+        data = text_pages(1536, tag=6)              # 6 batches
+        s.write(0, data)
+        s.staging.drain()
+        f.data.add(Fault("write", errno.EIO, nth=f.data.calls["write"] + 3))
+        with pytest.raises(DiskError):
+            s.fsync()
+        assert "zblock-flush" in threads and len(threads) == 2, threads
+        assert s.stats()["dirty_pages"] > 0
+        s.fsync()
+        assert s.stats()["dirty_pages"] == 0
+        assert s.read(0, len(data)) == data
+    finally:
+        f.clear()
+        s.close()
+    reopen_and_compare(path, data)
+
+
 def test_a_stream_past_the_sequential_cutoff_falls_back_to_the_pool_on_a_failing_disk(path):
     """A bypassed store the disk refuses is cached (raw, over the limit if need be) for fsync to
     write again, and while the disk fails the rest of the stream is stored in the pool: nothing

@@ -119,8 +119,8 @@ class LZ4(Compressor):
         if self._c is not None:
             try:
                 return self._c.decompress_many(srcs, out_len)
-            except ValueError:
-                pass                # a bad stream: page by page below names it
+            except (ValueError, TypeError, BufferError, OverflowError):
+                pass                # a bad item: page by page below names it
         return super().decompress_many(srcs, out_len)
 
     def decompress_join(self, items, out_len=PAGE_SIZE) -> bytes:

@@ -2,7 +2,8 @@
 
 A FUSE io_uring queue's thread pins itself to its CPU (zblock.fuse.uring), and on Linux a thread
 inherits its creator's CPU mask: a worker started from a request (readahead, a new pool's
-helpers, the simulated engine) would stay on that one CPU. Such workers call unpin() first.
+helpers, the simulated engine, fsync's flush helper) would stay on that one CPU. Such workers
+call unpin() first.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
   system (the Trimmer), outside every lock.
 - flush (fsync and unmount): every dirty page to disk, then the backing made durable; entries
   stay, now clean. Two threads flush batches side by side (the caller and a helper): one's
-  decompression runs while the other's disk write does, both with the GIL released.
+  decompression runs while the other's disk write does (both release the GIL with lz4 and
+  zblock._lz4pages; other algorithms decompress page by page).
 Writeback writes the uncompressed page, as zswap does.
 
 Invariants: a page's disk write happens under that page's lock, and its entry stays in the
@@ -384,7 +385,10 @@ class Writeback:
         if len(dirty) > BATCH:
             helper = threading.Thread(target=lambda: (unpin(), work()), name="zblock-flush",
                                       daemon=True)
-            helper.start()
+            try:
+                helper.start()
+            except RuntimeError:            # no thread to be had: flush on this one alone
+                helper = None
         work()
         if helper is not None:
             helper.join()
