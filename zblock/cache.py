@@ -56,7 +56,7 @@ from .config import Config
 from .entries import DISK, FAR, EntryTable
 from .errors import DataError, DiskError
 from .farpages import FarPages
-from .limits import SPACE_WAIT, Limits
+from .limits import Limits
 from .ondemand import OnDemand
 from .pagemem import resident_bytes
 from .pool import Trimmer
@@ -193,7 +193,7 @@ class Cache:
         first = where if type(where) is int else int(where[0])
         if (self.sequential is not None and n and type(where) is int and not clean
                 and expect_gen is None and self.sequential.bypass(first, n)
-                and time.monotonic() - self.writeback.failed_at > SPACE_WAIT):
+                and not self.limits.disk_failing()):
             # (not while the disk fails: the pages would be held raw over the limit instead)
             return self._store_to_disk(mv, list(range(first, first + n)), bypass=True)
         pool, reject = self._pool_get(may_wait, n)
@@ -245,15 +245,13 @@ class Cache:
         cached raw and dirty instead, over the limit if need be: the write succeeds, and the
         next fsync retries the disk and reports the error."""
         mv = memoryview(buf).cast("B")
-        run = bool(idxs) and idxs == list(range(idxs[0], idxs[0] + len(idxs)))
-        datas = None if run else [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(len(idxs))]
         with self.page_locks.hold(idxs):
             with self.tree_lock:
                 gens = self.table.gen[idxs].copy()
             if expect_gen is not None and gens[0] != expect_gen:
                 return False
             try:
-                self.backing.write_pages(idxs, mv if datas is None else datas)
+                self.backing.write_pages(idxs, mv)     # one write where idxs are one run
                 failed = False
             except DiskError as e:
                 log.warning("store to disk failed, caching the pages instead: %s", e)

@@ -79,13 +79,18 @@ class Limits:
             if self.config.limit_policy == "evict":
                 self.wait_for_space_locked()
 
+    def disk_failing(self) -> bool:
+        """A write to the backing file failed within SPACE_WAIT: writeback cannot make room, and
+        stores past the sequential cutoff go into the pool meanwhile."""
+        return time.monotonic() - self.cache.writeback.failed_at < SPACE_WAIT
+
     def wait_for_space_locked(self) -> None:
         """Caller holds the tree lock and no page lock (the worker needs page locks)."""
         cache = self.cache
         limit = self.config.pool_limit + OVERSHOOT
         if cache.table.pool_total_size < limit:
             return
-        if time.monotonic() - cache.writeback.failed_at < SPACE_WAIT or self.budget_spent():
+        if self.disk_failing() or self.budget_spent():
             return      # writeback is failing or has no budget: waiting would only slow writes
         deadline = time.monotonic() + SPACE_WAIT
         while cache.table.pool_total_size >= limit and not cache.writeback.closing:

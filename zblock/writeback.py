@@ -36,10 +36,10 @@ from typing import Callable
 import numpy as np
 import psutil
 
+from .cpus import unpin
 from .entries import FAR
 from .errors import DataError, DiskError
 from .lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
-from .cpus import unpin
 from .pool import Trimmer
 from .scan import COMP, RAW, SAME, filled_page
 
@@ -72,7 +72,7 @@ class Writeback:
         self.trimmer = Trimmer(idle=TRIM_IDLE)
         self.memory_pressure = memory_pressure or system_memory_pressure
         self.closing = False
-        self.failed_at = -1e9               # when a writeback last failed (monotonic)
+        self.failed_at = -1e9               # when a write to the file last failed (monotonic)
         self.evicted = 0                    # pages dropped from the cache by writeback
         self._wanted = False
         self._error: BaseException | None = None
