@@ -21,6 +21,7 @@ The parts, each a module with its own invariants:
     zblock.farpages   the far tier (Redis Cluster) between the pool and the backing file
     zblock.ondemand   zram's writeback on demand and recompression
     zblock.promotion  pages read often from the file or the far tier back into the pool
+    zblock.diskread   loads of on-disk pages, one read a run, with readahead along streams
     zblock.sequential which stores are part of a stream past the sequential cutoff
     zblock.stats      counters and the stats snapshot
 
@@ -53,6 +54,7 @@ import numpy as np
 from . import PAGE_SIZE
 from .compressors import CompressionError
 from .config import Config
+from .diskread import DiskReader
 from .entries import DISK, FAR, EntryTable
 from .errors import DataError, DiskError
 from .farpages import FarPages
@@ -127,6 +129,7 @@ class Cache:
         self.far_pages = None if far is None else FarPages(self, far)
         self.on_demand = OnDemand(self)
         self.promotion = Promotion(self)
+        self.disk_reader = DiskReader(self)
 
     @property
     def trimmer(self) -> Trimmer:
@@ -324,7 +327,7 @@ class Cache:
             for i, f in fills:
                 parts[i] = filled_page(f)
             if disk:
-                self._load_from_disk(start, disk, parts)
+                self.disk_reader.load(start, n, disk, parts)
             if far:
                 for i, data in zip(far, self.far_pages.read([start + i for i in far])):
                     parts[i] = data
@@ -377,49 +380,14 @@ class Cache:
                 self._decompress_failed(page, e)
             finally:
                 self.registry.release((pool,))
-        with self.page_locks.hold_one(page):
-            with self.tree_lock:
-                moved = table.st[page] != DISK
-                gen = table.gn[page]
-            # cached again (or discarded) since our look: take the current bytes
-            if moved:
-                return self.load_page(page)
-            data = self.backing.read_pages(page, 1)
-            self.promotion.disk_reads(page, [gen], data)
-            return data
+        data = self.disk_reader.read(page, 1, self.disk_reader.continues(page, 1))
+        # cached again (or discarded) since our look: take the current bytes
+        return self.load_page(page) if data is None else data
 
     def _decompress_failed(self, page: int, err) -> None:
         with self.tree_lock:
             self.c.decompress_fail += 1
         raise DataError(f"page {page}: decompression failed ({err})")
-
-    def _load_from_disk(self, start: int, disk: list[int], parts: list) -> None:
-        """Read runs of on-disk pages (indices `disk`, ascending, from page `start`) under
-        their locks, one read a run, re-reading any page a store or discard changed while we
-        waited for the lock. Plain Python: a swap-in's run is a few pages, and numpy's per-call
-        cost was most of the time."""
-        runs, first = [], disk[0]
-        for prev, i in zip(disk, disk[1:]):
-            if i != prev + 1:
-                runs.append((first, prev + 1))
-                first = i
-        runs.append((first, disk[-1] + 1))
-        st = self.table.st
-        for a, b in runs:
-            count = b - a
-            with self.page_locks.hold_range(start + a, count):
-                with self.tree_lock:
-                    moved = any(s != DISK for s in st[start + a:start + b])
-                    gens = self.table.gn[start + a:start + b].tolist()
-                if moved:
-                    # cached again (or discarded) since our snapshot: take the current bytes
-                    data = self.load_pages(start + a, count)
-                else:
-                    data = self.backing.read_pages(start + a, count)
-                    self.promotion.disk_reads(start + a, gens, data)
-            mv = memoryview(data)
-            for k in range(count):
-                parts[a + k] = mv[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
 
     # =========================================================================================
     # zram-style controls: idle pages, compaction (zblock.ondemand has writeback on demand and

@@ -250,7 +250,7 @@ def _add_umount(sub) -> None:
 COUNTERS = {"pool_limit_hit", "written_back_pages", "flushed_pages", "written_through_pages",
             "reject_compress_poor", "reject_compress_fail", "reject_alloc_fail",
             "reject_reclaim_fail", "reject_pool_limit", "bypassed_pages", "decompress_fail",
-            "bd_reads", "bd_writes",
+            "bd_reads", "bd_writes", "bd_readahead_pages", "bd_readahead_hits",
             "bd_read_ios", "bd_write_ios", "bd_read_us", "bd_write_us", "zswpout", "zswpin",
             "zswpwb", "discarded_pages", "far_writes", "far_reads", "far_demoted_pages",
             "far_errors", "far_checksum_errors",

@@ -71,6 +71,7 @@ def snapshot(cache) -> dict:
             if table.far_pages else 0,
         }
         d["orig_data_size"] = d["stored_pages"] * PAGE_SIZE
+    d.update(cache.disk_reader.counters())
     d.update(cache.far_pages.stats() if cache.far_pages is not None else
              {"far_latency_us": {}, "far_nodes": [], "far_down": False, "far_pending_deletes": 0})
     d["hw"] = merge_hw([pools["hw_closed"]] + [e.stats() for e in pools["engines"]])

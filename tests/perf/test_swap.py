@@ -340,6 +340,7 @@ def _swap_zblock(swap_size: int, options: list[str]):
                     "zswpout", "zswpin", "written_back_pages", "discarded_pages", "pool_limit_hit",
                     "reject_compress_poor", "reject_pool_limit", "stored_incompressible_pages",
                     "bd_writes", "bd_reads", "bd_read_ios", "bd_read_us", "bd_write_ios",
+                    "bd_readahead_pages", "bd_readahead_hits",
                     "bd_write_us", "pool_total_size", "orig_data_size", "compr_data_size",
                     "request_sizes", "far_writes", "far_reads", "far_stored_pages", "far_bytes",
                     "far_errors", "far_latency_us")}

@@ -1,0 +1,150 @@
+"""Engine tier: loads of pages on the backing file, and readahead along sequential runs
+(zblock.diskread). No mount; the counters and a bytearray model are the oracle."""
+
+import collections
+import random
+
+import pytest
+
+from zblock import PAGE_SIZE
+from zblock.diskread import STREAMS, WINDOW
+from zblock.store import Store
+from test_store import make_config, mixed_bytes, text_page
+
+MiB = 1 << 20
+CLUSTER = 8 * PAGE_SIZE         # what swap-in asks for
+
+
+def swap_like_bytes(rng: random.Random, n: int) -> bytes:
+    """Whole pages, text and random, one in sixteen zeros (a window stops at a page that is not
+    on disk: mostly same-filled pages would leave nothing to read ahead)."""
+    pages = [bytes(PAGE_SIZE) if rng.random() < 1 / 16 else
+             text_page(rng) if rng.random() < 0.7 else rng.randbytes(PAGE_SIZE)
+             for _ in range(-(-n // PAGE_SIZE))]
+    return b"".join(pages)[:n]
+
+
+@pytest.fixture
+def backing_path(tmp_path):
+    return str(tmp_path / "disk.img")
+
+
+def to_disk(store: Store) -> None:
+    """Every cached page written back (zram's idle writeback, on demand)."""
+    store.set_param("idle", "all")
+    store.set_param("writeback", "idle")
+    st = store.stats()
+    assert st["stored_pages"] == st["same_filled_pages"] and st["bd_count"] > 0, st
+
+
+def test_a_sequential_reader_of_disk_pages_reads_ahead_and_a_random_one_does_not(backing_path):
+    rng = random.Random(1)
+    data = b"".join(text_page(rng) for _ in range(MiB // PAGE_SIZE))     # none same-filled
+    store = Store.open(backing_path, 2 * MiB, make_config())
+    try:
+        store.write(0, data)
+        to_disk(store)
+        assert store.stats()["bd_count"] == MiB // PAGE_SIZE
+        before = store.stats()
+        for off in range(0, MiB, CLUSTER):
+            assert store.read(off, CLUSTER) == data[off:off + CLUSTER]
+        st = store.stats()
+        ios = st["bd_read_ios"] - before["bd_read_ios"]
+        # the first two clusters read alone, then one read a window
+        assert ios <= 2 + MiB // (WINDOW * PAGE_SIZE) + 1, ios
+        assert st["bd_reads"] - before["bd_reads"] == MiB // PAGE_SIZE      # nothing read twice
+        assert st["bd_readahead_hits"] == st["bd_readahead_pages"] > 0
+
+        before = st
+        ends = collections.deque([MiB // PAGE_SIZE], maxlen=STREAMS)
+        for _ in range(40):
+            page = rng.choice([p for p in range(MiB // PAGE_SIZE - 8) if p not in ends])
+            ends.append(page + 8)
+            off = page * PAGE_SIZE
+            assert store.read(off, CLUSTER) == data[off:off + CLUSTER]
+        st = store.stats()
+        assert st["bd_readahead_pages"] == before["bd_readahead_pages"]
+        assert st["bd_read_ios"] - before["bd_read_ios"] == 40
+    finally:
+        store.close()
+
+
+def test_pages_changed_after_they_were_read_ahead_read_as_they_are_now(backing_path):
+    rng = random.Random(2)
+    model = bytearray(b"".join(text_page(rng) for _ in range(MiB // PAGE_SIZE)))
+    store = Store.open(backing_path, MiB, make_config())
+    try:
+        store.write(0, bytes(model))
+        to_disk(store)
+        assert store.read(0, CLUSTER) == model[:CLUSTER]
+        assert store.read(CLUSTER, CLUSTER) == model[CLUSTER:2 * CLUSTER]  # reads ahead
+        assert store.stats()["bd_readahead_pages"] == WINDOW - 8     # pages 16 .. 71
+        # within the window kept: a page rewritten (and written back), one discarded, one
+        # partly written, and one cached in the pool
+        new = mixed_bytes(rng, PAGE_SIZE)
+        store.write(20 * PAGE_SIZE, new)
+        model[20 * PAGE_SIZE:21 * PAGE_SIZE] = new
+        store.discard(30 * PAGE_SIZE, PAGE_SIZE)
+        model[30 * PAGE_SIZE:31 * PAGE_SIZE] = bytes(PAGE_SIZE)
+        store.write(37 * PAGE_SIZE + 100, b"partly")
+        model[37 * PAGE_SIZE + 100:37 * PAGE_SIZE + 106] = b"partly"
+        to_disk(store)
+        cached = mixed_bytes(rng, PAGE_SIZE)
+        store.write(45 * PAGE_SIZE, cached)
+        model[45 * PAGE_SIZE:46 * PAGE_SIZE] = cached
+        for off in range(2 * CLUSTER, MiB, CLUSTER):
+            assert store.read(off, CLUSTER) == model[off:off + CLUSTER], off // PAGE_SIZE
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sequential_readers_among_writes_match_a_model(backing_path, seed):
+    """Readers walk runs in swap-in clusters (so windows are read ahead and kept) while pages
+    are written whole and in part, discarded, cached and written back between their steps."""
+    rng = random.Random(seed)
+    size = 2 * MiB
+    npages = size // PAGE_SIZE
+    model = bytearray(swap_like_bytes(rng, size))
+    store = Store.open(backing_path, size, make_config(pool_limit=64 * 1024,
+                                                       limit_policy=rng.choice(["zswap", "evict"]),
+                                                       accept_threshold=50))
+    try:
+        store.write(0, bytes(model))
+        walkers = [rng.randrange(npages) for _ in range(3)]
+        for step in range(600):
+            op = rng.random()
+            if op < 0.6:
+                w = rng.randrange(len(walkers))
+                page = walkers[w]
+                n = min(rng.choice([8, 8, 8, 4, 1, 16]), npages - page)
+                off = page * PAGE_SIZE
+                assert store.read(off, n * PAGE_SIZE) == model[off:off + n * PAGE_SIZE], step
+                walkers[w] = page + n if page + n < npages else rng.randrange(npages)
+            elif op < 0.8:
+                # near a walker, so that kept windows go stale
+                page = min(rng.choice(walkers) + rng.randrange(WINDOW), npages - 1)
+                if rng.random() < 0.5:
+                    data = swap_like_bytes(rng, PAGE_SIZE * rng.randrange(1, 4))
+                    off = page * PAGE_SIZE
+                else:
+                    data = mixed_bytes(rng, rng.randrange(1, 200))
+                    off = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - len(data))
+                data = data[:size - off]
+                store.write(off, data)
+                model[off:off + len(data)] = data
+            elif op < 0.9:
+                page = min(rng.choice(walkers) + rng.randrange(WINDOW), npages - 1)
+                n = min(rng.randrange(1, 9), npages - page)
+                store.discard(page * PAGE_SIZE, n * PAGE_SIZE)
+                model[page * PAGE_SIZE:(page + n) * PAGE_SIZE] = bytes(n * PAGE_SIZE)
+            elif op < 0.95:
+                store.set_param("pool_limit", rng.choice(["0", "64K", "256K"]))
+            else:
+                store.fsync()
+        st = store.stats()
+        assert st["bd_readahead_hits"] > 0
+        assert st["bd_readahead_hits"] <= st["bd_readahead_pages"]
+        assert store.read(0, size) == bytes(model)
+    finally:
+        store.close()
