@@ -198,6 +198,35 @@ def test_write_sync_reopen_reads_back(img):
     assert rep.ok and rep.closed_cleanly and rep.checked_pages == 1024, rep.summary()
 
 
+def test_pages_read_ahead_come_back_as_far_as_they_verify_and_their_errors_are_not_the_callers(img):
+    """read_pages(start, count, ahead): a bad page or an I/O error among the pages after the
+    caller's leaves them out, without an error or a count; among the caller's, it is the
+    caller's error."""
+    rng = random.Random(3)
+    pages = [rng.randbytes(PS) for _ in range(16)]
+    with Backing.open(img, size=16 * PS) as b:
+        b.write_pages(list(range(16)), pages)
+        b.sync()
+    with open(img, "r+b") as f:
+        f.seek(10 * PS + 7)
+        f.write(b"bad")
+    factory = faulty_factory()
+    with Backing.open(img, disk_factory=factory) as b:
+        assert b.read_pages(0, 4, 12) == b"".join(pages[:10])       # stops before page 10
+        assert b.read_pages(0, 4, 4) == b"".join(pages[:8])
+        assert b.stats.checksum_errors == 0
+        with pytest.raises(DataError, match="page 10"):
+            b.read_pages(8, 4, 4)
+        assert b.stats.checksum_errors == 1
+        factory.disks["data"].add(Fault("read", pages=[6], times=1))
+        assert b.read_pages(0, 4, 4) == b"".join(pages[:4])         # the window's I/O failed
+        assert b.stats.io_errors == 0
+        factory.disks["data"].add(Fault("read", pages=[2], times=2))
+        with pytest.raises(DataError, match=r"pages 0\.\.3 failed"):     # the caller's own
+            b.read_pages(0, 4, 4)
+        assert b.stats.io_errors == 1
+
+
 def test_overwrite_and_discard(img):
     with Backing.open(img, 64 * PS) as b:
         b.write_pages(list(range(8)), [page(f"a{i}") for i in range(8)])

@@ -184,39 +184,42 @@ class Backing:
                 mask[np.flatnonzero(pairs[rows]) + rows.start] = True
         return mask
 
-    def read_pages(self, start: int, count: int) -> bytes:
+    def read_pages(self, start: int, count: int, ahead: int = 0) -> bytes:
         """`count` pages from page `start`, each verified. DataError (EIO) naming the first bad
-        page if any does not match its checksums; DiskError on an I/O error."""
-        self._check_range(start, count)
-        if count == 1:
+        page if any does not match its checksums; DiskError on an I/O error. Readahead: up to
+        `ahead` pages after them come in the same I/O, as far as they verify; a failure there
+        is neither raised nor counted (the caller did not ask for those pages)."""
+        n = count + ahead
+        self._check_range(start, n)
+        if n == 1:
             return self._read_one(start)
-        end = start + count
         with self._lock:
-            pair = self._crc[start:end].copy()
+            pair = self._crc[start:start + n].copy()
         zero = (pair[:, 0] == ZERO) & (pair[:, 1] == ZERO)
         if self.verify_zero:
             zero[:] = False     # check them like written pages (_verify: zeros match ZERO)
         if zero.all():
-            return bytes(count * PAGE_SIZE)
+            return bytes(n * PAGE_SIZE)
         t0 = time.perf_counter_ns()
         try:
-            data = self._data.pread(start * PAGE_SIZE, count * PAGE_SIZE)
+            data = self._data.pread(start * PAGE_SIZE, n * PAGE_SIZE)
         except OSError as e:
-            raise self.stats.read_error(f"read of pages {start}..{end - 1}", e) from None
+            if ahead:           # perhaps the pages read ahead: try the caller's alone
+                return self.read_pages(start, count)
+            raise self.stats.read_error(f"read of pages {start}..{start + n - 1}", e) from None
         waited = (time.perf_counter_ns() - t0) // 1000
-        crcs = page_crcs(data, count)
-        ok = verify(crcs, pair)
+        crcs = page_crcs(data, n)
+        # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard only
+        # marks them); they need no check.
+        n = _verified(verify(crcs, pair) | zero, count, start, self.stats)
+        if n < len(zero):
+            data, crcs, pair, zero = data[:n * PAGE_SIZE], crcs[:n], pair[:n], zero[:n]
         if zero.any():
-            # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard
-            # only marks them); they need no check.
-            ok |= zero
-            if ok.all():
-                data = _zero_fill(data, zero)
-        if not ok.all():
-            raise self.stats.bad_pages((np.flatnonzero(~ok) + start).tolist(), "checksum mismatch")
+            data = _zero_fill(data, zero)
         if self.sealer is not None:
-            data = self._unseal(start, data, crcs, (pair == ZERO).any(axis=1) | zero)
-        self.stats.read(count, waited)
+            data = _unseal(self.sealer, self.stats, start, data, crcs,
+                           (pair == ZERO).any(axis=1) | zero, count)
+        self.stats.read(len(data) // PAGE_SIZE, waited)
         return data
 
     def _read_one(self, i: int) -> bytes:
@@ -236,17 +239,9 @@ class Backing:
                 or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))):
             raise self.stats.bad_pages([i], "checksum mismatch")
         if self.sealer is not None:
-            data = self._unseal(i, data, (c,), (d == ZERO or l == ZERO,))
+            data = _unseal(self.sealer, self.stats, i, data, (c,), (d == ZERO or l == ZERO,), 1)
         self.stats.read(1, waited)
         return data
-
-    def _unseal(self, first: int, data, crcs, maybe_zero) -> bytes:
-        """The plaintext of verified ciphertexts; DataError (EIO, checksum_errors) naming the
-        pages whose tag does not verify."""
-        plain, bad = self.sealer.unseal(first, data, crcs, maybe_zero)
-        if bad:
-            raise self.stats.bad_pages(bad, "authentication tag mismatch")
-        return plain
 
     def unsynced_pages(self) -> np.ndarray:
         """Pages written or discarded since the last completed sync (a failed sync included)."""
@@ -490,6 +485,30 @@ class Backing:
 
 # ---------------------------------------------------------------------------------------------
 # helpers of Backing
+
+
+def _verified(ok: np.ndarray, count: int, start: int, stats: DiskStats) -> int:
+    """How many pages of a read from page `start` to return, given which verified (`ok`): all,
+    or the caller's `count` and the verified ones after them. DataError naming the bad pages
+    among the caller's."""
+    if ok.all():
+        return len(ok)
+    if not ok[:count].all():
+        raise stats.bad_pages((np.flatnonzero(~ok[:count]) + start).tolist(), "checksum mismatch")
+    return count + int(np.argmin(ok[count:]))
+
+
+def _unseal(sealer: Sealer, stats: DiskStats, first: int, data, crcs, maybe_zero,
+            count: int) -> bytes:
+    """The plaintext of verified ciphertexts of pages from `first`, up to the first whose tag
+    does not verify; DataError (EIO, checksum_errors) naming those among the first `count`."""
+    plain, bad = sealer.unseal(first, data, crcs, maybe_zero)
+    if bad:
+        if min(bad) < first + count:
+            raise stats.bad_pages([p for p in bad if p < first + count],
+                                  "authentication tag mismatch")
+        plain = plain[:(min(bad) - first) * PAGE_SIZE]
+    return plain
 
 
 def _zero_fill(data: bytes, zero: np.ndarray) -> bytes:

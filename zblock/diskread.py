@@ -16,8 +16,12 @@ when it is served, not when it is read ahead.
 
 Bounded: at most STREAMS windows of at most WINDOW pages are kept, the oldest dropped first.
 
-Lock protocol: a run is read under its page locks (one hold, ascending stripes), the tree lock
-taken inside for the states and generations. `_lock` guards `_kept`, `_ends` and the counters;
+A failure in the pages read ahead is not the load's: Backing.read_pages returns the pages
+before it, and neither raises nor counts it.
+
+Lock protocol: a run is read under its page locks (one hold, ascending stripes, never wrapping
+past the last stripe: a read-modify-write loads its page with that page's stripe held), the tree
+lock taken inside for the states and generations. `_lock` guards `_kept`, `_ends` and the counters;
 it is a leaf (nothing is taken while it is held).
 """
 
@@ -94,10 +98,11 @@ class DiskReader:
                 ahead = count
                 while ahead < span and states[ahead] == DISK:
                     ahead += 1
-                data = cache.backing.read_pages(first, ahead)
-                if ahead > count:
+                data = cache.backing.read_pages(first, count, ahead - count)
+                got = len(data) // PAGE_SIZE    # fewer than `ahead` if one ahead failed
+                if got > count:
                     data = memoryview(data)
-                    self._keep(first + count, gens[count:ahead], data[count * PAGE_SIZE:])
+                    self._keep(first + count, gens[count:got], data[count * PAGE_SIZE:])
                     data = data[:count * PAGE_SIZE]
             cache.promotion.disk_reads(first, gens[:count], data)
         return bytes(data) if count == 1 and type(data) is not bytes else data
@@ -109,13 +114,17 @@ class DiskReader:
 
     def _span(self, first: int, count: int) -> int:
         """How many pages from `first` a widened read locks and reads: `count` if it is a
-        window's size already or kept, else a window."""
+        window's size already or kept, else a window that ends before the page locks' stripes
+        wrap around (a read-modify-write holds the stripe of `first` already, and a nested hold
+        may only add higher stripes)."""
         if count >= self._window:
             return count
         with self._lock:
             if self._find(first, count) is not None:
                 return count
-        return min(self._window, self._cache.npages - first)
+        stripes = self._cache.page_locks.n
+        return max(count, min(self._window, self._cache.npages - first,
+                              stripes - first % stripes))
 
     def _find(self, first: int, count: int):
         """(window start, its entry) of a kept window holding pages first .. first+count."""
