@@ -134,7 +134,7 @@ def case_odd_offsets(m, fd):
 def case_truncate_ignored(m, fd):
     os.truncate(m.disk, 0)
     os.ftruncate(fd, 4096)
-    with open(m.disk, "r+b",buffering=0):               # O_TRUNC-free; then O_TRUNC below
+    with open(m.disk, "r+b", buffering=0):              # O_TRUNC-free; then O_TRUNC below
         pass
     os.close(os.open(m.disk, os.O_WRONLY | os.O_TRUNC))
     assert os.path.getsize(m.disk) == SIZE

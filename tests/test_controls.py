@@ -198,8 +198,8 @@ def test_a_write_during_a_disk_read_is_neither_counted_nor_undone_by_promotion(s
     assert store.read(0, PAGE_SIZE) == text_page(0)              # the first read from the file
     read_pages = store.backing.read_pages
 
-    def racing_read(first, count):
-        old = read_pages(first, count)
+    def racing_read(first, count, ahead=0):
+        old = read_pages(first, count, ahead)
         settled_write(store, 0, text_page(7))                    # lands during the read
         return old
     store.backing.read_pages = racing_read
