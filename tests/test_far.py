@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -330,6 +331,64 @@ def test_far_pages_read_often_come_back_into_the_pool(tmp_path, cluster):
         store.close()
     assert cluster.dbsize() == 0
     reads_back_without_far(path, bytearray(data))
+
+
+def test_a_promotion_never_undoes_a_write_going_to_disk(tmp_path, cluster):
+    """A dirty far page read often is promoted while a newer write of it is on its way to disk
+    (8 KiB, stored at once; incompressible, so rejected by the pool): the write wins."""
+    rng = random.Random(13)
+    path = str(tmp_path / "img")
+    store = Store.open(path, 8 * MiB, roomy_config(cluster.url, promote_after=1,
+                                                 incompressible_policy="reject"))
+    data = b"".join(page_of(rng, i) for i in range(1024))
+    newer = rng.randbytes(2 * PAGE_SIZE)
+    backing = store.cache.backing
+    writing, release = threading.Event(), threading.Event()
+    plain_write_pages = backing.write_pages
+
+    def write_pages(idxs, buf):
+        if page in list(idxs) and bytes(buf[:PAGE_SIZE]) == newer[:PAGE_SIZE]:
+            writing.set()
+            release.wait(30)
+        return plain_write_pages(idxs, buf)
+
+    errors = []
+
+    def run(fn):
+        def guarded():
+            try:
+                fn()
+            except BaseException as e:          # the test fails on it below
+                errors.append(e)
+        t = threading.Thread(target=guarded)
+        t.start()
+        return t
+
+    try:
+        store.write(0, data)
+        settle(store, lambda s: s["far_stored_pages"] > 600)
+        store.set_param("pool_limit", "64M")    # room to promote (below the accept threshold)
+        with store.cache.tree_lock:
+            t = store.cache.table
+            page = int(np.flatnonzero((t.state == FAR) & t.dirty)[0])     # page+1 exists too
+        old = data[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+        assert store.read(page * PAGE_SIZE, PAGE_SIZE) == old      # its first read
+        backing.write_pages = write_pages
+        writer = run(lambda: store.write(page * PAGE_SIZE, newer))
+        assert writing.wait(30), "the newer write never reached the disk"
+        reader = run(lambda: store.read(page * PAGE_SIZE, PAGE_SIZE))
+        reader.join(2)          # a promotion that ignores the write in flight is done by now
+        release.set()
+        writer.join(30)
+        reader.join(30)
+        assert not errors and not writer.is_alive() and not reader.is_alive(), errors
+        assert store.read(page * PAGE_SIZE, 2 * PAGE_SIZE) == newer
+        check_consistency(store)
+    finally:
+        release.set()
+        backing.write_pages = plain_write_pages
+        store.close()
+    assert cluster.dbsize() == 0
 
 
 def test_encrypted_far_values_hold_no_plaintext(tmp_path, cluster):

@@ -7,8 +7,10 @@ the page is on disk; the far tier keeps its own counts) and, once a page has bee
 file does not hold yet), if the pool is below its accept threshold. A page rewritten meanwhile
 keeps its new entry: the store expects the generation the page was read with.
 
-Lock protocol: disk_reads() runs under the pages' locks and takes the tree lock for the counts;
-the stores take the locks store_pages takes.
+Lock protocol: disk_reads() runs under the pages' locks and takes the tree lock for the counts.
+Each store back holds its page's lock (a reentrant one: disk_reads' caller and a read-modify-write
+hold it already), so it waits for a store to disk of the same page in flight; that store bumps the
+generation only when it lands, and the older bytes would otherwise go in over it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Promotion:
         clean)."""
         cache = self.cache
         for page, data, gen, clean in pages:
-            if cache.store_pages(page, data, expect_gen=gen, may_wait=False, clean=clean):
+            with cache.page_locks.hold((page,)):
+                stored = cache.store_pages(page, data, expect_gen=gen, may_wait=False, clean=clean)
+            if stored:
                 with cache.tree_lock:
                     cache.c.promoted_pages += 1
