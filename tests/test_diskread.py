@@ -109,6 +109,27 @@ def test_pages_changed_after_they_were_read_ahead_read_as_they_are_now(backing_p
         store.close()
 
 
+def test_a_discard_drops_the_pages_read_ahead_it_touches(backing_path):
+    """Kept windows hold plaintext: a discard (blkdiscard, swapoff's discard) lets go of them."""
+    rng = random.Random(4)
+    data = b"".join(text_page(rng) for _ in range(MiB // PAGE_SIZE))
+    store = Store.open(backing_path, MiB, make_config())
+    try:
+        store.write(0, data)
+        to_disk(store)
+        for off in (0, CLUSTER, 2 * WINDOW * PAGE_SIZE, 2 * WINDOW * PAGE_SIZE + CLUSTER):
+            assert store.read(off, CLUSTER) == data[off:off + CLUSTER]
+        kept = store.cache.disk_reader._kept
+        assert sorted(kept) == [16, 2 * WINDOW + 16]
+        store.discard((WINDOW + 7) * PAGE_SIZE, PAGE_SIZE)       # the first window's last page
+        assert sorted(kept) == [2 * WINDOW + 16]
+        store.discard(0, MiB)
+        assert not kept
+        assert store.read(0, MiB) == bytes(MiB)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sequential_readers_among_writes_match_a_model(backing_path, seed):
     """Readers walk runs in swap-in clusters (so windows are read ahead and kept) while pages

@@ -420,6 +420,7 @@ class Cache:
             with self.tree_lock:
                 self.table.discard(start, start + n)
                 self.c.discarded_pages += n
+            self.disk_reader.forget(start, n)
             self.backing.discard(start, n)
         self.registry.reap()
 

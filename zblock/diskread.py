@@ -15,6 +15,7 @@ compared again under the page locks and the tree lock before use. Promotion coun
 when it is served, not when it is read ahead.
 
 Bounded: at most STREAMS windows of at most WINDOW pages are kept, the oldest dropped first.
+A discard drops the windows it touches (their bytes are plaintext, even with --encrypt).
 
 A failure in the pages read ahead is not the load's: Backing.read_pages returns the pages
 before it, and neither raises nor counts it.
@@ -148,6 +149,13 @@ class DiskReader:
                 del self._kept[start]       # its last pages: the reader has moved on
             self.readahead_hits += len(gens)
             return data[off * PAGE_SIZE:(off + len(gens)) * PAGE_SIZE]
+
+    def forget(self, start: int, n: int) -> None:
+        """Drop the windows holding any of pages start .. start+n (discarded)."""
+        with self._lock:
+            for first in [f for f, (gens, _) in self._kept.items()
+                          if f < start + n and start < f + len(gens)]:
+                del self._kept[first]
 
     def _keep(self, first: int, gens: list[int], data: memoryview) -> None:
         with self._lock:
