@@ -391,6 +391,44 @@ def test_a_promotion_never_undoes_a_write_going_to_disk(tmp_path, cluster):
     assert cluster.dbsize() == 0
 
 
+def test_a_clean_promotion_keeps_a_dirty_bit_set_while_it_was_under_way(tmp_path, cluster):
+    """A failed sync makes unsynced pages dirty again without a new generation: one that lands
+    between a clean far page's promotion check and its store keeps the page dirty (else the
+    next fsync would skip a page the file never made durable)."""
+    rng = random.Random(14)
+    path = str(tmp_path / "img")
+    store = Store.open(path, 8 * MiB, roomy_config(cluster.url, promote_after=1))
+    data = b"".join(page_of(rng, i) for i in range(1024))
+    promotion = store.cache.promotion
+    plain_promote = promotion.promote
+
+    def promote_after_a_failed_sync(pages):
+        with store.cache.tree_lock:         # what Writeback._redirty_unsynced does
+            store.cache.table.dirty[[p for p, *_ in pages]] = True
+        plain_promote(pages)
+
+    try:
+        store.write(0, data)
+        store.fsync()
+        settle(store, lambda s: s["far_stored_pages"] > 600)
+        store.set_param("pool_limit", "64M")    # room to promote (below the accept threshold)
+        with store.cache.tree_lock:
+            t = store.cache.table
+            page = int(np.flatnonzero((t.state == FAR) & ~t.dirty)[0])
+        want = data[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+        assert store.read(page * PAGE_SIZE, PAGE_SIZE) == want
+        promotion.promote = promote_after_a_failed_sync
+        assert store.read(page * PAGE_SIZE, PAGE_SIZE) == want       # promoted
+        with store.cache.tree_lock:
+            t = store.cache.table
+            assert t.state[page] not in (FAR, DISK) and t.dirty[page]
+        assert store.stats()["promoted_pages"] == 1
+    finally:
+        promotion.promote = plain_promote
+        store.close()
+    assert cluster.dbsize() == 0
+
+
 def test_encrypted_far_values_hold_no_plaintext(tmp_path, cluster):
     """--encrypt seals far values too: none of the cluster's values holds a marker the pages
     carry (their compressed form would), and they read back through their tags."""

@@ -189,8 +189,9 @@ class Cache:
         `may_wait=False`: no back-pressure wait (the caller holds a page lock the writeback worker
         may need: it calls limits.wait_for_space() before taking it). A store at a first page that
         carries a stream past the sequential cutoff goes to disk instead. `clean`: the backing file
-        already holds these bytes (promotion): the pages go in clean, and those the pool rejects
-        stay where they are, unwritten."""
+        already holds these bytes (promotion): the pages go in with their old entries' dirty
+        bits (clean unless a failed sync re-dirtied them), and those the pool rejects stay where
+        they are, unwritten."""
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
         first = where if type(where) is int else int(where[0])
@@ -216,11 +217,14 @@ class Cache:
                     return False
                 self.c.reject_compress_poor += len(poor)
                 self.c.reject_compress_fail += scan.failed
+                if clean:
+                    was_dirty = self.table.dirty[first:first + n].copy()
                 # rejected pages keep their old entry until their disk write lands (below)
                 installed = self.table.install(where, scan, pool)
                 self.c.zswpout += installed
                 if clean:
-                    self.table.dirty[np.flatnonzero(scan.states != NONE) + first] = False
+                    went_in = np.flatnonzero(scan.states != NONE)
+                    self.table.dirty[went_in + first] = was_dirty[went_in]
                 if through:
                     index = np.flatnonzero(scan.states != NONE)
                     pages = (index + first) if type(where) is int else where[index]

@@ -20,10 +20,10 @@ A discard drops the windows it touches (their bytes are plaintext, even with --e
 A failure in the pages read ahead is not the load's: Backing.read_pages returns the pages
 before it, and neither raises nor counts it.
 
-Lock protocol: a run is read under its page locks (one hold, ascending stripes, never wrapping
-past the last stripe: a read-modify-write loads its page with that page's stripe held), the tree
-lock taken inside for the states and generations. `_lock` guards `_kept`, `_ends` and the counters;
-it is a leaf (nothing is taken while it is held).
+Lock protocol: a run is read under its page locks (one hold, ascending stripes; a widened one
+never wraps past the last stripe: a read-modify-write loads its page with that stripe held), the
+tree lock taken inside for the states and generations. `_lock` guards `_kept`, `_ends` and the
+counters; it is a leaf (nothing is taken while it is held).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class DiskReader:
         self._streams = streams
         self._ends: collections.deque[int] = collections.deque(maxlen=streams)
         self.readahead_pages = 0        # pages read ahead of a request
-        self.readahead_hits = 0         # of those, pages a later read was served
+        self.readahead_hits = 0         # pages served from them (one served twice counts twice)
 
     def load(self, start: int, n: int, disk: list[int], parts: list) -> None:
         """Fill parts[i] for the on-disk pages at indices `disk` (ascending) of a load of pages

@@ -9,8 +9,10 @@ keeps its new entry: the store expects the generation the page was read with.
 
 Lock protocol: disk_reads() runs under the pages' locks and takes the tree lock for the counts.
 Each store back holds its page's lock (a reentrant one: disk_reads' caller and a read-modify-write
-hold it already), so it waits for a store to disk of the same page in flight; that store bumps the
-generation only when it lands, and the older bytes would otherwise go in over it.
+hold it already), or is skipped if another thread holds it: a store to disk of the same page in
+flight bumps the generation only when it lands, and the older bytes would otherwise go in over it.
+A clean store keeps a dirty bit set meanwhile (a failed sync re-dirties pages without a new
+generation).
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ class Promotion:
         clean)."""
         cache = self.cache
         for page, data, gen, clean in pages:
-            with cache.page_locks.hold((page,)):
+            lock = cache.page_locks.hold_one(page)
+            if not lock.acquire(blocking=False):
+                continue            # busy (a write, writeback, a far send): promote it later
+            try:
                 stored = cache.store_pages(page, data, expect_gen=gen, may_wait=False, clean=clean)
+            finally:
+                lock.release()
             if stored:
                 with cache.tree_lock:
                     cache.c.promoted_pages += 1
