@@ -222,9 +222,8 @@ class Cache:
                 # rejected pages keep their old entry until their disk write lands (below)
                 installed = self.table.install(where, scan, pool)
                 self.c.zswpout += installed
-                if clean:
-                    went_in = np.flatnonzero(scan.states != NONE)
-                    self.table.dirty[went_in + first] = was_dirty[went_in]
+                if clean:       # installed pages get their old bit; the others keep theirs
+                    self.table.dirty[first:first + n] &= was_dirty
                 if through:
                     index = np.flatnonzero(scan.states != NONE)
                     pages = (index + first) if type(where) is int else where[index]
