@@ -208,10 +208,11 @@ def test_a_flush_on_two_threads_stops_at_a_failed_write_and_loses_nothing(path):
 def test_a_stream_past_the_sequential_cutoff_falls_back_to_the_pool_on_a_failing_disk(path):
     """A bypassed store the disk refuses is cached (raw, over the limit if need be) for fsync to
     write again, and while the disk fails the rest of the stream is stored in the pool: nothing
-    is lost, and no stream is held uncompressed in RAM request after request."""
+    is lost, and no stream is held uncompressed in RAM request after request. Stored as they
+    come (no write-behind queue), so that no store is under way beside the failing one."""
     f = Faults()
     s = Store.open(path, 4 * MiB, cfg(pool_limit=64 * MiB, sequential_cutoff=64 * 1024,
-                                      write_through=False), disk_factory=f)
+                                      write_through=False), disk_factory=f, write_behind=0)
     try:
         data = text_pages(256, tag=5)
         f.data.add(Fault("write", errno.EIO, times=1))

@@ -1,6 +1,9 @@
-"""The write-behind queue on its own, with a fake store function (engine tier)."""
+"""The write-behind queue on its own, with a fake store function (engine tier). Tests of the order
+of store calls run one worker; those of two workers check what may run side by side."""
 
+import random
 import threading
+import time
 
 import pytest
 
@@ -17,7 +20,7 @@ def test_fifo_order_and_wait_range():
         gate.wait(10)
         stored.append((page, bytes(data[:1])))
 
-    wb = WriteBehind(store, 64, limit=1 << 20)
+    wb = WriteBehind(store, 64, limit=1 << 20, workers=1)
     try:
         wb.put(3, b"a" * PAGE_SIZE)
         wb.put(3, b"b" * PAGE_SIZE)            # a later write to the same page wins
@@ -64,7 +67,7 @@ def test_a_failed_store_reaches_the_next_caller():
         if calls == [1]:
             raise DiskError("injected", 5)
 
-    wb = WriteBehind(store, 64, limit=1 << 20)
+    wb = WriteBehind(store, 64, limit=1 << 20, workers=1)
     try:
         wb.put(1, bytes(PAGE_SIZE))
         wb.put(2, bytes(PAGE_SIZE))
@@ -104,7 +107,7 @@ def _batching_queue(monkeypatch, gather: float):
         gate.wait(10)
         calls.append(("batch", pages.tolist(), bytes(data[::PAGE_SIZE])))
 
-    wb = WriteBehind(store, 64, limit=1 << 20, store_scattered=store_scattered)
+    wb = WriteBehind(store, 64, limit=1 << 20, store_scattered=store_scattered, workers=1)
     return wb, calls, gate, entered
 
 
@@ -171,5 +174,86 @@ def test_a_failed_batch_loses_only_its_pages(monkeypatch):
         wb.wait_range(11, 1)
         with pytest.raises(DataError, match="page 12"):
             wb.wait_range(12, 1)
+    finally:
+        wb.close()
+
+
+def test_two_workers_store_disjoint_items_side_by_side_and_overlapping_ones_in_order():
+    """Two requests on different pages are stored at the same time; one that covers a page of
+    an item being stored waits for it, so the later write wins."""
+    stored = []
+    inside = threading.Semaphore(0)
+    gates = {5: threading.Event(), 20: threading.Event(), 21: threading.Event()}
+
+    def store(page, data):
+        inside.release()
+        gates[page].wait(10)
+        stored.append((page, bytes(data[:1])))
+
+    wb = WriteBehind(store, 64, limit=1 << 20, workers=2)
+    try:
+        wb.put(5, b"a" * 4 * PAGE_SIZE)         # pages 5-8
+        wb.put(20, b"b" * PAGE_SIZE)
+        assert inside.acquire(timeout=10) and inside.acquire(timeout=10)   # both being stored
+        wb.put(21, b"c" * PAGE_SIZE)            # a third: both workers are busy
+        gates[21].set()
+        wb.put(5, b"d" * PAGE_SIZE)             # covers page 5, still being stored
+        gates[20].set()                         # a worker is free: it takes page 21's item
+        assert inside.acquire(timeout=10)
+        assert not inside.acquire(timeout=0.3)  # the second write to page 5 waits
+        assert stored == [(20, b"b"), (21, b"c")]
+        gates[5].set()
+        wb.drain()
+        assert stored[2:] == [(5, b"a"), (5, b"d")]
+        assert not wb.staged.any()
+    finally:
+        for g in gates.values():
+            g.set()
+        wb.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_workers_keep_the_last_write_of_every_page(seed):
+    """Random requests and 4 KiB writes, overlapping, through two workers whose stores take
+    random time: every page ends as its last write, as one worker in order would leave it."""
+    rng = random.Random(seed)
+    npages = 48
+    disk = [None] * npages
+    lock = threading.Lock()
+
+    def store(page, data):
+        time.sleep(rng.random() * 0.002)
+        with lock:
+            for i in range(len(data) // PAGE_SIZE):
+                disk[page + i] = data[i * PAGE_SIZE]
+
+    def store_scattered(pages, data):
+        time.sleep(rng.random() * 0.002)
+        with lock:
+            for i, page in enumerate(pages.tolist()):
+                disk[page] = data[i * PAGE_SIZE]
+
+    model = [None] * npages
+    wb = WriteBehind(store, npages, limit=8 * PAGE_SIZE, store_scattered=store_scattered,
+                     workers=2)
+    try:
+        for k in range(400):
+            value = k % 251
+            if rng.random() < 0.5:
+                page = rng.randrange(npages)
+                wb.put_page(page, bytes([value]) * PAGE_SIZE)
+                model[page] = value
+            else:
+                n = rng.randrange(2, 9)
+                page = rng.randrange(npages - n)
+                wb.put(page, bytes([value]) * (n * PAGE_SIZE))
+                model[page:page + n] = [value] * n
+            if rng.random() < 0.05:
+                first = rng.randrange(npages - 4)
+                wb.wait_range(first, 4)          # what a read waits for has been stored
+                assert disk[first:first + 4] == model[first:first + 4]
+        wb.drain()
+        assert disk == model
+        assert not wb.staged.any()
     finally:
         wb.close()

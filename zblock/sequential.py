@@ -8,8 +8,9 @@ it to the disk does. Durable `dd conv=fsync` through the pool is CPU-bound at a 
 disk's speed (docs/performance.md).
 
 A stream is found as bcache finds one: a store that starts on the page where a recent one ended
-continues it, so interleaved streams are told apart. The ends of the last STREAMS streams are
-remembered; the oldest is forgotten first.
+continues it, so interleaved streams are told apart. The last STREAMS streams are remembered; the
+oldest is forgotten first. The write-behind queue's two workers may store two consecutive
+requests the other way round: a store that ends where a stream starts joins it too.
 
 Only stores of whole pages at consecutive page numbers are seen (Cache.store_pages with a first
 page): requests and their parts, and a 4 KiB write stored on its own. The write-behind queue
@@ -36,7 +37,8 @@ class SequentialCutoff:
 
     def __init__(self, config):
         self.config = config
-        self._streams: collections.OrderedDict[int, int] = collections.OrderedDict()  # end page -> pages
+        # end page -> (first page, pages stored): first page is where it started
+        self._streams: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def bypass(self, first: int, n: int) -> bool:
@@ -46,9 +48,16 @@ class SequentialCutoff:
             return False
         with self._lock:
             streams = self._streams
-            pages = streams.pop(first, 0) + n
-            streams.pop(first + n, None)        # another stream ends there: this one is newer
-            streams[first + n] = pages
+            start, pages = streams.pop(first, (first, 0))
+            pages += n
+            end = first + n
+            for later_end, (later_start, later_pages) in streams.items():
+                if later_start == end:          # its next store, stored first
+                    del streams[later_end]
+                    end, pages = later_end, pages + later_pages
+                    break
+            streams.pop(end, None)              # another stream ends there: this one is newer
+            streams[end] = (start, pages)
             if len(streams) > STREAMS:
                 streams.popitem(last=False)
         return pages << PAGE_SHIFT > cutoff

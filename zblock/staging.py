@@ -1,9 +1,10 @@
-"""Write-behind: whole-page writes are acknowledged once queued and compressed by a worker.
+"""Write-behind: whole-page writes are acknowledged once queued and stored by workers.
 
 The kernel hands the server one write to the file at a time, so with synchronous stores the FUSE
 path (receiving the request, copying its 1 MiB) and compression take turns on the cores. Queueing
-the pages lets the next request arrive while the previous one compresses (docs/performance.md
-has the measurements).
+the pages lets the next request arrive while the previous ones are stored: two workers, so that
+one item's compression or disk write (both without the GIL) runs beside the next item's
+(docs/performance.md has the measurements).
 
 4 KiB writes (put_page) are batched: the worker waits up to GATHER after the first for more and
 stores up to BATCH_PAGES in one call (Cache.store_pages at their page numbers: one acomp request,
@@ -11,9 +12,11 @@ one install). Their compression then runs on the other core while the next write
 the worker is woken about once per batch, not per write.
 
 Invariants:
-    * Items are stored in the order they were queued (one worker, FIFO), so a later write to a
-      page always wins over an earlier one. A batch of one-page items never holds a page twice.
-    * The worker gathers a batch only while nobody waits for queued pages (`_waiters`).
+    * Items are taken in the order they were queued (FIFO), and an item is taken only when no
+      item being stored covers any of its pages (`_busy`), so a later write to a page always
+      wins over an earlier one. A batch of one-page items never holds a page twice, and one
+      worker at a time gathers and stores such a batch (`_batching`).
+    * A worker gathers a batch only while nobody waits for queued pages (`_waiters`).
     * `staged[p]` counts queued items covering page p. Anything that reads a page or changes it
       some other way (partial write, discard, read, fsync) first waits until its pages have no
       staged item: `wait_range` / `drain`.
@@ -23,11 +26,11 @@ Invariants:
       disk reports a failed write-back at fsync. Nothing else consumes that error: a read of
       another page must not eat what fsync has to report.
 
-Lock protocol: `_cond` guards the queue, `staged`, `failed`, `_nfailed`, `_queued_bytes`,
-`_singles`, `_idle`, `_waiters`, `_error` and `_closed`. `wait_range` reads `_queued_bytes` and
-`_nfailed` without it first: both are zero only when nothing can be waited for (a put that races
-it is a concurrent write, which may land either side of the read). It is never held while
-storing (compression, disk I/O). `_big_since_idle` belongs to the worker thread alone.
+Lock protocol: `_cond` guards the queue, `_busy`, `_batching`, `staged`, `failed`, `_nfailed`,
+`_queued_bytes`, `_singles`, `_idle`, `_big_since_idle`, `_waiters`, `_error` and `_closed`.
+`wait_range` reads `_queued_bytes` and `_nfailed` without it first: both are zero only when
+nothing can be waited for (a put that races it is a concurrent write, which may land either side
+of the read). It is never held while storing (compression, disk I/O).
 
 Not here: byte ranges and partial pages (store.py), compression (cache.py).
 """
@@ -55,25 +58,32 @@ WAIT = 600.0    # a stuck worker fails the waiter instead of hanging it forever
 # serialises writes to the file) every ~150 us, so a batch holds about ten.
 BATCH_PAGES = 32
 GATHER = 0.002
+# Two workers: LZ4 and the disk write release the GIL, so one item's compression or write runs
+# beside the next item's Python (dd of the /usr tar 411-413 -> 652-669 MB/s; a third: no gain).
+WORKERS = 2
 
 
 class WriteBehind:
-    """A bounded FIFO of (first page, bytes) items stored by one worker thread.
+    """A bounded FIFO of (first page, bytes) items stored by `workers` threads.
 
     `store_pages(page, data)` stores an item; `store_scattered(pages, data)` (optional) stores a
     batch of one-page items (put_page) for the int64 page numbers `pages` in one call."""
 
     def __init__(self, store_pages: Callable[[int, bytes], None], npages: int, limit: int,
                  on_idle: Callable[[], None] | None = None,
-                 store_scattered: Callable[[np.ndarray, bytes], None] | None = None):
+                 store_scattered: Callable[[np.ndarray, bytes], None] | None = None,
+                 workers: int = WORKERS):
         self._store_pages = store_pages
         self._store_scattered = store_scattered
         self._on_idle = on_idle         # called by the worker when the queue runs empty
         self.limit = limit
         self.staged = pagemem.zeros(npages, np.uint16)
         self._staged = memoryview(self.staged)      # scalar access for put_page
-        self._singles = 0               # one-page items queued (put_page)
-        self._idle = False              # the worker waits for an empty queue to fill
+        self._singles = 0               # one-page items queued (put_page), not yet taken
+        self._idle = 0                  # workers waiting for an item they may take
+        # items being stored: (first page, end page, the pages of a batch or None for a range)
+        self._busy: list[tuple[int, int, frozenset | None]] = []
+        self._batching = False          # a worker gathers or stores a batch of one-page items
         self._waiters = 0               # callers waiting for queued pages: no gathering
         self._big_since_idle = False    # a request buffer was stored since the queue last ran empty
         self.failed = pagemem.zeros(npages, np.bool_)
@@ -84,8 +94,10 @@ class WriteBehind:
         self._cond = threading.Condition(threading.Lock())
         self._error: BaseException | None = None
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="zblock-write-behind", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"zblock-write-behind-{i}",
+                                          daemon=True) for i in range(workers)]
+        for t in self._workers:
+            t.start()
 
     # -- producer side ----------------------------------------------------------------------
 
@@ -171,9 +183,11 @@ class WriteBehind:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
-            self._worker.join(timeout=30)
-            if self._worker.is_alive():
-                log.warning("write-behind worker did not stop within 30 s")
+            deadline = time.monotonic() + 30
+            for t in self._workers:
+                t.join(max(0.0, deadline - time.monotonic()))
+            if any(t.is_alive() for t in self._workers):
+                log.warning("a write-behind worker did not stop within 30 s")
 
     @contextlib.contextmanager
     def _waiting(self):
@@ -200,20 +214,23 @@ class WriteBehind:
             raise DataError(f"a queued write failed: {err}") from err
 
     def _worker_dead(self) -> bool:
-        return not self._worker.is_alive()
+        """A worker has ended (they end only at close, or when a bug killed one): its item will
+        never be stored, so nobody may wait for it."""
+        return not all(t.is_alive() for t in self._workers)
 
     # -- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._idle = True
-                self._cond.wait_for(lambda: self._queue or self._closed)
-                self._idle = False
+                self._idle += 1
+                self._cond.wait_for(lambda: self._takeable() or (self._closed and not self._queue))
+                self._idle -= 1
                 if not self._queue:
-                    return          # closed and empty
-                items = self._gather() or [self._queue[0]]
-            trim = self._store(items)
+                    self._cond.notify_all()     # closed: the other workers end too
+                    return
+                items, busy = self._take()
+            trim = self._store(items, busy)
             del items               # the request buffers are free heap before the trim
             if trim and self._on_idle is not None:
                 try:
@@ -221,13 +238,49 @@ class WriteBehind:
                 except Exception:
                     log.warning("write-behind idle hook failed", exc_info=True)
 
+    def _single(self, item) -> bool:
+        """Whether a queued item is a one-page write that goes into a batch (_gather)."""
+        return self._store_scattered is not None and len(item[1]) == PAGE_SIZE
+
+    def _overlaps_busy(self, lo: int, hi: int) -> bool:
+        """Whether an item being stored covers a page of lo .. hi. Caller holds _cond."""
+        for blo, bhi, pages in self._busy:
+            if lo < bhi and blo < hi and (pages is None or any(lo <= p < hi for p in pages)):
+                return True
+        return False
+
+    def _takeable(self) -> bool:
+        """Whether the head of the queue may be taken now. Caller holds _cond."""
+        if not self._queue:
+            return False
+        page, data = self._queue[0]
+        if self._single(self._queue[0]):
+            return not self._batching and not self._overlaps_busy(page, page + 1)
+        return not self._overlaps_busy(page, page + len(data) // PAGE_SIZE)
+
+    def _take(self) -> tuple[list, tuple]:
+        """Take the head of the queue: one item, or a batch of one-page items (_gather); and
+        its entry in `_busy`, where it stays until _store is done with it. Caller holds _cond."""
+        if self._single(self._queue[0]):
+            self._batching = True
+            items = self._gather()
+            pages = frozenset(page for page, _ in items)
+            busy = (min(pages), max(pages) + 1, pages)
+            self._singles -= len(items)
+        else:
+            items = [self._queue[0]]
+            page, data = items[0]
+            busy = (page, page + len(data) // PAGE_SIZE, None)
+        self._busy.append(busy)
+        for _ in items:
+            self._queue.popleft()
+        return items, busy
+
     def _gather(self) -> list:
         """The one-page items at the head of the queue, after waiting up to GATHER for up to
-        BATCH_PAGES of them; [] when the head is a request of several pages. A page queued twice
-        ends the batch: its later write must be stored after the earlier one. Caller holds
-        _cond."""
-        if self._store_scattered is None or len(self._queue[0][1]) != PAGE_SIZE:
-            return []
+        BATCH_PAGES of them. A page queued twice ends the batch: its later write must be stored
+        after the earlier one; so does a page an item being stored covers. Caller holds _cond
+        and `_batching`: no other worker takes the head meanwhile."""
         deadline = time.monotonic() + GATHER
         # until the batch is full, a request is queued behind it, someone waits or GATHER passed
         while (self._singles < BATCH_PAGES and len(self._queue) == self._singles
@@ -238,23 +291,25 @@ class WriteBehind:
             self._cond.wait(left)
         batch, seen = [], set()
         for page, data in self._queue:
-            if len(data) != PAGE_SIZE or page in seen or len(batch) == BATCH_PAGES:
+            if (len(data) != PAGE_SIZE or page in seen or len(batch) == BATCH_PAGES
+                    or (batch and self._overlaps_busy(page, page + 1))):
                 break
             seen.add(page)
             batch.append((page, data))
         return batch
 
-    def _store(self, items: list) -> bool:
-        """Store the items at the head of the queue, then take them off it: one item, or a batch
-        of one-page items (_gather) in one store_scattered call. True when the queue ran empty
-        after request buffers: time for the idle hook (not after 4 KiB pages alone, which would
-        wake the writeback worker every few milliseconds for a few pages of heap)."""
+    def _store(self, items: list, busy: tuple) -> bool:
+        """Store items taken from the queue: one item, or a batch of one-page items in one
+        store_scattered call. True when the queue ran empty after request buffers: time for the
+        idle hook (not after 4 KiB pages alone, which would wake the writeback worker every few
+        milliseconds for a few pages of heap)."""
         if len(items) == 1:
             page, data = items[0]
             where = slice(page, page + len(data) // PAGE_SIZE)
         else:
             where = np.fromiter((page for page, _ in items), np.int64, len(items))
         nbytes = sum(len(data) for _, data in items)
+        single = len(items) > 1 or self._single(items[0])
         try:
             if len(items) == 1:
                 self._store_pages(page, data)
@@ -268,16 +323,15 @@ class WriteBehind:
                 self.failed[where] = True
                 self._nfailed = int(np.count_nonzero(self.failed))
         with self._cond:
-            for _ in items:
-                self._queue.popleft()
+            self._busy.remove(busy)
+            if single:
+                self._batching = False
             self._queued_bytes -= nbytes
-            self._singles -= sum(1 for _, data in items if len(data) == PAGE_SIZE)
             self.staged[where] -= 1
             self._cond.notify_all()
-            idle = not self._queue
-        if nbytes > len(items) * PAGE_SIZE:
-            self._big_since_idle = True
-        if idle and self._big_since_idle:
+            if nbytes > len(items) * PAGE_SIZE:
+                self._big_since_idle = True
+            if self._queue or self._busy or not self._big_since_idle:
+                return False
             self._big_since_idle = False
             return True
-        return False

@@ -34,10 +34,10 @@ from .staging import WriteBehind
 log = logging.getLogger(__name__)
 
 CHUNK_PAGES = 256
-# Whole-page writes wait in a write-behind queue of at most this many bytes, so the next FUSE
-# request is received while this one compresses (staging.py): two 1 MiB requests waiting and
-# one compressing are enough to keep both cores busy. 0 stores synchronously.
-WRITE_BEHIND_BYTES = 2 << 20
+# Whole-page writes wait in a write-behind queue of at most this many bytes (counting those
+# being stored), so the next FUSE request is received while two are stored (staging.py): one
+# 1 MiB request waiting beside the workers' two. 0 stores synchronously.
+WRITE_BEHIND_BYTES = 3 << 20
 # Writes of 2 pages up to this size are stored at once: waking the worker costs more than it
 # overlaps. Single pages are queued as well, but stored in batches (WriteBehind.put_page).
 WRITE_BEHIND_MIN = 64 << 10
