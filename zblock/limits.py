@@ -57,12 +57,11 @@ class Limits:
             cache.writeback.wake()
             if self.config.limit_policy == "zswap":
                 self.reached_full = True
-        if self.reached_full:
-            if self.config.limit_policy != "zswap" or \
-                    cache.table.pool_total_size <= self.accept_level():
-                self.reached_full = False
-            elif not cache.writeback.pending:
-                cache.writeback.wake()      # zswap_store() queues shrink_worker on a reject
+        elif self.reached_full and (self.config.limit_policy != "zswap"
+                                    or cache.table.pool_total_size <= self.accept_level()):
+            self.reached_full = False
+        if self.reached_full and not cache.writeback.pending:
+            cache.writeback.wake()          # zswap_store() queues shrink_worker on a reject
         return self.reached_full
 
     def params_changed(self, name: str) -> None:
