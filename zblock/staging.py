@@ -91,7 +91,9 @@ class WriteBehind:
         self._nfailed = 0               # pages in `failed`: lets wait_range skip the lock
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)      # producers and waiters for queued pages
+        self._work = threading.Condition(lock)      # workers waiting for an item or a batch
         self._error: BaseException | None = None
         self._closed = False
         self._workers = [threading.Thread(target=self._run, name=f"zblock-write-behind-{i}",
@@ -116,7 +118,7 @@ class WriteBehind:
                 self._forget(page, n)               # this write replaces the lost one
             if n == 1:
                 self._singles += 1
-            self._cond.notify_all()                 # a gathering worker stops: see _gather
+            self._work.notify_all()                 # a gathering worker stops: see _gather
 
     def put_page(self, page: int, data: bytes) -> None:
         """put() for one page (a 4 KiB write). The worker stores the one-page items queued
@@ -136,9 +138,12 @@ class WriteBehind:
             if self._nfailed:
                 self._forget(page, 1)               # this write replaces the lost one
             self._singles += 1
-            # a gathering worker is woken by its timeout, or when the batch is full
-            if self._idle or self._singles == BATCH_PAGES:
-                self._cond.notify_all()
+            # a gathering worker is woken by its timeout, or when the batch is full; an idle one
+            # only if it may take the page, not while another gathers or stores a batch
+            if self._singles == BATCH_PAGES:
+                self._work.notify_all()
+            elif self._idle and not self._batching:
+                self._work.notify()
 
     def wait_range(self, first: int, count: int, forget_failed: bool = False) -> None:
         """Return once no queued item covers pages first .. first+count. DataError (EIO) if one
@@ -183,6 +188,7 @@ class WriteBehind:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
+                self._work.notify_all()
             deadline = time.monotonic() + 30
             for t in self._workers:
                 t.join(max(0.0, deadline - time.monotonic()))
@@ -194,7 +200,7 @@ class WriteBehind:
         """Around a wait for queued pages: the worker does not gather meanwhile (a reader must
         not wait GATHER for a batch to fill). Caller holds _cond."""
         self._waiters += 1
-        self._cond.notify_all()
+        self._work.notify_all()
         try:
             yield
         finally:
@@ -224,10 +230,10 @@ class WriteBehind:
         while True:
             with self._cond:
                 self._idle += 1
-                self._cond.wait_for(lambda: self._takeable() or (self._closed and not self._queue))
+                self._work.wait_for(lambda: self._takeable() or (self._closed and not self._queue))
                 self._idle -= 1
                 if not self._queue:
-                    self._cond.notify_all()     # closed: the other workers end too
+                    self._work.notify_all()     # closed: the other workers end too
                     return
                 items, busy = self._take()
             trim = self._store(items, busy)
@@ -288,7 +294,7 @@ class WriteBehind:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._cond.wait(left)
+            self._work.wait(left)
         batch, seen = [], set()
         for page, data in self._queue:
             if (len(data) != PAGE_SIZE or page in seen or len(batch) == BATCH_PAGES
@@ -329,6 +335,11 @@ class WriteBehind:
             self._queued_bytes -= nbytes
             self.staged[where] -= 1
             self._cond.notify_all()
+            # this worker takes the head next; a request behind it is work for another one (a
+            # batch is not: one worker at a time gathers, and a wake-up per batch costs 4 KiB
+            # writes about 8% of their IOPS)
+            if len(self._queue) > self._singles:
+                self._work.notify()
             if nbytes > len(items) * PAGE_SIZE:
                 self._big_since_idle = True
             if self._queue or self._busy or not self._big_since_idle:
