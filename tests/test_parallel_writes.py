@@ -521,3 +521,31 @@ def test_writers_waiting_for_space_do_not_wake_each_other(tmp_path, monkeypatch)
     finally:
         backing.held.set()
         store.close()
+
+
+def test_a_range_of_pages_takes_the_same_locks_in_the_same_order_as_its_pages_one_by_one():
+    """PageLocks cuts a range's locks from the stripe list (wrapping past the last stripe, or all
+    of them): the same locks, in the same ascending order, as the set of its pages gives."""
+    from zblock.cache import PageLocks
+    locks = PageLocks(16)
+    for start in range(0, 40):
+        for count in (0, 1, 5, 15, 16, 17, 40):
+            by_range = locks._ordered(range(start, start + count))
+            by_pages = locks._ordered(list(range(start, start + count)))
+            assert by_range == by_pages, (start, count)
+    busy = []
+
+    def other():                                # which stripes another thread cannot take
+        for i, lk in enumerate(locks._locks):
+            if lk.acquire(blocking=False):
+                lk.release()
+            else:
+                busy.append(i)
+
+    with locks.hold(range(14, 19)):             # wraps: stripes 14-15 and 0-2
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(10)
+    assert busy == [0, 1, 2, 14, 15]
+    other()
+    assert busy == [0, 1, 2, 14, 15]            # all given back
