@@ -35,7 +35,7 @@ def test_fifo_order_and_wait_range():
         assert not waiter.is_alive()
         wb.drain()
         assert stored == [(3, b"a"), (3, b"b"), (10, b"c")]
-        assert not wb.staged.any()
+        assert not wb.staged.any() and wb._singles == 0
     finally:
         gate.set()
         wb.close()

@@ -116,7 +116,7 @@ class WriteBehind:
             self.staged[page:page + n] += 1
             if self._nfailed:
                 self._forget(page, n)               # this write replaces the lost one
-            if n == 1:
+            if self._single((page, data)):
                 self._singles += 1
             self._work.notify_all()                 # a gathering worker stops: see _gather
 
@@ -137,7 +137,8 @@ class WriteBehind:
             self._staged[page] += 1
             if self._nfailed:
                 self._forget(page, 1)               # this write replaces the lost one
-            self._singles += 1
+            if self._store_scattered is not None:
+                self._singles += 1
             # a gathering worker is woken by its timeout, or when the batch is full; an idle one
             # only if it may take the page, not while another gathers or stores a batch
             if self._singles == BATCH_PAGES:
@@ -233,8 +234,7 @@ class WriteBehind:
                 self._work.wait_for(lambda: self._takeable() or (self._closed and not self._queue))
                 self._idle -= 1
                 if not self._queue:
-                    self._work.notify_all()     # closed: the other workers end too
-                    return
+                    return                      # closed and empty
                 items, busy = self._take()
             trim = self._store(items, busy)
             del items               # the request buffers are free heap before the trim
@@ -315,7 +315,6 @@ class WriteBehind:
         else:
             where = np.fromiter((page for page, _ in items), np.int64, len(items))
         nbytes = sum(len(data) for _, data in items)
-        single = len(items) > 1 or self._single(items[0])
         try:
             if len(items) == 1:
                 self._store_pages(page, data)
@@ -330,7 +329,7 @@ class WriteBehind:
                 self._nfailed = int(np.count_nonzero(self.failed))
         with self._cond:
             self._busy.remove(busy)
-            if single:
+            if busy[2] is not None:         # a batch: the next one may be gathered
                 self._batching = False
             self._queued_bytes -= nbytes
             self.staged[where] -= 1
