@@ -115,7 +115,7 @@ class PageLocks:
         return self._locks[page % self.n]
 
     def hold_range(self, start: int, count: int):
-        return self.hold(range(self.n) if count >= self.n else range(start, start + count))
+        return self.hold(range(start, start + count))     # all stripes once count >= n
 
 
 class Cache:

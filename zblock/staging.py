@@ -259,8 +259,9 @@ class WriteBehind:
         """Whether the head of the queue may be taken now. Caller holds _cond."""
         if not self._queue:
             return False
-        page, data = self._queue[0]
-        if self._single(self._queue[0]):
+        head = self._queue[0]
+        page, data = head
+        if self._single(head):
             return not self._batching and not self._overlaps_busy(page, page + 1)
         return not self._overlaps_busy(page, page + len(data) // PAGE_SIZE)
 
