@@ -11,7 +11,7 @@ import pytest
 
 from zblock import PAGE_SIZE
 from zblock.diskread import STREAMS, WINDOW
-from zblock.cache import NSTRIPES
+from zblock.cache import NSTRIPES, STRIPE_PAGES
 from zblock.errors import DataError
 from zblock.store import Store
 from test_store import make_config, mixed_bytes, text_page, write_key
@@ -262,17 +262,18 @@ def test_a_window_stops_where_the_page_locks_wrap(backing_path):
     wrapped past the last stripe would then take lower ones after it, a deadlock with any hold
     that takes a low stripe and that page's in order. A window therefore ends at the wrap."""
     rng = random.Random(4)
-    npages = 2 * NSTRIPES
+    wrap = NSTRIPES * STRIPE_PAGES              # pages after which the stripes repeat
+    npages = 2 * wrap
     data = bytearray(b"".join(text_page(rng) for _ in range(npages)))
     store = Store.open(backing_path, npages * PAGE_SIZE, make_config())
     try:
         store.write(0, bytes(data))
         to_disk(store)
-        first = NSTRIPES - 16
+        first = wrap - 16
         store.read(first * PAGE_SIZE, CLUSTER)
         store.read((first + 8) * PAGE_SIZE, CLUSTER)        # continues: widened to the wrap
         assert store.stats()["bd_readahead_pages"] == 0     # its 8 pages reach the wrap
-        page = NSTRIPES - 40
+        page = wrap - 40
         locks = store.cache.page_locks
         stop = threading.Event()
 

@@ -527,25 +527,35 @@ def test_a_range_of_pages_takes_the_same_locks_in_the_same_order_as_its_pages_on
     """PageLocks cuts a range's locks from the stripe list (wrapping past the last stripe, or all
     of them): the same locks, in the same ascending order, as the set of its pages gives."""
     from zblock.cache import PageLocks
-    locks = PageLocks(16)
-    for start in range(0, 40):
-        for count in (0, 1, 5, 15, 16, 17, 40):
-            by_range = locks._ordered(range(start, start + count))
-            by_pages = locks._ordered(list(range(start, start + count)))
-            assert by_range == by_pages, (start, count)
+    for stripe_pages in (1, 4):
+        locks = PageLocks(16, stripe_pages)
+        for start in range(0, 40 * stripe_pages):
+            for count in (0, 1, 5, 15, 16, 17, 40, 64, 65, 70):
+                by_range = locks._ordered(range(start, start + count))
+                by_pages = locks._ordered(list(range(start, start + count)))
+                assert by_range == by_pages, (stripe_pages, start, count)
+            assert locks.hold_one(start) is locks._ordered([start])[0]
+            # the pages before the wrap take the start's stripe and every one above it
+            own = locks._locks.index(locks.hold_one(start))
+            left = locks.pages_before_wrap(start)
+            assert locks._ordered(range(start, start + left)) == locks._locks[own:], start
+            assert locks._ordered(range(start, start + left + 1))[0] is locks._locks[0]
     busy = []
 
-    def other():                                # which stripes another thread cannot take
+    def other(locks):                           # which stripes another thread cannot take
         for i, lk in enumerate(locks._locks):
             if lk.acquire(blocking=False):
                 lk.release()
             else:
                 busy.append(i)
 
-    with locks.hold(range(14, 19)):             # wraps: stripes 14-15 and 0-2
-        t = threading.Thread(target=other)
-        t.start()
-        t.join(10)
-    assert busy == [0, 1, 2, 14, 15]
-    other()
-    assert busy == [0, 1, 2, 14, 15]            # all given back
+    for locks, pages, stripes in ((PageLocks(16, 1), range(14, 19), [0, 1, 2, 14, 15]),
+                                  (PageLocks(16, 4), range(59, 70), [0, 1, 14, 15])):
+        with locks.hold(pages):                 # wraps: the top stripes and the first ones
+            t = threading.Thread(target=other, args=(locks,))
+            t.start()
+            t.join(10)
+        assert busy == stripes
+        busy.clear()
+        other(locks)
+        assert busy == []                       # all given back

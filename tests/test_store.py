@@ -1212,9 +1212,12 @@ class BarrierBacking:
 @pytest.mark.timeout(30)
 def test_backing_writes_overlap(backing_path):
     """Two stores that go to disk (incompressible, policy reject) write the disk at the same
-    time: the cache holds no lock across disk I/O except the pages' own. (Without the
-    write-behind queue, whose single worker would order them.)"""
+    time: the cache holds no lock across disk I/O except the pages' own (their lock stripes:
+    the two pages are in different ones). (Without the write-behind queue, whose single worker
+    would order them.)"""
     from zblock.backing import Backing
+    from zblock.cache import STRIPE_PAGES
+    pages = (1, 1 + STRIPE_PAGES)
     backing = BarrierBacking(Backing.open(backing_path, 1 * MiB))
     store = Store(backing, make_config(incompressible_policy="reject"), write_behind=0)
     try:
@@ -1226,12 +1229,12 @@ def test_backing_writes_overlap(backing_path):
                 results.append(p)
             except BaseException as e:
                 results.append(e)
-        ts = [threading.Thread(target=writer, args=(p,)) for p in (1, 2)]
+        ts = [threading.Thread(target=writer, args=(p,)) for p in pages]
         for t in ts:
             t.start()
         for t in ts:
             t.join(15)
-        assert sorted(results) == [1, 2]
+        assert sorted(results) == list(pages)
         backing.armed = False
     finally:
         backing.armed = False

@@ -266,7 +266,10 @@ class Backing:
             self._check_range(int(idxs[0]), 1)
             self._write_one(int(idxs[0]), pages[0])
             return
-        idx = np.fromiter(idxs, np.int64, n)
+        if type(idxs) is range and idxs.step == 1:
+            idx = np.arange(idxs.start, idxs.stop, dtype=np.int64)
+        else:
+            idx = np.fromiter(idxs, np.int64, n)
         self._check_range(int(idx.min()), int(idx.max() - idx.min()) + 1)
         if self.sealer is not None:
             pages, ctrs, tags = self._seal(idx.tolist(), pages)

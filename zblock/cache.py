@@ -31,9 +31,10 @@ comparing generations afterwards (zswap_reclaim_entry). A store that goes to dis
 the older cached entry afterwards, unless a newer store replaced it meanwhile.
 
 Lock protocol (docs/concurrency.md has the order across every module):
-    page locks  striped RLocks (page % NSTRIPES), held across a page's disk I/O (writeback,
-                flush, disk reads, store-to-disk) and a partial page's read-modify-write; several
-                are taken in ascending stripe order. Taken before the tree lock, never after.
+    page locks  striped RLocks (page // STRIPE_PAGES % NSTRIPES), held across a page's disk
+                I/O (writeback, flush, disk reads, store-to-disk) and a partial page's
+                read-modify-write; several are taken in ascending stripe order. Taken before
+                the tree lock, never after.
     tree_lock   guards the entry table, the pool registry and the counters; held only for
                 bookkeeping, never across compression or disk I/O.
     wb_cond     (on tree_lock) wakes the writeback worker and writers waiting for pool space.
@@ -72,14 +73,22 @@ from .writethrough import WriteThrough
 
 log = logging.getLogger(__name__)
 
-NSTRIPES = 1024
+NSTRIPES = 256
+# Pages per stripe: a swap-in cluster takes one or two locks, a 1 MiB request 32 or 33 (one per
+# page made a 1 MiB store to disk take 256 locks, about 40 us).
+STRIPE_PAGES = 8
 
 
 class PageLocks:
-    """Striped per-page locks; RLock so a read-modify-write may load the page it holds."""
+    """Striped page locks: pages first .. first+STRIPE_PAGES-1 of an aligned group share a
+    stripe, stripe (page // stripe_pages) % nstripes. RLock so a read-modify-write may load the
+    page it holds."""
 
-    def __init__(self, nstripes: int = NSTRIPES):
+    def __init__(self, nstripes: int = NSTRIPES, stripe_pages: int = STRIPE_PAGES):
+        assert stripe_pages & (stripe_pages - 1) == 0, "stripe_pages is a power of two"
         self.n = nstripes
+        self._shift = stripe_pages.bit_length() - 1
+        self.wrap = nstripes * stripe_pages     # pages after which the stripes repeat
         self._locks = [threading.RLock() for _ in range(nstripes)]
 
     @contextlib.contextmanager
@@ -97,25 +106,31 @@ class PageLocks:
 
     def _ordered(self, pages) -> list:
         """The locks of `pages` in ascending stripe order. A range of pages is cut from the
-        stripe list directly: building and sorting a set of 256 stripes was 16% of a 1 MiB
-        store to disk."""
-        n = self.n
+        stripe list directly, without a set of its stripes to build and sort."""
+        n, shift = self.n, self._shift
         if type(pages) is range and pages.step == 1:
-            if len(pages) >= n:
+            if not pages:
+                return []
+            first, last = pages.start >> shift, (pages.stop - 1) >> shift
+            if last - first >= n - 1:
                 return self._locks
-            first = pages.start % n
-            end = first + len(pages)
-            if end <= n:
-                return self._locks[first:end]
-            return self._locks[:end - n] + self._locks[first:]
-        return [self._locks[s] for s in sorted({p % n for p in pages})]
+            a, b = first % n, last % n
+            if a <= b:
+                return self._locks[a:b + 1]
+            return self._locks[:b + 1] + self._locks[a:]
+        return [self._locks[s] for s in sorted({(p >> shift) % n for p in pages})]
 
     def hold_one(self, page: int) -> threading.RLock:
         """hold() for one page: its lock, as a context manager."""
-        return self._locks[page % self.n]
+        return self._locks[(page >> self._shift) % self.n]
 
     def hold_range(self, start: int, count: int):
-        return self.hold(range(start, start + count))     # all stripes once count >= n
+        return self.hold(range(start, start + count))
+
+    def pages_before_wrap(self, page: int) -> int:
+        """How many pages from `page` on have stripes above or equal to its own: a range that
+        starts at `page` and is no longer takes its stripes without wrapping to lower ones."""
+        return self.wrap - page % self.wrap
 
 
 class Cache:
@@ -265,9 +280,11 @@ class Cache:
         cached raw and dirty instead, over the limit if need be: the write succeeds, and the
         next fsync retries the disk and reports the error."""
         mv = memoryview(buf).cast("B")
+        # the table's rows as a slice where the pages are one run (a range)
+        rows = slice(idxs.start, idxs.stop) if type(idxs) is range else np.asarray(idxs, np.int64)
         with self.page_locks.hold(idxs):
             with self.tree_lock:
-                gens = self.table.gen[idxs].copy()
+                gens = self.table.gen[rows].copy()
             if expect_gen is not None and gens[0] != expect_gen:
                 return False
             try:
@@ -278,15 +295,15 @@ class Cache:
                 failed = True
                 self.writeback.failed_at = time.monotonic()
             with self.tree_lock:
-                arr = np.asarray(idxs, np.int64)
-                keep = self.table.gen[arr] == gens
-                same = arr[keep]
+                keep = self.table.gen[rows] == gens
                 if not failed:
+                    same = rows if keep.all() else np.asarray(idxs, np.int64)[keep]
                     self.table.free(same)
                     self.table.set_disk(same)
                     if bypass:
                         self.c.bypassed_pages += len(idxs)
-                elif len(same):
+                elif keep.any():
+                    same = np.asarray(idxs, np.int64)[keep]
                     kept = [bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
                             for i in np.flatnonzero(keep).tolist()]
                     raw = Scan(kept, np.full(len(same), RAW, np.uint8),
@@ -484,9 +501,11 @@ class Cache:
         return slots + resident_bytes([*self.table.arrays, *more_arrays])
 
 
-def _pages(where, idx) -> list[int]:
-    """The page numbers of a store's pages idx: where + i for a first page (an int), where[i]
-    for an array of page numbers (see Cache.store_pages)."""
+def _pages(where, idx) -> Sequence[int]:
+    """The page numbers of a store's pages idx: where + i for a first page (an int; a range
+    for a range), where[i] for an array of page numbers (see Cache.store_pages)."""
     if type(where) is int:
+        if type(idx) is range:
+            return range(where + idx.start, where + idx.stop)
         return [where + i for i in idx]
     return where[list(idx)].tolist()

@@ -123,9 +123,8 @@ class DiskReader:
         with self._lock:
             if self._find(first, count) is not None:
                 return count
-        stripes = self._cache.page_locks.n
         return max(count, min(self._window, self._cache.npages - first,
-                              stripes - first % stripes))
+                              self._cache.page_locks.pages_before_wrap(first)))
 
     def _find(self, first: int, count: int):
         """(window start, its entry) of a kept window holding pages first .. first+count."""

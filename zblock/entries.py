@@ -328,11 +328,11 @@ class EntryTable:
          self.gen[pages]) = keep
         return before - self.pool_total_size
 
-    def set_disk(self, pages: np.ndarray) -> None:
-        """Freed pages (see free()) that the backing file now holds."""
+    def set_disk(self, pages) -> None:
+        """Freed pages (see free(): a slice or an index array) that the backing file now holds."""
         self.state[pages] = DISK
         self.fill[pages] = 0                # reads since it went to disk
-        self.disk_pages += len(pages)
+        self.disk_pages += pages.stop - pages.start if type(pages) is slice else len(pages)
 
     # ---- access times -----------------------------------------------------------------------
 
