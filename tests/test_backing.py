@@ -227,6 +227,34 @@ def test_pages_read_ahead_come_back_as_far_as_they_verify_and_their_errors_are_n
         assert b.stats.io_errors == 1
 
 
+def test_one_page_aligned_buffer_is_written_as_it_is_and_any_other_through_a_bounce_buffer(tmp_path):
+    """O_DIRECT from the caller's buffer when it is one page-aligned buffer (a lent FUSE
+    request): no bounce buffer is taken. Anything else (a bytes page, a list) is copied first."""
+    import mmap
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(8 * PAGE_SIZE))
+    disk = FileDisk(str(path))
+    if disk.mode != "direct":
+        disk.close()
+        pytest.skip(f"no O_DIRECT on {tmp_path}")
+    try:
+        data = os.urandom(4 * PAGE_SIZE)
+        aligned = mmap.mmap(-1, len(data))
+        aligned[:] = data
+        taken = []
+        get = disk._pool.get
+        disk._pool.get = lambda: taken.append(1) or get()
+        disk.pwritev(0, [memoryview(aligned).toreadonly()])
+        assert taken == []
+        disk.pwritev(4 * PAGE_SIZE, [data[:PAGE_SIZE], data[PAGE_SIZE:]])
+        disk.pwritev(5 * PAGE_SIZE, [data[:PAGE_SIZE]])
+        assert taken == [1, 1]
+        assert disk.pread(0, 4 * PAGE_SIZE) == data
+        assert disk.pread(4 * PAGE_SIZE, 2 * PAGE_SIZE) == data[:PAGE_SIZE] * 2
+    finally:
+        disk.close()
+
+
 def test_overwrite_and_discard(img):
     with Backing.open(img, 64 * PS) as b:
         b.write_pages(list(range(8)), [page(f"a{i}") for i in range(8)])

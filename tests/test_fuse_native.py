@@ -16,7 +16,8 @@ import pytest
 
 from zblock.config import Config
 from zblock.fuse import protocol as p
-from zblock.fuse.native import ARG, BUFFER_SIZE, MAX_WRITE, NativeError, NativeFuse
+from zblock.disk import _page_aligned
+from zblock.fuse.native import ARG, BUFFER_SIZE, LEND_MIN, MAX_WRITE, NativeError, NativeFuse
 from zblock.fuse_ops import ZblockOps
 from zblock.store import Store
 
@@ -129,6 +130,30 @@ def test_write_read_and_discard_through_the_protocol(served):
     assert k.call(p.FSYNC, disk, p.FSYNC_IN.pack(fh, 0, 0))[0] == 0
     # a write at the end of the disk: ENOSPC, as a block device
     assert k.call(p.WRITE, disk, write_in(fh, SIZE, b"x"))[0] == errno.ENOSPC
+
+
+@pytest.mark.timeout(60)
+def test_a_large_write_is_lent_and_the_worker_reads_on_into_another_buffer(served):
+    """A WRITE of LEND_MIN or more reaches the Store as a read-only view of the request buffer,
+    its payload page-aligned for O_DIRECT; the worker reads the next request into another
+    buffer, so a payload the write-behind queue still holds is never overwritten. Smaller
+    writes are copied."""
+    session, k = served
+    store = session.ops.store
+    seen = []
+    write = store.write
+    store.write = lambda offset, data: (seen.append((data, bytes(data))), write(offset, data))[1]
+    disk, _ = lookup(k, 1, "disk")
+    fh, _ = open_file(k, disk)
+    blocks = [os.urandom(LEND_MIN), os.urandom(2 * LEND_MIN), os.urandom(LEND_MIN), b"small" * 100]
+    for i, block in enumerate(blocks):
+        assert k.call(p.WRITE, disk, write_in(fh, i << 18, block))[0] == 0
+    for (data, as_written), block in zip(seen[:3], blocks):
+        assert type(data) is memoryview and data.readonly and _page_aligned(data)
+        assert as_written == block and bytes(data) == block     # unchanged by later requests
+    assert type(seen[3][0]) is bytes
+    for i, block in enumerate(blocks):
+        assert k.call(p.READ, disk, read_in(fh, i << 18, len(block)))[1] == block
 
 
 @pytest.mark.timeout(60)

@@ -33,7 +33,9 @@ import stat
 import struct
 import threading
 
-from .. import libc
+import numpy as np
+
+from .. import PAGE_SIZE, libc
 from ..runtime import abort_fuse_connection, find_mount
 from . import protocol as p
 from . import uring
@@ -60,6 +62,10 @@ TTL_S = 1
 ROOT_ID = 1
 _RETRY = (errno.ENOENT, errno.EINTR, errno.EAGAIN)
 ARG = p.IN_HEADER.size                 # where a request's own struct starts
+WRITE_DATA = ARG + p.WRITE_IN_SIZE     # where a WRITE's payload starts
+# A /dev/fuse worker lends the Store a WRITE payload at least this large (the write-behind
+# queue's minimum) instead of copying it, and reads its next request into a new buffer.
+LEND_MIN = 64 << 10
 _NO_REPLY = (p.FORGET, p.BATCH_FORGET, p.INTERRUPT)   # nothing of ours to forget or stop
 
 
@@ -69,15 +75,27 @@ class NativeError(OSError):
 
 class _FileInfo:
     """What ZblockOps reads and sets on an open file (the fields of libfuse's fuse_file_info
-    it uses)."""
+    it uses), and whether the request's buffer may be lent: `lendable` for a /dev/fuse worker's
+    buffers (not an io_uring entry's, which the kernel fills again), `lent` once a WRITE kept it."""
 
-    __slots__ = ("fh", "flags", "direct_io", "parallel_direct_writes")
+    __slots__ = ("fh", "flags", "direct_io", "parallel_direct_writes", "lendable", "lent")
 
-    def __init__(self, fh: int = 0, flags: int = 0):
+    def __init__(self, fh: int = 0, flags: int = 0, lendable: bool = False):
         self.fh = fh
         self.flags = flags
         self.direct_io = 0
         self.parallel_direct_writes = 0
+        self.lendable = lendable
+        self.lent = False
+
+
+def _request_buffer() -> memoryview:
+    """A request buffer placed so that a WRITE's payload starts on a page boundary: O_DIRECT
+    writes it to the backing file as it is, without a bounce copy. Not zeroed (np.empty): the
+    kernel writes each request before it is read, and clearing 1 MiB cost more than copying it."""
+    buf = np.empty(BUFFER_SIZE + PAGE_SIZE, np.uint8)
+    lead = -(buf.ctypes.data + WRITE_DATA) % PAGE_SIZE
+    return memoryview(buf)[lead:lead + BUFFER_SIZE]
 
 
 class _Nodes:
@@ -174,13 +192,13 @@ class NativeFuse:
         are closed on every way out."""
         fds = [self.fd]
         try:
-            buf = bytearray(BUFFER_SIZE)
+            buf = _request_buffer()
             while True:
                 n = self._read_request(self.fd, buf)
                 if n is None:
                     return                      # unmounted before INIT
                 if n and p.IN_HEADER.unpack_from(buf)[1] == p.INIT:
-                    self._init(self.fd, memoryview(buf)[:n])
+                    self._init(self.fd, buf[:n])
                     break
                 # nothing else may come before INIT; answer it anyway so nobody waits
                 if n:
@@ -256,13 +274,12 @@ class NativeFuse:
     def _worker(self, fd: int) -> None:
         """Read, dispatch, reply until the connection ends. Written flat: at 4 KiB, this loop's
         own Python is a good part of a request's cost."""
-        buf = bytearray(BUFFER_SIZE)
-        mv = memoryview(buf)
-        bufs = [buf]
+        mv = _request_buffer()
+        bufs = [mv]
         readv, writev = os.readv, os.writev
         header, out_header = p.IN_HEAD.unpack_from, p.OUT_HEADER.pack
         answer = self._answer
-        fi = _FileInfo()
+        fi = _FileInfo(lendable=True)
         while True:
             try:
                 n = readv(fd, bufs)
@@ -274,8 +291,12 @@ class NativeFuse:
                 raise
             if not n:
                 return                          # end of file: the device never, a test's socket
-            _, opcode, unique, node = header(buf)
+            _, opcode, unique, node = header(mv)
             reply = answer(opcode, node, mv, n, fi)
+            if fi.lent:                         # the Store keeps the payload: a new buffer
+                fi.lent = False
+                mv = _request_buffer()
+                bufs = [mv]
             if reply is None:
                 continue
             error, out = reply
@@ -424,8 +445,14 @@ class NativeFuse:
 
     def _write(self, node, mv, n, fi):
         fi.fh, offset, size, _ = p.WRITE_IN.unpack_from(mv, ARG)
-        # a copy: the buffer is this worker's, and the Store may queue the data (write-behind)
-        data = bytes(mv[ARG + p.WRITE_IN_SIZE:ARG + p.WRITE_IN_SIZE + size])
+        # the Store may queue the data (write-behind): lent read-only (the worker moves on to a
+        # new buffer), or copied
+        payload = mv[WRITE_DATA:WRITE_DATA + size]
+        if fi.lendable and size >= LEND_MIN:
+            data = payload.toreadonly()
+            fi.lent = True
+        else:
+            data = bytes(payload)
         n = self.ops.write(self.nodes.path.get(node), data, offset, fi)
         return p.WRITE_OUT.pack(n, 0)
 
