@@ -247,7 +247,9 @@ def test_one_page_aligned_buffer_is_written_as_it_is_and_any_other_through_a_bou
         disk.pwritev(0, [memoryview(aligned).toreadonly()])
         assert taken == []
         disk.pwritev(4 * PAGE_SIZE, [data[:PAGE_SIZE], data[PAGE_SIZE:]])
-        disk.pwritev(5 * PAGE_SIZE, [data[:PAGE_SIZE]])
+        off_page = mmap.mmap(-1, 2 * PAGE_SIZE)     # one buffer, 512 bytes past a page start
+        off_page[512:512 + PAGE_SIZE] = data[:PAGE_SIZE]
+        disk.pwritev(5 * PAGE_SIZE, [memoryview(off_page)[512:512 + PAGE_SIZE]])
         assert taken == [1, 1]
         assert disk.pread(0, 4 * PAGE_SIZE) == data
         assert disk.pread(4 * PAGE_SIZE, 2 * PAGE_SIZE) == data[:PAGE_SIZE] * 2
