@@ -91,12 +91,19 @@ class PageLocks:
         self.wrap = nstripes * stripe_pages     # pages after which the stripes repeat
         self._locks = [threading.RLock() for _ in range(nstripes)]
 
-    @contextlib.contextmanager
     def hold(self, pages):
-        """Hold the locks of `pages` (any iterable of ints), taken in ascending stripe order."""
+        """A context manager that holds the locks of `pages` (any iterable of ints), taken in
+        ascending stripe order. Pages of one stripe get its lock itself: a 4 KiB request's
+        path, where the generator below cost about 2 us."""
+        locks = self._ordered(pages)
+        return locks[0] if len(locks) == 1 else self._hold_all(locks)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _hold_all(locks: list):
         taken = []
         try:
-            for lock in self._ordered(pages):
+            for lock in locks:
                 lock.acquire()
                 taken.append(lock)
             yield
