@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,16 +31,32 @@ START_TIMEOUT = 30.0
 
 def free_port_base(count: int = NODES) -> int:
     """A first port with `count` free loopback ports after it (and their cluster bus ports,
-    port + 10000)."""
+    port + 10000), all below the kernel's ephemeral port range: a port from that range can be
+    taken between this check and the server's bind by any outgoing connection, our own clients'
+    to the nodes started before it included."""
+    top = _ephemeral_low() - 10000 - count      # the bus ports stay below the range too
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            base = s.getsockname()[1]
-        if base + count + 10000 > 65535:
-            continue
+        if top > 10000:
+            base = rng.randrange(10000, top)
+        else:                       # no room below the range: any free port, as a last resort
+            with socket.socket() as s:
+                s.bind((HOST, 0))
+                base = s.getsockname()[1]
+            if base + count + 10000 > 65535:
+                continue
         if all(_port_free(p) and _port_free(p + 10000) for p in range(base, base + count)):
             return base
     raise RuntimeError("no free block of loopback ports for a Redis Cluster")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768                # the kernel's default
 
 
 def _port_free(port: int) -> bool:
