@@ -549,11 +549,12 @@ def test_a_range_of_pages_takes_the_same_locks_in_the_same_order_as_its_pages_on
             else:
                 busy.append(i)
 
+    # the first two wrap (the top stripes and the first ones); the last two take one stripe
     for locks, pages, stripes in ((PageLocks(16, 1), range(14, 19), [0, 1, 2, 14, 15]),
                                   (PageLocks(16, 4), range(59, 70), [0, 1, 14, 15]),
-                                  (PageLocks(16, 4), range(60, 64), [15]),     # one stripe
+                                  (PageLocks(16, 4), range(60, 64), [15]),
                                   (PageLocks(16, 4), (9,), [2])):
-        with locks.hold(pages):                 # wraps: the top stripes and the first ones
+        with locks.hold(pages):
             t = threading.Thread(target=other, args=(locks,))
             t.start()
             t.join(10)
