@@ -217,13 +217,16 @@ def test_fsync_reaches_store(ops, store):
         assert store.stats()["dirty_pages"] == 0
 
 
-def test_request_sizes_counted(ops, store):
+def test_request_sizes_counted(ops):
     f = opened(ops, "/disk")
     ops.write("/disk", bytes(1 << 20), 0, f)
     ops.read("/disk", 1 << 20, 0, f)
-    hist = store.stats()["request_sizes"]
-    assert hist["write"].get(str(1 << 20)) == 1
-    assert hist["read"].get(str(1 << 20)) == 1
+    for _ in range(3):
+        ops.read("/disk", 4096, 8192, f)
+    ops.read("/disk", 3000, 0, f)           # bucketed to the next power of two
+    s = opened(ops, "/stats", os.O_RDONLY)
+    hist = json.loads(ops.read("/stats", 1 << 20, 0, s))["request_sizes"]
+    assert hist == {"write": {str(1 << 20): 1}, "read": {str(1 << 20): 1, "4096": 4}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +289,6 @@ class Failing:
 
     def __init__(self, exc):
         self.exc = exc
-
-    def note_request(self, op, n):
-        pass
 
     def read(self, offset, length):
         raise self.exc

@@ -332,18 +332,20 @@ class AcompTransform:
 
     def decompress(self, req: AcompRequest) -> int:
         """crypto_acomp_decompress()"""
-        gen = req._begin()
-        if self.engine is None:
-            comp = self.compressor
+        if self.engine is None:                 # done here; no _begin: a 4 KiB read's path
+            req.scan = None
             if req.join:
+                req.results = None
                 try:
-                    req.dst = comp.decompress_join(req.src, req.out_len)
+                    req.dst = self.compressor.decompress_join(req.src, req.out_len)
                 except CompressionError as e:
-                    req.results = [e]
+                    req.dst, req.results = None, [e]
                     return -errno.EINVAL
             else:
-                req.results = comp.decompress_many(req.src, req.out_len)
+                req.dst = None
+                req.results = self.compressor.decompress_many(req.src, req.out_len)
             return 0
+        gen = req._begin()
         return self._hw_submit(req, gen, "decompress",
                                [(i, s) for i, s in enumerate(req.src) if len(s) != req.out_len])
 
@@ -389,10 +391,10 @@ class AcompTransform:
         in the submitter's thread. Caller holds the request's context."""
         sub = req.hw
         if sub is None:                             # software: done at submit
-            if req.scan is not None:
-                return req.scan
             if req.dst is not None:
                 return req.dst
+            if req.scan is not None:
+                return req.scan
             if req.join:
                 raise req.results[0]
             return req.results
@@ -461,17 +463,23 @@ class AcompContext:
     def compress(self, src, *, detect_same: bool = False, raw_poor: bool = True,
                  timeout: float | None = None) -> scan.Scan:
         """zswap_compress() of the whole pages in `src` on this context. Caller owns ctx."""
-        with self.mutex:
+        self.mutex.acquire()        # not `with`: about 1,000 instructions less a request
+        try:
             self.req.set_compress(src, detect_same=detect_same, raw_poor=raw_poor)
             return self._submit(self.tfm.compress, timeout)
+        finally:
+            self.mutex.release()
 
     def decompress(self, srcs: Sequence, join: bool = False, out_len: int = PAGE_SIZE,
                    timeout: float | None = None):
         """zswap_decompress() of `srcs`: one bytes (join; CompressionError on a bad stream) or
         a list of bytes / CompressionError. Caller owns ctx."""
-        with self.mutex:
+        self.mutex.acquire()
+        try:
             self.req.set_decompress(srcs, out_len, join)
             return self._submit(self.tfm.decompress, timeout)
+        finally:
+            self.mutex.release()
 
     def _submit(self, submit, timeout: float | None):
         """submit(req) (the transform's compress or decompress), crypto_wait_req when it did not

@@ -393,7 +393,8 @@ class Cache:
     def load_page(self, page: int) -> bytes:
         """load_pages for one page with scalar code: a 4 KiB read's path."""
         table = self.table
-        with self.tree_lock:
+        self.tree_lock.acquire()        # not `with`: about 1,000 instructions less a read
+        try:
             st = table.st[page]
             if NONE < st < DISK:                # SAME, COMP, RAW: an access (idle tracking)
                 table.at[page] = table.now()
@@ -412,6 +413,8 @@ class Cache:
                 return filled_page(table.fl[page])
             elif st == NONE:
                 return ZERO_PAGE
+        finally:
+            self.tree_lock.release()
         if st == FAR:
             return self.far_pages.read([page])[0]
         if st == COMP:
@@ -420,7 +423,7 @@ class Cache:
             except CompressionError as e:
                 self._decompress_failed(page, e)
             finally:
-                self.registry.release((pool,))
+                pool.holds.pop()            # registry.release of one pool
         data = self.disk_reader.read(page, 1, self.disk_reader.continues(page, 1))
         # cached again (or discarded) since our look: take the current bytes
         return self.load_page(page) if data is None else data

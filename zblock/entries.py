@@ -344,7 +344,9 @@ class EntryTable:
     def now(self) -> int:
         """The access time to record now: 1 + whole seconds since the clock was set, within
         uint32 (0 marks a page idle)."""
-        return min(max(int(self.clock() - self._clock_base), 0), 0xFFFFFFFE) + 1
+        t = int(self.clock() - self._clock_base) + 1
+        # comparisons, not min/max: this runs on every 4 KiB read
+        return t if 0 < t < 0xFFFFFFFF else (1 if t < 1 else 0xFFFFFFFF)
 
     def mark_idle(self, older_than: float | None = None) -> int:
         """zram's `idle` write: mark every cached page idle (None), or those not accessed for

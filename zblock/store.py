@@ -131,7 +131,6 @@ class Store:
         self.readahead = Readahead(self.cache, self.npages)
         self._param_lock = threading.Lock()
         self._closed = False
-        self._request_sizes: dict[tuple[str, int], int] = {}
         self._proc = psutil.Process()
         self.compact_freed_bytes = 0
 
@@ -399,12 +398,6 @@ class Store:
             self.cache.compact()
             self.compact_freed_bytes = max(before - self._proc.memory_info().rss, 0)
 
-    def note_request(self, op: str, nbytes: int) -> None:
-        """Count a FUSE request size (approximate under races; bucketed when stats are taken:
-        this runs on every request)."""
-        key = (op, nbytes)
-        self._request_sizes[key] = self._request_sizes.get(key, 0) + 1
-
     def stats(self) -> dict:
         if self.staging:
             self.staging.settle()
@@ -418,12 +411,6 @@ class Store:
         d["sparse"] = self.backing.sparse
         sealer = self.backing.sealer
         d["seal_backend"] = sealer.backend if sealer is not None else "none"
-        hist: dict[str, dict[str, int]] = {"read": {}, "write": {}}
-        for (op, nbytes), count in sorted(self._request_sizes.items(), key=lambda kv: kv[0][1]):
-            # sizes bucketed to the next power of two
-            bucket = str(1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0)
-            hist.setdefault(op, {})[bucket] = hist.get(op, {}).get(bucket, 0) + count
-        d["request_sizes"] = hist
         d["disk_size"] = self.size
         d["swap"] = self.config.swap
         d["pool_limit"] = self.config.pool_limit
