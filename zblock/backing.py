@@ -225,7 +225,7 @@ class Backing:
     def _read_one(self, i: int) -> bytes:
         """read_pages for a single page, same checks, scalar bookkeeping."""
         with self._lock:
-            d, l = int(self._crc[i, 0]), int(self._crc[i, 1])
+            d, l = self._crc[i].tolist()
         if d == ZERO and l == ZERO and not self.verify_zero:
             return bytes(PAGE_SIZE)
         t0 = time.perf_counter_ns()

@@ -89,11 +89,14 @@ class DiskReader:
         cache, table = self._cache, self._cache.table
         span = self._span(first, count) if widen else count
         with cache.page_locks.hold_range(first, span):
-            with cache.tree_lock:
+            cache.tree_lock.acquire()   # not `with`, and no generator: a 4 KiB read's path
+            try:
                 states = table.st[first:first + span].tolist()
-                if any(s != DISK for s in states[:count]):
+                if states[:count].count(DISK) != count:
                     return None
                 gens = table.gn[first:first + span].tolist()
+            finally:
+                cache.tree_lock.release()
             data = self._take(first, gens[:count])
             if data is None:
                 ahead = count
