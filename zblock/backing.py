@@ -224,8 +224,11 @@ class Backing:
 
     def _read_one(self, i: int) -> bytes:
         """read_pages for a single page, same checks, scalar bookkeeping."""
-        with self._lock:
+        self._lock.acquire()        # not `with`: on every 4 KiB read of a page on disk
+        try:
             d, l = self._crc[i].tolist()
+        finally:
+            self._lock.release()
         if d == ZERO and l == ZERO and not self.verify_zero:
             return bytes(PAGE_SIZE)
         t0 = time.perf_counter_ns()

@@ -76,12 +76,15 @@ class DiskReader:
     def continues(self, start: int, n: int) -> bool:
         """Note a load of pages start .. start+n that reads from disk: True if it starts where
         one of the last STREAMS such loads ended."""
-        with self._lock:
+        self._lock.acquire()        # not `with`: on every 4 KiB read of a page on disk
+        try:
             sequential = start in self._ends
             if sequential:
                 self._ends.remove(start)
             self._ends.append(start + n)
             return sequential
+        finally:
+            self._lock.release()
 
     def read(self, first: int, count: int, widen: bool = False):
         """The bytes of pages first .. first+count (bytes, or a memoryview of a window), or None
@@ -138,6 +141,8 @@ class DiskReader:
 
     def _take(self, first: int, gens: list[int]):
         """Kept bytes of pages first .. first+len(gens) if their generations are `gens`."""
+        if not self._kept:
+            return None     # nothing kept (random reads): a window kept meanwhile is missed, not wrong
         with self._lock:
             found = self._find(first, len(gens))
             if found is None:

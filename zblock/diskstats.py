@@ -33,10 +33,13 @@ class DiskStats:
 
     def read(self, pages: int, us: int) -> None:
         """One data-file read of `pages` pages that took `us` microseconds."""
-        with self._lock:
+        self._lock.acquire()        # not `with`: on every 4 KiB read of a page on disk
+        try:
             self.bd_reads += pages
             self.bd_read_ios += 1
             self.bd_read_us += us
+        finally:
+            self._lock.release()
 
     def wrote(self, pages: int, calls: int, us: int) -> None:
         with self._lock:
