@@ -141,8 +141,8 @@ class DiskReader:
 
     def _take(self, first: int, gens: list[int]):
         """Kept bytes of pages first .. first+len(gens) if their generations are `gens`."""
-        if not self._kept:
-            return None     # nothing kept (random reads): a window kept meanwhile is missed, not wrong
+        if not self._kept:      # random reads keep nothing; a window kept meanwhile is missed,
+            return None         # which costs a read, not a wrong answer
         with self._lock:
             found = self._find(first, len(gens))
             if found is None:
