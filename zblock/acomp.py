@@ -332,17 +332,15 @@ class AcompTransform:
 
     def decompress(self, req: AcompRequest) -> int:
         """crypto_acomp_decompress()"""
-        if self.engine is None:                 # done here; no _begin: a 4 KiB read's path
-            req.scan = None
+        if self.engine is None:
+            req.scan = req.dst = req.results = None     # _begin's software half, without its call
             if req.join:
-                req.results = None
                 try:
                     req.dst = self.compressor.decompress_join(req.src, req.out_len)
                 except CompressionError as e:
-                    req.dst, req.results = None, [e]
+                    req.results = [e]
                     return -errno.EINVAL
             else:
-                req.dst = None
                 req.results = self.compressor.decompress_many(req.src, req.out_len)
             return 0
         gen = req._begin()

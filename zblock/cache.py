@@ -423,7 +423,7 @@ class Cache:
             except CompressionError as e:
                 self._decompress_failed(page, e)
             finally:
-                pool.holds.pop()            # registry.release of one pool
+                self.registry.release((pool,))
         data = self.disk_reader.read(page, 1, self.disk_reader.continues(page, 1))
         # cached again (or discarded) since our look: take the current bytes
         return self.load_page(page) if data is None else data

@@ -45,11 +45,8 @@ class Promotion:
                 p = first + i
                 if table.st[p] != DISK or table.gn[p] != gen:
                     continue                # written or discarded since: its fill is not ours
-                reads = table.fl[p] + 1
-                if reads > 1 << 16:         # capped so (not min(): on a 4 KiB read's path)
-                    reads = 1 << 16
-                table.fl[p] = reads
-                if reads > after:
+                table.fl[p] = min(table.fl[p] + 1, 1 << 16)
+                if table.fl[p] > after:
                     hot.append(i)
             if not hot or not self.allowed():
                 return

@@ -26,12 +26,11 @@ Invariants:
       disk reports a failed write-back at fsync. Nothing else consumes that error: a read of
       another page must not eat what fsync has to report.
 
-Lock protocol: `_cond` guards the queue, `_busy`, `_batching`, `staged`, `failed`, `nfailed`,
-`queued_bytes`, `_singles`, `_idle`, `_big_since_idle`, `_waiters`, `_error` and `_closed`.
-`wait_range` (and the Store's one-page read) reads `queued_bytes` and `nfailed` without it
-first: both are zero only when nothing can be waited for (a put that races it is a concurrent
-write, which may land either side of the read). It is never held while storing (compression,
-disk I/O).
+Lock protocol: `_cond` guards the queue, `_busy`, `_batching`, `staged`, `failed`, `_nfailed`,
+`_queued_bytes`, `_singles`, `_idle`, `_big_since_idle`, `_waiters`, `_error` and `_closed`.
+`wait_range` reads `_queued_bytes` and `_nfailed` without it first: both are zero only when
+nothing can be waited for (a put that races it is a concurrent write, which may land either side
+of the read). It is never held while storing (compression, disk I/O).
 
 Not here: byte ranges and partial pages (store.py), compression (cache.py).
 """
@@ -89,9 +88,9 @@ class WriteBehind:
         self._big_since_idle = False    # a request buffer was stored since the queue last ran empty
         self.failed = pagemem.zeros(npages, np.bool_)
         self.arrays = (self.staged, self.failed)        # per-page: counted in table_bytes
-        self.nfailed = 0                # pages in `failed`: lets wait_range skip the lock
+        self._nfailed = 0               # pages in `failed`: lets wait_range skip the lock
         self._queue: collections.deque = collections.deque()
-        self.queued_bytes = 0
+        self._queued_bytes = 0
         self._lock = lock = threading.Lock()
         self._cond = threading.Condition(lock)      # producers and waiters for queued pages
         self._work = threading.Condition(lock)      # workers waiting for an item or a batch
@@ -108,14 +107,14 @@ class WriteBehind:
         """Queue whole pages starting at `page`; blocks while `limit` bytes are waiting."""
         n = len(data) // PAGE_SIZE
         with self._cond:
-            if not self._cond.wait_for(lambda: self.queued_bytes < self.limit or self._closed, WAIT):
+            if not self._cond.wait_for(lambda: self._queued_bytes < self.limit or self._closed, WAIT):
                 raise DataError("write-behind queue stuck: the store worker made no progress")
             if self._closed:
                 raise DataError("store is closed")
             self._queue.append((page, data))
-            self.queued_bytes += len(data)
+            self._queued_bytes += len(data)
             self.staged[page:page + n] += 1
-            if self.nfailed:
+            if self._nfailed:
                 self._forget(page, n)               # this write replaces the lost one
             if self._single((page, data)):
                 self._singles += 1
@@ -128,16 +127,16 @@ class WriteBehind:
         is paid on every write. The writer is answered before its page is compressed."""
         self._lock.acquire()        # _cond's lock; not `with _cond`: two Python frames less
         try:
-            if self.queued_bytes >= self.limit or self._closed:
-                if not self._cond.wait_for(lambda: self.queued_bytes < self.limit or self._closed,
+            if self._queued_bytes >= self.limit or self._closed:
+                if not self._cond.wait_for(lambda: self._queued_bytes < self.limit or self._closed,
                                            WAIT):
                     raise DataError("write-behind queue stuck: the store worker made no progress")
                 if self._closed:
                     raise DataError("store is closed")
             self._queue.append((page, data))
-            self.queued_bytes += PAGE_SIZE
+            self._queued_bytes += PAGE_SIZE
             self._staged[page] += 1
-            if self.nfailed:
+            if self._nfailed:
                 self._forget(page, 1)               # this write replaces the lost one
             if self._store_scattered is not None:
                 self._singles += 1
@@ -153,7 +152,7 @@ class WriteBehind:
     def wait_range(self, first: int, count: int, forget_failed: bool = False) -> None:
         """Return once no queued item covers pages first .. first+count. DataError (EIO) if one
         of them lost a queued write, unless `forget_failed` (a discard: the pages are zeros now)."""
-        if not self.queued_bytes and not self.nfailed:
+        if not self._queued_bytes and not self._nfailed:
             return                  # nothing queued, nothing lost: the common case, lock-free
         with self._cond:
             if self.staged[first:first + count].any():
@@ -162,7 +161,7 @@ class WriteBehind:
                             lambda: not self.staged[first:first + count].any() or self._worker_dead(),
                             WAIT):
                         raise DataError("write-behind queue stuck: the store worker made no progress")
-            if not self.nfailed:
+            if not self._nfailed:
                 return
             if forget_failed:
                 self._forget(first, count)
@@ -174,7 +173,7 @@ class WriteBehind:
         """Return once every queued item is stored; raises the first error a store hit."""
         with self._cond:
             with self._waiting():
-                if not self._cond.wait_for(lambda: not self.queued_bytes or self._worker_dead(),
+                if not self._cond.wait_for(lambda: not self._queued_bytes or self._worker_dead(),
                                            WAIT):
                     raise DataError("write-behind queue stuck: the store worker made no progress")
             self._raise_error()
@@ -183,7 +182,7 @@ class WriteBehind:
         """Wait (bounded) until the queue is empty, leaving any error for the next writer:
         stats taken after a write then count that write."""
         with self._cond, self._waiting():
-            self._cond.wait_for(lambda: not self.queued_bytes or self._worker_dead(), timeout)
+            self._cond.wait_for(lambda: not self._queued_bytes or self._worker_dead(), timeout)
 
     def close(self) -> None:
         """Store what is queued, then stop the worker (bounded join). Idempotent."""
@@ -214,7 +213,7 @@ class WriteBehind:
     def _forget(self, first: int, count: int) -> None:
         """Caller holds _cond."""
         self.failed[first:first + count] = False
-        self.nfailed = int(np.count_nonzero(self.failed))
+        self._nfailed = int(np.count_nonzero(self.failed))
 
     def _raise_error(self) -> None:
         """Caller holds _cond."""
@@ -331,12 +330,12 @@ class WriteBehind:
                 if self._error is None:
                     self._error = e
                 self.failed[where] = True
-                self.nfailed = int(np.count_nonzero(self.failed))
+                self._nfailed = int(np.count_nonzero(self.failed))
         with self._cond:
             self._busy.remove(busy)
             if busy[2] is not None:         # a batch: the next one may be gathered
                 self._batching = False
-            self.queued_bytes -= nbytes
+            self._queued_bytes -= nbytes
             self.staged[where] -= 1
             self._cond.notify_all()
             # this worker takes the head next; a request behind it is work for another one (a

@@ -165,10 +165,8 @@ class Store:
         if length == PAGE_SIZE and not offset & PAGE_MASK and 0 <= offset < self.size:
             # one aligned page (random 4 KiB I/O): every layer below costs per call
             page = offset >> PAGE_SHIFT
-            staging = self.staging
-            # wait_range's lock-free look, here: the call alone is 4% of a pooled page's read
-            if staging is not None and (staging.queued_bytes or staging.nfailed):
-                staging.wait_range(page, 1)
+            if self.staging:
+                self.staging.wait_range(page, 1)
             return self.cache.load_page(page)
         if offset < 0 or length < 0:
             raise OutOfRange(f"read at {offset} of {length} bytes")

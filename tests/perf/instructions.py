@@ -5,9 +5,9 @@ timings on this VM vary by 20% from run to run (docs/performance.md, fourteenth 
 
 OP: answer (NativeFuse._answer of a READ of a pooled page), read (Store.read), load
 (Cache.load_page), write (NativeFuse._answer of a WRITE: the FUSE side, queued), disk
-(Cache.load_page of a page on disk). Needs valgrind (not a dependency: `apt-get install valgrind`). It runs itself
-under callgrind once per OP, and counts only what runs inside functools.reduce (the measured
-loop, in the main thread). PYTHONPATH picks the tree measured.
+(Cache.load_page of a page on disk). Needs valgrind (not a dependency: `apt-get install
+valgrind`). It runs itself under callgrind once per OP, and counts only what runs inside
+functools.reduce (the measured loop, in the main thread). PYTHONPATH picks the tree measured.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def run(op: str) -> None:
 
     disk = op == "disk"
     d = tempfile.mkdtemp(dir="/dev/shm")
+    store = None
     try:
         store = Store.open(f"{d}/backing", 16 << 20,
                            Config.from_strings({"pool_limit": "0"} if disk else {}))
@@ -74,7 +75,7 @@ def run(op: str) -> None:
             size = 4096 if opcode == p.WRITE else 0
             buf = bytearray((WRITE_DATA if size else ARG + p.READ_IN.size) + size)
             p.IN_HEADER.pack_into(buf, 0, len(buf), opcode, 1, node, 0, 0, 0, 0, 0)
-            p.READ_IN.pack_into(buf, ARG, fi.fh, page * 4096, 4096, 0)
+            (p.WRITE_IN if size else p.READ_IN).pack_into(buf, ARG, fi.fh, page * 4096, 4096, 0)
             if size:
                 buf[WRITE_DATA:] = os.urandom(4096)
             return memoryview(buf)
@@ -91,8 +92,9 @@ def run(op: str) -> None:
         for item in items[:200]:                # warm: caches, specialised bytecode
             call(None, item)
         functools.reduce(call, items, None)
-        store.close()
     finally:
+        if store is not None:
+            store.close()
         shutil.rmtree(d, ignore_errors=True)
 
 
