@@ -35,8 +35,8 @@ def measure(op: str) -> int:
          "--callgrind-out-file=/dev/null", sys.executable, "-P", __file__, "--run", op],
         env=env, capture_output=True, text=True, timeout=900)
     m = re.search(r"Collected : (\d+)", out.stderr)
-    if m is None:
-        raise SystemExit(f"{op}: callgrind gave no count\n{out.stderr[-2000:]}")
+    if out.returncode or m is None:
+        raise SystemExit(f"{op}: the run failed\n{out.stderr[-2000:]}")
     return int(m.group(1)) // N
 
 
