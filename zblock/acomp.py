@@ -40,8 +40,8 @@ Invariants:
   - a completion of a request generation that its waiter gave up on (the deadline) is dropped:
     it never touches a request that has been reused.
 
-Lock protocol: ContextSet._free is popped and appended without a lock (each is atomic under the
-GIL); _cond guards _closed, _waiters and the sleep of a get() that found none free (never held
+Lock protocol: ContextSet._free (a deque: a list reallocates on most pops) is popped and appended
+without a lock (each is atomic under the GIL); _cond guards _closed, _waiters and the sleep of a get() that found none free (never held
 across compression). AcompRequest._lock guards gen and the completion state and is held while
 the completion callback runs, so a stale completion cannot race a resubmission; callbacks must
 not submit (crypto_req_done only sets the wait). Lock order: AcompContext.mutex ->
@@ -50,6 +50,7 @@ AcompRequest._lock -> CryptoWait._cond -> Engine._lock.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -597,7 +598,7 @@ class ContextSet:
         self.split_min = split_min
         self.get_timeout = get_timeout
         self._contexts = [AcompContext(i, alg, level, engine, hw_timeout) for i in range(n)]
-        self._free = list(self._contexts)
+        self._free = collections.deque(self._contexts)
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0                    # get() calls blocked on _cond
         self._closed = False

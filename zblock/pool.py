@@ -13,8 +13,9 @@ after a large free `trim()` asks malloc to return whole free pages (malloc_trim)
 Lifetime (zswap's pool find-get): the current pool has one ref for being current plus one per
 entry; switching A -> B -> A while A still has entries makes A current again. A pool whose last
 ref goes is closed (contexts freed); a store or load at work with the pool holds it (`holds`).
-Counters are guarded by the cache's tree lock; `holds` is a list so that giving a hold back is one
-atomic pop, without the tree lock (see zblock.pools).
+Counters are guarded by the cache's tree lock; `holds` is a deque so that giving a hold back is one
+atomic pop, without the tree lock (see zblock.pools), and without the realloc that a list's pop
+from 1 to 0 items makes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Pool:
         # entries holding each object held by more than one
         self.objects: dict[bytes, bytes] = {}
         self.sharers: dict[bytes, int] = {}
-        self.holds: list = []      # one item per store or load at work with it, unlocked
+        self.holds = collections.deque()    # one item per store or load at work with it, unlocked
         self.current = True
 
     @property
