@@ -31,11 +31,19 @@ MiB = 1 << 20
 
 
 class Clock:
+    """An injected source for the table's access clock: moving it refreshes the clock's tick
+    (the refreshing thread would, within TICK)."""
+
     def __init__(self):
         self.t = 1000.0
+        self.access_clock = None
 
     def __call__(self) -> float:
         return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        self.access_clock.refresh()
 
 
 def text_page(i: int) -> bytes:
@@ -51,7 +59,8 @@ def random_page(rng: random.Random) -> bytes:
 def store(tmp_path):
     s = Store.open(str(tmp_path / "img"), 16 * MiB, Config(pool_limit=64 * MiB, contexts=1))
     clock = Clock()
-    s.cache.table.set_clock(clock)
+    clock.access_clock = s.cache.table.clock
+    clock.access_clock.set_source(clock)
     s.clock = clock
     try:
         yield s
@@ -72,10 +81,10 @@ def settled_write(store: Store, page: int, data: bytes) -> None:
 def test_idle_by_age_with_an_injected_clock(store):
     for p in range(100):
         settled_write(store, p, text_page(p))
-    store.clock.t += 100
+    store.clock.advance(100)
     for p in range(0, 100, 2):                      # even pages read at t+100
         assert store.read(p * PAGE_SIZE, PAGE_SIZE) == text_page(p)
-    store.clock.t += 30
+    store.clock.advance(30)
     store.set_param("idle", "50")                   # not accessed for 50 s: the odd pages
     assert store.stats()["idle_pages"] == 50
     with store.cache.tree_lock:

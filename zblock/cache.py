@@ -166,6 +166,7 @@ class Cache:
         self.on_demand = OnDemand(self)
         self.promotion = Promotion(self)
         self.disk_reader = DiskReader(self)
+        self.table.clock.start()
 
     @property
     def trimmer(self) -> Trimmer:
@@ -343,7 +344,7 @@ class Cache:
                 gens_out.append(table.gen[start:end].copy())
             parts = table.objs_range(start, end)    # COMP/RAW objects; the rest set below
             pid, fl, ref, at = table.pid, table.fl, table.ref, table.at
-            now = table.now()
+            now = table.clock.tick
             hits = 0
             for i, s in enumerate(table.st[start:end].tolist()):
                 if s == COMP:
@@ -397,7 +398,7 @@ class Cache:
         try:
             st = table.st[page]
             if NONE < st < DISK:                # SAME, COMP, RAW: an access (idle tracking)
-                table.at[page] = table.now()
+                table.at[page] = table.clock.tick
             if st == COMP:
                 obj = table.obj(page)
                 table.ref[page] = True
@@ -493,6 +494,7 @@ class Cache:
                 if self.far_pages is not None:
                     self.far_pages.close()
             finally:
+                self.table.clock.stop()
                 self.registry.close()
 
     def check_worker(self) -> None:

@@ -3,7 +3,7 @@ that installs, frees and accounts for entries.
 
 Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
 (second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp, generation and last access time
-(zram's ac_time: whole seconds since the table was made, plus one; 0 marks the page idle); `objs` holds the
+(zram's ac_time, in whole seconds: zblock.accessclock; 0 marks the page idle); `objs` holds the
 stored object of a COMP or RAW page. Memory follows the pages in use: the kernel gives
 its arrays (zblock.pagemem.zeros) memory on first write, `objs` is made of chunks created
 by the first store into them, and nothing writes the entries of pages that hold nothing. Work
@@ -46,11 +46,11 @@ Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' l
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 
 from . import pagemem
+from .accessclock import AccessClock
 from .dedup import DedupIndex
 from .pool import Pool, charge
 from .scan import COMP, NONE, RAW, SAME, Scan
@@ -117,7 +117,7 @@ class EntryTable:
         self.stp = memoryview(self.stamp)
         self.gn = memoryview(self.gen)
         self.at = memoryview(self.atime)
-        self.set_clock(time.monotonic)
+        self.clock = AccessClock()          # `clock.tick`: the access time to record now
         self.lv = memoryview(self.live)
         self.seq = 1                        # next LRU stamp
         # zswap stores entries referenced (second chance before their first writeback); zblock's
@@ -196,7 +196,7 @@ class EntryTable:
         self.dirty[pages] = True
         self.stamp[pages] = self.seq
         self.referenced[pages] = self.referenced_on_store
-        self.atime[pages] = self.now()
+        self.atime[pages] = self.clock.tick
         self.seq += 1
         first = pages.start if type(pages) is slice else None
         saved = self.dedup_saved_bytes
@@ -228,7 +228,7 @@ class EntryTable:
         self.dt[page] = True
         self.stp[page] = self.seq
         self.ref[page] = self.referenced_on_store
-        self.at[page] = self.now()
+        self.at[page] = self.clock.tick
         self.seq += 1
         obj = scan.objs[0]
         if self.dedup is not None and obj is not None:
@@ -336,22 +336,10 @@ class EntryTable:
 
     # ---- access times -----------------------------------------------------------------------
 
-    def set_clock(self, clock) -> None:
-        """Read access times from `clock` (seconds, a float) from now on (tests inject one)."""
-        self.clock = clock
-        self._clock_base = clock()
-
-    def now(self) -> int:
-        """The access time to record now: 1 + whole seconds since the clock was set, within
-        uint32 (0 marks a page idle)."""
-        t = int(self.clock() - self._clock_base) + 1
-        # comparisons, not min/max: this runs on every 4 KiB read
-        return t if 0 < t < 0xFFFFFFFF else (1 if t < 1 else 0xFFFFFFFF)
-
     def mark_idle(self, older_than: float | None = None) -> int:
         """zram's `idle` write: mark every cached page idle (None), or those not accessed for
         `older_than` seconds. Returns how many pages are idle now."""
-        cutoff = None if older_than is None else self.now() - older_than
+        cutoff = None if older_than is None else self.clock.tick - older_than
         n = 0
         for s in self.spans():
             held = self.holds_data(s)
