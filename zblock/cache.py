@@ -335,39 +335,38 @@ class Cache:
             return self.load_page(start)
         table = self.table
         end = start + n
-        comp: list[tuple[int, int]] = []        # (index, pool id) of compressed pages
-        disk: list[int] = []
+        comp: list[int] = []                    # compressed pages
+        disk: list[int] = []                    # indices into the request
         far: list[int] = []
-        fills: list[tuple[int, int]] = []
         with self.tree_lock:
             if gens_out is not None:
                 gens_out.append(table.gen[start:end].copy())
             parts = table.objs_range(start, end)    # COMP/RAW objects; the rest set below
             pid, fl, ref, at = table.pid, table.fl, table.ref, table.at
             now = table.clock.tick
-            hits = 0
-            for i, s in enumerate(table.st[start:end].tolist()):
+            missed = 0
+            for p, s in zip(range(start, end), table.st[start:end].tolist()):
                 if s == COMP:
-                    comp.append((i, pid[start + i]))
-                    ref[start + i] = True
+                    comp.append(p)
+                    ref[p] = True
                 elif s == RAW:
-                    ref[start + i] = True
+                    ref[p] = True
                 elif s == SAME:
-                    fills.append((i, fl[start + i]))
+                    parts[p - start] = filled_page(fl[p])
                 else:                       # NONE reads zeros; DISK and FAR are read below
+                    i = p - start
                     parts[i] = ZERO_PAGE
                     if s == DISK:
                         disk.append(i)
                     elif s == FAR:
                         far.append(i)
+                    missed += 1
                     continue
-                at[start + i] = now
-                hits += 1
-            self.c.zswpin += hits
-            pools = self.registry.hold({p for _, p in comp}) if comp else {}
+                at[p] = now
+            self.c.zswpin += n - missed
+            comp_pools = [pid[p] for p in comp]
+            pools = self.registry.hold(set(comp_pools)) if comp else {}
         try:
-            for i, f in fills:
-                parts[i] = filled_page(f)
             if disk:
                 self.disk_reader.load(start, n, disk, parts)
             if far:
@@ -381,7 +380,7 @@ class Cache:
                 except CompressionError:
                     pass                        # page by page below names the bad page
             for pool_id, pool in pools.items():
-                items = [i for i, p in comp if p == pool_id]
+                items = [p - start for p, q in zip(comp, comp_pools) if q == pool_id]
                 for i, r in zip(items, pool.contexts.decompress([parts[i] for i in items])):
                     if type(r) is not bytes:
                         self._decompress_failed(start + i, r)

@@ -3,9 +3,10 @@ timings on this VM vary by 20% from run to run (docs/performance.md, fourteenth 
 
     python -P tests/perf/instructions.py [OP ...]
 
-OP: answer (NativeFuse._answer of a READ of a pooled page), read (Store.read), load
-(Cache.load_page), write (NativeFuse._answer of a WRITE: the FUSE side, queued), disk
-(Cache.load_page of a page on disk). Needs valgrind (not a dependency: `apt-get install
+OP: answer (NativeFuse._answer of a READ of a pooled LZ4 page), raw (the same of a page stored
+raw: what test_random.py's reads mostly meet, after fio's random writes), read (Store.read),
+load (Cache.load_page), write (NativeFuse._answer of a WRITE: the FUSE side, queued), disk
+(Cache.load_page of a page on disk), cluster (Store.read of 32 KiB: a swap-in). Needs valgrind (not a dependency: `apt-get install
 valgrind`). It runs itself under callgrind once per OP, and counts only what runs inside
 functools.reduce (the measured loop, in the main thread). PYTHONPATH picks the tree measured.
 """
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 N = 3000
-OPS = ("answer", "read", "load", "write", "disk")
+OPS = ("answer", "raw", "read", "load", "write", "disk", "cluster")
 DATA = Path("/var/tmp/zblock-bench")          # the bench's data sets (tests/perf/harness.py)
 
 
@@ -43,7 +44,7 @@ def measure(op: str) -> int:
 def run(op: str) -> None:
     """One op N times on a 16 MiB store on /dev/shm (the loop callgrind counts)."""
     from zblock.config import Config
-    from zblock.entries import COMP, DISK
+    from zblock.entries import COMP, DISK, RAW
     from zblock.fuse import protocol as p
     from zblock.fuse.native import ARG, WRITE_DATA, NativeFuse, _FileInfo
     from zblock.fuse_ops import ZblockOps
@@ -55,15 +56,19 @@ def run(op: str) -> None:
     try:
         store = Store.open(f"{d}/backing", 16 << 20,
                            Config.from_strings({"pool_limit": "0"} if disk else {}))
-        name = "usr-256M.img" if disk else "mix-256M.img"
-        with open(DATA / name, "rb") as f:
-            store.write(0, f.read(16 << 20))
+        if op == "raw":
+            store.write(0, random.Random(2).randbytes(16 << 20))
+        else:
+            with open(DATA / ("usr-256M.img" if disk else "mix-256M.img"), "rb") as f:
+                store.write(0, f.read(16 << 20))
         store.fsync()
         cache = store.cache
         rng = random.Random(1)
-        want = DISK if disk else COMP
+        want = DISK if disk else RAW if op == "raw" else COMP
         pages = [q for q in (rng.randrange(4096) for _ in range(20000))
                  if cache.table.st[q] == want][:N]
+        if op == "cluster":                     # swap-in clusters: 8 pages from a multiple of 8
+            pages = [q & ~7 for q in pages]
         assert len(pages) == N, f"only {len(pages)} pages in the state measured"
         ops = ZblockOps(store)
         fuse = NativeFuse(ops, d, fsname="zblock")
@@ -82,10 +87,12 @@ def run(op: str) -> None:
 
         calls = {
             "answer": (lambda a, m: fuse._answer(p.READ, node, m, len(m), fi), p.READ),
+            "raw": (lambda a, m: fuse._answer(p.READ, node, m, len(m), fi), p.READ),
             "write": (lambda a, m: fuse._answer(p.WRITE, node, m, len(m), fi), p.WRITE),
             "read": (lambda a, q: store.read(q << 12, 4096), None),
             "load": (lambda a, q: cache.load_page(q), None),
             "disk": (lambda a, q: cache.load_page(q), None),
+            "cluster": (lambda a, q: store.read(q << 12, 32768), None),
         }
         call, opcode = calls[op]
         items = [request(opcode, q) for q in pages] if opcode else pages
