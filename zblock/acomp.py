@@ -41,11 +41,11 @@ Invariants:
     it never touches a request that has been reused.
 
 Lock protocol: ContextSet._free (a deque: a list reallocates on most pops) is popped and appended
-without a lock (each is atomic under the GIL); _cond guards _closed, _waiters and the sleep of a get() that found none free (never held
-across compression). AcompRequest._lock guards gen and the completion state and is held while
-the completion callback runs, so a stale completion cannot race a resubmission; callbacks must
-not submit (crypto_req_done only sets the wait). Lock order: AcompContext.mutex ->
-AcompRequest._lock -> CryptoWait._cond -> Engine._lock.
+without a lock (each is atomic under the GIL); _cond guards _closed, _waiters and the sleep of a
+get() that found none free (never held across compression). AcompRequest._lock guards gen and the
+completion state and is held while the completion callback runs, so a stale completion cannot race a
+resubmission; callbacks must not submit (crypto_req_done only sets the wait). Lock order:
+AcompContext.mutex -> AcompRequest._lock -> CryptoWait._cond -> Engine._lock.
 """
 
 from __future__ import annotations

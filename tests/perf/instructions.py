@@ -3,12 +3,13 @@ timings on this VM vary by 20% from run to run (docs/performance.md, fourteenth 
 
     python -P tests/perf/instructions.py [OP ...]
 
-OP: answer (NativeFuse._answer of a READ of a pooled LZ4 page), raw (the same of a page stored
-raw: what test_random.py's reads mostly meet, after fio's random writes), read (Store.read),
-load (Cache.load_page), write (NativeFuse._answer of a WRITE: the FUSE side, queued), disk
-(Cache.load_page of a page on disk), cluster (Store.read of 32 KiB: a swap-in). Needs valgrind (not a dependency: `apt-get install
-valgrind`). It runs itself under callgrind once per OP, and counts only what runs inside
-functools.reduce (the measured loop, in the main thread). PYTHONPATH picks the tree measured.
+OP: answer (NativeFuse._answer of a READ of a pooled LZ4 page), raw (the same of a page stored raw:
+what test_random.py's reads mostly meet, after fio's random writes), read (Store.read), load
+(Cache.load_page), write (NativeFuse._answer of a WRITE: the FUSE side, queued), disk
+(Cache.load_page of a page on disk), cluster (Store.read of 32 KiB: a swap-in). Needs valgrind (not
+a dependency: `apt-get install valgrind`). It runs itself under callgrind once per OP, and counts
+only what runs inside functools.reduce (the measured loop, in the main thread). PYTHONPATH picks the
+tree measured.
 """
 
 from __future__ import annotations
