@@ -617,7 +617,7 @@ class ContextSet:
     def get(self, timeout: float | None = None) -> AcompContext:
         """Take a free context, blocking until one is put back (deadline: AcompTimeout).
 
-        The uncontended case takes no lock: list.pop is atomic under the GIL, and a 4 KiB
+        The uncontended case takes no lock: deque.pop is atomic under the GIL, and a 4 KiB
         request's whole budget is a few microseconds (see put() for the waiter protocol)."""
         if not self._closed:
             try:

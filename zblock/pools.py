@@ -7,7 +7,7 @@ zswap_pool_put). Engines are shared by the pools with the same engine settings.
 
 Lifetime: a pool's refs are its entries (`stored_pages`), its holds (a store or load at work
 with it outside the tree lock) and one for being current; at zero refs it is dead. A hold is
-taken under the tree lock and given back without it (one atomic list pop: a second tree lock
+taken under the tree lock and given back without it (one atomic deque pop: a second tree lock
 acquisition per 4 KiB read cost a quarter of the read IOPS under two FUSE threads), so a pool
 whose last hold goes is found dead by the next free of one of its entries or by collect(), which
 the writeback worker runs every pass. Dead pools and unused engines are unlisted under the tree
@@ -111,7 +111,7 @@ class PoolRegistry:
 
     @staticmethod
     def release(pools) -> None:
-        """Give holds back; no tree lock needed (list.pop is atomic)."""
+        """Give holds back; no tree lock needed (deque.pop is atomic)."""
         for pool in pools:
             pool.holds.pop()
 
