@@ -115,7 +115,7 @@ def test_a_server_that_encrypts_nothing_loads_no_openssl():
     """What a mount imports (the CLI, the daemon, the native front end, the whole core) and an
     open Store without --encrypt or --far: no cryptography package, no OpenSSL through hashlib
     or zblock._sealpages (about 13 MiB of an idle server's RSS), and no importlib.metadata with
-    its email and zipfile packages (2.5 MiB; crc32c 2.8 imports it; docs/performance.md)."""
+    its email and zipfile packages (1.3 MiB; crc32c 2.8 imports it; docs/performance.md)."""
     loaded = set(json.loads(run_python(
         "import json, os, sys, tempfile\n"
         "import zblock.cli, zblock.daemon, zblock.fuse.native\n"

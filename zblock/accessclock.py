@@ -38,11 +38,10 @@ class AccessClock:
             self._base = source()
         self.refresh()
 
-    def refresh(self) -> int:
+    def refresh(self) -> None:
         with self._lock:
             t = int(self._source() - self._base) + 1
             self.tick = t if 0 < t < _MAX else (1 if t < 1 else _MAX)
-            return self.tick
 
     def start(self) -> None:
         if self._thread is None:

@@ -88,13 +88,13 @@ def run(op: str) -> None:
 
         calls = {
             "answer": (lambda a, m: fuse._answer(p.READ, node, m, len(m), fi), p.READ),
-            "raw": (lambda a, m: fuse._answer(p.READ, node, m, len(m), fi), p.READ),
             "write": (lambda a, m: fuse._answer(p.WRITE, node, m, len(m), fi), p.WRITE),
             "read": (lambda a, q: store.read(q << 12, 4096), None),
             "load": (lambda a, q: cache.load_page(q), None),
             "disk": (lambda a, q: cache.load_page(q), None),
             "cluster": (lambda a, q: store.read(q << 12, 32768), None),
         }
+        calls["raw"] = calls["answer"]          # the same request, of a page stored raw
         call, opcode = calls[op]
         items = [request(opcode, q) for q in pages] if opcode else pages
         for item in items[:200]:                # warm: caches, specialised bytecode
