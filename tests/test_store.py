@@ -125,7 +125,7 @@ def check_consistency(store: Store) -> None:
         # a page under writeback is a cached or far one (the worker may be mid-batch)
         assert (cached | far)[t.under_wb].all()
         # a page has an object exactly when it is cached, and every entry is in a live chunk
-        for c, chunk in enumerate(t.objs):
+        for c, chunk in enumerate(t.objs.chunks):
             lo = c * OBJ_CHUNK
             want = cached[lo:lo + OBJ_CHUNK]
             if chunk is None:
@@ -833,7 +833,7 @@ def _large_disk_memory(backing_path: str) -> dict:
                 store.write(off, data)                 # cached again, so that chunks exist
             for off in offsets:                        # whole chunks: given back
                 store.discard(off // chunk * chunk, chunk)
-            out["chunks_left"] = sum(c is not None for c in store.cache.table.objs)
+            out["chunks_left"] = sum(c is not None for c in store.cache.table.objs.chunks)
             out["live_left"] = int(store.cache.table.live.sum())
             out["discarded_reads_zero"] = store.read(offsets[1], len(data)) == bytes(len(data))
         finally:
@@ -899,7 +899,7 @@ def test_disk_too_large_for_memory_refused(backing_path):
     try:
         t = store.cache.table
         arrays = [*t.arrays, *store.backing.arrays, *store.staging.arrays]
-        slots = len(t.objs) * OBJ_CHUNK * 8                      # every chunk made
+        slots = len(t.objs.chunks) * OBJ_CHUNK * 8                      # every chunk made
         assert (sum(a.nbytes for a in arrays) + slots) // store.npages == TABLE_BYTES_PER_PAGE
     finally:
         store.close()
@@ -940,12 +940,12 @@ def test_discard_gives_back_the_chunks_it_empties(backing_path):
         store.write(2 * chunk, bytes(PAGE_SIZE))            # same-filled: live, no objs chunk
         store.fsync()
         assert t.live.tolist() == [True] * 4
-        assert [c is not None for c in t.objs] == [True, True, False, True]
+        assert [c is not None for c in t.objs.chunks] == [True, True, False, True]
         store.discard(0, 2 * chunk)                         # two whole chunks
         store.discard(2 * chunk, PAGE_SIZE)                 # the only entry of chunk 2
         store.discard(3 * chunk + PAGE_SIZE, PAGE_SIZE)     # next to chunk 3's entry: it stays
         assert t.live.tolist() == [False, False, False, True]
-        assert [c is not None for c in t.objs] == [False, False, False, True]
+        assert [c is not None for c in t.objs.chunks] == [False, False, False, True]
         assert store.read(3 * chunk, PAGE_SIZE) == page
         check_consistency(store)
         store.write(0, page)                                # a chunk comes back when used again
@@ -1109,13 +1109,13 @@ def test_corrupt_object_in_a_read_names_its_page(backing_path, npages):
         bad = npages - 3
         assert c.table.state[bad] == COMP
         good = c.table.obj(bad)
-        c.table._set_obj(bad, b"\xff" * 40)
+        c.table.objs.set(bad, b"\xff" * 40)
         with pytest.raises(DataError, match=f"page {bad}:"):
             store.read(0, npages * PAGE_SIZE)
         assert store.stats()["decompress_fail"] == 1
         assert c.registry.current.users == 0
         assert store.read(0, bad * PAGE_SIZE) == data[:bad * PAGE_SIZE]
-        c.table._set_obj(bad, good)                  # so that close() can write it back
+        c.table.objs.set(bad, good)                  # so that close() can write it back
         assert store.read(0, npages * PAGE_SIZE) == data
     finally:
         store.close()

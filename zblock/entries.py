@@ -3,12 +3,13 @@ that installs, frees and accounts for entries.
 
 Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
 (second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp, generation and last access time
-(zram's ac_time, in whole seconds: zblock.accessclock; 0 marks the page idle); `objs` holds the
-stored object of a COMP or RAW page. Memory follows the pages in use: the kernel gives
-its arrays (zblock.pagemem.zeros) memory on first write, `objs` is made of chunks created
-by the first store into them, and nothing writes the entries of pages that hold nothing. Work
-that looks for entries (dirty, cached, under writeback) looks only at `live` chunks, so it is
-in proportion to the parts of the disk in use, with temporaries of at most SPAN pages.
+(zram's ac_time, in whole seconds: zblock.accessclock; 0 marks the page idle); `objs`
+(ObjectSlots) holds the stored object of a COMP or RAW page. Memory follows the pages in use:
+the kernel gives its arrays (zblock.pagemem.zeros) memory on first write, `objs` is made of
+chunks created by the first store into them, and nothing writes the entries of pages that hold
+nothing. Work that looks for entries (dirty, cached, under writeback) looks only at `live`
+chunks, so it is in proportion to the parts of the disk in use, with temporaries of at most
+SPAN pages.
 
 Page states:
     NONE  never written or discarded: reads as zeros, nothing on disk
@@ -57,6 +58,7 @@ from .scan import COMP, NONE, RAW, SAME, Scan
 
 DISK = 4
 FAR = 5
+NSTATES = FAR + 1
 INCOMPRESSIBLE = 1          # `fill` of a cached page no secondary algorithm shrank (zram's flag)
 FAR_HEADER = 24             # zblock.far.HEADER.size: a far value is the header and the object
 
@@ -73,6 +75,59 @@ OBJ_MASK = OBJ_CHUNK - 1
 # Scans of the table (spans()) take at most this many pages at a time: their temporaries stay
 # at a few MiB however large the disk.
 SPAN = 1 << 20
+
+
+class ObjectSlots:
+    """The stored object of each page (None unless it is COMP or RAW), in chunks of OBJ_CHUNK
+    slots that exist once an object went into them. Guarded by the cache's tree lock."""
+
+    def __init__(self, npages: int):
+        self.chunks: list[list | None] = [None] * ((npages + OBJ_MASK) >> OBJ_SHIFT)
+
+    def get(self, page: int):
+        chunk = self.chunks[page >> OBJ_SHIFT]
+        return None if chunk is None else chunk[page & OBJ_MASK]
+
+    def range(self, start: int, end: int) -> list:
+        """A new list of the objects of pages start .. end."""
+        c0, c1 = start >> OBJ_SHIFT, (end - 1) >> OBJ_SHIFT
+        if c0 == c1:                        # a request within one chunk: nearly always
+            chunk = self.chunks[c0]
+            return [None] * (end - start) if chunk is None else \
+                chunk[start & OBJ_MASK:(end - 1 & OBJ_MASK) + 1]
+        return [self.get(p) for p in range(start, end)]
+
+    def set(self, page: int, obj) -> None:
+        chunk = self.chunks[page >> OBJ_SHIFT]
+        if chunk is None:
+            if obj is None:
+                return
+            chunk = self.chunks[page >> OBJ_SHIFT] = [None] * OBJ_CHUNK
+        chunk[page & OBJ_MASK] = obj
+
+    def set_run(self, first: int, objs: list | None, n: int) -> None:
+        """The objects of pages first .. first+n: `objs`, or None for each (objs None), by one
+        slice assignment per chunk. A chunk is not made for Nones only."""
+        page, end = first, first + n
+        while page < end:
+            c = page >> OBJ_SHIFT
+            stop = min(end, (c + 1) << OBJ_SHIFT)
+            part = None if objs is None else objs[page - first:stop - first]
+            chunk = self.chunks[c]
+            if chunk is None and part is not None and part.count(None) < len(part):
+                chunk = self.chunks[c] = [None] * OBJ_CHUNK
+            if chunk is not None:
+                at = page & OBJ_MASK
+                chunk[at:at + stop - page] = [None] * (stop - page) if part is None else part
+            page = stop
+
+    def drop(self, chunk: int) -> None:
+        """Give back a chunk that holds no object."""
+        self.chunks[chunk] = None
+
+    def nbytes(self) -> int:
+        """Memory of the slots: the list of chunks and the chunks that exist."""
+        return sys.getsizeof(self.chunks) + sum(map(sys.getsizeof, filter(None, self.chunks)))
 
 
 class EntryTable:
@@ -104,7 +159,8 @@ class EntryTable:
             self.state[on_disk] = DISK
             self.disk_pages = int(np.count_nonzero(on_disk)) if on_disk.dtype == np.bool_ \
                 else len(on_disk)
-        self.objs: list[list | None] = [None] * nchunks
+        self.objs = ObjectSlots(npages)
+        self.obj, self.objs_range = self.objs.get, self.objs.range    # the objects' readers
         # The same memory as memoryviews, for the one-page paths: indexing one with a Python int
         # takes half the time of a numpy scalar access and gives Python ints back.
         self.st = memoryview(self.state)
@@ -135,30 +191,6 @@ class EntryTable:
         self.on_freed = None                # called with the bytes a free gave back (trimmer)
         self.on_far_freed = None            # called with (pages, versions) of far copies freed
 
-    # ---- objects --------------------------------------------------------------------------
-
-    def obj(self, page: int):
-        """The object of `page` (None unless it is COMP or RAW)."""
-        chunk = self.objs[page >> OBJ_SHIFT]
-        return None if chunk is None else chunk[page & OBJ_MASK]
-
-    def objs_range(self, start: int, end: int) -> list:
-        """A new list of the objects of pages start .. end (None where a page has none)."""
-        c0, c1 = start >> OBJ_SHIFT, (end - 1) >> OBJ_SHIFT
-        if c0 == c1:                        # a request within one chunk: nearly always
-            chunk = self.objs[c0]
-            return [None] * (end - start) if chunk is None else \
-                chunk[start & OBJ_MASK:(end - 1 & OBJ_MASK) + 1]
-        return [self.obj(p) for p in range(start, end)]
-
-    def _set_obj(self, page: int, obj) -> None:
-        chunk = self.objs[page >> OBJ_SHIFT]
-        if chunk is None:
-            if obj is None:
-                return
-            chunk = self.objs[page >> OBJ_SHIFT] = [None] * OBJ_CHUNK
-        chunk[page & OBJ_MASK] = obj
-
     # ---- install and free -----------------------------------------------------------------
 
     def install(self, where, scan: Scan, pool: Pool) -> int:
@@ -168,8 +200,8 @@ class EntryTable:
         states = scan.states
         if len(states) == 1:
             return self._install_one(where if type(where) is int else int(where[0]), scan, pool)
-        keep = states != NONE
-        sel = np.flatnonzero(keep) if not keep.all() else None
+        by_state = np.bincount(states, minlength=NSTATES).tolist()
+        sel = np.flatnonzero(states != NONE) if by_state[NONE] else None
         if type(where) is int:
             pages = np.arange(where, where + len(states)) if sel is not None else \
                 slice(where, where + len(states))
@@ -191,26 +223,27 @@ class EntryTable:
             self.live[pages >> OBJ_SHIFT] = True
         self.state[pages] = states
         self.length[pages] = lengths
-        self.fill[pages] = np.where(states == SAME, fills, 0)
+        self.fill[pages] = np.where(states == SAME, fills, 0) if by_state[SAME] else 0
         self.pool_id[pages] = pool.id
         self.dirty[pages] = True
         self.stamp[pages] = self.seq
         self.referenced[pages] = self.referenced_on_store
         self.atime[pages] = self.clock.tick
         self.seq += 1
-        first = pages.start if type(pages) is slice else None
         saved = self.dedup_saved_bytes
-        for i, o in enumerate(objs):
-            if o is not None:
-                if self.dedup is not None:
-                    o = self.dedup.share(pool, o)
-                self._set_obj(first + i if first is not None else int(pages[i]), o)
-        cached = states >= COMP
-        ncached = int(np.count_nonzero(cached))
-        size = int(charge(lengths[cached].astype(np.int64)).sum()) if ncached else 0
+        if self.dedup is not None:
+            objs = [o if o is None else self.dedup.share(pool, o) for o in objs]
+        if type(pages) is slice:
+            self.objs.set_run(pages.start, objs, n)
+        else:
+            for p, o in zip(pages.tolist(), objs):
+                if o is not None:
+                    self.objs.set(p, o)
+        ncached = by_state[COMP] + by_state[RAW]
+        held = lengths if ncached == n else lengths[states >= COMP]
+        size = int(charge(held.astype(np.int64)).sum()) if ncached else 0
         size -= self.dedup_saved_bytes - saved     # objects shared with pages already held
-        self._account(pool, ncached, size, n - ncached,
-                      int(np.count_nonzero(states == RAW)))
+        self._account(pool, ncached, size, by_state[SAME], by_state[RAW])
         return n
 
     def _install_one(self, page: int, scan: Scan, pool: Pool) -> int:
@@ -236,7 +269,7 @@ class EntryTable:
             shared, obj = held is not obj, held
         else:
             shared = False
-        self._set_obj(page, obj)
+        self.objs.set(page, obj)
         cached = state >= COMP
         self._account(pool, int(cached), charge(length) if cached and not shared else 0,
                       int(not cached), int(state == RAW))
@@ -255,8 +288,10 @@ class EntryTable:
         """Drop the entries of `pages` (a slice or an index array) and their accounting; their
         state is the caller's to set (NONE, DISK or a new entry)."""
         st = self.state[pages]
-        cached = (st == COMP) | (st == RAW)
-        if cached.any():
+        # pages per state, in one numpy call: most frees find no cached, same-filled or far page
+        by_state = np.bincount(st, minlength=NSTATES).tolist()
+        if by_state[COMP] or by_state[RAW]:
+            cached = (st == COMP) | (st == RAW)
             cpages = (np.flatnonzero(cached) + pages.start) if type(pages) is slice \
                 else pages[cached]
             ids = self.pool_id[cpages]
@@ -275,15 +310,18 @@ class EntryTable:
                 for pid in np.flatnonzero(counts).tolist():
                     self._unaccount(self.registry.pools[pid], int(counts[pid]), int(per_pool[pid]))
             self.pool_total_size -= freed
-            self.stored_incompressible_pages -= int(np.count_nonzero(st == RAW))
+            self.stored_incompressible_pages -= by_state[RAW]
             if self.on_freed is not None:
                 self.on_freed(freed)
-            for p in cpages.tolist():
-                self._set_obj(p, None)
-        self.same_filled_pages -= int(np.count_nonzero(st == SAME))
-        self.disk_pages -= int(np.count_nonzero(st == DISK))
-        far = st == FAR
-        if far.any():
+            if type(pages) is slice:
+                self.objs.set_run(pages.start, None, pages.stop - pages.start)
+            else:
+                for p in cpages.tolist():
+                    self.objs.set(p, None)
+        self.same_filled_pages -= by_state[SAME]
+        self.disk_pages -= by_state[DISK]
+        if by_state[FAR]:
+            far = st == FAR
             fpages = (np.flatnonzero(far) + pages.start) if type(pages) is slice else pages[far]
             self._drop_far(fpages)
         self.gen[pages] += 1
@@ -304,7 +342,7 @@ class EntryTable:
                 self.stored_incompressible_pages -= 1
             if self.on_freed is not None:
                 self.on_freed(size)
-            self._set_obj(page, None)
+            self.objs.set(page, None)
         elif st == SAME:
             self.same_filled_pages -= 1
         elif st == FAR:
@@ -420,7 +458,7 @@ class EntryTable:
                 if ((st != NONE) & (st != DISK)).any():
                     continue
             self.live[c] = False
-            self.objs[c] = None
+            self.objs.drop(c)
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -462,4 +500,4 @@ class EntryTable:
         and with dedup the pools' indexes (not the objects: they are the pool's)."""
         index = sum(sys.getsizeof(p.objects) + sys.getsizeof(p.sharers)
                     for p in self.registry.live()) if self.dedup is not None else 0
-        return sys.getsizeof(self.objs) + sum(map(sys.getsizeof, filter(None, self.objs))) + index
+        return self.objs.nbytes() + index
