@@ -6,7 +6,9 @@ timings on this VM vary by 20% from run to run (docs/performance.md, fourteenth 
 OP: answer (NativeFuse._answer of a READ of a pooled LZ4 page), raw (the same of a page stored raw:
 what test_random.py's reads mostly meet, after fio's random writes), read (Store.read), load
 (Cache.load_page), write (NativeFuse._answer of a WRITE: the FUSE side, queued), disk
-(Cache.load_page of a page on disk), cluster (Store.read of 32 KiB: a swap-in). Needs valgrind (not
+(Cache.load_page of a page on disk), cluster (Store.read of 32 KiB: a swap-in), batch
+(Cache.store_pages of 32 pages at a random place: a write-behind worker's store of a swap-out;
+reported per batch, not per page). Needs valgrind (not
 a dependency: `apt-get install valgrind`). It runs itself under callgrind once per OP, and counts
 only what runs inside functools.reduce (the measured loop, in the main thread). PYTHONPATH picks the
 tree measured.
@@ -25,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 N = 3000
-OPS = ("answer", "raw", "read", "load", "write", "disk", "cluster")
+OPS = ("answer", "raw", "read", "load", "write", "disk", "cluster", "batch")
 DATA = Path("/var/tmp/zblock-bench")          # the bench's data sets (tests/perf/harness.py)
 
 
@@ -70,6 +72,12 @@ def run(op: str) -> None:
                  if cache.table.st[q] == want][:N]
         if op == "cluster":                     # swap-in clusters: 8 pages from a multiple of 8
             pages = [q & ~7 for q in pages]
+        if op == "batch":                       # 32 pages of the set to a random place
+            batch = 32 * 4096
+            with open(DATA / "mix-256M.img", "rb") as f:
+                data = f.read(512 * batch)
+            pages = [(rng.randrange(4096 - 32), data[i % 512 * batch:(i % 512 + 1) * batch])
+                     for i in range(N)]
         assert len(pages) == N, f"only {len(pages)} pages in the state measured"
         ops = ZblockOps(store)
         fuse = NativeFuse(ops, d, fsname="zblock")
@@ -93,6 +101,7 @@ def run(op: str) -> None:
             "load": (lambda a, q: cache.load_page(q), None),
             "disk": (lambda a, q: cache.load_page(q), None),
             "cluster": (lambda a, q: store.read(q << 12, 32768), None),
+            "batch": (lambda a, item: cache.store_pages(*item), None),
         }
         calls["raw"] = calls["answer"]          # the same request, of a page stored raw
         call, opcode = calls[op]
