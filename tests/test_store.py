@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from zblock import PAGE_SIZE
-from zblock.entries import (COMP, DISK, FAR, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME,
+from zblock.entries import (COMP, DISK, FAR, NONE, OBJ_CHUNK, OBJ_SHIFT, RAW, SAME, ObjectSlots,
                             far_value_size)
 from zblock.lru import MAX_RECLAIM_RETRIES, select_victims, walk_like_zswap
 from zblock.pool import charge
@@ -925,6 +925,23 @@ def test_discard_of_unused_pages_leaves_their_entries_alone(backing_path):
         assert resident_bytes(store.cache.table.arrays) < 2 * MiB
     finally:
         store.close()
+
+
+def test_object_slots_runs_across_chunks():
+    """set_run writes a run over a chunk boundary as get() and range() read it back, clears it
+    with None, and makes no chunk for a run of Nones only (same-filled pages hold no object)."""
+    slots = ObjectSlots(3 * OBJ_CHUNK)
+    first = OBJ_CHUNK - 2
+    run = [b"a", None, b"b", b"c"]
+    slots.set_run(first, run, len(run))
+    assert [slots.get(first + i) for i in range(len(run))] == run
+    assert slots.range(first - 1, first + len(run) + 1) == [None] + run + [None]
+    slots.set_run(2 * OBJ_CHUNK, [None, None], 2)
+    assert [c is not None for c in slots.chunks] == [True, True, False]
+    slots.set_run(first, None, len(run))
+    assert slots.range(first, first + len(run)) == [None] * len(run)
+    slots.drop(0)
+    assert slots.chunks[0] is None and slots.get(first) is None
 
 
 def test_discard_gives_back_the_chunks_it_empties(backing_path):
