@@ -942,6 +942,8 @@ def test_object_slots_runs_across_chunks():
     assert slots.range(first, first + len(run)) == [None] * len(run)
     slots.drop(0)
     assert slots.chunks[0] is None and slots.get(first) is None
+    with pytest.raises(ValueError):
+        slots.set_run(first, run[:2], len(run))
 
 
 def test_discard_gives_back_the_chunks_it_empties(backing_path):

@@ -67,7 +67,7 @@ def far_value_size(length, overhead: int = FAR_HEADER):
     """Bytes a far value of an object of `length` bytes takes (an int or an int64 array), with
     `overhead` bytes besides the object (the header, and the seal of an encrypted one)."""
     return length + overhead
-# `objs` is a list of chunks of OBJ_CHUNK slots, each None until a page in it is cached: one flat
+# ObjectSlots keeps chunks of OBJ_CHUNK slots, each None until a page in it is cached: one flat
 # list cost 8 bytes a page up front (2 GiB for an empty 1 TiB disk).
 OBJ_SHIFT = 12
 OBJ_CHUNK = 1 << OBJ_SHIFT
@@ -108,6 +108,8 @@ class ObjectSlots:
     def set_run(self, first: int, objs: list | None, n: int) -> None:
         """The objects of pages first .. first+n: `objs`, or None for each (objs None), by one
         slice assignment per chunk. A chunk is not made for Nones only."""
+        if objs is not None and len(objs) != n:    # a short list would shift the slots after it
+            raise ValueError(f"set_run: {len(objs)} objects for {n} pages")
         page, end = first, first + n
         while page < end:
             c = page >> OBJ_SHIFT
