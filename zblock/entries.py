@@ -242,8 +242,10 @@ class EntryTable:
                 if o is not None:
                     self.objs.set(p, o)
         ncached = by_state[COMP] + by_state[RAW]
-        held = lengths if ncached == n else lengths[states >= COMP]
-        size = int(charge(held.astype(np.int64)).sum()) if ncached else 0
+        size = 0
+        if ncached:
+            held = lengths if ncached == n else lengths[states >= COMP]
+            size = int(charge(held.astype(np.int64)).sum())
         size -= self.dedup_saved_bytes - saved     # objects shared with pages already held
         self._account(pool, ncached, size, by_state[SAME], by_state[RAW])
         return n

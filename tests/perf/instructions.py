@@ -8,10 +8,9 @@ what test_random.py's reads mostly meet, after fio's random writes), read (Store
 (Cache.load_page), write (NativeFuse._answer of a WRITE: the FUSE side, queued), disk
 (Cache.load_page of a page on disk), cluster (Store.read of 32 KiB: a swap-in), batch
 (Cache.store_pages of 32 pages at a random place: a write-behind worker's store of a swap-out;
-reported per batch, not per page). Needs valgrind (not
-a dependency: `apt-get install valgrind`). It runs itself under callgrind once per OP, and counts
-only what runs inside functools.reduce (the measured loop, in the main thread). PYTHONPATH picks the
-tree measured.
+reported per batch, not per page). Needs valgrind (not a dependency: `apt-get install
+valgrind`). It runs itself under callgrind once per OP, and counts only what runs inside
+functools.reduce (the measured loop, in the main thread). PYTHONPATH picks the tree measured.
 """
 
 from __future__ import annotations
