@@ -35,7 +35,7 @@ def closing():
 def compressed(cs_or_ctx, pages, **kw) -> list:
     """Each page's compress result from one request: the stream, or -ENOSPC (did not fit)."""
     sc = cs_or_ctx.compress(b"".join(pages), raw_poor=False, **kw)
-    return [o if st == scan.COMP else -ENOSPC for st, o in zip(sc.states.tolist(), sc.objs)]
+    return [o if st == scan.COMP else -ENOSPC for st, o in zip(sc.states, sc.objs)]
 
 
 def test_software_tfm_is_synchronous_scomp():
@@ -49,7 +49,7 @@ def test_software_tfm_is_synchronous_scomp():
     assert tfm.compress(req) == 0
     sc = tfm.complete(req, 0)
     # compressed; did not fit (dlen >= PAGE_SIZE: poor, rejected); same-filled
-    assert sc.states.tolist() == [scan.COMP, scan.NONE, scan.SAME]
+    assert list(sc.states) == [scan.COMP, scan.NONE, scan.SAME]
     assert 0 < sc.lengths[0] < PAGE_SIZE and sc.objs[1:] == [None, None]
     req.set_decompress([sc.objs[0], text_page(2)], join=True)     # a whole page is copied
     assert tfm.decompress(req) == 0 and tfm.complete(req, 0) == text_page(1) + text_page(2)
@@ -103,7 +103,7 @@ def test_async_engine_inprogress_backlog_and_full(closing):
     soft = get_compressor("lz4")
     for i in range(3):
         sc = tfm.complete(reqs[i], 0 if i < 2 else -ENOSPC)
-        assert sc.states.tolist() == [scan.COMP]
+        assert list(sc.states) == [scan.COMP]
         assert soft.decompress(sc.objs[0]) == text_page(i)
     assert eng.stats()["fallbacks"] == 1
 

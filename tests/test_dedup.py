@@ -27,6 +27,7 @@ from zblock.store import Store
 import mountutil
 from conftest import require
 from test_store import check_consistency
+from tableview import npt
 
 MiB = 1 << 20
 
@@ -56,7 +57,7 @@ def put(store: Store, page: int, data: bytes) -> None:
 
 def objs(store: Store, pages) -> list:
     with store.cache.tree_lock:
-        return [store.cache.table.obj(p) for p in pages]
+        return [npt(store.cache.table).obj(p) for p in pages]
 
 
 def pool_objects(store: Store) -> int:
@@ -121,7 +122,7 @@ def test_written_back_sharers_leave_ram_and_the_rest_keep_the_object(store):
         store.read(p * PAGE_SIZE, PAGE_SIZE)
     store.set_param("writeback", "idle")
     with store.cache.tree_lock:
-        st = store.cache.table.state[:20].copy()
+        st = npt(store.cache.table).state[:20].copy()
     assert (st[1::2] == DISK).all() and (st[::2] == COMP).all()
     s = store.stats()
     assert s["written_back_on_demand"] == 10
@@ -140,7 +141,7 @@ def test_sharers_moved_to_the_far_tier_leave_the_share(store):
     for p in range(6):
         put(store, p, T)
     shared = objs(store, [0])[0]
-    table = store.cache.table
+    table = npt(store.cache.table)
     with store.cache.tree_lock:
         table.to_far(np.arange(4), np.arange(1, 5, dtype=np.uint64))
         assert (table.state[:4] == FAR).all()

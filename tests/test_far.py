@@ -30,6 +30,7 @@ from conftest import require
 from test_controls import controls_beside_io
 from test_encrypt import MARKER
 from test_store import check_consistency, write_key
+from tableview import npt
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(180)
@@ -107,7 +108,7 @@ def reads_back_without_far(path: str, model: bytearray) -> None:
 
 def states(store: Store) -> np.ndarray:
     with store.cache.tree_lock:
-        return store.cache.table.state.copy()
+        return npt(store.cache.table).state.copy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_far_limit_and_dirty_limit_hold(tmp_path, cluster):
         assert 0 < s["far_bytes"] <= cfg.far_limit
         assert s["far_demoted_pages"] > 0
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             far_dirty = int(t.length[(t.state == FAR) & t.dirty].astype(np.int64).sum())
             far_clean = int(np.count_nonzero((t.state == FAR) & ~t.dirty))
         assert far_dirty <= cfg.far_dirty_limit
@@ -241,7 +242,7 @@ def test_a_corrupt_far_value_reads_eio_and_counts(tmp_path, cluster):
         store.write(0, data)
         settle(store, lambda s: s["far_stored_pages"] > 100)
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             page = int(np.flatnonzero(t.state == FAR)[0])
             key = store.cache.far_pages.far.key(page, int(t.fill[page]))
         node = store.cache.far_pages.far._rc.get_node_from_key(key)
@@ -307,7 +308,7 @@ def test_far_pages_read_often_come_back_into_the_pool(tmp_path, cluster):
         settle(store, lambda s: s["far_stored_pages"] > 600)
         store.set_param("pool_limit", "64M")    # room to promote (below the accept threshold)
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             far = np.flatnonzero(t.state == FAR)
             dirty = t.dirty[far].copy()
         picked = np.concatenate([far[~dirty][:20], far[dirty][:20]])
@@ -322,7 +323,7 @@ def test_far_pages_read_often_come_back_into_the_pool(tmp_path, cluster):
         assert s["promoted_pages"] - before["promoted_pages"] == 40
         assert before["far_stored_pages"] - s["far_stored_pages"] == 40
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             assert not np.isin(t.state[picked], (FAR, DISK)).any()
             assert (t.dirty[picked] == np.concatenate([np.zeros(20, bool), np.ones(20, bool)])).all()
         check_consistency(store)
@@ -369,7 +370,7 @@ def test_a_promotion_never_undoes_a_write_going_to_disk(tmp_path, cluster):
         settle(store, lambda s: s["far_stored_pages"] > 600)
         store.set_param("pool_limit", "64M")    # room to promote (below the accept threshold)
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             page = int(np.flatnonzero((t.state == FAR) & t.dirty)[0])     # page+1 exists too
         old = data[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
         assert store.read(page * PAGE_SIZE, PAGE_SIZE) == old      # its first read
@@ -404,7 +405,7 @@ def test_a_clean_promotion_keeps_a_dirty_bit_set_while_it_was_under_way(tmp_path
 
     def promote_after_a_failed_sync(pages):
         with store.cache.tree_lock:         # what Writeback._redirty_unsynced does
-            store.cache.table.dirty[[p for p, *_ in pages]] = True
+            npt(store.cache.table).dirty[[p for p, *_ in pages]] = True
         plain_promote(pages)
 
     try:
@@ -413,14 +414,14 @@ def test_a_clean_promotion_keeps_a_dirty_bit_set_while_it_was_under_way(tmp_path
         settle(store, lambda s: s["far_stored_pages"] > 600)
         store.set_param("pool_limit", "64M")    # room to promote (below the accept threshold)
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             page = int(np.flatnonzero((t.state == FAR) & ~t.dirty)[0])
         want = data[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
         assert store.read(page * PAGE_SIZE, PAGE_SIZE) == want
         promotion.promote = promote_after_a_failed_sync
         assert store.read(page * PAGE_SIZE, PAGE_SIZE) == want       # promoted
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             assert t.state[page] not in (FAR, DISK) and t.dirty[page]
         assert store.stats()["promoted_pages"] == 1
     finally:
@@ -552,7 +553,7 @@ def test_a_stopped_cluster_sends_writes_to_disk_and_clean_pages_to_the_file(tmp_
         assert s["written_back_pages"] > 0
         # far copies of pages the file holds: read from the file
         with store.cache.tree_lock:
-            t = store.cache.table
+            t = npt(store.cache.table)
             clean_far = np.flatnonzero((t.state == FAR) & ~t.dirty)
         assert len(clean_far)
         p = int(clean_far[0])
@@ -567,7 +568,7 @@ def test_a_stopped_cluster_sends_writes_to_disk_and_clean_pages_to_the_file(tmp_
 
 def dirty_far_pages(store) -> np.ndarray:
     with store.cache.tree_lock:
-        t = store.cache.table
+        t = npt(store.cache.table)
         return np.flatnonzero((t.state == FAR) & t.dirty)
 
 

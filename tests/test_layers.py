@@ -25,9 +25,9 @@ UPPER = {"zblock.__main__", "zblock.cli", "zblock.bench", "zblock.demo", "zblock
 ENGINE = {"zblock.compressors", "zblock.acomp", "zblock.accel", "zblock.cache", "numpy"}
 
 
-def run_python(code: str) -> str:
+def run_python(code: str, **env: str) -> str:
     res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
-                         timeout=60, env=mountutil.env(), cwd="/")
+                         timeout=60, env={**mountutil.env(), **env}, cwd="/")
     assert res.returncode == 0, res.stderr
     return res.stdout
 
@@ -129,3 +129,24 @@ def test_a_server_that_encrypts_nothing_loads_no_openssl():
     heavy = {m for m in loaded if m.split(".")[0] in ("cryptography", "_hashlib", "hashlib")
              or m in ("zblock._sealpages", "importlib.metadata", "email", "zipfile")}
     assert not heavy, sorted(heavy)
+
+
+def test_no_module_of_the_package_loads_numpy():
+    """numpy cost an idle server 14.9 MiB of its 35 (docs/performance.md): every module of the
+    package, and a store written, read, flushed and discarded with and without the optional C
+    extensions, load none of it."""
+    modules = sorted(m for m in importgraph.graph() if not m.startswith("zblock._"))
+    for no_extension in ("0", "1"):
+        loaded = set(json.loads(run_python(
+            "import importlib, json, os, sys, tempfile\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "from zblock.config import Config\n"
+            "from zblock.store import Store\n"
+            "d = tempfile.mkdtemp()\n"
+            "s = Store.open(os.path.join(d, 'b.img'), 1 << 24, Config())\n"
+            "s.write(0, os.urandom(4096) + bytes(8192) + b'ab' * 40960)\n"
+            "assert s.read(4096, 8192) == bytes(8192)\n"
+            "s.fsync(); s.discard(0, 1 << 24); s.stats(); s.close()\n"
+            "print(json.dumps(sorted(sys.modules)))", ZBLOCK_NO_EXTENSION=no_extension)))
+        assert "zblock.store" in loaded
+        assert not {m for m in loaded if m.split(".")[0] == "numpy"}, no_extension

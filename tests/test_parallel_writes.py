@@ -32,6 +32,7 @@ import pytest
 from zblock import PAGE_SIZE, compressors, limits
 from zblock.store import WRITE_BEHIND_BYTES, Store
 from test_store import check_consistency, make_config
+from tableview import npt
 
 MiB = 1 << 20
 NWRITERS = 4
@@ -154,7 +155,7 @@ def owned_writer(store: Store, backing_path: str, model: bytearray, segs, rng: r
         for a, b in segs:
             assert on_file[a:b] == model[a:b], f"after fsync the file differs in {a}..{b}"
         with store.cache.tree_lock:
-            dirty = own_pages[store.cache.table.dirty[own_pages]]
+            dirty = own_pages[npt(store.cache.table).dirty[own_pages]]
         assert not len(dirty), f"pages {dirty[:5]} still dirty after fsync"
 
     def run():
@@ -485,7 +486,7 @@ def test_writers_waiting_for_space_do_not_wake_each_other(tmp_path, monkeypatch)
         assert backing.writing.wait(10), "the pool went over its limit: writeback should start"
         c = store.cache
         with c.tree_lock:
-            assert c.table.pool_total_size >= POOL_LIMIT + OVERSHOOT
+            assert npt(c.table).pool_total_size >= POOL_LIMIT + OVERSHOOT
         notified = []
         waiting = set()
         all_waiting = threading.Event()

@@ -35,7 +35,7 @@ def test_fifo_order_and_wait_range():
         assert not waiter.is_alive()
         wb.drain()
         assert stored == [(3, b"a"), (3, b"b"), (10, b"c")]
-        assert not wb.staged.any() and wb._singles == 0
+        assert not any(wb.staged) and wb._singles == 0
     finally:
         gate.set()
         wb.close()
@@ -105,7 +105,7 @@ def _batching_queue(monkeypatch, gather: float):
     def store_scattered(pages, data):
         entered.set()
         gate.wait(10)
-        calls.append(("batch", pages.tolist(), bytes(data[::PAGE_SIZE])))
+        calls.append(("batch", list(pages), bytes(data[::PAGE_SIZE])))
 
     wb = WriteBehind(store, 64, limit=1 << 20, store_scattered=store_scattered, workers=1)
     return wb, calls, gate, entered
@@ -131,7 +131,7 @@ def test_one_page_writes_are_stored_in_batches_in_order(monkeypatch):
         wb.drain()                             # hurries the gathering worker: no 60 s wait
         assert calls == [("pages", 1, b"a"), ("batch", [2, 3], b"bc"), ("batch", [2, 4], b"de"),
                          ("pages", 8, b"ff"), ("pages", 5, b"g")]
-        assert not wb.staged.any() and wb._singles == 0
+        assert not any(wb.staged) and wb._singles == 0
     finally:
         gate.set()
         wb.close()
@@ -148,7 +148,7 @@ def test_a_reader_does_not_wait_for_the_batch_to_fill(monkeypatch):
         reader.join(10)                        # GATHER is 60 s: only the hurry gets it out
         assert not reader.is_alive()
         assert calls == [("batch", [6, 7], b"xy")]
-        assert not wb.staged[6:8].any()
+        assert not any(wb.staged[6:8])
     finally:
         wb.close()
 
@@ -205,7 +205,7 @@ def test_two_workers_store_disjoint_items_side_by_side_and_overlapping_ones_in_o
         gates[5].set()
         wb.drain()
         assert stored[2:] == [(5, b"a"), (5, b"d")]
-        assert not wb.staged.any()
+        assert not any(wb.staged)
     finally:
         for g in gates.values():
             g.set()
@@ -230,7 +230,7 @@ def test_two_workers_keep_the_last_write_of_every_page(seed):
     def store_scattered(pages, data):
         time.sleep(rng.random() * 0.002)
         with lock:
-            for i, page in enumerate(pages.tolist()):
+            for i, page in enumerate(pages):
                 disk[page] = data[i * PAGE_SIZE]
 
     model = [None] * npages
@@ -254,6 +254,6 @@ def test_two_workers_keep_the_last_write_of_every_page(seed):
                 assert disk[first:first + 4] == model[first:first + 4]
         wb.drain()
         assert disk == model
-        assert not wb.staged.any()
+        assert not any(wb.staged)
     finally:
         wb.close()

@@ -24,6 +24,7 @@ from zblock.config import Config
 from zblock.errors import ConfigError, DataError, OutOfRange
 from zblock.store import TABLE_BYTES_PER_PAGE, Store
 from mountutil import wait_for
+from tableview import npt
 
 MiB = 1 << 20
 
@@ -83,7 +84,7 @@ def make_config(**kw) -> Config:
 def check_consistency(store: Store) -> None:
     """fsck for the cache: gauges agree with the entry table (s3ql ends tests with fsck)."""
     c = store.cache
-    t = c.table
+    t = npt(c.table)
     with c.tree_lock:
         st = t.state
         pools = c.registry.live()
@@ -184,7 +185,7 @@ def test_store_matches_bytearray_model(backing_path, policy, seed, encrypt, dedu
                     data = pages_of(length + PAGE_SIZE)[rng.randrange(PAGE_SIZE):][:length]
                 assert store.write(off, data) == len(data)
                 model[off:off + len(data)] = data
-                shared = max(shared, store.cache.table.dedup_pages)
+                shared = max(shared, npt(store.cache.table).dedup_pages)
             elif op < 0.75:
                 length = rng.randrange(1, 300 * 1024)
                 off = rng.randrange(0, size)
@@ -289,20 +290,20 @@ def test_lru_second_chance(backing_path):
         with c.tree_lock:
             victims, gens = select_victims(c.table, 10)
         # the 10 coldest pages not read since stored; 0..4 were read: they get a second chance
-        assert victims.tolist() == list(range(5, 15))
+        assert victims == list(range(5, 15))
         assert c.writeback.write_back(victims, gens)
         st = store.stats()
         assert st["written_back_pages"] == 10
-        assert (c.table.state[0:5] == COMP).all() and (c.table.state[5:15] == DISK).all()
-        assert not c.table.referenced[0:5].any()              # ... but only one
+        assert (npt(c.table).state[0:5] == COMP).all() and (npt(c.table).state[5:15] == DISK).all()
+        assert not npt(c.table).referenced[0:5].any()              # ... but only one
         with c.tree_lock:
             victims, gens = select_victims(c.table, 5)
-        assert victims.tolist() == list(range(15, 20))  # rotated pages are now the youngest
+        assert victims == list(range(15, 20))  # rotated pages are now the youngest
         assert c.writeback.write_back(victims, gens)
         with c.tree_lock:
             victims, _ = select_victims(c.table, 5)
-            c.table.under_wb[victims] = False
-        assert victims.tolist() == list(range(0, 5))    # unread since: no third chance
+            npt(c.table).under_wb[victims] = False
+        assert victims == list(range(0, 5))    # unread since: no third chance
         check_consistency(store)
     finally:
         store.close()
@@ -322,17 +323,17 @@ def test_zswap_policy_walks_like_shrink_worker(backing_path):
         for p, data in enumerate(pages):        # one store per page: stamps increase with p
             store.write(p * PAGE_SIZE, data)
         store.stats()
-        c, t = store.cache, store.cache.table
+        c, t = store.cache, npt(store.cache.table)
         assert t.referenced[:100].all()
         with c.tree_lock:
-            victims, gens, failures = walk_like_zswap(t, 10, retries=MAX_RECLAIM_RETRIES)
+            victims, gens, failures = walk_like_zswap(t._table, 10, retries=MAX_RECLAIM_RETRIES)
         assert len(victims) == 0 and failures == MAX_RECLAIM_RETRIES     # gave up: 0..15 rotated
         assert not t.referenced[:16].any() and t.referenced[16:100].all()
         coldest = np.argsort(t.stamp[:100], kind="stable")
         assert coldest[:84].tolist() == list(range(16, 100)) and coldest[84:].tolist() == list(range(16))
         with c.tree_lock:                       # 84 referenced before the rotated ones
-            victims, gens, failures = walk_like_zswap(t, 10, retries=100)
-        assert failures == 84 and victims.tolist() == list(range(10))
+            victims, gens, failures = walk_like_zswap(t._table, 10, retries=100)
+        assert failures == 84 and victims == list(range(10))
         assert t.under_wb[victims].all()
         assert c.writeback.write_back(victims, gens)
         assert store.stats()["written_back_pages"] == 10
@@ -459,7 +460,7 @@ def test_zswap_policy_passes_that_give_up_do_not_spin(backing_path, monkeypatch)
 
     def counted(table, *args):
         passes.append(1)
-        table.referenced[:] = True              # every pass gives up...
+        npt(table).referenced[:] = True              # every pass gives up...
         return real(table, *args)
 
     monkeypatch.setattr(writeback, "walk_like_zswap", counted)
@@ -497,7 +498,7 @@ def test_zswap_policy_rejects_until_threshold(backing_path):
         # the hysteresis itself, on the gauge: once full, stores are rejected until the pool is
         # at or below accept_threshold % of the limit
         c = store.cache
-        t = c.table
+        t = npt(c.table)
         with c.tree_lock:
             real = t.pool_total_size
             try:
@@ -546,7 +547,7 @@ def _entries_and_gauges(store: Store) -> tuple:
     """What two ways of storing the same pages must agree on: the entry table (fill only where
     it means something, for same-filled pages), the gauges and counters; after the fsck."""
     check_consistency(store)
-    t = store.cache.table
+    t = npt(store.cache.table)
     stats = store.stats()
     return (t.state.tolist(), t.fill[t.state == SAME].tolist(), t.length.tolist(),
             t.referenced.tolist(), t.dirty.tolist(),
@@ -661,7 +662,7 @@ def test_a_store_holds_its_pool_while_it_compresses(backing_path):
         old.contexts.compress = compress_then_switch
         page = text_page(random.Random(1))
         assert c.store_pages(5, page)
-        assert c.registry.pools[old.id] is old and c.table.pool_id[5] == old.id
+        assert c.registry.pools[old.id] is old and npt(c.table).pool_id[5] == old.id
         assert c.registry.current.label == "zstd-1"
         assert store.read(5 * PAGE_SIZE, PAGE_SIZE) == page
         store.write(5 * PAGE_SIZE, page)                 # its last page rewritten: it dies
@@ -833,8 +834,8 @@ def _large_disk_memory(backing_path: str) -> dict:
                 store.write(off, data)                 # cached again, so that chunks exist
             for off in offsets:                        # whole chunks: given back
                 store.discard(off // chunk * chunk, chunk)
-            out["chunks_left"] = sum(c is not None for c in store.cache.table.objs.chunks)
-            out["live_left"] = int(store.cache.table.live.sum())
+            out["chunks_left"] = sum(c is not None for c in npt(store.cache.table).objs.chunks)
+            out["live_left"] = int(npt(store.cache.table).live.sum())
             out["discarded_reads_zero"] = store.read(offsets[1], len(data)) == bytes(len(data))
         finally:
             store.close()
@@ -897,7 +898,7 @@ def test_disk_too_large_for_memory_refused(backing_path):
     os.unlink(backing_path)
     store = Store.open(backing_path, 64 * MiB, make_config(), memory_total=64 * MiB * TABLE_BYTES_PER_PAGE // 4096)
     try:
-        t = store.cache.table
+        t = npt(store.cache.table)
         arrays = [*t.arrays, *store.backing.arrays, *store.staging.arrays]
         slots = len(t.objs.chunks) * OBJ_CHUNK * 8                      # every chunk made
         assert (sum(a.nbytes for a in arrays) + slots) // store.npages == TABLE_BYTES_PER_PAGE
@@ -952,7 +953,7 @@ def test_discard_gives_back_the_chunks_it_empties(backing_path):
     chunk = OBJ_CHUNK * PAGE_SIZE
     page = text_page(random.Random(16))
     store = Store.open(backing_path, 4 * chunk, make_config())
-    t = store.cache.table
+    t = npt(store.cache.table)
     try:
         for off in (0, 2 * PAGE_SIZE, chunk + 5 * PAGE_SIZE, 3 * chunk):
             store.write(off, page)
@@ -1126,15 +1127,15 @@ def test_corrupt_object_in_a_read_names_its_page(backing_path, npages):
             store.staging.drain()
         c = store.cache
         bad = npages - 3
-        assert c.table.state[bad] == COMP
-        good = c.table.obj(bad)
-        c.table.objs.set(bad, b"\xff" * 40)
+        assert npt(c.table).state[bad] == COMP
+        good = npt(c.table).obj(bad)
+        npt(c.table).objs.set(bad, b"\xff" * 40)
         with pytest.raises(DataError, match=f"page {bad}:"):
             store.read(0, npages * PAGE_SIZE)
         assert store.stats()["decompress_fail"] == 1
         assert c.registry.current.users == 0
         assert store.read(0, bad * PAGE_SIZE) == data[:bad * PAGE_SIZE]
-        c.table.objs.set(bad, good)                  # so that close() can write it back
+        npt(c.table).objs.set(bad, good)                  # so that close() can write it back
         assert store.read(0, npages * PAGE_SIZE) == data
     finally:
         store.close()

@@ -1,5 +1,5 @@
 /* LZ4 blocks for many pages in one call, with the GIL released for the whole list: zblock's
- * optional accelerator for software lz4 (without it, python-lz4 and numpy do the same work).
+ * optional accelerator for software lz4 (without it, python-lz4 and zblock.scan do the same work).
  *
  * Why this exists: python-lz4 releases and re-takes the GIL around every page. A 4 KiB page
  * costs 1-3 us to (de)compress, so with a second thread working the GIL changes hands twice per
@@ -375,10 +375,10 @@ scan_one(const char *page, Py_ssize_t page_size, int detect_same, int raw_poor, 
  *   does not (zswap: dlen >= PAGE_SIZE)
  *                 raw_poor     state RAW, lengths[i] = page_size, objs[i] a copy of the page
  *                 otherwise    state NONE, objs[i] None (the caller sends it to disk)
- * states is uint8, lengths uint16 and fills uint64 per page, native order, as bytes (numpy reads
- * them with frombuffer). fills[i] is the page's first word for every page, as the cache keeps it.
- * This replaces the cache's numpy same-filled check, compress_pages and a Python pass over its
- * results. */
+ * states is uint8, lengths uint16 and fills uint64 per page, native order, as bytes (zblock.scan
+ * casts them to typed memoryviews). fills[i] is the page's first word for every page, as the cache
+ * keeps it. This replaces zblock.scan's same-filled check, compress_pages and a Python pass over
+ * its results. */
 static PyObject *
 lz4pages_scan_pages(PyObject *self, PyObject *args)
 {

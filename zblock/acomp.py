@@ -60,8 +60,6 @@ import threading
 import time
 from typing import Callable, Sequence
 
-import numpy as np
-
 from . import PAGE_SIZE, cpus, scan
 from .accel import Engine, HwJob
 from .compressors import CompressionError, get_compressor
@@ -321,13 +319,9 @@ class AcompTransform:
             req.scan = self.compressor.scan_pages(req.src, req.n, req.detect_same, req.raw_poor)
             return 0
         mv = memoryview(req.src).cast("B")
-        words = np.frombuffer(mv, np.uint64, count=req.n * scan.WORDS).reshape(req.n, scan.WORDS)
-        states = np.full(req.n, scan.COMP, np.uint8)
-        if req.detect_same:
-            states[scan.same_filled(words)] = scan.SAME     # the host's check, not the engine's
-        todo = np.flatnonzero(states == scan.COMP).tolist()
-        req.scan = scan.Scan([], states, np.zeros(0, np.uint16),
-                             np.ascontiguousarray(words[:, 0]), 0)    # completed in complete()
+        # the same-filled check is the host's, not the engine's
+        states, todo, fills = scan.classify(mv, req.n, req.detect_same)
+        req.scan = scan.Scan([], states, (), fills, 0)    # completed in complete()
         return self._hw_submit(req, gen, "compress",
                                [(i, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in todo])
 
@@ -423,7 +417,7 @@ class AcompTransform:
         if req.scan is not None:                    # compress: the Scan's remaining fields
             done.sort()
             s = req.scan
-            states = s.states.copy()
+            states = bytearray(s.states)
             return scan.assemble(memoryview(req.src).cast("B"), req.n, states,
                                  [i for i, _ in done], [r for _, r in done], s.fills, req.raw_poor)
         out = list(req.src)

@@ -4,10 +4,11 @@ The backing file is a raw image at the same offsets as the FUSE `disk` file (aft
 unmount it is usable directly with losetup). Beside it, `PATH.zbmeta` holds a header and, per
 page, two CRC32C values (durable, latest) with three sentinels: ZERO (reads as zeros), UNCHECKED
 (imported without a sidecar) and LOST (reads EIO); zblock.sidecar has the format. In memory the
-pairs are the numpy table `_crc`, whose 4 KiB blocks are the sidecar's, so a touched block is
-written straight from the table. zblock.backing_open opens, creates, locks and reserves the
-files, loads the table (only the blocks that hold entries) and settles the pairs a crash left;
-this module serves I/O on what it opened, and checks unmounted images (fsck).
+pairs are the table `_crc`, a flat 'I' array (page p's durable at 2p, latest at 2p + 1) whose
+4 KiB blocks are the sidecar's, so a touched block is written straight from the table.
+zblock.backing_open opens, creates, locks and reserves the files, loads the table (only the
+blocks that hold entries) and settles the pairs a crash left; this module serves I/O on what it
+opened, and checks unmounted images (fsck).
 
 A page verifies when its data matches `durable` or `latest`. `durable` is the value as of the
 last sync, or of the last completed write since (see write_pages below); `latest` is the value
@@ -70,20 +71,21 @@ import logging
 import os
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Callable
 
-import numpy as np
-
-from . import PAGE_SIZE
+from . import PAGE_SIZE, vec
 from .backing_open import DiskFactory, Opened, human, open_files, stat_backing
 from .diskstats import DiskStats
 from .errors import BackingError, BackingLocked, OutOfRange
 from . import pagemem
 from .seal import Sealer
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, LOST, PAGE_RUN,
-                      UNCHECKED, ZERO, ZERO_PAGE_CRC, crc as _crc, fold, meta_path, pack_header,
-                      page_crcs, parse_header, row_steps, table_rows, verify)
+                      SCAN_ROWS, UNCHECKED, ZERO, ZERO_PAGE_CRC, crc as _crc, fold, meta_path,
+                      pack_header, page_crcs, parse_header, row_steps, table_rows, used_rows,
+                      verify)
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +113,14 @@ class Backing:
         self._lock_fd = opened.lock_fd
         self._data = opened.data
         self._meta = opened.meta
-        self._crc = opened.table  # (rows, 2) uint32: durable, latest
+        self._crc = opened.table  # 'I': page p's durable at 2p, latest at 2p + 1
         self.sealer = opened.sealer  # --encrypt: pages are sealed on their way to the file
         self._loaded = opened.loaded  # rows that may be other than (ZERO, ZERO) as opened
         n = self.npages
-        self._unsynced = pagemem.zeros(n, bool)  # written/discarded since the last sync
-        self._inflight = pagemem.zeros(n, bool)  # disk write or punch in progress
-        self._failed = pagemem.zeros(n, bool)  # last write failed: keep both values across sync
+        # 0/1 flags per page
+        self._unsynced = pagemem.array(n, "B")  # written/discarded since the last sync
+        self._inflight = pagemem.array(n, "B")  # disk write or punch in progress
+        self._failed = pagemem.array(n, "B")  # last write failed: keep both values across sync
         self.arrays = (self._crc, self._unsynced, self._inflight, self._failed)   # table_bytes
         if self.sealer is not None:
             self.arrays += (self.sealer.rows,)
@@ -152,36 +155,29 @@ class Backing:
         if start < 0 or count < 0 or start + count > self.npages:
             raise OutOfRange(f"{self.path}: pages {start}+{count} outside 0..{self.npages}")
 
-    def _on_disk(self, pages) -> np.ndarray:
-        """Caller holds _lock. The value of what the disk holds for `pages` now, barring a
-        crash: latest when the last write completed (it equals durable right after a sync),
-        durable when it failed (what landed is unknown; durable at least is covered)."""
-        return np.where(self._failed[pages], self._crc[pages, 0], self._crc[pages, 1])
-
     def _put_meta_blocks(self, blocks) -> None:
         """Write sidecar blocks from the table. Each block's snapshot is taken and written under
         its stripe lock, so versions of a block reach the file in snapshot order."""
         for b in blocks:
-            b = int(b)
             with self._stripes[b % self._NSTRIPES]:
                 with self._lock:
-                    buf = self._crc[b * ENTRIES_PER_BLOCK:(b + 1) * ENTRIES_PER_BLOCK].tobytes()
+                    buf = self._crc[2 * b * ENTRIES_PER_BLOCK:2 * (b + 1) * ENTRIES_PER_BLOCK]
+                    buf = buf.tobytes()
                 self._meta.pwrite(HEADER_SIZE + b * PAGE_SIZE, buf)
 
     # -- reads -------------------------------------------------------------------------------
 
-    def written_mask(self) -> np.ndarray:
-        """Bool per page: the file may hold data for it (not marked zero), as opened. The
+    def written_mask(self) -> memoryview:
+        """0/1 per page ('B'): the file may hold data for it (not marked zero), as opened. The
         cache starts with these pages on disk and serves the others as zeros without a read."""
+        mask = pagemem.array(self.npages, "B")
         if self.verify_zero:
-            return np.ones(self.npages, bool)
-        # Set only where True, from each pair read as one uint64 (0 is (ZERO, ZERO)), over the
-        # rows loaded at open: comparing each value built temporaries of 3 bytes a page.
-        mask = np.zeros(self.npages, bool)
-        pairs = self._crc.view(np.uint64)[:, 0]
+            vec.fill(mask, 0, self.npages, 1)
+            return mask
+        # Set only over the rows loaded at open: the rest of the mask stays memory not given.
         with self._lock:
             for rows in row_steps(self._loaded, self.npages):
-                mask[np.flatnonzero(pairs[rows]) + rows.start] = True
+                mask[rows] = used_rows(self._crc, rows.start, rows.stop)
         return mask
 
     def read_pages(self, start: int, count: int, ahead: int = 0) -> bytes:
@@ -194,11 +190,12 @@ class Backing:
         if n == 1:
             return self._read_one(start)
         with self._lock:
-            pair = self._crc[start:start + n].copy()
-        zero = (pair[:, 0] == ZERO) & (pair[:, 1] == ZERO)
-        if self.verify_zero:
-            zero[:] = False     # check them like written pages (_verify: zeros match ZERO)
-        if zero.all():
+            pairs = self._crc[2 * start:2 * (start + n)].tolist()
+        if self.verify_zero:    # check them like written pages (verify: zeros match ZERO)
+            zero = [False] * n
+        else:
+            zero = [not (d or l) for d, l in zip(pairs[0::2], pairs[1::2])]
+        if all(zero):
             return bytes(n * PAGE_SIZE)
         t0 = time.perf_counter_ns()
         try:
@@ -211,14 +208,16 @@ class Backing:
         crcs = page_crcs(data, n)
         # Pages marked zero read as zeros whatever the disk holds (in swap mode a discard only
         # marks them); they need no check.
-        n = _verified(verify(crcs, pair) | zero, count, start, self.stats)
+        ok = [v or z for v, z in zip(verify(crcs, pairs), zero)]
+        n = _verified(ok, count, start, self.stats)
         if n < len(zero):
-            data, crcs, pair, zero = data[:n * PAGE_SIZE], crcs[:n], pair[:n], zero[:n]
-        if zero.any():
+            data, crcs, pairs, zero = data[:n * PAGE_SIZE], crcs[:n], pairs[:2 * n], zero[:n]
+        if any(zero):
             data = _zero_fill(data, zero)
         if self.sealer is not None:
             data = _unseal(self.sealer, self.stats, start, data, crcs,
-                           (pair == ZERO).any(axis=1) | zero, count)
+                           [d == ZERO or l == ZERO for d, l in zip(pairs[0::2], pairs[1::2])],
+                           count)
         self.stats.read(len(data) // PAGE_SIZE, waited)
         return data
 
@@ -226,7 +225,7 @@ class Backing:
         """read_pages for a single page, same checks, scalar bookkeeping."""
         self._lock.acquire()        # not `with`: on every 4 KiB read of a page on disk
         try:
-            d, l = self._crc[i].tolist()
+            d, l = self._crc[2 * i], self._crc[2 * i + 1]
         finally:
             self._lock.release()
         if d == ZERO and l == ZERO and not self.verify_zero:
@@ -246,10 +245,11 @@ class Backing:
         self.stats.read(1, waited)
         return data
 
-    def unsynced_pages(self) -> np.ndarray:
-        """Pages written or discarded since the last completed sync (a failed sync included)."""
+    def unsynced_pages(self) -> list[int]:
+        """Pages written or discarded since the last completed sync (a failed sync included),
+        ascending."""
         with self._lock:
-            return np.flatnonzero(self._unsynced)
+            return _flagged(self._unsynced)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -265,58 +265,57 @@ class Backing:
             raise ValueError(f"write_pages: {n} page(s) need {n} buffer(s) of {PAGE_SIZE} bytes")
         if n == 0:
             return
-        if n == 1:  # scalar path: numpy's per-call overhead dominates one page
+        if n == 1:  # scalar path: no lists for one page
             self._check_range(int(idxs[0]), 1)
             self._write_one(int(idxs[0]), pages[0])
             return
-        if type(idxs) is range and idxs.step == 1:
-            idx = np.arange(idxs.start, idxs.stop, dtype=np.int64)
-        else:
-            idx = np.fromiter(idxs, np.int64, n)
-        self._check_range(int(idx.min()), int(idx.max() - idx.min()) + 1)
+        idx = list(map(int, idxs))
+        self._check_range(min(idx), max(idx) - min(idx) + 1)
         if self.sealer is not None:
-            pages, ctrs, tags = self._seal(idx.tolist(), pages)
-        crcs = fold(np.fromiter(map(_crc, pages), np.uint32, n))
-        if run is not None and self.sealer is None and (np.diff(idx) == 1).all():
-            sidx, spages = idx, [run]
-        elif not (np.diff(idx) > 0).all():
-            order = np.argsort(idx, kind="stable")
-            sidx = idx[order]
-            spages = [pages[i] for i in order.tolist()]
-        else:
+            pages, ctrs, tags = self._seal(idx, pages)
+        crcs = fold(map(_crc, pages))
+        if all(map(int.__lt__, idx, idx[1:])):       # ascending
             sidx, spages = idx, pages
+            if idx[-1] - idx[0] == n - 1:   # one run: the table's slices, one pwritev
+                idx = sidx = range(idx[0], idx[-1] + 1)
+                if run is not None and self.sealer is None:
+                    spages = [run]
+        else:
+            order = sorted(range(n), key=idx.__getitem__)
+            sidx, spages = [idx[i] for i in order], [pages[i] for i in order]
         with self._lock:
-            on_disk = self._on_disk(idx)
-            self._crc[idx, 0] = on_disk
-            self._crc[idx, 1] = crcs
-            self._inflight[idx] = True
-            self._unsynced[idx] = True
+            on_disk = _on_disk(self._crc, self._failed, idx)   # under _lock
+            _set_pairs(self._crc, idx, on_disk, crcs)
+            vec.scatter(self._inflight, idx, 1)
+            vec.scatter(self._unsynced, idx, 1)
         if self.sealer is not None:
             self.sealer.place(idx, on_disk, crcs, ctrs, tags)
         done = 0
         try:
             if not self.ephemeral:
-                self._put_meta_blocks(np.unique(sidx // ENTRIES_PER_BLOCK))  # pairs first
+                self._put_meta_blocks(_blocks(sidx))  # pairs first
                 if self.sealer is not None:
                     self.sealer.put_blocks(sidx)
-            cuts = (np.flatnonzero(np.diff(sidx) != 1) + 1).tolist()
+            cuts = [] if type(sidx) is range else \
+                [i for i in range(1, n) if sidx[i] != sidx[i - 1] + 1]
             t0 = time.perf_counter_ns()
             for a, b in zip([0] + cuts, cuts + [n]):
-                self._data.pwritev(int(sidx[a]) * PAGE_SIZE, spages[a:b])   # [run] when one run
+                self._data.pwritev(sidx[a] * PAGE_SIZE, spages[a:b])   # [run] when one run
                 done = b
             waited = (time.perf_counter_ns() - t0) // 1000
         except OSError as e:
             with self._lock:
-                self._failed[sidx[done:]] = True
-                self._inflight[idx] = False
-            raise self.stats.disk_error(f"write of {n - done} page(s) from page {int(sidx[done])}", e) from None
+                vec.scatter(self._failed, sidx[done:], 1)
+                vec.scatter(self._inflight, idx, 0)
+            raise self.stats.disk_error(f"write of {n - done} page(s) from page {sidx[done]}",
+                                        e) from None
         except BaseException:
             with self._lock:
-                self._inflight[idx] = False
+                vec.scatter(self._inflight, idx, 0)
             raise
         with self._lock:
-            self._inflight[idx] = False
-            self._failed[idx] = False
+            vec.scatter(self._inflight, idx, 0)
+            vec.scatter(self._failed, idx, 0)
         self.stats.wrote(n, len(cuts) + 1, waited)
 
     def _write_one(self, i: int, data) -> None:
@@ -327,11 +326,10 @@ class Backing:
         crc = self._crc
         with self._lock:
             if not self._failed[i]:
-                crc[i, 0] = crc[i, 1]
-            on_disk = int(crc[i, 0])
-            crc[i, 1] = c
-            self._inflight[i] = True
-            self._unsynced[i] = True
+                crc[2 * i] = crc[2 * i + 1]
+            on_disk = crc[2 * i]
+            crc[2 * i + 1] = c
+            self._inflight[i] = self._unsynced[i] = 1
         if self.sealer is not None:
             self.sealer.place((i,), (on_disk,), (c,), ctrs, tags)
         try:
@@ -344,16 +342,15 @@ class Backing:
             waited = (time.perf_counter_ns() - t0) // 1000
         except OSError as e:
             with self._lock:
-                self._failed[i] = True
-                self._inflight[i] = False
+                self._failed[i] = 1
+                self._inflight[i] = 0
             raise self.stats.disk_error(f"write of page {i}", e) from None
         except BaseException:
             with self._lock:
-                self._inflight[i] = False
+                self._inflight[i] = 0
             raise
         with self._lock:
-            self._inflight[i] = False
-            self._failed[i] = False
+            self._inflight[i] = self._failed[i] = 0
         self.stats.wrote(1, 1, waited)
 
     def _seal(self, idxs: list[int], pages: list):
@@ -370,52 +367,61 @@ class Backing:
         if count == 0:
             return
         end = start + count
+        crc, inflight, unsynced, failed = self._crc, self._inflight, self._unsynced, self._failed
         with self._lock:
             # Only pairs not already (ZERO, ZERO) change (and a failed page's, whose disk is
             # unknown): writing every pair gave table memory and sidecar writes to pages that
             # never held data, as when mkfs discards a whole disk.
-            pairs = self._crc.view(np.uint64)[start:end, 0]
-            idx = np.flatnonzero((pairs != 0) | self._failed[start:end]) + start
-            if self.ephemeral:
-                self._crc[idx] = ZERO
-                return
-            self._crc[idx, 0] = self._on_disk(idx)
-            self._crc[idx, 1] = ZERO
-            self._inflight[idx] = True
-            self._unsynced[idx] = True
+            spans = _changing(crc, failed, start, end)
+            for lo, hi, mask in spans:
+                if self.ephemeral:
+                    vec.fill(crc, 2 * lo, 2 * hi, ZERO)
+                    continue
+                _discard_pairs(crc, failed, lo, hi)
+                _flag(inflight, lo, mask, 1)
+                _flag(unsynced, lo, mask, 1)
+        if self.ephemeral:
+            return
         try:
-            self._put_meta_blocks(np.unique(idx // ENTRIES_PER_BLOCK))
+            self._put_meta_blocks([b for lo, hi, _ in spans        # spans do not share blocks
+                                   for b in range(lo // ENTRIES_PER_BLOCK,
+                                                  (hi - 1) // ENTRIES_PER_BLOCK + 1)])
             _punch(self._data, start, count, self.sparse)
         except OSError as e:
             with self._lock:
-                self._failed[idx] = True
-                self._inflight[idx] = False
+                for lo, _, mask in spans:
+                    _flag(failed, lo, mask, 1)
+                    _flag(inflight, lo, mask, 0)
             raise self.stats.disk_error(f"discard of pages {start}..{end - 1}", e) from None
         except BaseException:
             with self._lock:
-                self._inflight[idx] = False
+                for lo, _, mask in spans:
+                    _flag(inflight, lo, mask, 0)
             raise
         with self._lock:
-            self._inflight[idx] = False
-            self._failed[idx] = False
+            for lo, _, mask in spans:
+                _flag(inflight, lo, mask, 0)
+                _flag(failed, lo, mask, 0)
 
     def mark_lost(self, pages) -> None:
         """Record that acknowledged data of `pages` never reached the file (a close whose
         write-back failed): they read EIO until written again, and fsck lists them. Writes
         only the sidecar; DiskError if even that fails."""
-        idx = np.unique(np.asarray(pages, np.int64))
-        if not len(idx):
+        idx = sorted(set(map(int, pages)))
+        if not idx:
             return
         with self._lock:
-            self._crc[idx] = LOST
-            self._failed[idx] = False
+            for p in idx:
+                self._crc[2 * p] = self._crc[2 * p + 1] = LOST
+                self._failed[p] = 0
         if self.ephemeral:
             return
         try:
-            self._put_meta_blocks(np.unique(idx // ENTRIES_PER_BLOCK))
+            self._put_meta_blocks(_blocks(idx))
             self._meta.fsync()
         except OSError as e:
-            raise self.stats.disk_error(f"marking {len(idx)} lost page(s) in the sidecar", e) from None
+            raise self.stats.disk_error(f"marking {len(idx)} lost page(s) in the sidecar",
+                                        e) from None
 
     # -- durability --------------------------------------------------------------------------
 
@@ -424,16 +430,16 @@ class Backing:
         DiskError on failure; the pages then keep both their values."""
         if self._closed:
             raise BackingError(f"{self.path}: backing is closed")
+        crc, unsynced, inflight, failed = self._crc, self._unsynced, self._inflight, self._failed
         with self._sync_lock:
             with self._lock:
-                # the unsynced pages first: three full-size temporaries cost 768 MiB at 1 TiB
-                cand = np.flatnonzero(self._unsynced)
-                cand = cand[~self._inflight[cand] & ~self._failed[cand]]
-                snap = self._crc[cand, 1].copy()
+                cand = [p for p in _flagged(unsynced) if not (inflight[p] or failed[p])]
+                snap = [crc[2 * p + 1] for p in cand]
             if self.ephemeral or self.read_only:    # no sidecar to write
                 with self._lock:
-                    self._crc[cand, 0] = snap
-                    self._unsynced[cand] = False
+                    for p, s in zip(cand, snap):
+                        crc[2 * p] = s
+                        unsynced[p] = 0
                 return
             try:
                 self._meta.fsync()  # (1) the pairs covering the data about to be made durable
@@ -443,12 +449,12 @@ class Backing:
             except OSError as e:
                 raise self.stats.disk_error("fsync", e) from None
             with self._lock:  # (3) collapse what (2) covered and nobody rewrote since
-                still = self._crc[cand, 1] == snap
-                keep = cand[still]
-                self._crc[keep, 0] = snap[still]
-                self._unsynced[keep] = False
+                keep = [p for p, s in zip(cand, snap) if crc[2 * p + 1] == s]
+                for p in keep:
+                    crc[2 * p] = crc[2 * p + 1]
+                    unsynced[p] = 0
             try:
-                self._put_meta_blocks(np.unique(keep // ENTRIES_PER_BLOCK))
+                self._put_meta_blocks(_blocks(keep))
                 self._meta.fsync()
             except OSError as e:
                 raise self.stats.disk_error("sidecar update", e) from None
@@ -493,15 +499,16 @@ class Backing:
 # helpers of Backing
 
 
-def _verified(ok: np.ndarray, count: int, start: int, stats: DiskStats) -> int:
+def _verified(ok: list[bool], count: int, start: int, stats: DiskStats) -> int:
     """How many pages of a read from page `start` to return, given which verified (`ok`): all,
     or the caller's `count` and the verified ones after them. DataError naming the bad pages
     among the caller's."""
-    if ok.all():
+    if all(ok):
         return len(ok)
-    if not ok[:count].all():
-        raise stats.bad_pages((np.flatnonzero(~ok[:count]) + start).tolist(), "checksum mismatch")
-    return count + int(np.argmin(ok[count:]))
+    bad = [start + i for i in range(count) if not ok[i]]
+    if bad:
+        raise stats.bad_pages(bad, "checksum mismatch")
+    return ok.index(False, count)
 
 
 def _unseal(sealer: Sealer, stats: DiskStats, first: int, data, crcs, maybe_zero,
@@ -517,16 +524,93 @@ def _unseal(sealer: Sealer, stats: DiskStats, first: int, data, crcs, maybe_zero
     return plain
 
 
-def _zero_fill(data: bytes, zero: np.ndarray) -> bytes:
+def _zero_fill(data: bytes, zero: list[bool]) -> bytes:
     """`data` (pages) with the pages where `zero` is True replaced by zeros."""
-    idx = np.flatnonzero(zero)
     buf = bytearray(data)
     z = bytes(PAGE_SIZE)
-    for i in idx.tolist():
+    for i in compress(range(len(zero)), zero):
         o = i * PAGE_SIZE
         if buf[o:o + PAGE_SIZE] != z:
             buf[o:o + PAGE_SIZE] = z
     return bytes(buf)
+
+
+def _on_disk(crc: memoryview, failed: memoryview, pages) -> list[int]:
+    """The value of what the disk holds for `pages` now, barring a crash: latest when the last
+    write completed (it equals durable right after a sync), durable when it failed (what landed
+    is unknown; durable at least is covered)."""
+    if type(pages) is range and 1 not in bytes(failed[pages.start:pages.stop]):
+        return crc[2 * pages.start + 1:2 * pages.stop:2].tolist()
+    return [crc[2 * p] if failed[p] else crc[2 * p + 1] for p in pages]
+
+
+def _set_pairs(crc: memoryview, pages, durable, latest) -> None:
+    """The pairs of `pages` := (durable, latest), two lists of values; a run's by two slice
+    assignments."""
+    if type(pages) is range:
+        crc[2 * pages.start:2 * pages.stop:2] = array("I", durable)
+        crc[2 * pages.start + 1:2 * pages.stop:2] = array("I", latest)
+        return
+    for p, d, l in zip(pages, durable, latest):
+        crc[2 * p] = d
+        crc[2 * p + 1] = l
+
+
+def _changing(crc: memoryview, failed: memoryview, start: int,
+              end: int) -> list[tuple[int, int, bytes]]:
+    """The pages of start .. end whose pair is not (ZERO, ZERO) or whose last write failed, as
+    spans (lo, hi, 0/1 mask of them in lo .. hi) over the runs of sidecar blocks that hold
+    them; found in C, a step of SCAN_ROWS at a time."""
+    spans = []
+    lo = start
+    while lo < end:
+        hi = min(end, (lo // SCAN_ROWS + 1) * SCAN_ROWS)    # blocks do not cross steps
+        mask = used_rows(crc, lo, hi)
+        bad = bytes(failed[lo:hi])
+        if 1 in bad:
+            mask = vec.mask_or(mask, bad)
+        blocks = []
+        i = mask.find(1)
+        while i >= 0:
+            blocks.append((lo + i) // ENTRIES_PER_BLOCK)
+            i = mask.find(1, (blocks[-1] + 1) * ENTRIES_PER_BLOCK - lo)
+        for a, b in vec.runs(blocks):
+            a, b = max(lo, a * ENTRIES_PER_BLOCK), min(hi, b * ENTRIES_PER_BLOCK)
+            spans.append((a, b, mask[a - lo:b - lo]))
+        lo = hi
+    return spans
+
+
+def _discard_pairs(crc: memoryview, failed: memoryview, lo: int, hi: int) -> None:
+    """Pairs lo .. hi := (what the disk holds (_on_disk), ZERO), for a whole span in C:
+    the pairs in it that do not change are (ZERO, ZERO) and not failed, and stay so."""
+    held = [(p, crc[2 * p]) for p in _flagged(failed, lo, hi)]
+    crc[2 * lo:2 * hi:2] = crc[2 * lo + 1:2 * hi:2]
+    for p, d in held:
+        crc[2 * p] = d
+    crc[2 * lo + 1:2 * hi:2] = array("I", bytes(4 * (hi - lo)))    # ZERO
+
+
+def _blocks(pages) -> list[int]:
+    """The sidecar blocks holding the pairs of `pages`, ascending."""
+    return sorted({p // ENTRIES_PER_BLOCK for p in pages})
+
+
+def _flagged(flags: memoryview, start: int = 0, end: int | None = None) -> list[int]:
+    """The pages in start .. end whose 0/1 flag is set, ascending: a step of SCAN_ROWS at a
+    time (no temporary the disk's size)."""
+    end = len(flags) if end is None else end
+    out: list[int] = []
+    for lo in range(start, end, SCAN_ROWS):
+        out += vec.positions(flags[lo:min(lo + SCAN_ROWS, end)], lo)
+    return out
+
+
+def _flag(flags: memoryview, lo: int, mask: bytes, value: int) -> None:
+    """Set the 0/1 flags of the pages from `lo` where the 0/1 `mask` is 1 to `value`."""
+    old = bytes(flags[lo:lo + len(mask)])
+    flags[lo:lo + len(mask)] = vec.mask_or(old, mask) if value else \
+        vec.mask_and(old, vec.mask_not(mask))
 
 
 def _punch(disk, start: int, count: int, sparse: bool) -> None:
@@ -669,35 +753,38 @@ def fsck(path: str, key: bytes | None = None) -> FsckReport:
         if len(raw) != rows * ENTRY_SIZE:
             rep.errors.append("sidecar is truncated")
             return rep
-        table = np.frombuffer(raw, "<u4").reshape(rows, 2)[:rep.npages]
-        if head.version == 1:
-            table = np.where(table == 2, FOLD, table).astype(np.uint32)
+        table = memoryview(raw).cast("I")
         if head.clean and st.st_mtime_ns != head.mtime_ns:
             rep.notes.append("file modified since its last clean unmount (mtime); if that was "
                              "on purpose, remove the sidecar to import the image unchecked")
         if not head.clean:
             rep.notes.append("not closed cleanly (crash?): pages written since the last sync "
                              "may read as their old bytes or EIO")
-        d, l = table[:, 0], table[:, 1]
-        rep.zero_pages = int(((d == ZERO) & (l == ZERO)).sum())
-        rep.unchecked_pages = int(((d == UNCHECKED) | (l == UNCHECKED)).sum())
-        rep.inflight_pages = int((d != l).sum())
-        lost = (d == LOST) & (l == LOST)
-        rep.lost_pages = np.flatnonzero(lost).tolist()
         for start in range(0, rep.npages, PAGE_RUN):
             count = min(PAGE_RUN, rep.npages - start)
+            pairs = table[2 * start:2 * (start + count)].tolist()
+            if head.version == 1:
+                pairs = [FOLD if v == 2 else v for v in pairs]
+            durable, latest = pairs[0::2], pairs[1::2]
+            rep.zero_pages += sum(not (d or l) for d, l in zip(durable, latest))
+            rep.unchecked_pages += sum(d == UNCHECKED or l == UNCHECKED
+                                       for d, l in zip(durable, latest))
+            rep.inflight_pages += sum(map(int.__ne__, durable, latest))
+            lost = [d == LOST and l == LOST for d, l in zip(durable, latest)]
+            rep.lost_pages += vec.positions(lost, start)
             data = os.pread(fd, count * PAGE_SIZE, start * PAGE_SIZE)
             if len(data) < count * PAGE_SIZE:
                 data += bytes(count * PAGE_SIZE - len(data))
             os.posix_fadvise(fd, start * PAGE_SIZE, count * PAGE_SIZE, os.POSIX_FADV_DONTNEED)
             crcs = page_crcs(data, count)
-            pair = table[start:start + count]
-            ok = verify(crcs, pair)
+            ok = verify(crcs, pairs)
             if sealer is not None:
-                _, bad = sealer.unseal(start, data, crcs, (pair == ZERO).any(axis=1))
-                ok[np.asarray(bad, np.int64) - start] = False
-            ok |= lost[start:start + count]     # listed as lost, not as bad
-            rep.bad_pages += (np.flatnonzero(~ok) + start).tolist()
+                _, bad = sealer.unseal(start, data, crcs, [d == ZERO or l == ZERO
+                                                           for d, l in zip(durable, latest)])
+                for p in bad:
+                    ok[p - start] = False
+            # lost pages are listed as lost, not as bad
+            rep.bad_pages += [start + i for i in range(count) if not (ok[i] or lost[i])]
         rep.checked_pages = rep.npages - rep.unchecked_pages - len(rep.lost_pages)
         return rep
     finally:

@@ -27,20 +27,19 @@ import logging
 import os
 import stat
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
-from . import PAGE_SIZE
+from . import PAGE_SIZE, vec
 from .disk import FileDisk
 from .diskstats import disk_error
 from .errors import BackingError, BackingLocked
 from . import pagemem
 from .seal import Sealer, seal_path
 from .sidecar import (ENTRIES_PER_BLOCK, ENTRY_SIZE, FOLD, HEADER_SIZE, META_VERSION, PAGE_RUN,
-                      UNCHECKED, ZERO, ZERO_PAGE_CRC, meta_path, pack_header, page_crcs,
-                      parse_header, row_steps, table_rows)
+                      SCAN_ROWS, UNCHECKED, ZERO, ZERO_PAGE_CRC, meta_path, pack_header,
+                      page_crcs, parse_header, row_steps, split_rows, table_rows)
 
 # the same logger as zblock.backing: opening is part of what a backing file reports
 log = logging.getLogger("zblock.backing")
@@ -60,7 +59,7 @@ class Opened:
     lock_fd: int            # the data file, flocked; closing it releases the lock
     data: object            # disks (the zblock.disk interface): the raw image ...
     meta: object | None     # ... and the sidecar (None in swap and read-only modes)
-    table: np.ndarray       # (rows, 2) uint32: durable, latest
+    table: memoryview       # 'I', two per row: durable, latest (zblock.sidecar)
     state: str              # new | clean | recovered | imported | changed | ephemeral
     loaded: list            # (first, end) rows of `table` that may be other than (ZERO, ZERO)
     ephemeral: bool
@@ -134,7 +133,7 @@ def open_files(path: str, size: int | None = None, *, ephemeral: bool = False,
                 raise BackingError(f"{path} is {cur} bytes, not {size}: no silent resize")
             size = cur
         npages = size // PAGE_SIZE
-        table = pagemem.zeros((table_rows(npages), 2), np.uint32)
+        table = pagemem.array(2 * table_rows(npages), "I")
         loaded: list[tuple[int, int]] = []      # a new or ephemeral table is all ZERO
         data = factory(path, "data")
         if ephemeral:
@@ -240,7 +239,7 @@ def _open_sealer(path: str, size: int, state: str, encrypted: bool, encrypt: boo
 # the sidecar's table
 
 
-def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray,
+def _load_table(path: str, size: int, new: bool, data_fd: int, table: memoryview,
                 read_only: bool = False) -> tuple[str, int, list[tuple[int, int]], bool]:
     """Fill the zeroed `table` from the sidecar (creating it if needed, unless
     `read_only`); return how the file was found, the sidecar's format version, the row
@@ -267,20 +266,23 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
                 os.ftruncate(mfd, nbytes)
             finally:
                 os.close(mfd)
-        table[:] = UNCHECKED
-        return "imported", META_VERSION, [(0, len(table))], False
+        for lo in range(0, len(table), 2 * SCAN_ROWS):     # no temporary the table's size
+            vec.fill(table, lo, min(lo + 2 * SCAN_ROWS, len(table)), UNCHECKED)
+        return "imported", META_VERSION, [(0, len(table) // 2)], False
     try:
         head = parse_header(os.pread(mfd, HEADER_SIZE, 0), mpath)
         if head.size != size:
             raise BackingError(f"{mpath}: sidecar is for a {head.size}-byte file, the backing "
                                f"file is {size} bytes (remove the sidecar to import it unchecked)")
-        loaded = pagemem.fill_from_file(mfd, table, HEADER_SIZE, f"{mpath}: sidecar")
+        loaded = pagemem.fill_from_file(mfd, table, HEADER_SIZE, f"{mpath}: sidecar", 8)
     finally:
         os.close(mfd)
     if head.version == 1:       # zblock.sidecar: "Version 1 sidecars"; open_files rewrites it
-        for rows in row_steps(loaded, len(table)):
-            part = table[rows]
-            part[part == 2] = FOLD
+        for rows in row_steps(loaded, len(table) // 2):
+            part = table[2 * rows.start:2 * rows.stop]
+            values = part.tolist()
+            if 2 in values:
+                part[:] = array("I", [FOLD if v == 2 else v for v in values])
     if not head.clean:
         # after a crash: trust both values of every pair
         return "recovered", head.version, loaded, head.encrypted
@@ -293,7 +295,7 @@ def _load_table(path: str, size: int, new: bool, data_fd: int, table: np.ndarray
     return "clean", head.version, loaded, head.encrypted
 
 
-def _write_table(meta, table: np.ndarray, ranges) -> None:
+def _write_table(meta, table: memoryview, ranges) -> None:
     """Write the rows `ranges` ((first, end) rows) of `table` to the sidecar disk `meta`, in
     steps: no copy of the table, and no pwrite longer than one can be."""
     buf = memoryview(table).cast("B")
@@ -303,39 +305,41 @@ def _write_table(meta, table: np.ndarray, ranges) -> None:
             meta.pwrite(HEADER_SIZE + lo, buf[lo:hi])
 
 
-def _settle_pairs(path: str, data, meta, table: np.ndarray, loaded, npages: int) -> None:
+def _settle_pairs(path: str, data, meta, table: memoryview, loaded, npages: int) -> None:
     """A page whose pair still holds two values (written since a sync, then a crash or a
     failed write) is read once and its pair collapsed to the value its data matches, so a
     later sync does not keep reporting it. Pages matching neither keep their pair (they read
     EIO; fsck lists them). Only rows loaded from the sidecar can hold two values."""
-    pages = np.concatenate([np.zeros(0, np.int64)] + [
-        np.flatnonzero(table[rows, 0] != table[rows, 1]) + rows.start
-        for rows in row_steps(loaded, npages)])
-    if not len(pages):
+    pages = []
+    for rows in row_steps(loaded, npages):
+        split = split_rows(table, rows.start, rows.stop)
+        if 1 in split:          # rarely: positions costs as much with one as with all
+            pages += vec.positions(split, rows.start)
+    if not pages:
         return
     try:
         data.fsync()            # what we read must be durable before the pairs say so
     except OSError as e:
         raise disk_error(path, "fsync", e) from None
     settled = []
-    for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
-        for lo in range(0, len(run), PAGE_RUN):
-            part = run[lo:lo + PAGE_RUN]
+    for first, end in vec.runs(pages):
+        for lo in range(first, end, PAGE_RUN):
+            hi = min(lo + PAGE_RUN, end)
             try:
-                raw = data.pread(int(part[0]) * PAGE_SIZE, len(part) * PAGE_SIZE)
+                raw = data.pread(lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE)
             except OSError as e:
                 log.warning("%s: reading pages %d..%d to settle their checksums: %s",
-                            path, part[0], part[-1], e.strerror)
+                            path, lo, hi - 1, e.strerror)
                 continue
-            for p, c in zip(part.tolist(), page_crcs(raw, len(part)).tolist()):
-                d, l = table[p]
+            for p, c in zip(range(lo, hi), page_crcs(raw, hi - lo)):
+                d, l = table[2 * p], table[2 * p + 1]
                 if c in (d, l) or (c == ZERO_PAGE_CRC and ZERO in (d, l)):
-                    table[p] = c if c in (d, l) else ZERO
+                    table[2 * p] = table[2 * p + 1] = c if c in (d, l) else ZERO
                     settled.append(p)
     if settled:
         try:
-            for b in np.unique(np.asarray(settled) // ENTRIES_PER_BLOCK).tolist():
-                rows = table[b * ENTRIES_PER_BLOCK:(b + 1) * ENTRIES_PER_BLOCK]
+            for b in sorted({p // ENTRIES_PER_BLOCK for p in settled}):
+                rows = table[2 * b * ENTRIES_PER_BLOCK:2 * (b + 1) * ENTRIES_PER_BLOCK]
                 meta.pwrite(HEADER_SIZE + b * PAGE_SIZE, rows.tobytes())
             meta.fsync()
         except OSError as e:

@@ -145,7 +145,7 @@ def run_config(pages: list[bytes], trace, alg: str, level, accel: str, submit: s
                 scans = [cs.compress(b"".join(pages[first:first + n]), detect_same=True)] \
                     if submit == "batch" else [cs.compress(pages[i], detect_same=True) for i in span]
                 sc = scan.concat(scans)
-                for i, st, obj, fill in zip(span, sc.states.tolist(), sc.objs, sc.fills.tolist()):
+                for i, st, obj, fill in zip(span, sc.states, sc.objs, sc.fills):
                     store[i] = ("same", fill) if st == scan.SAME else \
                         ("c", obj) if st == scan.COMP else ("raw", pages[i])
                 dt = time.perf_counter() - t0

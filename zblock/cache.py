@@ -8,8 +8,7 @@ current pool (zblock.acomp: same-filled check, compression, the incompressible r
 install into the entry table. Pages rejected go to disk, and so do the stores of a stream past
 the sequential cutoff (zblock.sequential), without the pool. A load is one path too: the entries
 are read under the tree lock, then disk pages are read and compressed ones decompressed with it
-released; a single page (a 4 KiB read) has its own scalar path, as numpy's per-call cost would
-dominate it.
+released; a single page (a 4 KiB read) has a path of its own that takes no lists.
 
 The parts, each a module with its own invariants:
     zblock.entries    the entry table and the only install/free/accounting code
@@ -48,11 +47,10 @@ import contextlib
 import logging
 import threading
 import time
+from array import array
 from typing import Callable, Sequence
 
-import numpy as np
-
-from . import PAGE_SIZE
+from . import PAGE_SIZE, vec
 from .compressors import CompressionError
 from .config import Config
 from .diskread import DiskReader
@@ -143,7 +141,7 @@ class PageLocks:
 class Cache:
     """zswap over a page-indexed table. `backing` needs read_pages/write_pages/discard/sync."""
 
-    def __init__(self, npages: int, config: Config, backing, *, on_disk: np.ndarray | None = None,
+    def __init__(self, npages: int, config: Config, backing, *, on_disk=None,
                  memory_pressure: Callable[[], bool] | None = None, engine_factory=None,
                  far=None):
         """`far`: a connected zblock.far.FarTier, or None for no far tier."""
@@ -218,7 +216,7 @@ class Cache:
     def store_pages(self, where, buf, expect_gen: int | None = None,
                     may_wait: bool = True, clean: bool = False) -> bool:
         """Store whole pages from `buf` (bytes-like, a multiple of PAGE_SIZE long) at pages
-        `where ..` (an int), or at the page numbers in `where` (an int64 array, no page twice:
+        `where ..` (an int), or at the page numbers in `where` (a list, no page twice:
         the write-behind queue's batch of 4 KiB writes).
 
         `expect_gen` (one page, read-modify-write): store only if the page's entry is still the
@@ -231,7 +229,7 @@ class Cache:
         they are, unwritten."""
         mv = memoryview(buf).cast("B")
         n = len(mv) // PAGE_SIZE
-        first = where if type(where) is int else int(where[0])
+        first = where if type(where) is int else where[0]
         if (self.sequential is not None and n and type(where) is int and not clean
                 and expect_gen is None and self.sequential.bypass(first, n)
                 and not self.limits.disk_failing()):
@@ -245,7 +243,8 @@ class Cache:
             cfg = self.config
             scan = pool.contexts.compress(mv, detect_same=cfg.same_filled_pages_enabled,
                                           raw_poor=cfg.incompressible_policy == "store_raw")
-            poor = np.flatnonzero(scan.states == NONE).tolist() if NONE in scan.states else []
+            poor = [i for i, s in enumerate(scan.states) if s == NONE] \
+                if NONE in scan.states else []
             through = self.write_through is not None and cfg.write_through and not clean
             if self.table.dedup:
                 self.table.dedup.prepare(scan)
@@ -255,16 +254,17 @@ class Cache:
                 self.c.reject_compress_poor += len(poor)
                 self.c.reject_compress_fail += scan.failed
                 if clean:
-                    was_dirty = self.table.dirty[first:first + n].copy()
+                    was_dirty = bytes(self.table.dirty[first:first + n])
                 # rejected pages keep their old entry until their disk write lands (below)
                 installed = self.table.install(where, scan, pool)
                 self.c.zswpout += installed
                 if clean:       # installed pages get their old bit; the others keep theirs
-                    self.table.dirty[first:first + n] &= was_dirty
+                    dirty = self.table.dirty
+                    dirty[first:first + n] = vec.mask_and(bytes(dirty[first:first + n]), was_dirty)
                 if through:
-                    index = np.flatnonzero(scan.states != NONE)
-                    pages = (index + first) if type(where) is int else where[index]
-                    gens = self.table.gen[pages].copy()
+                    index = vec.nonzero(scan.states)
+                    pages = _pages(where, index)
+                    gens = vec.gather(self.table.gen, pages)
                 if self.limits.over():
                     self.writeback.wake()
         finally:
@@ -288,11 +288,9 @@ class Cache:
         cached raw and dirty instead, over the limit if need be: the write succeeds, and the
         next fsync retries the disk and reports the error."""
         mv = memoryview(buf).cast("B")
-        # the table's rows as a slice where the pages are one run (a range)
-        rows = slice(idxs.start, idxs.stop) if type(idxs) is range else np.asarray(idxs, np.int64)
         with self.page_locks.hold(idxs):
             with self.tree_lock:
-                gens = self.table.gen[rows].copy()
+                gens = vec.gather(self.table.gen, idxs)
             if expect_gen is not None and gens[0] != expect_gen:
                 return False
             try:
@@ -303,20 +301,19 @@ class Cache:
                 failed = True
                 self.writeback.failed_at = time.monotonic()
             with self.tree_lock:
-                keep = self.table.gen[rows] == gens
+                now = vec.gather(self.table.gen, idxs)
+                keep = [i for i, (g, was) in enumerate(zip(now, gens)) if g == was]
+                same = idxs if len(keep) == len(idxs) else [idxs[i] for i in keep]
                 if not failed:
-                    same = rows if keep.all() else np.asarray(idxs, np.int64)[keep]
                     self.table.free(same)
                     self.table.set_disk(same)
                     if bypass:
                         self.c.bypassed_pages += len(idxs)
-                elif keep.any():
-                    same = np.asarray(idxs, np.int64)[keep]
-                    kept = [bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
-                            for i in np.flatnonzero(keep).tolist()]
-                    raw = Scan(kept, np.full(len(same), RAW, np.uint8),
-                               np.full(len(same), PAGE_SIZE, np.uint16),
-                               np.frombuffer(b"".join(d[:8] for d in kept), np.uint64), 0)
+                elif keep:
+                    kept = [bytes(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in keep]
+                    n = len(kept)
+                    raw = Scan(kept, bytes((RAW,)) * n, array("H", (PAGE_SIZE,)) * n,
+                               array("Q", b"".join(d[:8] for d in kept)), 0)
                     self.c.zswpout += self.table.install(same, raw, self.registry.current)
                     if self.limits.over():
                         self.writeback.wake()
@@ -329,8 +326,7 @@ class Cache:
         """The bytes of pages start .. start+n. Raises DataError (EIO) if one cannot be read.
         `gens_out` (readahead): gets the pages' generations, taken with their entries.
 
-        The entries are classified with one pass of Python over the states (a numpy call costs
-        1-6 us: a swap-in's 32 KiB read took twice as long with a dozen of them)."""
+        The entries are classified with one pass of Python over the states."""
         if n == 1 and gens_out is None:
             return self.load_page(start)
         table = self.table
@@ -340,7 +336,7 @@ class Cache:
         far: list[int] = []
         with self.tree_lock:
             if gens_out is not None:
-                gens_out.append(table.gen[start:end].copy())
+                gens_out.append(table.gen[start:end].tolist())
             parts = table.objs_range(start, end)    # COMP/RAW objects; the rest set below
             pid, fl, ref, at = table.pid, table.fl, table.ref, table.at
             now = table.clock.tick
@@ -450,10 +446,10 @@ class Cache:
         with self.tree_lock:
             return self.table.gn[page]
 
-    def gens_match(self, start: int, gens: np.ndarray) -> bool:
+    def gens_match(self, start: int, gens: list[int]) -> bool:
         """True if no entry of pages start .. start+len(gens) changed since `gens` was taken."""
         with self.tree_lock:
-            return bool((self.table.gen[start:start + len(gens)] == gens).all())
+            return self.table.gen[start:start + len(gens)].tolist() == list(gens)
 
     # =========================================================================================
     # invalidate (discard)
@@ -476,7 +472,7 @@ class Cache:
             self.write_through.drain()
         return self.writeback.flush()
 
-    def dirty_pages(self) -> np.ndarray:
+    def dirty_pages(self) -> list[int]:
         """Pages whose data the backing file does not hold durably (after a failed close: the
         pages to mark lost)."""
         with self.tree_lock:
@@ -514,9 +510,9 @@ class Cache:
 
 def _pages(where, idx) -> Sequence[int]:
     """The page numbers of a store's pages idx: where + i for a first page (an int; a range
-    for a range), where[i] for an array of page numbers (see Cache.store_pages)."""
+    for a range), where[i] for a list of page numbers (see Cache.store_pages)."""
     if type(where) is int:
         if type(idx) is range:
             return range(where + idx.start, where + idx.stop)
         return [where + i for i in idx]
-    return where[list(idx)].tolist()
+    return [where[i] for i in idx]

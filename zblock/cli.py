@@ -30,9 +30,9 @@ from .errors import ConfigError, MountError, NotAZblockMount, UsageError, Writeb
 from .runtime import (ANSWER_TIMEOUT, FSTYPE, find_zblock_mount, mounts, pid_file_backing,
                       read_mount_file, read_stats, run_with_deadline)
 
-# zblock.daemon and zblock.hardening (they load the compressors) and zblock.backing (numpy) are
-# imported inside the commands that use them, so that stats, set, list, swapon and swapoff load
-# no engine code.
+# zblock.daemon and zblock.hardening (they load the compressors) and zblock.backing are imported
+# inside the commands that use them, so that stats, set, list, swapon and swapoff load no engine
+# code.
 
 
 # --option -> param name. Flags (store_true) are marked by None in _FLAGS.
@@ -95,7 +95,7 @@ class _Parser(argparse.ArgumentParser):
 
     def format_help(self):
         # An epilog may be a function, run only when help is shown: fsck's imports the backing
-        # module (numpy: ~0.1 s), which no other command should pay for.
+        # module (engine code), which no other command should pay for.
         if callable(self.epilog):
             self.epilog = self.epilog()
         return super().format_help()

@@ -26,7 +26,7 @@ class CompressionError(Exception):
 
 
 _lz4pages = optional("_lz4pages")
-# which code serves lz4 (shown in the stats): the C extension, or python-lz4 and numpy
+# which code serves lz4 (shown in the stats): the C extension, or python-lz4 and zblock.scan
 LZ4_BACKEND = "c" if _lz4pages is not None else "python-lz4"
 
 
@@ -89,7 +89,7 @@ class LZ4(Compressor):
     """LZ4 blocks (no size header), as the kernel's lz4. The C extension zblock._lz4pages works
     on a whole request with the GIL released once; without it, python-lz4 (which releases and
     re-takes the GIL around every page: with a second thread at work that costs about half the
-    speed) and the numpy checks of zblock.scan."""
+    speed) and the checks of zblock.scan."""
 
     name = "lz4"
 

@@ -21,26 +21,25 @@ Store a `release_memory` (zblock.memory) that can give locked memory back; it te
 when it is ready and stopping (zblock.sdnotify). The pid and log files and the mount table are
 zblock.runtime's.
 
-Two imports wait until they are needed: the store's (numpy starts an OpenBLAS thread at import,
-which must come after PR_SET_IO_FLUSHER) and mfusepy's (FUSE_LIBRARY_NAME picks the library
-before it loads).
+Two imports wait until they are needed: the store's (after PR_SET_IO_FLUSHER: a thread an
+engine library starts at import would never get the flag) and mfusepy's (FUSE_LIBRARY_NAME
+picks the library before it loads).
 
 What this module does not do: option parsing (zblock.cli), FUSE semantics (zblock.fuse_ops).
 """
 
 from __future__ import annotations
 
-import ctypes.util
 import errno
 import functools
 import logging
-import logging.handlers
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import syslog
 import threading
 import time
 
@@ -58,6 +57,24 @@ UMOUNT_TIMEOUT = 600.0     # write-back of a full pool: ~1 GiB at disk speed
 
 # ---------------------------------------------------------------------------------------------
 # logging
+
+
+class _SyslogHandler(logging.Handler):
+    """Writes records to the journal/syslog through libc's syslog(3): logging.handlers'
+    SysLogHandler cost an idle server 1.2 MiB of modules for this."""
+
+    PRIORITIES = {logging.CRITICAL: syslog.LOG_CRIT, logging.ERROR: syslog.LOG_ERR,
+                  logging.WARNING: syslog.LOG_WARNING}
+
+    def __init__(self, level: int):
+        super().__init__(level)
+        syslog.openlog("zblock", syslog.LOG_PID, syslog.LOG_USER)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            syslog.syslog(self.PRIORITIES.get(record.levelno, syslog.LOG_INFO), self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 class _KmsgHandler(logging.Handler):
@@ -78,9 +95,7 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.path.exists("/dev/log"):
-        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter(f"zblock[{os.getpid()}]: %(message)s"))
-        handler.setLevel(logging.WARNING)
+        handler: logging.Handler = _SyslogHandler(logging.WARNING)
     elif os.access("/dev/kmsg", os.W_OK):
         handler = _KmsgHandler(logging.CRITICAL)
     else:
@@ -172,6 +187,7 @@ def check_fuse(fuse_version: int, front_end: str = "mfusepy", fuse_uring: str = 
             raise MountError("the native FUSE front end mounts with mount(2), which needs root; "
                              "use --fuse-impl mfusepy")
         return                          # speaks the protocol itself: no libfuse needed
+    import ctypes.util                  # runs ldconfig: only for this front end
     lib = "fuse3" if fuse_version == 3 else "fuse"
     if ctypes.util.find_library(lib) is None:
         pkg = "fuse3" if fuse_version == 3 else "libfuse2"
@@ -236,8 +252,8 @@ def _load_fuse(fuse_version: int):
 
 
 def _open_store(backing: str, size: int | None, config, **kw):
-    # Imported here, after the swap hardening: numpy starts an OpenBLAS thread when it is
-    # imported, and a thread that exists before PR_SET_IO_FLUSHER never gets the flag.
+    # Imported here, after the swap hardening: a thread that exists before PR_SET_IO_FLUSHER
+    # never gets the flag, and a library may start one when it is imported.
     from .store import Store
     return Store.open(backing, size, config, **kw)
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import collections
 
-import numpy as np
-
 from .pool import Pool, charge
-from .scan import Scan
+from .scan import COMP, RAW, Scan
 
 
 class DedupIndex:
@@ -61,19 +59,17 @@ class DedupIndex:
         self.table.dedup_saved_bytes -= charge(len(obj))
         return True
 
-    def whole_shares(self, pages: np.ndarray) -> np.ndarray:
-        """Bool per page of `pages`: it is not cached, or its object is its own, or every entry
+    def whole_shares(self, pages: list) -> list[bool]:
+        """Per page of `pages`: it is not cached, or its object is its own, or every entry
         sharing it is among `pages`. Recompression moves a shared object only with all its
         sharers: one that left alone would add its new object to the pool and save nothing."""
         table = self.table
-        whole = np.ones(len(pages), bool)
-        idx = np.flatnonzero(table.cached(pages))
-        objs = [table.obj(p) for p in pages[idx].tolist()]
-        among = collections.Counter(map(id, objs))
+        objs = {p: table.obj(p) for p in pages if table.state[p] in (COMP, RAW)}
+        among = collections.Counter(map(id, objs.values()))
         pools = table.registry.pools
-        whole[idx] = [pools[i].sharers.get(o, 1) == among[id(o)]
-                      for o, i in zip(objs, table.pool_id[pages[idx]].tolist())]
-        return whole
+        return [p not in objs or
+                pools[table.pool_id[p]].sharers.get(objs[p], 1) == among[id(objs[p])]
+                for p in pages]
 
     @staticmethod
     def prepare(scan: Scan) -> None:

@@ -29,12 +29,11 @@ injection (tests/faultdisk.py).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import threading
-
-import numpy as np
 
 from . import PAGE_SIZE
 from .libc import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate,
@@ -48,9 +47,30 @@ _BOUNCE_KEEP = 4  # buffers kept for reuse: 2 cores, a few threads; the rest are
 _IOV_MAX = 1024
 
 
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer: its address, read-only buffers' (bytes, a lent FUSE request's view)
+    too, which ctypes' from_buffer refuses."""
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
+
+
 def _page_aligned(buf) -> bool:
     """Whether a buffer's memory starts on a page boundary (O_DIRECT can write it as it is)."""
-    return np.frombuffer(buf, np.uint8).ctypes.data % PAGE_SIZE == 0
+    view = _PyBuffer()
+    _get_buffer(buf, ctypes.byref(view), 0)     # PyBUF_SIMPLE: contiguous bytes, or raises
+    try:
+        return (view.buf or 0) % PAGE_SIZE == 0
+    finally:
+        _release_buffer(ctypes.byref(view))
 
 
 def _check_aligned(offset: int, length: int) -> None:

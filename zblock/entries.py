@@ -1,15 +1,15 @@
 """The entry table: one slot per page of the disk (zswap's xarray of entries), and the only code
 that installs, frees and accounts for entries.
 
-Per page, in numpy arrays: state, compressed length, pool id, fill word, dirty, referenced
-(second chance), under_wb (zram ZRAM_UNDER_WB), LRU stamp, generation and last access time
-(zram's ac_time, in whole seconds: zblock.accessclock; 0 marks the page idle); `objs`
-(ObjectSlots) holds the stored object of a COMP or RAW page. Memory follows the pages in use:
-the kernel gives its arrays (zblock.pagemem.zeros) memory on first write, `objs` is made of
-chunks created by the first store into them, and nothing writes the entries of pages that hold
-nothing. Work that looks for entries (dirty, cached, under writeback) looks only at `live`
-chunks, so it is in proportion to the parts of the disk in use, with temporaries of at most
-SPAN pages.
+Per page, in typed memoryviews (zblock.pagemem.array; zblock.vec works on them whole): state,
+compressed length, pool id, fill word, dirty, referenced (second chance), under_wb (zram
+ZRAM_UNDER_WB), LRU stamp, generation and last access time (zram's ac_time, in whole seconds:
+zblock.accessclock; 0 marks the page idle); `objs` (ObjectSlots) holds the stored object of a
+COMP or RAW page. Memory follows the pages in use: the kernel gives its arrays memory on first
+write, `objs` is made of chunks created by the first store into them, and nothing writes the
+entries of pages that hold nothing. Work that looks for entries (dirty, cached, under writeback)
+looks only at `live` chunks, so it is in proportion to the parts of the disk in use, with
+temporaries of at most SPAN pages.
 
 Page states:
     NONE  never written or discarded: reads as zeros, nothing on disk
@@ -35,6 +35,7 @@ Invariants (each method keeps them; the caller holds the cache's tree lock for e
       entries (over the entries themselves without dedup) == sum of the pools' total_size;
       each pool's stored_pages counts its COMP and RAW entries;
     * with dedup, zblock.dedup's (the index, dedup_pages, dedup_saved_bytes);
+    * compr_data_size == sum of length over COMP and RAW entries;
     * same_filled_pages and stored_incompressible_pages count SAME and RAW entries, disk_pages
       DISK ones;
     * far_pages counts FAR entries and far_bytes their values (far_value_size of each length);
@@ -47,10 +48,9 @@ Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' l
 from __future__ import annotations
 
 import sys
+from array import array
 
-import numpy as np
-
-from . import pagemem
+from . import pagemem, vec
 from .accessclock import AccessClock
 from .dedup import DedupIndex
 from .pool import Pool, charge
@@ -64,9 +64,11 @@ FAR_HEADER = 24             # zblock.far.HEADER.size: a far value is the header 
 
 
 def far_value_size(length, overhead: int = FAR_HEADER):
-    """Bytes a far value of an object of `length` bytes takes (an int or an int64 array), with
-    `overhead` bytes besides the object (the header, and the seal of an encrypted one)."""
+    """Bytes a far value of an object of `length` bytes takes, with `overhead` bytes besides
+    the object (the header, and the seal of an encrypted one)."""
     return length + overhead
+
+
 # ObjectSlots keeps chunks of OBJ_CHUNK slots, each None until a page in it is cached: one flat
 # list cost 8 bytes a page up front (2 GiB for an empty 1 TiB disk).
 OBJ_SHIFT = 12
@@ -75,6 +77,7 @@ OBJ_MASK = OBJ_CHUNK - 1
 # Scans of the table (spans()) take at most this many pages at a time: their temporaries stay
 # at a few MiB however large the disk.
 SPAN = 1 << 20
+_ONE_IS_DISK = bytes([NONE, DISK] + [NONE] * 254)     # translate() table: a 0/1 mask to states
 
 
 class ObjectSlots:
@@ -133,57 +136,49 @@ class ObjectSlots:
 
 
 class EntryTable:
-    """The entries of `npages` pages, and the gauges they add up to."""
+    """The entries of `npages` pages, and the gauges they add up to.
 
-    def __init__(self, npages: int, registry, on_disk: np.ndarray | None = None,
-                 dedup: bool = False):
+    A set of pages is a `range` (a run: whole-slice work) or a list of page numbers."""
+
+    def __init__(self, npages: int, registry, on_disk=None, dedup: bool = False):
         self.npages = npages
         self.registry = registry            # zblock.pools.PoolRegistry: put_if_dead, pools
         self.dedup = DedupIndex(self) if dedup else None
-        self.state = pagemem.zeros(npages, np.uint8)
-        self.length = pagemem.zeros(npages, np.uint16)
-        self.pool_id = pagemem.zeros(npages, np.uint8)
-        self.fill = pagemem.zeros(npages, np.uint64)
-        self.dirty = pagemem.zeros(npages, np.bool_)
-        self.referenced = pagemem.zeros(npages, np.bool_)
-        self.under_wb = pagemem.zeros(npages, np.bool_)
-        self.stamp = pagemem.zeros(npages, np.int64)
-        self.gen = pagemem.zeros(npages, np.uint32)
-        self.atime = pagemem.zeros(npages, np.uint32)
+        self.state = pagemem.array(npages, "B")
+        self.length = pagemem.array(npages, "H")
+        self.pool_id = pagemem.array(npages, "B")
+        self.fill = pagemem.array(npages, "Q")
+        self.dirty = pagemem.array(npages, "B")
+        self.referenced = pagemem.array(npages, "B")
+        self.under_wb = pagemem.array(npages, "B")
+        self.stamp = pagemem.array(npages, "q")
+        self.gen = pagemem.array(npages, "I")
+        self.atime = pagemem.array(npages, "I")
         nchunks = (npages + OBJ_MASK) >> OBJ_SHIFT
         # per chunk of OBJ_CHUNK pages: set by the first install into it, cleared by a discard
         # that leaves it without entries
-        self.live = pagemem.zeros(nchunks, np.bool_)
+        self.live = pagemem.array(nchunks, "B")
         self.arrays = (self.state, self.length, self.pool_id, self.fill, self.dirty,
                        self.referenced, self.under_wb, self.stamp, self.gen, self.atime, self.live)
         self.disk_pages = 0
-        if on_disk is not None:
-            self.state[on_disk] = DISK
-            self.disk_pages = int(np.count_nonzero(on_disk)) if on_disk.dtype == np.bool_ \
-                else len(on_disk)
+        if on_disk is not None:             # 0/1 per page: the backing file may hold it
+            self._mark_on_disk(on_disk)
         self.objs = ObjectSlots(npages)
         self.obj, self.objs_range = self.objs.get, self.objs.range    # the objects' readers
-        # The same memory as memoryviews, for the one-page paths: indexing one with a Python int
-        # takes half the time of a numpy scalar access and gives Python ints back.
-        self.st = memoryview(self.state)
-        self.ln = memoryview(self.length)
-        self.pid = memoryview(self.pool_id)
-        self.fl = memoryview(self.fill)
-        self.dt = memoryview(self.dirty)
-        self.ref = memoryview(self.referenced)
-        self.uwb = memoryview(self.under_wb)
-        self.stp = memoryview(self.stamp)
-        self.gn = memoryview(self.gen)
-        self.at = memoryview(self.atime)
+        # short names for the per-page paths
+        self.st, self.ln, self.pid, self.fl = self.state, self.length, self.pool_id, self.fill
+        self.dt, self.ref, self.uwb = self.dirty, self.referenced, self.under_wb
+        self.stp, self.gn, self.at, self.lv = self.stamp, self.gen, self.atime, self.live
         self.clock = AccessClock()          # `clock.tick`: the access time to record now
-        self.lv = memoryview(self.live)
         self.seq = 1                        # next LRU stamp
+        self.lru_snapshot = None            # zblock.lru's view of the LRU's cold end
         # zswap stores entries referenced (second chance before their first writeback); zblock's
         # `evict` policy sets the bit on loads only (Cache keeps this in step with the policy)
         self.referenced_on_store = False
         self.same_filled_pages = 0
         self.stored_incompressible_pages = 0
         self.pool_total_size = 0
+        self.compr_data_size = 0
         self.mem_used_max = 0
         self.far_pages = 0
         self.far_bytes = 0
@@ -193,91 +188,77 @@ class EntryTable:
         self.on_freed = None                # called with the bytes a free gave back (trimmer)
         self.on_far_freed = None            # called with (pages, versions) of far copies freed
 
+    def _mark_on_disk(self, on_disk) -> None:
+        """DISK for the pages whose byte of `on_disk` is 1, a SPAN at a time: the parts of the
+        table with no such page are not written (they cost no memory)."""
+        for lo in range(0, self.npages, SPAN):
+            hi = min(lo + SPAN, self.npages)
+            mask = bytes(on_disk[lo:hi])
+            n = mask.count(1)
+            if n:
+                self.state[lo:hi] = mask.translate(_ONE_IS_DISK)
+                self.disk_pages += n
+
     # ---- install and free -----------------------------------------------------------------
 
     def install(self, where, scan: Scan, pool: Pool) -> int:
         """A store's scanned pages into the table, replacing their old entries: at pages
-        where, where+1 .. (an int) or at the page numbers in `where` (an int64 array). Pages
-        scanned NONE are left as they are (they go to disk). Returns how many went in."""
-        states = scan.states
-        if len(states) == 1:
-            return self._install_one(where if type(where) is int else int(where[0]), scan, pool)
-        by_state = np.bincount(states, minlength=NSTATES).tolist()
-        sel = np.flatnonzero(states != NONE) if by_state[NONE] else None
-        if type(where) is int:
-            pages = np.arange(where, where + len(states)) if sel is not None else \
-                slice(where, where + len(states))
-        else:
-            pages = where
-        if sel is not None:
-            pages = pages[sel]
-            states, lengths, fills = states[sel], scan.lengths[sel], scan.fills[sel]
-            objs = [scan.objs[i] for i in sel.tolist()]
-        else:
-            lengths, fills, objs = scan.lengths, scan.fills, scan.objs
+        where, where+1 .. (an int) or at the pages in `where` (a list). Pages scanned NONE are
+        left as they are (they go to disk). Returns how many went in."""
+        states, lengths, fills, objs = scan.states, scan.lengths, scan.fills, scan.objs
         n = len(states)
         if not n:
             return 0
+        # a run is written by slices; one page is cheaper as a list (no slice objects)
+        pages = (range(where, where + n) if n > 1 else [where]) if type(where) is int else where
+        if NONE in states:
+            keep = [i for i in range(n) if states[i] != NONE]
+            pages = [pages[i] for i in keep]
+            states = bytes(states[i] for i in keep)
+            lengths = array("H", [lengths[i] for i in keep])
+            fills = array("Q", [fills[i] for i in keep])
+            objs = [objs[i] for i in keep]
+            n = len(keep)
+            if not n:
+                return 0
         self.free(pages)
-        if type(pages) is slice:
-            self.live[pages.start >> OBJ_SHIFT:((pages.stop - 1) >> OBJ_SHIFT) + 1] = True
+        live = self.live
+        if type(pages) is range:
+            vec.fill(live, pages.start >> OBJ_SHIFT, ((pages.stop - 1) >> OBJ_SHIFT) + 1, 1)
         else:
-            self.live[pages >> OBJ_SHIFT] = True
-        self.state[pages] = states
-        self.length[pages] = lengths
-        self.fill[pages] = np.where(states == SAME, fills, 0) if by_state[SAME] else 0
-        self.pool_id[pages] = pool.id
-        self.dirty[pages] = True
-        self.stamp[pages] = self.seq
-        self.referenced[pages] = self.referenced_on_store
-        self.atime[pages] = self.clock.tick
+            for c in {p >> OBJ_SHIFT for p in pages}:
+                live[c] = 1
+        nsame = states.count(SAME)
+        vec.put(self.state, pages, states)
+        vec.put(self.length, pages, lengths)
+        if nsame:
+            vec.put(self.fill, pages, [f if s == SAME else 0 for s, f in zip(states, fills)])
+        else:
+            vec.scatter(self.fill, pages, 0)
+        vec.scatter(self.pool_id, pages, pool.id)
+        vec.scatter(self.dirty, pages, 1)
+        vec.scatter(self.stamp, pages, self.seq)
+        if self.referenced_on_store:        # free() cleared the bit
+            vec.scatter(self.referenced, pages, 1)
+        vec.scatter(self.atime, pages, self.clock.tick)
         self.seq += 1
         saved = self.dedup_saved_bytes
         if self.dedup is not None:
             objs = [o if o is None else self.dedup.share(pool, o) for o in objs]
-        if type(pages) is slice:
+        if type(pages) is range:
             self.objs.set_run(pages.start, objs, n)
         else:
-            for p, o in zip(pages.tolist(), objs):
+            for p, o in zip(pages, objs):
                 if o is not None:
                     self.objs.set(p, o)
-        ncached = by_state[COMP] + by_state[RAW]
-        size = 0
-        if ncached:
-            held = lengths if ncached == n else lengths[states >= COMP]
-            size = int(charge(held.astype(np.int64)).sum())
+        nraw = states.count(RAW)
+        ncached = n - nsame
+        held = lengths if ncached == n else [ln for s, ln in zip(states, lengths) if s >= COMP]
+        size = sum(map(charge, held))
+        self.compr_data_size += sum(held)
         size -= self.dedup_saved_bytes - saved     # objects shared with pages already held
-        self._account(pool, ncached, size, by_state[SAME], by_state[RAW])
+        self._account(pool, ncached, size, nsame, nraw)
         return n
-
-    def _install_one(self, page: int, scan: Scan, pool: Pool) -> int:
-        """install() for one page with scalar code (a numpy call costs 1-6 us)."""
-        state = int(scan.states[0])
-        if state == NONE:
-            return 0
-        self.free_one(page)
-        self.lv[page >> OBJ_SHIFT] = True
-        length = int(scan.lengths[0])
-        self.st[page] = state
-        self.ln[page] = length
-        self.fl[page] = int(scan.fills[0]) if state == SAME else 0
-        self.pid[page] = pool.id
-        self.dt[page] = True
-        self.stp[page] = self.seq
-        self.ref[page] = self.referenced_on_store
-        self.at[page] = self.clock.tick
-        self.seq += 1
-        obj = scan.objs[0]
-        if self.dedup is not None and obj is not None:
-            held = self.dedup.share(pool, obj)
-            shared, obj = held is not obj, held
-        else:
-            shared = False
-        self.objs.set(page, obj)
-        cached = state >= COMP
-        self._account(pool, int(cached), charge(length) if cached and not shared else 0,
-                      int(not cached), int(state == RAW))
-        return 1
 
     def _account(self, pool: Pool, ncached: int, size: int, nsame: int, nraw: int) -> None:
         pool.stored_pages += ncached
@@ -289,92 +270,72 @@ class EntryTable:
             self.mem_used_max = self.pool_total_size
 
     def free(self, pages) -> None:
-        """Drop the entries of `pages` (a slice or an index array) and their accounting; their
-        state is the caller's to set (NONE, DISK or a new entry)."""
-        st = self.state[pages]
-        # pages per state, in one numpy call: most frees find no cached, same-filled or far page
-        by_state = np.bincount(st, minlength=NSTATES).tolist()
-        if by_state[COMP] or by_state[RAW]:
-            cached = (st == COMP) | (st == RAW)
-            cpages = (np.flatnonzero(cached) + pages.start) if type(pages) is slice \
-                else pages[cached]
-            ids = self.pool_id[cpages]
-            sizes = charge(self.length[cpages].astype(np.int64))
-            if self.dedup is not None:      # an object other pages still share keeps its charge
-                pools = self.registry.pools
-                kept = [self.dedup.unshare(pools[i], self.obj(p))
-                        for p, i in zip(cpages.tolist(), ids.tolist())]
-                sizes[np.array(kept, bool)] = 0
-            freed = int(sizes.sum())
-            if (ids == ids[0]).all():       # one pool, as nearly always
-                self._unaccount(self.registry.pools[int(ids[0])], len(ids), freed)
+        """Drop the entries of `pages` (a range or a list) and their accounting; their state
+        is the caller's to set (NONE, DISK or a new entry)."""
+        if type(pages) is range:
+            st = bytes(self.state[pages.start:pages.stop])
+        else:
+            st = bytes(map(self.state.__getitem__, pages))
+        if st.count(COMP) or st.count(RAW):
+            cpages = _pick(pages, vec.mask_in(st, (COMP, RAW)))
+            self._free_cached(cpages, st.count(RAW))
+            if type(pages) is range:
+                self.objs.set_run(pages.start, None, len(pages))
             else:
-                counts = np.bincount(ids, minlength=len(self.registry.pools))
-                per_pool = np.bincount(ids, weights=sizes, minlength=len(self.registry.pools))
-                for pid in np.flatnonzero(counts).tolist():
-                    self._unaccount(self.registry.pools[pid], int(counts[pid]), int(per_pool[pid]))
-            self.pool_total_size -= freed
-            self.stored_incompressible_pages -= by_state[RAW]
-            if self.on_freed is not None:
-                self.on_freed(freed)
-            if type(pages) is slice:
-                self.objs.set_run(pages.start, None, pages.stop - pages.start)
-            else:
-                for p in cpages.tolist():
+                for p in cpages:
                     self.objs.set(p, None)
-        self.same_filled_pages -= by_state[SAME]
-        self.disk_pages -= by_state[DISK]
-        if by_state[FAR]:
-            far = st == FAR
-            fpages = (np.flatnonzero(far) + pages.start) if type(pages) is slice else pages[far]
-            self._drop_far(fpages)
-        self.gen[pages] += 1
-        self.dirty[pages] = False
-        self.referenced[pages] = False
-        self.under_wb[pages] = False
+        self.same_filled_pages -= st.count(SAME)
+        self.disk_pages -= st.count(DISK)
+        if st.count(FAR):
+            self._drop_far(_pick(pages, vec.mask_in(st, (FAR,))))
+        _next_gen(self.gen, pages)
+        vec.scatter(self.dirty, pages, 0)
+        vec.scatter(self.referenced, pages, 0)
+        vec.scatter(self.under_wb, pages, 0)
 
-    def free_one(self, page: int) -> None:
-        """free() for one page with scalar code."""
-        st = self.st[page]
-        if st == COMP or st == RAW:
-            pool = self.registry.pools[self.pid[page]]
-            shared = self.dedup is not None and self.dedup.unshare(pool, self.obj(page))
-            size = 0 if shared else charge(self.ln[page])
-            self._unaccount(pool, 1, size)
-            self.pool_total_size -= size
-            if st == RAW:
-                self.stored_incompressible_pages -= 1
-            if self.on_freed is not None:
-                self.on_freed(size)
-            self.objs.set(page, None)
-        elif st == SAME:
-            self.same_filled_pages -= 1
-        elif st == FAR:
-            self._drop_far(np.array([page], np.int64))
-        elif st == DISK:
-            self.disk_pages -= 1
-        self.gn[page] = (self.gn[page] + 1) & 0xFFFFFFFF       # wraps as the uint32 array does
-        self.dt[page] = False
-        self.ref[page] = False
-        self.uwb[page] = False
+    def _free_cached(self, cpages: list, nraw: int) -> None:
+        """free()'s accounting for the COMP and RAW pages `cpages`."""
+        ids = vec.gather(self.pool_id, cpages)
+        lengths = vec.gather(self.length, cpages)
+        self.compr_data_size -= sum(lengths)
+        sizes = list(map(charge, lengths))
+        pools = self.registry.pools
+        if self.dedup is not None:          # an object other pages still share keeps its charge
+            sizes = [0 if self.dedup.unshare(pools[i], self.obj(p)) else size
+                     for p, i, size in zip(cpages, ids, sizes)]
+        freed = sum(sizes)
+        if ids.count(ids[0]) == len(ids):   # one pool, as nearly always
+            self._unaccount(pools[ids[0]], len(ids), freed)
+        else:
+            per_pool: dict[int, list[int]] = {}
+            for i, size in zip(ids, sizes):
+                counted = per_pool.setdefault(i, [0, 0])
+                counted[0] += 1
+                counted[1] += size
+            for i, (count, size) in sorted(per_pool.items()):
+                self._unaccount(pools[i], count, size)
+        self.pool_total_size -= freed
+        self.stored_incompressible_pages -= nraw
+        if self.on_freed is not None:
+            self.on_freed(freed)
 
-    def recompressed(self, pages: np.ndarray, scan: Scan, pool: Pool) -> int:
+    def recompressed(self, pages: list, scan: Scan, pool: Pool) -> int:
         """Cached pages whose objects a secondary algorithm made smaller: their new objects
         into `pool`; dirty bit, LRU place, access time and generation stay (same bytes).
         Returns the bytes of pool memory saved."""
         before = self.pool_total_size
-        keep = (self.dirty[pages].copy(), self.referenced[pages].copy(), self.stamp[pages].copy(),
-                self.atime[pages].copy(), self.gen[pages].copy())
+        kept = [(a, vec.gather(a, pages))
+                for a in (self.dirty, self.referenced, self.stamp, self.atime, self.gen)]
         self.install(pages, scan, pool)
-        (self.dirty[pages], self.referenced[pages], self.stamp[pages], self.atime[pages],
-         self.gen[pages]) = keep
+        for a, values in kept:
+            vec.put(a, pages, values)
         return before - self.pool_total_size
 
     def set_disk(self, pages) -> None:
-        """Freed pages (see free(): a slice or an index array) that the backing file now holds."""
-        self.state[pages] = DISK
-        self.fill[pages] = 0                # reads since it went to disk
-        self.disk_pages += pages.stop - pages.start if type(pages) is slice else len(pages)
+        """Freed pages (see free(): a range or a list) that the backing file now holds."""
+        vec.scatter(self.state, pages, DISK)
+        vec.scatter(self.fill, pages, 0)    # reads since it went to disk
+        self.disk_pages += len(pages)
 
     # ---- access times -----------------------------------------------------------------------
 
@@ -383,58 +344,60 @@ class EntryTable:
         `older_than` seconds. Returns how many pages are idle now."""
         cutoff = None if older_than is None else self.clock.tick - older_than
         n = 0
+        atime = self.atime
         for s in self.spans():
-            held = self.holds_data(s)
-            if cutoff is None:
-                self.atime[s][held] = 0
-            else:
-                self.atime[s][held & (self.atime[s] <= cutoff)] = 0
-            n += int(np.count_nonzero(held & (self.atime[s] == 0)))
+            for p in _pick(range(s.start, s.stop), self.holds_data(s)):
+                if cutoff is None or atime[p] <= cutoff:
+                    atime[p] = 0
+                if not atime[p]:
+                    n += 1
         return n
 
-    def idle(self, pages) -> np.ndarray:
-        """Bool per page: cached (SAME, COMP or RAW) and not accessed since marked idle."""
-        return self.holds_data(pages) & (self.atime[pages] == 0)
+    def idle(self, pages: slice) -> bytes:
+        """0/1 per page of a slice: cached (SAME, COMP or RAW) and not accessed since marked
+        idle."""
+        accessed = vec.mask_nonzero_items(self.atime, pages.start, pages.stop)
+        return vec.mask_and(self.holds_data(pages), vec.mask_not(accessed))
 
-    def holds_data(self, pages) -> np.ndarray:
-        """Bool per page: SAME, COMP or RAW (the pages zram's idle and writeback look at)."""
-        st = self.state[pages]
-        return (st == SAME) | (st == COMP) | (st == RAW)
+    def holds_data(self, pages: slice) -> bytes:
+        """0/1 per page of a slice: SAME, COMP or RAW (the pages zram's idle and writeback look
+        at)."""
+        return vec.mask_in(self.state, (SAME, COMP, RAW), pages.start, pages.stop)
 
-    def to_far(self, pages: np.ndarray, versions: np.ndarray) -> None:
+    def to_far(self, pages: list, versions: list) -> None:
         """Cached pages (COMP or RAW) whose objects the far tier now holds under `versions`:
         their pool memory is given back; their length, pool, dirty bit and generation stay (the
         page's bytes did not change: a flush that wrote them may still mark them clean)."""
         if not len(pages):
             return
-        ids = self.pool_id[pages]
-        for pid in np.unique(ids).tolist():
-            self.registry.pools[pid].far_pages += int(np.count_nonzero(ids == pid))
-        dirty, gen = self.dirty[pages].copy(), self.gen[pages].copy()
+        ids = vec.gather(self.pool_id, pages)
+        for pid in set(ids):
+            self.registry.pools[pid].far_pages += ids.count(pid)
+        dirty, gen = vec.gather(self.dirty, pages), vec.gather(self.gen, pages)
         self.free(pages)                    # the pools live on: far_pages refers to them
-        self.state[pages] = FAR
-        self.fill[pages] = versions
-        self.dirty[pages] = dirty
-        self.gen[pages] = gen
-        self.stamp[pages] = np.arange(self.seq, self.seq + len(pages))
+        vec.scatter(self.state, pages, FAR)
+        vec.put(self.fill, pages, versions)
+        vec.put(self.dirty, pages, dirty)
+        vec.put(self.gen, pages, gen)
+        vec.put(self.stamp, pages, range(self.seq, self.seq + len(pages)))
         self.seq += len(pages)
         self.far_pages += len(pages)
-        self.far_bytes += int(far_value_size(self.length[pages].astype(np.int64),
-                                             self.far_overhead).sum())
+        self.far_bytes += sum(far_value_size(ln, self.far_overhead)
+                              for ln in vec.gather(self.length, pages))
 
-    def _drop_far(self, pages: np.ndarray) -> None:
+    def _drop_far(self, pages: list) -> None:
         """Far entries of `pages` leave the table: their pools' references and the far gauges
         go, and on_far_freed queues their copies for deletion."""
-        ids = self.pool_id[pages]
-        for pid in np.unique(ids).tolist():
+        ids = vec.gather(self.pool_id, pages)
+        for pid in set(ids):
             pool = self.registry.pools[pid]
-            pool.far_pages -= int(np.count_nonzero(ids == pid))
+            pool.far_pages -= ids.count(pid)
             self.registry.put_if_dead(pool)
         self.far_pages -= len(pages)
-        self.far_bytes -= int(far_value_size(self.length[pages].astype(np.int64),
-                                             self.far_overhead).sum())
+        self.far_bytes -= sum(far_value_size(ln, self.far_overhead)
+                              for ln in vec.gather(self.length, pages))
         if self.on_far_freed is not None:
-            self.on_far_freed(pages, self.fill[pages].copy())
+            self.on_far_freed(pages, vec.gather(self.fill, pages))
 
     def _unaccount(self, pool: Pool, count: int, size: int) -> None:
         pool.stored_pages -= count
@@ -448,53 +411,50 @@ class EntryTable:
         back (their `objs` chunk and `live` mark)."""
         if end <= start:
             return
-        used = np.flatnonzero(self.state[start:end])
-        if len(used):
-            span = slice(start + int(used[0]), start + int(used[-1]) + 1)
-            self.free(span)
-            self.state[span] = NONE
+        for lo in range(start, end, SPAN):          # temporaries of SPAN bytes at most
+            used = bytes(self.state[lo:min(lo + SPAN, end)])
+            first = len(used) - len(used.lstrip(b"\0"))
+            if first < len(used):
+                span = range(lo + first, lo + len(used.rstrip(b"\0")))
+                self.free(span)
+                vec.fill(self.state, span.start, span.stop, NONE)
         for c in range(start >> OBJ_SHIFT, ((end - 1) >> OBJ_SHIFT) + 1):
-            if not self.lv[c]:
+            if not self.live[c]:
                 continue
             lo, hi = c << OBJ_SHIFT, min((c + 1) << OBJ_SHIFT, self.npages)
             if lo < start or hi > end:      # a chunk the discard covers in part: look at it
-                st = self.state[lo:hi]
-                if ((st != NONE) & (st != DISK)).any():
+                st = bytes(self.state[lo:hi])
+                if st.count(NONE) + st.count(DISK) < len(st):
                     continue
-            self.live[c] = False
+            self.live[c] = 0
             self.objs.drop(c)
 
     # ---- queries --------------------------------------------------------------------------
 
-    def cached(self, pages) -> np.ndarray:
-        """Bool per page: COMP or RAW (on the LRU, holding pool memory)."""
-        st = self.state[pages]
-        return (st == COMP) | (st == RAW)
+    def cached(self, pages: slice) -> bytes:
+        """0/1 per page of a slice: COMP or RAW (on the LRU, holding pool memory)."""
+        return vec.mask_in(self.state, (COMP, RAW), pages.start, pages.stop)
 
     def spans(self):
         """Slices of at most SPAN pages that together cover every live chunk, ascending: every
         SAME, COMP and RAW page, so every dirty, referenced or under_wb one, lies in them."""
-        live = np.flatnonzero(self.live)
-        if not len(live):
-            return
-        cuts = np.flatnonzero(np.diff(live) != 1) + 1
-        for run in np.split(live, cuts):
-            lo = int(run[0]) << OBJ_SHIFT
-            hi = min((int(run[-1]) + 1) << OBJ_SHIFT, self.npages)
+        for first, end in vec.runs(vec.nonzero(self.live)):
+            lo = first << OBJ_SHIFT
+            hi = min(end << OBJ_SHIFT, self.npages)
             for a in range(lo, hi, SPAN):
                 yield slice(a, min(a + SPAN, hi))
 
-    def find(self, pred) -> np.ndarray:
-        """The pages (int64, ascending) where `pred(span)`, a bool array for the pages of a
-        slice from spans(), is True. `pred` must be False wherever a page has no entry."""
-        found = [np.flatnonzero(pred(s)) + s.start for s in self.spans()]
-        if not found:
-            return np.zeros(0, np.int64)
-        return found[0] if len(found) == 1 else np.concatenate(found)
+    def find(self, pred) -> list[int]:
+        """The pages (ascending) where `pred(span)`, a 0/1 mask for the pages of a slice from
+        spans(), is 1. `pred` must be 0 wherever a page has no entry."""
+        found: list[int] = []
+        for s in self.spans():
+            found += vec.positions(pred(s), s.start)
+        return found
 
     def count(self, pred) -> int:
         """How many pages find(pred) would return, without listing them."""
-        return sum(int(np.count_nonzero(pred(s))) for s in self.spans())
+        return sum(bytes(pred(s)).count(1) for s in self.spans())
 
     def stored_pages(self) -> int:
         return sum(p.stored_pages for p in self.registry.live()) + self.same_filled_pages
@@ -505,3 +465,20 @@ class EntryTable:
         index = sum(sys.getsizeof(p.objects) + sys.getsizeof(p.sharers)
                     for p in self.registry.live()) if self.dedup is not None else 0
         return self.objs.nbytes() + index
+
+
+def _pick(pages, mask) -> list[int]:
+    """The pages of `pages` (a range or a list) where the 0/1 `mask` is 1."""
+    if type(pages) is range:
+        return vec.positions(mask, pages.start)
+    return [pages[i] for i in vec.positions(mask)]
+
+
+def _next_gen(gen: memoryview, pages) -> None:
+    """gen[p] += 1 for each page, wrapping at 2**32 as the kernel's counters do."""
+    if type(pages) is range and \
+            b"\xff\xff\xff\xff" not in gen[pages.start:pages.stop].tobytes():
+        vec.add_to_run(gen, pages.start, pages.stop, 1)     # no generation is about to wrap
+        return
+    for p in pages:
+        gen[p] = (gen[p] + 1) & 0xFFFFFFFF

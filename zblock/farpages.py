@@ -21,10 +21,12 @@ them, and take the tree lock only for bookkeeping; cluster I/O runs with no tree
 
 from __future__ import annotations
 
+import heapq
 import logging
+from bisect import bisect_left
+from itertools import accumulate
 
-import numpy as np
-
+from . import vec
 from .entries import FAR, FAR_HEADER, far_value_size
 from .errors import DataError, ZblockError
 from .far import HEADER, FarCorrupt, FarError, FarTier
@@ -53,53 +55,51 @@ class FarPages:
         if removed:
             log.info("far tier: deleted %d key(s) an earlier mount of this file left", removed)
 
-    def _freed(self, pages: np.ndarray, versions: np.ndarray) -> None:
+    def _freed(self, pages: list[int], versions: list[int]) -> None:
         """Far copies the table dropped (tree lock held): queued for deletion."""
         key = self.far.key
-        pages = pages.tolist()
-        self.far.forget([key(p, v) for p, v in zip(pages, versions.tolist())])
+        self.far.forget([key(p, v) for p, v in zip(pages, versions)])
         if self.reads:
             for p in pages:
                 self.reads.pop(p, None)
 
     # ---- send ---------------------------------------------------------------------------------
 
-    def send(self, pages: np.ndarray, gens: np.ndarray) -> np.ndarray:
+    def send(self, pages: list[int], gens: list[int]) -> list[int]:
         """Put cached pages (caller holds their page locks) in the far tier; returns the pages
         that are FAR now."""
         cache, table, far = self.cache, self.cache.table, self.far
         cfg = cache.config
         if far.down or not len(pages):
-            return pages[:0]
+            return []
+        gen = table.gen
         with cache.tree_lock:
             if table.far_bytes >= cfg.far_limit + OVERSHOOT:
-                return pages[:0]
-            st = table.state[pages]
+                return []
             # Compressed pages only: a raw page's value (4 KiB + header) takes jemalloc's 5 KiB
             # size class in Redis, 1.25x its bytes, for no saving over the file.
-            keep = (st == COMP) & (table.gen[pages] == gens)
-            pages, gens, st = pages[keep], gens[keep], st[keep]
-            objs = [table.obj(p) for p in pages.tolist()]
-            names = [cache.registry.pools[i].key[0] for i in table.pool_id[pages].tolist()]
-        if not len(pages):
-            return pages
+            kept = [(p, g) for p, g in zip(pages, gens) if table.state[p] == COMP and gen[p] == g]
+            pages, gens = [p for p, _ in kept], [g for _, g in kept]
+            objs = [table.obj(p) for p in pages]
+            names = [cache.registry.pools[i].key[0] for i in vec.gather(table.pool_id, pages)]
+        if not pages:
+            return []
         first = far.next_version(len(pages))
-        versions = np.arange(first, first + len(pages), dtype=np.uint64)
-        plist = pages.tolist()
-        keys = [far.key(p, v) for p, v in zip(plist, versions.tolist())]
-        values = [far.encode(p, v, "raw" if s == RAW else n, o)
-                  for p, v, s, n, o in zip(plist, versions.tolist(), st.tolist(), names, objs)]
-        ok = np.array(far.put(keys, values), bool)
+        versions = range(first, first + len(pages))
+        keys = [far.key(p, v) for p, v in zip(pages, versions)]
+        values = [far.encode(p, v, n, o) for p, v, n, o in zip(pages, versions, names, objs)]
+        ok = far.put(keys, values)
         with cache.tree_lock:
-            moved = ok & (table.gen[pages] == gens)
-            orphans = ok & ~moved           # replaced while we sent: the copy is stale
-            if orphans.any():
-                far.forget([k for k, o in zip(keys, orphans.tolist()) if o])
-            table.to_far(pages[moved], versions[moved])
-            cache.c.far_writes += int(moved.sum())
+            moved = [i for i, (p, g, put) in enumerate(zip(pages, gens, ok)) if put and gen[p] == g]
+            if len(moved) < sum(map(bool, ok)):     # replaced while we sent: the copy is stale
+                now = set(moved)
+                far.forget([k for i, (k, put) in enumerate(zip(keys, ok)) if put and i not in now])
+            pages = [pages[i] for i in moved]
+            table.to_far(pages, [versions[i] for i in moved])
+            cache.c.far_writes += len(pages)
             if table.far_bytes > cfg.far_limit:
                 cache.writeback.wake()
-        return pages[moved]
+        return pages
 
     # ---- read ---------------------------------------------------------------------------------
 
@@ -209,10 +209,11 @@ class FarPages:
                 if excess <= 0 or cache.writeback.closing:
                     break
                 avg = max(table.far_bytes // max(table.far_pages, 1), 1)
-                victims = self._coldest(lambda s: (table.state[s] == FAR) & ~table.under_wb[s],
-                                        min(DEMOTE_BATCH, excess // avg + 1))
-                table.under_wb[victims] = True
-                gens = table.gen[victims].copy()
+                victims = self._coldest(lambda s: vec.mask_and(
+                    vec.mask_in(table.state, (FAR,), s.start, s.stop),
+                    vec.mask_not(bytes(table.under_wb[s]))), min(DEMOTE_BATCH, excess // avg + 1))
+                vec.scatter(table.under_wb, victims, 1)
+                gens = vec.gather(table.gen, victims)
             if not len(victims):
                 break
             ok, moved = cache.writeback.write_back(victims, gens)
@@ -223,28 +224,26 @@ class FarPages:
         with cache.tree_lock:
             if table.far_bytes <= cfg.far_dirty_limit:
                 return True
-            dirty = self._coldest(lambda s: (table.state[s] == FAR) & table.dirty[s],
-                                  table.far_pages)
-            size = np.cumsum(far_value_size(table.length[dirty].astype(np.int64),
-                                            table.far_overhead))
-            over = int(size[-1]) - cfg.far_dirty_limit if len(size) else 0
+            dirty = self._coldest(lambda s: vec.mask_and(
+                vec.mask_in(table.state, (FAR,), s.start, s.stop), bytes(table.dirty[s])),
+                table.far_pages)
+            size = list(accumulate(far_value_size(ln, table.far_overhead)
+                                   for ln in vec.gather(table.length, dirty)))
+            over = size[-1] - cfg.far_dirty_limit if size else 0
             if over <= 0:
                 return True
-            dirty = dirty[:int(np.searchsorted(size, over)) + 1]
+            dirty = dirty[:bisect_left(size, over) + 1]
         try:
-            cache.writeback.flush(pages=np.sort(dirty))
+            cache.writeback.flush(pages=sorted(dirty))
         except ZblockError as e:
             log.warning("far tier: writing dirty far pages to the file failed: %s", e)
             return False
         return True
 
-    def _coldest(self, pred, count: int) -> np.ndarray:
+    def _coldest(self, pred, count: int) -> list[int]:
         """Up to `count` pages where pred(span), coldest (lowest stamp) first. Tree lock held."""
         table = self.cache.table
-        found = table.find(pred)
-        if len(found) > count:
-            found = found[np.argpartition(table.stamp[found], count - 1)[:count]]
-        return found[np.argsort(table.stamp[found], kind="stable")]
+        return heapq.nsmallest(count, table.find(pred), key=table.stamp.__getitem__)
 
     # ---- stats and close ----------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ counters this shares.
 
 from __future__ import annotations
 
-import numpy as np
+from array import array
 
+from . import vec
 from .config import parse_algorithm
 from .entries import INCOMPRESSIBLE
 from .errors import ConfigError
@@ -36,21 +37,24 @@ class OnDemand:
         Returns the pages that left the cache."""
         cache = self.cache
         table = cache.table
-        pick = {"idle": lambda s: table.cached(s) & table.idle(s),
-                "huge": lambda s: table.state[s] == RAW,
-                "incompressible": lambda s: table.cached(s) & (table.fill[s] == INCOMPRESSIBLE),
+        fill = table.fill
+        pick = {"idle": lambda s: vec.mask_and(table.cached(s), table.idle(s)),
+                "huge": lambda s: vec.mask_in(table.state, (RAW,), s.start, s.stop),
+                "incompressible": lambda s: _refine(table.cached(s), s.start,
+                                                    lambda p: fill[p] == INCOMPRESSIBLE),
                 "all": table.cached}[kind]
+        chosen = lambda s: _off_writeback(table, s, pick(s))                 # noqa: E731
         with cache.tree_lock:
-            pages = table.find(lambda s: pick(s) & ~table.under_wb[s])
+            pages = table.find(chosen)
             self.progress = [0, len(pages)]
         done = 0
         try:
             for lo in range(0, len(pages), ON_DEMAND_BATCH):
                 batch = pages[lo:lo + ON_DEMAND_BATCH]
                 with cache.tree_lock:    # each batch chosen again: pages change meanwhile
-                    batch = batch[pick(batch) & ~table.under_wb[batch]]
-                    table.under_wb[batch] = True
-                    gens = table.gen[batch].copy()
+                    batch = [p for p in batch if chosen(slice(p, p + 1))[0]]
+                    vec.scatter(table.under_wb, batch, 1)
+                    gens = vec.gather(table.gen, batch)
                 ok, moved = cache.writeback.write_back(batch, gens, far=False)
                 done += moved
                 with cache.tree_lock:
@@ -75,72 +79,69 @@ class OnDemand:
             raise ConfigError("recompress: no algorithm: set recomp_algorithm or give algo=NAME")
         algos = [parse_algorithm(a) for a in names]
         table = cache.table
-        idle = lambda s: table.cached(s) & table.idle(s)
-        raw = lambda s: table.state[s] == RAW
-        pick = {"idle": idle, "huge": raw, "huge_idle": lambda s: raw(s) & idle(s)}[kind]
+        idle = lambda s: vec.mask_and(table.cached(s), table.idle(s))         # noqa: E731
+        raw = lambda s: vec.mask_in(table.state, (RAW,), s.start, s.stop)     # noqa: E731
+        pick = {"idle": idle, "huge": raw, "huge_idle": lambda s: vec.mask_and(raw(s), idle(s))}
+        length, fill = table.length, table.fill
         with cache.tree_lock:
-            pages = table.find(lambda s: pick(s) & ~table.under_wb[s] &
-                               (table.length[s] >= threshold) & (table.fill[s] != INCOMPRESSIBLE))
+            pages = table.find(lambda s: _refine(
+                _off_writeback(table, s, pick[kind](s)), s.start,
+                lambda p: length[p] >= threshold and fill[p] != INCOMPRESSIBLE))
         done = 0
         for lo in range(0, len(pages), RECOMPRESS_BATCH):
             done += self._recompress_batch(pages[lo:lo + RECOMPRESS_BATCH], algos)
         return done
 
-    def _recompress_batch(self, pages: np.ndarray, algos: list) -> int:
+    def _recompress_batch(self, pages: list[int], algos: list) -> int:
         """Recompress `pages` under their page locks (writeback and far sends take them too);
         a result goes in only if its page is still the cached entry it was made from: same
         generation, state, pool, and not under writeback."""
         cache = self.cache
         table = cache.table
-        with cache.page_locks.hold(pages.tolist()):
+        state, gen, pool_id, under_wb = table.state, table.gen, table.pool_id, table.under_wb
+        with cache.page_locks.hold(pages):
             with cache.tree_lock:
-                st = table.state[pages]
-                ok = ((st == COMP) | (st == RAW)) & ~table.under_wb[pages]
-                pages = pages[ok]
-                gens = table.gen[pages].copy()
-                lengths = table.length[pages].astype(np.int64)
-                pids = table.pool_id[pages].copy()
+                pages = [p for p in pages if state[p] in (COMP, RAW) and not under_wb[p]]
+                was = {p: (gen[p], pool_id[p]) for p in pages}
+                lengths = {p: table.length[p] for p in pages}
                 pools = [cache.registry.secondary(name, level) for name, level in algos]
                 for pool in pools:
                     pool.holds.append(None)
             try:
                 got, datas, _ = cache.writeback.materialize(pages)
                 have = dict(zip(got, datas))
-                ok = np.array([p in have for p in pages.tolist()], bool)
-                pages, gens, lengths, pids = pages[ok], gens[ok], lengths[ok], pids[ok]
-                tried = np.zeros(len(pages), bool)
-                left = np.ones(len(pages), bool)
-                found = []                  # (pool, indices, scan of them)
+                pages = [p for p in pages if p in have]
+                left = set(pages)           # not made smaller yet
+                tried = set()
+                found = []                  # (pool, pages, scan of them)
                 for pool in pools:
-                    todo = np.flatnonzero(left & (pids != pool.id))
-                    if not len(todo):
+                    todo = [p for p in pages if p in left and was[p][1] != pool.id]
+                    if not todo:
                         continue
-                    tried[todo] = True
-                    scan = pool.contexts.compress(
-                        b"".join(have[p] for p in pages[todo].tolist()),
-                        detect_same=False, raw_poor=True)
-                    better = np.flatnonzero((scan.states == COMP) & (scan.lengths < lengths[todo]))
-                    if len(better):
-                        found.append((pool, todo[better], _scan_subset(scan, better)))
-                        left[todo[better]] = False
+                    tried.update(todo)
+                    scan = pool.contexts.compress(b"".join(have[p] for p in todo),
+                                                  detect_same=False, raw_poor=True)
+                    better = [i for i, p in enumerate(todo)
+                              if scan.states[i] == COMP and scan.lengths[i] < lengths[p]]
+                    if better:
+                        found.append((pool, [todo[i] for i in better], _scan_subset(scan, better)))
+                        left.difference_update(todo[i] for i in better)
                 with cache.tree_lock:
-                    def unchanged(idx):
-                        p = pages[idx]
-                        st = table.state[p]
-                        return ((table.gen[p] == gens[idx]) & ((st == COMP) | (st == RAW)) &
-                                (table.pool_id[p] == pids[idx]) & ~table.under_wb[p])
+                    def unchanged(p):
+                        return (gen[p], pool_id[p]) == was[p] and state[p] in (COMP, RAW) and \
+                            not under_wb[p]
                     n = saved = 0
-                    for pool, idx, scan in found:
-                        ok = unchanged(idx)
+                    for pool, chosen, scan in found:
+                        ok = [unchanged(p) for p in chosen]
                         if table.dedup is not None:
-                            ok &= table.dedup.whole_shares(pages[idx])
-                        keep = np.flatnonzero(ok)
-                        if len(keep) < len(idx):
-                            idx, scan = idx[keep], _scan_subset(scan, keep)
-                        saved += table.recompressed(pages[idx], scan, pool)
-                        n += len(idx)
-                    rest = np.flatnonzero(left & tried)
-                    table.fill[pages[rest[unchanged(rest)]]] = INCOMPRESSIBLE
+                            ok = [a and b for a, b in zip(ok, table.dedup.whole_shares(chosen))]
+                        if not all(ok):
+                            keep = [i for i, k in enumerate(ok) if k]
+                            chosen, scan = [chosen[i] for i in keep], _scan_subset(scan, keep)
+                        saved += table.recompressed(chosen, scan, pool)
+                        n += len(chosen)
+                    vec.scatter(table.fill, [p for p in pages if p in left and p in tried
+                                             and unchanged(p)], INCOMPRESSIBLE)
                     cache.c.recompressed_pages += n
                     cache.c.recompress_saved_bytes += saved
             finally:
@@ -148,7 +149,22 @@ class OnDemand:
         return n
 
 
-def _scan_subset(scan: Scan, idx: np.ndarray) -> Scan:
+def _off_writeback(table, s: slice, mask: bytes) -> bytes:
+    """`mask` (0/1 over the pages of span s) without the pages under writeback."""
+    return vec.mask_and(mask, vec.mask_not(bytes(table.under_wb[s])))
+
+
+def _refine(mask: bytes, start: int, test) -> bytes:
+    """`mask` (0/1 over pages start ..) with its 1s kept only where test(page) holds."""
+    out = bytearray(mask)
+    for i in vec.positions(mask):
+        if not test(start + i):
+            out[i] = 0
+    return bytes(out)
+
+
+def _scan_subset(scan: Scan, idx: list[int]) -> Scan:
     """The pages `idx` of a scan, as a scan of their own."""
-    return Scan([scan.objs[i] for i in idx.tolist()], scan.states[idx], scan.lengths[idx],
-                scan.fills[idx], 0)
+    return Scan([scan.objs[i] for i in idx], bytes(scan.states[i] for i in idx),
+                array("H", [scan.lengths[i] for i in idx]),
+                array("Q", [scan.fills[i] for i in idx]), 0)

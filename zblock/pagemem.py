@@ -1,14 +1,15 @@
 """Memory of per-page arrays: small pages under them, and how much of them is resident.
 
-Every layer keeps numpy arrays with one slot per page of the disk (the entry table, the backing's
-checksums and flags, the write-behind queue's counts). np.zeros of a large array is an anonymous
-mapping the kernel fills a page at a time on first write, so such a table costs memory only where
-the disk is used, as zram's table gets memory a page at a time. Two things spoil that, and this
-module handles three: calloc may zero reused heap memory by writing it, a huge page is committed
-whole by its first write (zeros() gives such arrays a mapping of their own, with small pages),
-and `nbytes` says nothing about what is resident (resident_bytes reads it from pagemap).
+Every layer keeps typed memoryviews with one slot per page of the disk (the entry table, the
+backing's checksums and flags, the write-behind queue's counts; zblock.vec works on them whole).
+A large one is an anonymous mapping the kernel fills a page at a time on first write, so such a
+table costs memory only where the disk is used, as zram's table gets memory a page at a time.
+Two things would spoil that, and `nbytes` says nothing about what is resident: heap memory may
+be reused and zeroed by writing it, and a huge page is committed whole by its first write
+(array() gives large arrays a mapping of their own, with small pages); resident_bytes reads
+what is resident from pagemap.
 
-Invariant: per-page arrays are made by zeros(). Reads of untouched memory map the shared zero
+Invariant: per-page arrays are made by array(). Reads of untouched memory map the shared zero
 page, which is not counted.
 
 fill_from_file loads such a table from its file (the sidecar, the seal file) without touching
@@ -21,20 +22,21 @@ anything (zblock.store refuses a disk whose tables would not fit in memory).
 from __future__ import annotations
 
 import errno
+import ctypes
 import mmap
 import os
-
-import numpy as np
+from itertools import compress
 
 from .errors import BackingError
 
 
-# Arrays at least this big get a mapping of their own: below it an array is a few pages anyway.
-HUGE_ARRAY = 2 << 20
+# Arrays at least this big get a mapping of their own, resident only where written: a heap array
+# is zeroed by writing it, so a 256 MiB disk's tables were all resident from the start.
+OWN_MAPPING = 64 << 10
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst): 63 present, 56 exclusively
 # mapped; both set is a page of this process's own in RAM.
-RESIDENT_HERE = np.uint64(1 << 63 | 1 << 56)
+RESIDENT_HERE = 1 << 63 | 1 << 56
 PAGEMAP_CHUNK = 1 << 20                     # entries per read: 8 MiB of pagemap, 4 GiB of table
 # Tables on disk (the sidecar's, the seal file's) are written and read in blocks this big, and
 # read through a buffer of _READ_STEP.
@@ -42,22 +44,29 @@ BLOCK = 4096
 _READ_STEP = 1 << 20
 
 
-def zeros(shape, dtype) -> np.ndarray:
-    """np.zeros for a per-page array: a large one gets an anonymous mapping of its own with small
-    pages, so it costs memory only where it is written. np.zeros goes through calloc, which may
-    hand out freed heap memory and zero it by writing every page (a 64 GiB disk's entry table
-    was 112 MiB resident after earlier large arrays were freed); numpy also asks for huge pages
-    under large arrays, and a huge page is committed whole by its first write."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if nbytes < HUGE_ARRAY:
-        return np.zeros(shape, dtype)
+ITEMSIZE = {"B": 1, "H": 2, "I": 4, "Q": 8, "q": 8}
+
+
+def array(n: int, fmt: str) -> memoryview:
+    """A zeroed per-page array of n elements of struct format `fmt` ('B', 'H', 'I', 'Q', 'q'),
+    as a writable memoryview. A large one gets an anonymous mapping of its own with small pages,
+    so it costs memory only where it is written: the heap may hand out freed memory and zero it
+    by writing every page (a 64 GiB disk's entry table was 112 MiB resident after earlier large
+    arrays were freed), and a huge page is committed whole by its first write."""
+    nbytes = n * ITEMSIZE[fmt]
+    if nbytes < OWN_MAPPING:
+        return memoryview(bytearray(nbytes)).cast(fmt)
     area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         area.madvise(mmap.MADV_NOHUGEPAGE)
     except OSError:
         pass                                # refused: it only costs memory
-    return np.frombuffer(area, dtype).reshape(shape)
+    return memoryview(area).cast(fmt)
+
+
+def address(mv: memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv)) if mv.nbytes else 0
 
 
 def resident_bytes(arrays) -> int:
@@ -66,7 +75,7 @@ def resident_bytes(arrays) -> int:
     untouched memory map, is not. Page by page because the heap can merge a table's mapping with
     other memory, so a mapping's Rss (smaps) can hold far more than the table."""
     ranges: list[list[int]] = []            # the arrays' whole pages, adjacent ones merged
-    for a, b in sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays if a.nbytes):
+    for a, b in sorted((address(a), address(a) + a.nbytes) for a in arrays if a.nbytes):
         a, b = a & -mmap.PAGESIZE, -(-b & -mmap.PAGESIZE)
         if ranges and a <= ranges[-1][1]:
             ranges[-1][1] = max(ranges[-1][1], b)
@@ -78,23 +87,24 @@ def resident_bytes(arrays) -> int:
         for lo, hi in ranges:
             for first in range(lo // mmap.PAGESIZE, hi // mmap.PAGESIZE, PAGEMAP_CHUNK):
                 count = min(PAGEMAP_CHUNK, hi // mmap.PAGESIZE - first)
-                entries = np.frombuffer(os.pread(fd, count * 8, first * 8), np.uint64)
-                pages += int(np.count_nonzero(entries & RESIDENT_HERE == RESIDENT_HERE))
+                entries = memoryview(os.pread(fd, count * 8, first * 8)).cast("Q")
+                pages += sum(e & RESIDENT_HERE == RESIDENT_HERE for e in entries)
     finally:
         os.close(fd)
     return pages * mmap.PAGESIZE
 
 
-def fill_from_file(fd: int, table: np.ndarray, offset: int, where: str) -> list[tuple[int, int]]:
+def fill_from_file(fd: int, table: memoryview, offset: int, where: str,
+                   row_bytes: int) -> list[tuple[int, int]]:
     """Fill the zeroed per-page `table` from the file `fd` holds it in, from byte `offset` on,
     and return the row ranges (first, end) it wrote; every other row stays zeros. Only the
     file's data extents are read, and only their 4 KiB blocks that hold something are copied
     in: the rest of `table` stays memory the kernel has not given (a new disk's sidecar is one
     hole; a file copied without its holes, or read through the page cache, is data that reads as
-    zeros). `table`'s rows must divide 4 KiB. BackingError naming `where` if the file is shorter
-    than the table."""
+    zeros). Rows are `row_bytes` long and must divide 4 KiB. BackingError naming `where` if the
+    file is shorter than the table."""
     dst = memoryview(table).cast("B")
-    rows_per_block = BLOCK // table.strides[0]
+    rows_per_block = BLOCK // row_bytes
     end = offset + len(dst)
     if os.fstat(fd).st_size < end:
         raise BackingError(f"{where} is truncated")
@@ -122,11 +132,8 @@ def fill_from_file(fd: int, table: np.ndarray, offset: int, where: str) -> list[
                 if n == 0:
                     raise BackingError(f"{where} is truncated")
                 got += n
-            blocks = np.frombuffer(scratch, np.uint64, count // 8).reshape(-1, BLOCK // 8)
-            used = np.flatnonzero(blocks.any(axis=1))
             base = (pos - offset) // BLOCK      # the table block at `pos`
-            for run in np.split(used, np.flatnonzero(np.diff(used) != 1) + 1) if len(used) else ():
-                a, b = int(run[0]), int(run[-1]) + 1
+            for a, b in _used_runs(view[:count]):
                 dst[(base + a) * BLOCK:(base + b) * BLOCK] = view[a * BLOCK:b * BLOCK]
                 first, last = (base + a) * rows_per_block, (base + b) * rows_per_block
                 if ranges and ranges[-1][1] == first:
@@ -135,3 +142,17 @@ def fill_from_file(fd: int, table: np.ndarray, offset: int, where: str) -> list[
                     ranges.append((first, last))
             pos += count
     return ranges
+
+
+def _used_runs(data: memoryview) -> list[tuple[int, int]]:
+    """Runs (first, end) of the 4 KiB blocks of `data` that hold something."""
+    zero = bytes(BLOCK)
+    used = compress(range(len(data) // BLOCK),
+                    (data[i:i + BLOCK] != zero for i in range(0, len(data), BLOCK)))
+    out: list[tuple[int, int]] = []
+    for b in used:
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + 1)
+        else:
+            out.append((b, b + 1))
+    return out

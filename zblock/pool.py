@@ -32,9 +32,8 @@ BYTES_HEADER = 33          # sys.getsizeof(b"") on 64-bit CPython
 MALLOC_OVERHEAD = 8        # glibc chunk header on 64-bit
 
 
-def charge(length):
-    """Bytes one stored object of `length` costs: bytes header + malloc chunk, 16-byte aligned
-    (an int, or an int64 numpy array of lengths)."""
+def charge(length: int) -> int:
+    """Bytes one stored object of `length` costs: bytes header + malloc chunk, 16-byte aligned."""
     return (length + BYTES_HEADER + MALLOC_OVERHEAD + 15) & ~15
 
 

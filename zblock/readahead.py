@@ -27,8 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import numpy as np
-
 from . import cpus
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,8 @@ class Readahead:
         self._next = -1                 # the page a read continuing the last one starts at
         self._want: list[tuple[int, int]] = []      # windows to decompress, in order
         self._busy: tuple[int, int] | None = None   # the window being decompressed
-        self._ready: dict[tuple[int, int], tuple[np.ndarray, bytes]] = {}
+        # window -> (its pages' generations, as Cache.load_pages gives them; its bytes)
+        self._ready: dict[tuple[int, int], tuple[object, bytes]] = {}
         self._closed = False
         self._thread: threading.Thread | None = None
         self.hits = 0                   # windows served from readahead (tests, benchmarks)

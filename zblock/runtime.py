@@ -12,8 +12,8 @@ Invariant: nothing here waits on a mount without a deadline (read_mount_file run
 lookup, the path resolution included, in a thread it gives up on). No locks.
 
 What this module does not do: start, stop or change anything (zblock.daemon, zblock.swapctl),
-or know about the engine: the daemon, the CLI and swapctl use it without loading numpy or the
-compressors.
+or know about the engine: the daemon, the CLI and swapctl use it without loading the engine or
+the compressors.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ Every page of a write request is one of
     RAW   did not compress below a page (or the compressor failed) and the policy stores such
           pages as they are (zswap 6.18): kept as a copy of the page
     NONE  did not compress below a page and the policy rejects such pages: sent to disk
-A `Scan` holds the result per page: objs (the stream, the copy, or None), states (uint8),
-lengths (uint16; a page's length for RAW), fills (uint64, the page's first word for every
-page) and `failed`, how many pages the compressor failed on.
+A `Scan` holds the result per page: objs (the stream, the copy, or None), states (bytes),
+lengths (16-bit; a page's length for RAW), fills (64-bit, the page's first word for every page)
+and `failed`, how many pages the compressor failed on. states, lengths and fills are byte
+buffers or typed memoryviews/arrays: indexing gives ints.
 
-The checks are done here once, in numpy and the compressor's batch call; zblock._lz4pages does
+The checks are done here once, in Python and the compressor's batch call; zblock._lz4pages does
 the same checks and lz4 in one C call with the GIL released (`Compressor.scan_pages`), and
 tests/test_compressors.py holds the two to the same results.
 
@@ -21,9 +22,8 @@ Not here: where the results go (zblock.entries), which compressor or context run
 from __future__ import annotations
 
 import errno
+from array import array
 from typing import Callable, NamedTuple, Sequence
-
-import numpy as np
 
 from . import PAGE_SIZE
 
@@ -33,9 +33,9 @@ WORDS = PAGE_SIZE // 8
 
 class Scan(NamedTuple):
     objs: list
-    states: np.ndarray      # uint8
-    lengths: np.ndarray     # uint16
-    fills: np.ndarray       # uint64
+    states: bytes | bytearray
+    lengths: Sequence[int]  # 16-bit
+    fills: Sequence[int]    # 64-bit
     failed: int             # compressor failures (stored raw, counted as reject_compress_fail)
 
 
@@ -47,14 +47,21 @@ def filled_page(fill: int) -> bytes:
     return ZERO_PAGE if fill == 0 else int(fill).to_bytes(8, "little") * WORDS
 
 
-def same_filled(words: np.ndarray) -> np.ndarray:
-    """Bool per page (rows of `words`): the page is one word repeated."""
-    # first word == last word rules out nearly every other page before the full compare
-    cand = np.flatnonzero(words[:, 0] == words[:, -1])
-    mask = np.zeros(len(words), bool)
-    if len(cand):
-        mask[cand[(words[cand] == words[cand, :1]).all(axis=1)]] = True
-    return mask
+def classify(mv: memoryview, n: int, detect_same: bool) -> tuple[bytearray, list[int], array]:
+    """The host's half of the checks for n pages of `mv` (format 'B'): states (SAME or COMP per
+    page), the pages to compress, and fills (each page's first word)."""
+    words = mv[:n * PAGE_SIZE].cast("Q")
+    fills = array("Q", words[::WORDS])
+    states = bytearray((COMP,)) * n
+    if detect_same:
+        for i in range(n):
+            # first word == last word rules out nearly every other page before the full compare
+            if fills[i] == words[i * WORDS + WORDS - 1]:
+                at = i * PAGE_SIZE
+                if mv[at + 8:at + PAGE_SIZE].tobytes() == mv[at:at + PAGE_SIZE - 8].tobytes():
+                    states[i] = SAME            # each word equals the one after it
+    todo = [i for i in range(n) if states[i] == COMP] if detect_same else list(range(n))
+    return states, todo, fills
 
 
 def compress_each(comp, pages: Sequence) -> list:
@@ -76,20 +83,17 @@ def scan_pages(mv: memoryview, n: int, compress: Callable[[list], list], detect_
                raw_poor: bool) -> Scan:
     """The checks for n pages of `mv`; `compress` maps a list of pages to compress_each()'s
     results (a compressor's, or an engine's)."""
-    words = np.frombuffer(mv, dtype=np.uint64, count=n * WORDS).reshape(n, WORDS)
-    states = np.full(n, COMP, np.uint8)
-    if detect_same:
-        states[same_filled(words)] = SAME
-    todo = np.flatnonzero(states == COMP).tolist()
+    mv = memoryview(mv).cast("B")
+    states, todo, fills = classify(mv, n, detect_same)
     results = compress([mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in todo]) if todo else []
-    return assemble(mv, n, states, todo, results, np.ascontiguousarray(words[:, 0]), raw_poor)
+    return assemble(mv, n, states, todo, results, fills, raw_poor)
 
 
-def assemble(mv: memoryview, n: int, states: np.ndarray, todo: list, results: list,
-             fills: np.ndarray, raw_poor: bool) -> Scan:
+def assemble(mv: memoryview, n: int, states: bytearray, todo: list, results: list,
+             fills: Sequence[int], raw_poor: bool) -> Scan:
     """A Scan from the compression results of pages `todo` (the others are SAME already)."""
     objs: list = [None] * n
-    lengths = np.zeros(n, np.uint16)
+    lengths = array("H", bytes(2 * n))
     failed = 0
     for i, r in zip(todo, results):
         if type(r) is bytes:
@@ -110,14 +114,13 @@ def assemble(mv: memoryview, n: int, states: np.ndarray, todo: list, results: li
 def from_c(result: tuple) -> Scan:
     """zblock._lz4pages.scan_pages' (objs, states, lengths, fills) buffers as a Scan."""
     objs, states, lengths, fills = result
-    return Scan(objs, np.frombuffer(states, np.uint8), np.frombuffer(lengths, np.uint16),
-                np.frombuffer(fills, np.uint64), 0)
+    return Scan(objs, states, memoryview(lengths).cast("H"), memoryview(fills).cast("Q"), 0)
 
 
 def concat(scans: list[Scan]) -> Scan:
     """The scans of consecutive chunks of one request, as one."""
     if len(scans) == 1:
         return scans[0]
-    return Scan([o for s in scans for o in s.objs], np.concatenate([s.states for s in scans]),
-                np.concatenate([s.lengths for s in scans]),
-                np.concatenate([s.fills for s in scans]), sum(s.failed for s in scans))
+    return Scan([o for s in scans for o in s.objs], b"".join(s.states for s in scans),
+                array("H", b"".join(s.lengths for s in scans)),
+                array("Q", b"".join(s.fills for s in scans)), sum(s.failed for s in scans))

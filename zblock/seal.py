@@ -49,7 +49,6 @@ import struct
 import threading
 
 import crc32c
-import numpy as np
 
 from . import PAGE_SIZE, pagemem
 from .errors import BackingError, ConfigError
@@ -142,8 +141,10 @@ class _PyBatch:
 
 
 def _ints(values) -> list[int]:
-    """Python ints from a numpy array, a list or a tuple (per-element numpy access is slow)."""
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+    """Python ints from a list, a tuple, or an array with tolist() (which converts them all
+    in C: an array's elements are slow to take one at a time)."""
+    tolist = getattr(values, "tolist", None)
+    return tolist() if tolist is not None else list(values)
 
 
 def seal_path(path: str) -> str:
@@ -217,13 +218,10 @@ class Sealer:
         self._check = _key_check(key, salt)
         self._lock = threading.Lock()       # the slots (never held across I/O)
         self._disk = disk                   # the seal file (zblock.disk), None in swap mode
-        self.rows = pagemem.zeros((-(-npages // ROWS_PER_BLOCK) * ROWS_PER_BLOCK, ROW_BYTES // 8),
-                                  np.uint64)
-        # Flat views of the rows for the per-page work: a row is 8 words, counter 0 and 1, the
-        # two CRCs (slot 0 low), then tag 0 and tag 1; scalar access through a memoryview costs
-        # a fraction of numpy's per-element call.
-        self._words = memoryview(self.rows).cast("B").cast("Q")
-        self._bytes = memoryview(self.rows).cast("B")
+        # The rows, flat: page p's row is words 8p .. 8p+8, counter 0 and 1, the two CRCs
+        # (slot 0 low), then tag 0 and tag 1; whole blocks of them, as the seal file holds.
+        self.rows = pagemem.array(_table_bytes(npages) // 8, "Q")
+        self._bytes = self.rows.cast("B")
         self._counter_lock = threading.Lock()
         self._next = lease                  # nothing below a durable lease is used twice
         self._lease = lease
@@ -285,7 +283,7 @@ class Sealer:
                                        f"safely: make a new image")
             sealer = cls(size // PAGE_SIZE, key, salt, None, lease,
                          here if factory is not None else None)
-            pagemem.fill_from_file(fd, sealer.rows, HEADER_SIZE, f"{spath}: seal file")
+            pagemem.fill_from_file(fd, sealer.rows, HEADER_SIZE, f"{spath}: seal file", ROW_BYTES)
             if factory is not None:
                 sealer._disk = factory(spath, "seal")
                 sealer._write_header()      # the identity and lease this mount goes on from
@@ -354,7 +352,7 @@ class Sealer:
     def place(self, pages, on_disk, crcs, ctrs, tags) -> None:
         """Record the seals of pages about to be written: the slot of what each disk page holds
         now (CRC `on_disk`) stays, the other takes the new seal."""
-        w, b = self._words, self._bytes
+        w, b = self.rows, self._bytes
         with self._lock:
             for p, old, c, n, t in zip(_ints(pages), _ints(on_disk), _ints(crcs), ctrs, tags):
                 at = p * 8
@@ -373,10 +371,10 @@ class Sealer:
         snapshot taken and written under its stripe lock so versions land in order."""
         if self._disk is None:
             return
-        for b in np.unique(np.asarray(pages, np.int64) // ROWS_PER_BLOCK).tolist():
+        for b in sorted({p // ROWS_PER_BLOCK for p in _ints(pages)}):
             with self._stripes[b % len(self._stripes)]:
                 with self._lock:
-                    buf = self.rows[b * ROWS_PER_BLOCK:(b + 1) * ROWS_PER_BLOCK].tobytes()
+                    buf = self._bytes[b * PAGE_SIZE:(b + 1) * PAGE_SIZE].tobytes()
                 self._disk.pwrite(HEADER_SIZE + b * PAGE_SIZE, buf)
 
     def fsync(self) -> None:
@@ -390,7 +388,7 @@ class Sealer:
         page's tag did not verify, and its bytes in the result are zeros."""
         count = len(crcs)
         with self._lock:
-            words = self._words[first * 8:(first + count) * 8].tolist()
+            words = self.rows[first * 8:(first + count) * 8].tolist()
             rows = self._bytes[first * ROW_BYTES:(first + count) * ROW_BYTES].tobytes()
         nonce, aad = self._nonce, self._aad
         nonces, aads, tags = [], [], []

@@ -8,8 +8,8 @@ Beside a backing file, `PATH.zbmeta` holds
                  ciphertext as data),
                  entry size, and at clean shutdown the data file's mtime_ns and inode; crc32c
     block 1...   per page two uint32 values, (durable, latest), little-endian, 512 pages per
-                 4 KiB block, exactly the in-memory numpy table (npages rounded up to 512
-                 rows), so a touched block is written straight from the table.
+                 4 KiB block, exactly the in-memory table (zblock.backing's flat 'I' array,
+                 npages rounded up to 512 rows), so a touched block is written straight from it.
 
 Entry values: CRC32C of the page, "folded" so that 0, 1 and 2 stay free as sentinels:
     ZERO (0)       the page reads as zeros without touching the disk (never written, discarded)
@@ -34,9 +34,8 @@ import struct
 from dataclasses import dataclass
 
 import crc32c as _crc32c
-import numpy as np
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, vec
 from .errors import BackingError
 
 META_SUFFIX = ".zbmeta"
@@ -63,13 +62,13 @@ PAGE_RUN = 256
 SCAN_ROWS = 1 << 20
 
 
-def fold(crcs: np.ndarray) -> np.ndarray:
-    """Keep the sentinels free (crcs 0..3 then share one value: negligible strength lost)."""
-    crcs[crcs < FOLD] = FOLD
-    return crcs
+def fold(crcs) -> list[int]:
+    """The entry values of checksums `crcs` (ints): the sentinels are kept free (crcs 0..3 then
+    share one value: negligible strength lost)."""
+    return [c if c >= FOLD else FOLD for c in crcs]
 
 
-ZERO_PAGE_CRC = int(fold(np.array([crc(bytes(PAGE_SIZE))], np.uint32))[0])
+ZERO_PAGE_CRC = fold([crc(bytes(PAGE_SIZE))])[0]
 
 
 def meta_path(path: str) -> str:
@@ -89,18 +88,51 @@ def row_steps(ranges, npages: int):
             yield slice(lo, min(lo + SCAN_ROWS, end))
 
 
-def page_crcs(data, count: int) -> np.ndarray:
+def page_crcs(data, count: int) -> list[int]:
+    """The entry values of the `count` pages in the buffer `data`."""
     mv = memoryview(data)
-    crcs = np.fromiter((crc(mv[o:o + PAGE_SIZE]) for o in range(0, count * PAGE_SIZE, PAGE_SIZE)),
-                       np.uint32, count)
-    return fold(crcs)
+    return fold(crc(mv[o:o + PAGE_SIZE]) for o in range(0, count * PAGE_SIZE, PAGE_SIZE))
 
 
-def verify(crcs: np.ndarray, pair: np.ndarray) -> np.ndarray:
-    """Bool per page: the data matches one of its two values (ZERO means the zero page)."""
-    d, l = pair[:, 0], pair[:, 1]
-    return ((crcs == d) | (crcs == l) | (d == UNCHECKED) | (l == UNCHECKED)
-            | (((d == ZERO) | (l == ZERO)) & (crcs == ZERO_PAGE_CRC)))
+def verify(crcs, pairs) -> list[bool]:
+    """Per page: the data (entry value in `crcs`) matches one of its two values, `pairs` being
+    the pages' rows flat, (durable, latest) each (ZERO means the zero page)."""
+    return [c == d or c == l or d == UNCHECKED or l == UNCHECKED
+            or (c == ZERO_PAGE_CRC and (d == ZERO or l == ZERO))
+            for c, d, l in zip(crcs, pairs[0::2], pairs[1::2])]
+
+
+# Scans of rows lo .. hi of the table (a flat 'I' memoryview, row r at 2r and 2r + 1), a step of
+# at most SCAN_ROWS rows at a time, in C: a 0/1 mask per row.
+
+def used_rows(table: memoryview, lo: int, hi: int) -> bytes:
+    """1 where the row is not (ZERO, ZERO)."""
+    raw = bytes(memoryview(table).cast("B")[lo * ENTRY_SIZE:hi * ENTRY_SIZE])
+    out = bytearray(hi - lo)
+    zero = bytes(PAGE_SIZE)
+    for o in range(0, len(raw), PAGE_SIZE):     # a block at a time: most of a disk is unused
+        part = raw[o:o + PAGE_SIZE]
+        if part != zero[:len(part)]:
+            out[o // ENTRY_SIZE:(o + len(part)) // ENTRY_SIZE] = _any_byte(part, ENTRY_SIZE)
+    return bytes(out)
+
+
+def split_rows(table: memoryview, lo: int, hi: int) -> bytes:
+    """1 where the row holds two values (durable != latest)."""
+    durable = int.from_bytes(table[2 * lo:2 * hi:2].tobytes(), "little")
+    latest = int.from_bytes(table[2 * lo + 1:2 * hi:2].tobytes(), "little")
+    return _any_byte((durable ^ latest).to_bytes(4 * (hi - lo), "little"), 4)
+
+
+def _any_byte(raw, width: int) -> bytes:
+    """0/1 per `width` bytes (a power of 2) of `raw`: 1 where one of them is not 0. The 0/1 per
+    byte, read as one integer, is or-ed into the first byte of each item by halving shifts."""
+    bits = int.from_bytes(vec.mask_nonzero(raw), "little")
+    shift = width * 4
+    while shift >= 8:
+        bits |= bits >> shift
+        shift //= 2
+    return bits.to_bytes(len(raw), "little")[::width]
 
 
 # ---------------------------------------------------------------------------------------------

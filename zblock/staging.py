@@ -44,11 +44,8 @@ import threading
 import time
 from typing import Callable
 
-import numpy as np
-
-from . import PAGE_SIZE
+from . import PAGE_SIZE, pagemem, vec
 from .errors import DataError, ZblockError
-from . import pagemem
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +58,26 @@ GATHER = 0.002
 # Two workers: LZ4 and the disk write release the GIL, so one item's compression or write runs
 # beside the next item's Python (dd of the /usr tar 411-413 -> 652-669 MB/s; a third: no gain).
 WORKERS = 2
+SCAN_STEP = 1 << 20         # pages failed_pages() looks at a time
 
 
 class WriteBehind:
     """A bounded FIFO of (first page, bytes) items stored by `workers` threads.
 
     `store_pages(page, data)` stores an item; `store_scattered(pages, data)` (optional) stores a
-    batch of one-page items (put_page) for the int64 page numbers `pages` in one call."""
+    batch of one-page items (put_page) for the page numbers `pages` (a list of ints) in one
+    call."""
 
     def __init__(self, store_pages: Callable[[int, bytes], None], npages: int, limit: int,
                  on_idle: Callable[[], None] | None = None,
-                 store_scattered: Callable[[np.ndarray, bytes], None] | None = None,
+                 store_scattered: Callable[[list[int], bytes], None] | None = None,
                  workers: int = WORKERS):
         self._store_pages = store_pages
         self._store_scattered = store_scattered
         self._on_idle = on_idle         # called by the worker when the queue runs empty
         self.limit = limit
-        self.staged = pagemem.zeros(npages, np.uint16)
-        self._staged = memoryview(self.staged)      # scalar access for put_page
+        self.staged = pagemem.array(npages, "H")
+        self._staged_bytes = self.staged.cast("B")  # for _count and _queued
         self._singles = 0               # one-page items queued (put_page), not yet taken
         self._idle = 0                  # workers waiting for an item they may take
         # items being stored: (first page, end page, the pages of a batch or None for a range)
@@ -86,7 +85,7 @@ class WriteBehind:
         self._batching = False          # a worker gathers or stores a batch of one-page items
         self._waiters = 0               # callers waiting for queued pages: no gathering
         self._big_since_idle = False    # a request buffer was stored since the queue last ran empty
-        self.failed = pagemem.zeros(npages, np.bool_)
+        self.failed = pagemem.array(npages, "B")     # 0/1
         self.arrays = (self.staged, self.failed)        # per-page: counted in table_bytes
         self._nfailed = 0               # pages in `failed`: lets wait_range skip the lock
         self._queue: collections.deque = collections.deque()
@@ -113,7 +112,7 @@ class WriteBehind:
                 raise DataError("store is closed")
             self._queue.append((page, data))
             self._queued_bytes += len(data)
-            self.staged[page:page + n] += 1
+            self._count(range(page, page + n), 1)
             if self._nfailed:
                 self._forget(page, n)               # this write replaces the lost one
             if self._single((page, data)):
@@ -135,7 +134,7 @@ class WriteBehind:
                     raise DataError("store is closed")
             self._queue.append((page, data))
             self._queued_bytes += PAGE_SIZE
-            self._staged[page] += 1
+            self.staged[page] += 1
             if self._nfailed:
                 self._forget(page, 1)               # this write replaces the lost one
             if self._store_scattered is not None:
@@ -155,18 +154,17 @@ class WriteBehind:
         if not self._queued_bytes and not self._nfailed:
             return                  # nothing queued, nothing lost: the common case, lock-free
         with self._cond:
-            if self.staged[first:first + count].any():
+            if self._queued(first, count):
                 with self._waiting():
                     if not self._cond.wait_for(
-                            lambda: not self.staged[first:first + count].any() or self._worker_dead(),
-                            WAIT):
+                            lambda: not self._queued(first, count) or self._worker_dead(), WAIT):
                         raise DataError("write-behind queue stuck: the store worker made no progress")
             if not self._nfailed:
                 return
             if forget_failed:
                 self._forget(first, count)
-            elif self.failed[first:first + count].any():
-                bad = first + int(np.flatnonzero(self.failed[first:first + count])[0])
+            elif vec.count(self.failed, 0, first, first + count) != count:
+                bad = vec.nonzero(self.failed, first, first + count)[0]
                 raise DataError(f"page {bad}: a queued write to it failed")
 
     def drain(self) -> None:
@@ -183,6 +181,16 @@ class WriteBehind:
         stats taken after a write then count that write."""
         with self._cond, self._waiting():
             self._cond.wait_for(lambda: not self._queued_bytes or self._worker_dead(), timeout)
+
+    def failed_pages(self) -> list[int]:
+        """The pages whose queued write failed (they read EIO until written again), ascending,
+        found a step at a time: no temporary the size of the disk."""
+        with self._cond:
+            if not self._nfailed:
+                return []
+            n = len(self.failed)
+            return [p for lo in range(0, n, SCAN_STEP)
+                    for p in vec.nonzero(self.failed, lo, min(lo + SCAN_STEP, n))]
 
     def close(self) -> None:
         """Store what is queued, then stop the worker (bounded join). Idempotent."""
@@ -212,8 +220,23 @@ class WriteBehind:
 
     def _forget(self, first: int, count: int) -> None:
         """Caller holds _cond."""
-        self.failed[first:first + count] = False
-        self._nfailed = int(np.count_nonzero(self.failed))
+        self._nfailed -= count - vec.count(self.failed, 0, first, first + count)
+        vec.fill(self.failed, first, first + count, 0)
+
+    def _queued(self, first: int, count: int) -> bool:
+        """Whether a queued item covers a page of first .. first+count. Caller holds _cond."""
+        return vec.count(self._staged_bytes, 0, 2 * first, 2 * (first + count)) != 2 * count
+
+    def _count(self, where, delta: int) -> None:
+        """staged[p] += delta (1 or -1) for the pages `where`, a range or a list. Caller holds
+        _cond. A range's counts move as one big int (vec.add_to_run; a loop cost a 1 MiB item
+        12 us): no count carries or borrows into its neighbour, as none reaches 2**16 (the queue
+        is bounded) and each counts the item being added or removed."""
+        if type(where) is not range:
+            for p in where:
+                self.staged[p] += delta
+            return
+        vec.add_to_run(self.staged, where.start, where.stop, delta)
 
     def _raise_error(self) -> None:
         """Caller holds _cond."""
@@ -315,9 +338,9 @@ class WriteBehind:
         milliseconds for a few pages of heap)."""
         if len(items) == 1:
             page, data = items[0]
-            where = slice(page, page + len(data) // PAGE_SIZE)
+            where = range(page, page + len(data) // PAGE_SIZE)
         else:
-            where = np.fromiter((page for page, _ in items), np.int64, len(items))
+            where = [page for page, _ in items]
         nbytes = sum(len(data) for _, data in items)
         try:
             if len(items) == 1:
@@ -329,14 +352,15 @@ class WriteBehind:
             with self._cond:
                 if self._error is None:
                     self._error = e
-                self.failed[where] = True
-                self._nfailed = int(np.count_nonzero(self.failed))
+                lost = [p for p in where if not self.failed[p]]
+                vec.scatter(self.failed, lost, 1)
+                self._nfailed += len(lost)
         with self._cond:
             self._busy.remove(busy)
             if busy[2] is not None:         # a batch: the next one may be gathered
                 self._batching = False
             self._queued_bytes -= nbytes
-            self.staged[where] -= 1
+            self._count(where, -1)
             self._cond.notify_all()
             # this worker takes the head next; a request behind it is work for another one (a
             # batch is not: one worker at a time gathers, and a wake-up per batch costs 4 KiB
@@ -349,3 +373,4 @@ class WriteBehind:
                 return False
             self._big_since_idle = False
             return True
+

@@ -9,9 +9,7 @@ Not here: the store's own keys (backing counters, request sizes: zblock.store).
 
 from __future__ import annotations
 
-import numpy as np
-
-from . import PAGE_SIZE
+from . import PAGE_SIZE, vec
 from .compressors import LZ4_BACKEND
 from .entries import FAR
 from .pools import merge_hw
@@ -53,8 +51,7 @@ def snapshot(cache) -> dict:
             "mem_used_max": table.mem_used_max,
             "acomp_contexts": pools["acomp_contexts"],
             "pools": pools["pools"],
-            "compr_data_size": sum(int(table.length[s][table.cached(s)].sum(dtype=np.int64))
-                                   for s in table.spans()),
+            "compr_data_size": table.compr_data_size,
             "dirty_pages": table.count(lambda s: table.dirty[s]),
             "lz4_backend": LZ4_BACKEND,
             "idle_pages": table.count(table.idle),
@@ -67,7 +64,8 @@ def snapshot(cache) -> dict:
             "far_bytes": table.far_bytes,
             "dedup_pages": table.dedup_pages,
             "dedup_saved_bytes": table.dedup_saved_bytes,
-            "far_dirty_pages": table.count(lambda s: (table.state[s] == FAR) & table.dirty[s])
+            "far_dirty_pages": table.count(lambda s: vec.mask_and(
+                vec.mask_in(table.state, (FAR,), s.start, s.stop), bytes(table.dirty[s])))
             if table.far_pages else 0,
         }
         d["orig_data_size"] = d["stored_pages"] * PAGE_SIZE

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 
-import numpy as np
 import psutil
 
 from . import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
@@ -313,8 +312,9 @@ class Store:
         """After a failed write-back at close: the acknowledged pages that did not reach the
         file must read EIO at the next mount, never zeros or older bytes."""
         lost = self.cache.dirty_pages()
-        if self.staging:
-            lost = np.union1d(lost, np.flatnonzero(self.staging.failed))
+        failed = self.staging.failed_pages() if self.staging else []
+        if failed:
+            lost = sorted(set(lost).union(failed))
         if not len(lost):
             return
         try:

@@ -12,8 +12,8 @@ RUNTIME_DIR/swap.lock (flock, across processes) so that two of them cannot inter
 machine; no other lock.
 
 What this module does not do: serve swap (the daemon, with zblock.hardening), or load the engine:
-it asks the mount through its stats file, so `zblock swapon/swapoff` import no numpy and no
-compressor.
+it asks the mount through its stats file, so `zblock swapon/swapoff` import no engine module
+and no compressor.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ import threading
 import time
 from typing import Callable
 
-import numpy as np
 import psutil
 
+from . import vec
 from .cpus import unpin
 from .entries import FAR
 from .errors import DataError, DiskError
@@ -181,7 +181,7 @@ class Writeback:
             if not ok:
                 return False
 
-    def write_back(self, victims: np.ndarray, gens: np.ndarray,
+    def write_back(self, victims: list[int], gens: list[int],
                    far: bool = True) -> tuple[bool, int]:
         """Move victims (marked under_wb) down a tier and drop them from the cache: cached
         pages to the far tier where it takes them (unless `far` is False), else to disk; far pages
@@ -198,38 +198,34 @@ class Writeback:
             return True, moved
         finally:
             with cache.tree_lock:
-                left = victims[cache.table.gen[victims] == gens]
-                cache.table.under_wb[left] = False
+                vec.scatter(cache.table.under_wb, _unchanged(cache.table, victims, gens), 0)
                 cache.wb_cond.notify_all()
 
-    def _write_back_batch(self, pages: np.ndarray, pgens: np.ndarray,
+    def _write_back_batch(self, pages: list[int], pgens: list[int],
                           far: bool) -> tuple[bool, int]:
         cache = self.cache
         table = cache.table
-        sent = pages[:0]
-        with cache.page_locks.hold(pages.tolist()):
+        sent: list[int] = []
+        with cache.page_locks.hold(pages):
             with cache.tree_lock:
-                valid = table.gen[pages] == pgens
-                pages, pgens = pages[valid], pgens[valid]
-            if far and cache.far_pages is not None:
-                sent = cache.far_pages.send(pages, pgens)
+                valid = [(p, g) for p, g in zip(pages, pgens) if table.gen[p] == g]
+            if far and cache.far_pages is not None and valid:
+                sent = cache.far_pages.send([p for p, _ in valid], [g for _, g in valid])
                 if len(sent):
                     with cache.tree_lock:
                         self.evicted += len(sent)
-                    rest = ~np.isin(pages, sent)
-                    pages, pgens = pages[rest], pgens[rest]
+                    gone = set(sent)
+                    valid = [(p, g) for p, g in valid if p not in gone]
             with cache.tree_lock:
-                dirty = table.dirty[pages].copy()
+                dirty = [p for p, _ in valid if table.dirty[p]]
                 # the budget is asked before any decompression: an empty one costs nothing
-                ndirty = int(np.count_nonzero(dirty))
-                allowed = cache.limits.take_budget(ndirty)
-            out_of_budget = allowed < ndirty
+                allowed = cache.limits.take_budget(len(dirty))
+            out_of_budget = allowed < len(dirty)
             if out_of_budget:           # the dirty pages past the budget stay as they are
-                over = np.flatnonzero(dirty)[allowed:]
-                keep = np.ones(len(pages), bool)
-                keep[over] = False
-                pages, pgens, dirty = pages[keep], pgens[keep], dirty[keep]
-            wpages, wdata, _ = self.materialize(pages[dirty])
+                over = set(dirty[allowed:])
+                valid = [(p, g) for p, g in valid if p not in over]
+                dirty = dirty[:allowed]
+            wpages, wdata, _ = self.materialize(dirty)
             if len(wpages) < allowed:   # pages that could not be read back: nothing written
                 with cache.tree_lock:
                     cache.limits.refund_budget(allowed - len(wpages))
@@ -243,53 +239,52 @@ class Writeback:
                     self.failed_at = time.monotonic()
                     cache.limits.refund_budget(len(wpages))
                 return False, len(sent)
-            written = np.isin(pages, wpages)
+            unwritten = set(dirty).difference(wpages)
             with cache.tree_lock:
-                still = table.gen[pages] == pgens
                 # clean pages were already on disk; dirty ones only if their write happened
-                drop = pages[still & (~dirty | written)]
+                drop = [p for p, g in valid if table.gen[p] == g and p not in unwritten]
                 self.evicted += len(drop)
-                cache.c.far_demoted_pages += int(np.count_nonzero(table.state[drop] == FAR))
+                cache.c.far_demoted_pages += sum(table.state[p] == FAR for p in drop)
                 table.free(drop)
                 table.set_disk(drop)
                 cache.c.written_back_pages += len(wpages)
                 cache.c.zswpwb += len(wpages)
         return not out_of_budget, len(sent) + len(drop)
 
-    def materialize(self, pages: np.ndarray) -> tuple[list[int], list[bytes], list[int]]:
+    def materialize(self, pages: list[int]) -> tuple[list[int], list[bytes], list[int]]:
         """Uncompressed bytes of cached pages (caller holds their page locks, not the tree
         lock). Returns (pages, data, failed): pages whose decompression failed are left out."""
         cache = self.cache
         table = cache.table
         with cache.tree_lock:
-            st = table.state[pages].copy()
-            objs = [table.obj(p) for p in pages.tolist()]
-            pids = table.pool_id[pages].copy()
-            fills = table.fill[pages].copy()
-            pools = cache.registry.hold(np.unique(pids[st == COMP]))
+            st = vec.gather(table.state, pages)
+            objs = [table.obj(p) for p in pages]
+            pids = vec.gather(table.pool_id, pages)
+            fills = vec.gather(table.fill, pages)
+            pools = cache.registry.hold({i for i, s in zip(pids, st) if s == COMP})
         try:
             data: dict[int, bytes] = {}
             failed = []
             for pid, pool in pools.items():
-                items = np.flatnonzero((st == COMP) & (pids == pid)).tolist()
+                items = [i for i, (s, q) in enumerate(zip(st, pids)) if s == COMP and q == pid]
                 for i, r in zip(items, pool.contexts.decompress([objs[i] for i in items])):
                     if type(r) is bytes:
                         data[i] = r
                     else:
-                        failed.append(int(pages[i]))
+                        failed.append(pages[i])
         finally:
             cache.registry.release(pools.values())
         if failed:
             with cache.tree_lock:
                 cache.c.decompress_fail += len(failed)
-        far = np.flatnonzero(st == FAR).tolist()
+        far = [i for i, s in enumerate(st) if s == FAR]
         if far:
-            for i, r in zip(far, cache.far_pages.read([int(pages[i]) for i in far], failed,
+            for i, r in zip(far, cache.far_pages.read([pages[i] for i in far], failed,
                                                       access=False)):
                 if r is not None:
                     data[i] = r
         out_pages, out_data = [], []
-        for i, p in enumerate(pages.tolist()):
+        for i, p in enumerate(pages):
             s = st[i]
             if s == RAW:
                 data[i] = objs[i]
@@ -302,7 +297,7 @@ class Writeback:
 
     # ---- flush and close ------------------------------------------------------------------
 
-    def flush(self, keep_going: bool = False, pages: np.ndarray | None = None) -> int:
+    def flush(self, keep_going: bool = False, pages: list[int] | None = None) -> int:
         """Write every dirty page (of `pages`, if given) to disk and make the backing durable;
         entries stay, now clean. Returns the number of pages flushed. Raises DiskError (pages
         stay dirty): at the first failed write, or with `keep_going` (a close) after trying
@@ -313,10 +308,11 @@ class Writeback:
             if pages is None:
                 dirty = table.find(lambda s: table.dirty[s])
             else:
-                dirty = pages[table.dirty[pages]]
-            wb = table.under_wb[dirty]
-            dirty, in_writeback = dirty[~wb], dirty[wb]
-        flushed: list[tuple[np.ndarray, np.ndarray]] = []
+                dirty = [p for p in pages if table.dirty[p]]
+            in_writeback = [p for p in dirty if table.under_wb[p]]
+            if in_writeback:
+                dirty = [p for p in dirty if not table.under_wb[p]]
+        flushed: list[tuple[list[int], list[int]]] = []
         lost: list[int] = []
         errors: list[DiskError] | None = [] if keep_going else None
         self._flush_pages(dirty, flushed, lost, errors)
@@ -325,7 +321,7 @@ class Writeback:
             # or the entry changed) were written before this fsync, so write them here.
             self._wait_under_wb(in_writeback)
             with cache.tree_lock:
-                again = in_writeback[table.dirty[in_writeback]]
+                again = [p for p in in_writeback if table.dirty[p]]
             self._flush_pages(again, flushed, lost, errors)
         try:
             cache.backing.sync()
@@ -339,8 +335,8 @@ class Writeback:
         n = 0
         with cache.tree_lock:
             for pages, gens in synced:
-                same = pages[table.gen[pages] == gens]
-                table.dirty[same] = False
+                same = _unchanged(table, pages, gens)
+                vec.scatter(table.dirty, same, 0)
                 n += len(same)
             cache.c.flushed_pages += n
         if errors:
@@ -357,10 +353,11 @@ class Writeback:
         cache = self.cache
         pages = cache.backing.unsynced_pages()
         with cache.tree_lock:
-            st = cache.table.state[pages]
-            cache.table.dirty[pages[(st == COMP) | (st == RAW) | (st == SAME) | (st == FAR)]] = True
+            state = cache.table.state
+            vec.scatter(cache.table.dirty,
+                        [p for p in pages if state[p] in (COMP, RAW, SAME, FAR)], 1)
 
-    def _flush_pages(self, dirty: np.ndarray, flushed: list, lost: list,
+    def _flush_pages(self, dirty: list[int], flushed: list, lost: list,
                      errors: list | None) -> None:
         """Write dirty pages (not yet durable); append (pages, gens) written to `flushed` and
         pages whose data could not be decompressed to `lost`. A failed write raises (once both
@@ -395,14 +392,14 @@ class Writeback:
         if failure:
             raise failure[0]
 
-    def _flush_batch(self, pages: np.ndarray, flushed: list, lost: list,
+    def _flush_batch(self, pages: list[int], flushed: list, lost: list,
                      errors: list | None) -> None:
         """_flush_pages for one batch, under its pages' locks."""
         cache = self.cache
-        with cache.page_locks.hold(pages.tolist()):
+        with cache.page_locks.hold(pages):
             with cache.tree_lock:
-                pages = pages[cache.table.dirty[pages]]
-                gens = cache.table.gen[pages].copy()
+                pages = [p for p in pages if cache.table.dirty[p]]
+                gens = vec.gather(cache.table.gen, pages)
             wpages, wdata, failed = self.materialize(pages)
             try:
                 if wpages:
@@ -412,15 +409,19 @@ class Writeback:
                     raise
                 errors.append(e)
                 return
-            ok = ~np.isin(pages, failed)
-            flushed.append((pages[ok], gens[ok]))
+            if failed:
+                bad = set(failed)
+                gens = [g for p, g in zip(pages, gens) if p not in bad]
+                pages = [p for p in pages if p not in bad]
+            flushed.append((pages, gens))
             lost.extend(failed)
 
-    def _wait_under_wb(self, pages: np.ndarray) -> None:
+    def _wait_under_wb(self, pages: list[int]) -> None:
         cache = self.cache
         deadline = time.monotonic() + FLUSH_WAIT
+        under_wb = cache.table.under_wb
         with cache.tree_lock:
-            while cache.table.under_wb[pages].any():
+            while any(map(under_wb.__getitem__, pages)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DiskError(f"fsync: writeback still running after {FLUSH_WAIT:.0f} s",
@@ -440,3 +441,9 @@ class Writeback:
             log.warning("writeback worker did not stop within 30 s")
         if write_back:
             self.flush(keep_going=True)
+
+
+def _unchanged(table, pages: list[int], gens: list[int]) -> list[int]:
+    """The pages whose generation is still the one in `gens`."""
+    gen = table.gen
+    return [p for p, g in zip(pages, gens) if gen[p] == g]

@@ -34,9 +34,8 @@ import collections
 import logging
 import threading
 
-import numpy as np
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, vec
 from .errors import DiskError
 
 log = logging.getLogger(__name__)
@@ -60,9 +59,9 @@ class WriteThrough:
         self._thread = threading.Thread(target=self._run, name="zblock-write-through", daemon=True)
         self._thread.start()
 
-    def submit(self, pages: np.ndarray, data: memoryview, index: np.ndarray,
-               gens: np.ndarray) -> None:
-        """Queue pages `pages` (int64), whose bytes are the pages `index` of `data`, as of
+    def submit(self, pages: list[int], data: memoryview, index: list[int],
+               gens: list[int]) -> None:
+        """Queue pages `pages`, whose bytes are the pages `index` of `data`, as of
         generations `gens`. Never blocks: a full queue drops them (they stay dirty). The whole
         of `data` counts toward the limit: the item keeps it alive."""
         nbytes = data.nbytes
@@ -110,23 +109,25 @@ class WriteThrough:
                     self._finished += 1
                     self._cond.notify_all()
 
-    def _write(self, pages: np.ndarray, data: memoryview, index: np.ndarray,
-               gens: np.ndarray) -> None:
+    def _write(self, pages: list[int], data: memoryview, index: list[int],
+               gens: list[int]) -> None:
         cache = self.cache
         table = cache.table
-        with cache.page_locks.hold(pages.tolist()):
+        gen, dirty, under_wb = table.gen, table.dirty, table.under_wb
+        with cache.page_locks.hold(pages):
             with cache.tree_lock:
-                ok = (table.gen[pages] == gens) & table.dirty[pages] & ~table.under_wb[pages]
-            if not ok.any():
+                ok = [(p, i, g) for p, i, g in zip(pages, index, gens)
+                      if gen[p] == g and dirty[p] and not under_wb[p]]
+            if not ok:
                 return
-            pages, index, gens = pages[ok], index[ok], gens[ok]
+            pages, index, gens = [p for p, _, _ in ok], [i for _, i, _ in ok], [g for *_, g in ok]
             try:
                 cache.backing.write_pages(
-                    pages.tolist(), [data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in index.tolist()])
+                    pages, [data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in index])
             except DiskError as e:
                 log.warning("write-through failed, the pages stay dirty for fsync: %s", e)
                 return
             with cache.tree_lock:
-                same = pages[table.gen[pages] == gens]
-                table.dirty[same] = False
+                same = [p for p, g in zip(pages, gens) if gen[p] == g]
+                vec.scatter(dirty, same, 0)
                 cache.c.written_through_pages += len(same)

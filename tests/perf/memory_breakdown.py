@@ -4,10 +4,10 @@
     python -P tests/perf/memory_breakdown.py growth [--verify] [--threads N] [--settle S] [DATA]
 
 `idle` runs each step of a server's start in a fresh interpreter, cumulatively, and prints
-VmRSS, RssAnon and RssFile after it: the interpreter, numpy, the modules `python -m zblock
-mount --foreground` imports, then tune_malloc, logging, Store.open of a 64 MiB disk, stats(),
-and two seconds idle. (The libfuse session of a real mount adds about 1 MiB: not measured here,
-it needs a mount.)
+VmRSS, RssAnon and RssFile after it: the interpreter, the modules `python -m zblock mount
+--foreground` imports (with the native front end), then tune_malloc, logging, Store.open of a
+64 MiB disk, stats(), and two seconds idle. (A real mount's session adds more: not measured
+here, it needs a mount; the memory benchmark's base_MiB is the whole.)
 
 `growth` opens a Store (default Config) on a file in /var/tmp, writes DATA (default the bench's
 256 MiB /usr tar) in 1 MiB writes, optionally reads it all back in 1 MiB reads (--verify, as the
@@ -45,11 +45,10 @@ DISK_DIR = "/var/tmp/zblock-mem"
 
 SERVER_IMPORTS = [
     ("the interpreter (python -P, site)", "pass"),
-    ("+ import numpy", "import numpy"),
     ("+ zblock.cli (python -m zblock)", "import zblock.cli"),
     ("+ zblock.daemon, zblock.hardening", "from zblock import daemon, hardening"),
-    ("+ mfusepy on libfuse 3, zblock.fuse_ops",
-     "os.environ['FUSE_LIBRARY_NAME'] = 'fuse3'; import mfusepy; from zblock import fuse_ops"),
+    ("+ the native front end, zblock.fuse_ops",
+     "from zblock.fuse import native; from zblock import fuse_ops"),
     ("+ zblock.store (the core)", "from zblock.store import Store"),
     ("+ tune_malloc, logging, Store.open (64 MiB), stats()",
      "from zblock.pool import tune_malloc; from zblock.config import Config; tune_malloc(); "
