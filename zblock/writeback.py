@@ -108,7 +108,7 @@ class Writeback:
                 if wanted or over:
                     before = self.evicted
                     like_zswap = cache.config.limit_policy == "zswap"
-                    if not self.shrink(cache.limits.accept_level(), like_zswap=like_zswap):
+                    if not self.shrink(cache.limits.accept_level, like_zswap=like_zswap):
                         self._pause_after_failure()
                     elif like_zswap and self.evicted == before and \
                             cache.table.pool_total_size > cache.limits.accept_level():   # gave up
@@ -154,16 +154,17 @@ class Writeback:
 
     # ---- writeback of victims -------------------------------------------------------------
 
-    def shrink(self, target: int, like_zswap: bool = False) -> bool:
-        """Write back cold pages until the pool holds at most `target` bytes; `like_zswap`: walk
-        as shrink_worker does and stop where it gives up. Returns False if a disk error stopped
+    def shrink(self, target: int | Callable[[], int], like_zswap: bool = False) -> bool:
+        """Write back cold pages until the pool holds at most `target` bytes (a callable is asked
+        again each batch: a pool_limit raised meanwhile ends the pass); `like_zswap`: walk as
+        shrink_worker does and stop where it gives up. Returns False if a disk error stopped
         it."""
         cache = self.cache
         failures = 0
         while True:
             with cache.tree_lock:
                 table = cache.table
-                excess = table.pool_total_size - target
+                excess = table.pool_total_size - (target() if callable(target) else target)
                 if excess <= 0 or self.closing or failures >= MAX_RECLAIM_RETRIES:
                     return True
                 lru = max(sum(p.stored_pages for p in cache.registry.live()), 1)
