@@ -36,7 +36,8 @@ venv: sysdeps $(VENV)/.installed
 deps: venv
 
 # The second run: the engine, the model tests and one real mount without the optional C
-# extension (python-lz4 and zblock.scan serve lz4), as a machine without gcc or liblz4-dev runs them.
+# extension (python-lz4 and zblock.scan serve lz4), as a machine without gcc or liblz4-dev runs
+# them.
 NO_EXTENSION_TESTS := tests/test_store.py tests/test_acomp.py tests/test_accel.py \
 	tests/test_staging.py tests/test_compressors.py tests/test_encrypt.py \
 	tests/test_mount.py::test_dd_write_then_cmp

@@ -44,7 +44,8 @@ def test_nonzero_items_of_wide_formats():
         mv = pagemem.array(40, fmt)
         for i, v in ((0, 1), (5, 256), (6, 1 << 15), (39, 7)):
             mv[i] = v
-        assert list(vec.mask_nonzero_items(mv, 2, 40)) == [int(i in (5, 6, 39)) for i in range(2, 40)]
+        want = [int(i in (5, 6, 39)) for i in range(2, 40)]
+        assert list(vec.mask_nonzero_items(mv, 2, 40)) == want
 
 
 def test_mask_below_matches_a_loop():
