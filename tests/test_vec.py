@@ -113,3 +113,14 @@ def test_zero_where_matches_a_loop_and_writes_no_page_that_stays_zero():
     assert mv[1500] == 0 and pagemem.resident_bytes([mv]) == 4096
     vec.zero_where(mv, 0, 5, b"\x00" * 5)
     assert pagemem.resident_bytes([mv]) == 4096
+
+
+def test_sum_where_matches_a_loop():
+    rng = random.Random(6)
+    for fmt in ("B", "H", "I", "Q"):
+        mv = pagemem.array(500, fmt)
+        for i in range(500):
+            mv[i] = rng.choice((0, 1, rng.randrange(1 << (8 * mv.itemsize))))
+        mask = bytes(rng.randrange(2) for _ in range(480))
+        assert vec.sum_where(mv, 11, 491, mask) == sum(mv[11 + i] for i in range(480) if mask[i])
+        assert vec.sum_where(mv, 11, 491, bytes(480)) == 0

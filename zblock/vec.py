@@ -166,7 +166,29 @@ def fill(mv: memoryview, start: int, end: int, value: int) -> None:
         mv[start:end] = array(mv.format, (value,)) * n
 
 
-_ZERO_WHERE_ONE = bytes([0xFF, 0] + [0] * 254)     # translate(): a 0/1 mask to byte masks
+# translate() tables from a 0/1 mask to a byte mask: 0xFF where it is 1, or where it is 0
+_FF_WHERE_ONE = bytes([0, 0xFF] + [0] * 254)
+_FF_WHERE_ZERO = bytes([0xFF, 0] + [0] * 254)
+
+
+def _lanes(mask: bytes, size: int, table: bytes) -> int:
+    """Each byte of a 0/1 mask as an element of `size` bytes, all 0 or all 0xFF by `table`,
+    as one big int (to AND an array's bytes with)."""
+    out = bytearray(len(mask) * size)
+    lanes = bytes(mask).translate(table)
+    for k in range(size):
+        out[k::size] = lanes
+    return int.from_bytes(out, "little")
+
+
+def sum_where(mv: memoryview, start: int, end: int, mask: bytes) -> int:
+    """The sum of mv[start + i] where mask[i] is 1 (an unsigned format)."""
+    n = end - start
+    if n <= 0 or mask.find(1) < 0:
+        return 0
+    size = mv.itemsize
+    kept = int.from_bytes(mv[start:end].cast("B"), "little") & _lanes(mask, size, _FF_WHERE_ONE)
+    return sum(memoryview(kept.to_bytes(n * size, "little")).cast(mv.format))
 
 
 def zero_where(mv: memoryview, start: int, end: int, mask: bytes) -> None:
@@ -179,11 +201,7 @@ def zero_where(mv: memoryview, start: int, end: int, mask: bytes) -> None:
     size = mv.itemsize
     raw = mv[start:end].cast("B")
     old = bytes(raw)
-    keep = bytearray(n * size)              # 0xFF over the bytes of the elements that stay
-    lanes = bytes(mask).translate(_ZERO_WHERE_ONE)
-    for k in range(size):
-        keep[k::size] = lanes
-    new = (int.from_bytes(old, "little") & int.from_bytes(keep, "little")).to_bytes(
+    new = (int.from_bytes(old, "little") & _lanes(mask, size, _FF_WHERE_ZERO)).to_bytes(
         n * size, "little")
     # the page boundaries within raw, counted from mv's first byte
     cuts = range(-(start * size) % mmap.PAGESIZE or mmap.PAGESIZE, len(old), mmap.PAGESIZE)
