@@ -83,3 +83,45 @@ def test_large_arrays_are_mappings_of_their_own():
     assert pagemem.resident_bytes([mv]) == 0
     vec.fill(mv, 0, 512, 1)             # one page written
     assert pagemem.resident_bytes([mv]) == 4096
+
+
+def test_mask_equal_matches_a_loop():
+    rng = random.Random(4)
+    for fmt, bits in (("B", 8), ("H", 16), ("I", 32), ("Q", 64), ("q", 64)):
+        lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if fmt == "q" else (0, 1 << bits)
+        mv = pagemem.array(300, fmt)
+        for i in range(300):
+            mv[i] = rng.choice((0, 1, 257 % hi, lo, hi - 1, rng.randrange(lo, hi)))
+        for value in (0, 1, 257 % hi, lo, hi - 1, mv[100]):
+            want = [int(mv[i] == value) for i in range(7, 290)]
+            assert list(vec.mask_equal(mv, 7, 290, value)) == want, (fmt, value)
+    assert vec.mask_equal(mv, 5, 5, 3) == b""
+
+
+def test_zero_where_matches_a_loop_and_writes_no_page_that_stays_zero():
+    rng = random.Random(5)
+    for fmt in ("B", "H", "I", "Q"):
+        mv = pagemem.array(3000, fmt)
+        for i in range(3000):
+            mv[i] = rng.choice((0, 1, 1 << (8 * mv.itemsize) - 1))
+        mask = bytes(rng.randrange(2) for _ in range(2990 - 9))
+        want = [0 if 9 <= i < 2990 and mask[i - 9] else mv[i] for i in range(3000)]
+        vec.zero_where(mv, 9, 2990, mask)
+        assert mv.tolist() == want, fmt
+    mv = pagemem.array(pagemem.OWN_MAPPING, "I")    # resident only where written
+    mv[1500] = 7                                    # its second page
+    vec.zero_where(mv, 100, 4000, b"\x01" * 3900)
+    assert mv[1500] == 0 and pagemem.resident_bytes([mv]) == 4096
+    vec.zero_where(mv, 0, 5, b"\x00" * 5)
+    assert pagemem.resident_bytes([mv]) == 4096
+
+
+def test_sum_where_matches_a_loop():
+    rng = random.Random(6)
+    for fmt in ("B", "H", "I", "Q"):
+        mv = pagemem.array(500, fmt)
+        for i in range(500):
+            mv[i] = rng.choice((0, 1, rng.randrange(1 << (8 * mv.itemsize))))
+        mask = bytes(rng.randrange(2) for _ in range(480))
+        assert vec.sum_where(mv, 11, 491, mask) == sum(mv[11 + i] for i in range(480) if mask[i])
+        assert vec.sum_where(mv, 11, 491, bytes(480)) == 0

@@ -47,6 +47,7 @@ Not here: which pages to store or evict (zblock.cache, zblock.lru), the pools' l
 
 from __future__ import annotations
 
+import math
 import sys
 from array import array
 
@@ -342,15 +343,20 @@ class EntryTable:
     def mark_idle(self, older_than: float | None = None) -> int:
         """zram's `idle` write: mark every cached page idle (None), or those not accessed for
         `older_than` seconds. Returns how many pages are idle now."""
-        cutoff = None if older_than is None else self.clock.tick - older_than
+        # atime <= tick - older_than, for whole-second times: atime below `limit`. mask_below
+        # needs the times below 2**31: ticks count seconds since the clock started.
+        limit = None if older_than is None else math.floor(self.clock.tick - older_than) + 1
         n = 0
-        atime = self.atime
         for s in self.spans():
-            for p in _pick(range(s.start, s.stop), self.holds_data(s)):
-                if cutoff is None or atime[p] <= cutoff:
-                    atime[p] = 0
-                if not atime[p]:
-                    n += 1
+            if limit is None:
+                marked = self.holds_data(s)
+            elif limit > 0:                 # idle ones (time 0) are among those below it
+                marked = vec.mask_and(self.holds_data(s),
+                                      vec.mask_below(self.atime, s.start, s.stop, limit))
+            else:                           # no page is that old: the idle ones stay idle
+                marked = self.idle(s)
+            vec.zero_where(self.atime, s.start, s.stop, marked)
+            n += marked.count(1)
         return n
 
     def idle(self, pages: slice) -> bytes:

@@ -21,7 +21,6 @@ them, and take the tree lock only for bookkeeping; cluster I/O runs with no tree
 
 from __future__ import annotations
 
-import heapq
 import logging
 from bisect import bisect_left
 from itertools import accumulate
@@ -30,6 +29,7 @@ from . import vec
 from .entries import FAR, FAR_HEADER, far_value_size
 from .errors import DataError, ZblockError
 from .far import HEADER, FarCorrupt, FarError, FarTier
+from .lru import coldest_where
 from .scan import COMP, RAW
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class FarPages:
                 if excess <= 0 or cache.writeback.closing:
                     break
                 avg = max(table.far_bytes // max(table.far_pages, 1), 1)
-                victims = self._coldest(lambda s: vec.mask_and(
+                victims = coldest_where(table, lambda s: vec.mask_and(
                     vec.mask_in(table.state, (FAR,), s.start, s.stop),
                     vec.mask_not(bytes(table.under_wb[s]))), min(DEMOTE_BATCH, excess // avg + 1))
                 vec.scatter(table.under_wb, victims, 1)
@@ -224,15 +224,9 @@ class FarPages:
         with cache.tree_lock:
             if table.far_bytes <= cfg.far_dirty_limit:
                 return True
-            dirty = self._coldest(lambda s: vec.mask_and(
-                vec.mask_in(table.state, (FAR,), s.start, s.stop), bytes(table.dirty[s])),
-                table.far_pages)
-            size = list(accumulate(far_value_size(ln, table.far_overhead)
-                                   for ln in vec.gather(table.length, dirty)))
-            over = size[-1] - cfg.far_dirty_limit if size else 0
-            if over <= 0:
+            dirty = self._coldest_dirty(cfg.far_dirty_limit)
+            if not dirty:
                 return True
-            dirty = dirty[:bisect_left(size, over) + 1]
         try:
             cache.writeback.flush(pages=sorted(dirty))
         except ZblockError as e:
@@ -240,10 +234,32 @@ class FarPages:
             return False
         return True
 
-    def _coldest(self, pred, count: int) -> list[int]:
-        """Up to `count` pages where pred(span), coldest (lowest stamp) first. Tree lock held."""
+    def _coldest_dirty(self, limit: int) -> list[int]:
+        """The fewest coldest dirty far pages that must go to the file for the far values of
+        the dirty ones left to come to `limit` bytes at most, coldest first. Tree lock held.
+        Listing and sorting all of them took 0.4 s a million: their bytes are summed span by
+        span, and only as many of the coldest as their average size says are taken (more if
+        that falls short)."""
         table = self.cache.table
-        return heapq.nsmallest(count, table.find(pred), key=table.stamp.__getitem__)
+        pred = lambda s: vec.mask_and(                                      # noqa: E731
+            vec.mask_in(table.state, (FAR,), s.start, s.stop), bytes(table.dirty[s]))
+        n = length = 0
+        for s in table.spans():
+            mask = pred(s)
+            n += mask.count(1)
+            length += vec.sum_where(table.length, s.start, s.stop, mask)
+        held = length + n * table.far_overhead          # far_value_size of each
+        over = held - limit
+        if over <= 0:
+            return []
+        k = min(over * 5 // (4 * max(held // n, 1)) + 64, n)    # a quarter to spare
+        while True:
+            dirty = coldest_where(table, pred, k)
+            size = list(accumulate(far_value_size(ln, table.far_overhead)
+                                   for ln in vec.gather(table.length, dirty)))
+            if size[-1] >= over or k >= n:
+                return dirty[:bisect_left(size, over) + 1]
+            k = min(2 * k, n)
 
     # ---- stats and close ----------------------------------------------------------------------
 

@@ -48,41 +48,38 @@ def _gone(table: EntryTable, page: int, stamp: int) -> bool:
 
 def _take_snapshot(table: EntryTable, k: int) -> LruSnapshot:
     """The max(k, SNAPSHOT_PAGES) coldest cached pages (under writeback too: one whose write
-    does not happen is on the LRU again, at its place). In a large cache only the pages below a
-    stamp estimated from a sample are sorted: sorting them all in Python took 0.5 s a million."""
-    want = max(k, SNAPSHOT_PAGES)
-    cached = table.count(table.cached)
-    pages = None
-    if cached > 2 * want:
-        limit = _stamp_limit(table, 2 * want / cached)
-        pages = table.find(lambda s: vec.mask_and(
-            table.cached(s), vec.mask_below(table.stamp, s.start, s.stop, limit)))
-        if len(pages) < want:               # the sample put it too low
-            pages = None
-    if pages is None:
-        pages = table.find(table.cached)
-    pages.sort(key=table.stamp.__getitem__)
-    del pages[want:]
+    does not happen is on the LRU again, at its place)."""
+    pages = coldest_where(table, table.cached, max(k, SNAPSHOT_PAGES))
     table.lru_snapshot = LruSnapshot(pages, vec.gather(table.stamp, pages))
     return table.lru_snapshot
 
 
-def _stamp_limit(table: EntryTable, share: float) -> int:
-    """A stamp below which about `share` of the cached pages lie, from the stamps of cached
-    pages at evenly spaced places in the table's spans."""
+def coldest_where(table: EntryTable, pred, k: int) -> list[int]:
+    """The k pages (fewer if there are fewer) where pred(span), a 0/1 mask as for table.find,
+    with the lowest stamps, coldest first (ties in page order). In a large set only the pages
+    below a stamp estimated from a sample are listed and sorted: sorting a million in Python
+    took 0.5 s. Stamps stay below 2**63 (mask_below)."""
     spans = list(table.spans())
     total = sum(s.stop - s.start for s in spans)
-    step = max(total // (SAMPLE * 16), 1)     # enough probes for SAMPLE hits at 1/16 cached
-    stamps = []
-    state, stamp = table.state, table.stamp
-    for s in spans:
-        for p in range(s.start, s.stop, step):
-            if state[p] in (COMP, RAW):
-                stamps.append(stamp[p])
-    if not stamps:
-        return 1 << 62
-    stamps.sort()
-    return stamps[min(int(share * len(stamps)), len(stamps) - 1)] + 1
+    step = max(total // (SAMPLE * 16), 1)     # enough probes for SAMPLE hits at 1/16 of pages
+    n, stamps = 0, []
+    for s in spans:                         # count them, and sample their stamps
+        mask = pred(s)
+        n += mask.count(1)
+        stamps += vec.gather(table.stamp, [s.start + i * step for i in vec.positions(mask[::step])])
+    pages = None
+    if n > 2 * k and stamps:
+        stamps.sort()
+        limit = stamps[min(int(2 * k / n * len(stamps)), len(stamps) - 1)] + 1
+        pages = table.find(lambda s: vec.mask_and(
+            pred(s), vec.mask_below(table.stamp, s.start, s.stop, limit)))
+        if len(pages) < k:                  # the sample put it too low
+            pages = None
+    if pages is None:
+        pages = table.find(pred)
+    pages.sort(key=table.stamp.__getitem__)
+    del pages[k:]
+    return pages
 
 
 def coldest(table: EntryTable, k: int) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from array import array
 
-from . import vec
+from . import PAGE_SIZE, vec
 from .config import parse_algorithm
 from .entries import INCOMPRESSIBLE
 from .errors import ConfigError
@@ -37,22 +37,25 @@ class OnDemand:
         Returns the pages that left the cache."""
         cache = self.cache
         table = cache.table
-        fill = table.fill
-        pick = {"idle": lambda s: vec.mask_and(table.cached(s), table.idle(s)),
-                "huge": lambda s: vec.mask_in(table.state, (RAW,), s.start, s.stop),
-                "incompressible": lambda s: _refine(table.cached(s), s.start,
-                                                    lambda p: fill[p] == INCOMPRESSIBLE),
-                "all": table.cached}[kind]
-        chosen = lambda s: _off_writeback(table, s, pick(s))                 # noqa: E731
+        state, fill, atime, under_wb = table.state, table.fill, table.atime, table.under_wb
+        # per kind, the pages of a span as a mask, and the same test of one page
+        pick, test = {
+            "idle": (lambda s: vec.mask_and(table.cached(s), table.idle(s)),
+                     lambda p: state[p] in (COMP, RAW) and not atime[p]),
+            "huge": (lambda s: vec.mask_in(state, (RAW,), s.start, s.stop),
+                     lambda p: state[p] == RAW),
+            "incompressible": (lambda s: vec.mask_and(table.cached(s), _incompressible(fill, s)),
+                               lambda p: state[p] in (COMP, RAW) and fill[p] == INCOMPRESSIBLE),
+            "all": (table.cached, lambda p: state[p] in (COMP, RAW))}[kind]
         with cache.tree_lock:
-            pages = table.find(chosen)
+            pages = table.find(lambda s: _off_writeback(table, s, pick(s)))
             self.progress = [0, len(pages)]
         done = 0
         try:
             for lo in range(0, len(pages), ON_DEMAND_BATCH):
                 batch = pages[lo:lo + ON_DEMAND_BATCH]
                 with cache.tree_lock:    # each batch chosen again: pages change meanwhile
-                    batch = [p for p in batch if chosen(slice(p, p + 1))[0]]
+                    batch = [p for p in batch if not under_wb[p] and test(p)]
                     vec.scatter(table.under_wb, batch, 1)
                     gens = vec.gather(table.gen, batch)
                 ok, moved = cache.writeback.write_back(batch, gens, far=False)
@@ -82,11 +85,19 @@ class OnDemand:
         idle = lambda s: vec.mask_and(table.cached(s), table.idle(s))         # noqa: E731
         raw = lambda s: vec.mask_in(table.state, (RAW,), s.start, s.stop)     # noqa: E731
         pick = {"idle": idle, "huge": raw, "huge_idle": lambda s: vec.mask_and(raw(s), idle(s))}
-        length, fill = table.length, table.fill
+        # stored lengths are at most a page: a larger threshold picks none all the same, and
+        # mask_below needs the limit below 2**15
+        limit = min(threshold, PAGE_SIZE + 1)
+
+        def chosen(s: slice) -> bytes:
+            mask = vec.mask_and(_off_writeback(table, s, pick[kind](s)),
+                                vec.mask_not(_incompressible(table.fill, s)))
+            if limit:
+                mask = vec.mask_and(mask, vec.mask_not(
+                    vec.mask_below(table.length, s.start, s.stop, limit)))
+            return mask
         with cache.tree_lock:
-            pages = table.find(lambda s: _refine(
-                _off_writeback(table, s, pick[kind](s)), s.start,
-                lambda p: length[p] >= threshold and fill[p] != INCOMPRESSIBLE))
+            pages = table.find(chosen)
         done = 0
         for lo in range(0, len(pages), RECOMPRESS_BATCH):
             done += self._recompress_batch(pages[lo:lo + RECOMPRESS_BATCH], algos)
@@ -154,13 +165,10 @@ def _off_writeback(table, s: slice, mask: bytes) -> bytes:
     return vec.mask_and(mask, vec.mask_not(bytes(table.under_wb[s])))
 
 
-def _refine(mask: bytes, start: int, test) -> bytes:
-    """`mask` (0/1 over pages start ..) with its 1s kept only where test(page) holds."""
-    out = bytearray(mask)
-    for i in vec.positions(mask):
-        if not test(start + i):
-            out[i] = 0
-    return bytes(out)
+def _incompressible(fill, s: slice) -> bytes:
+    """0/1 over the pages of span s: `fill` is INCOMPRESSIBLE (a mark that means so only for
+    cached pages). mask_equal, not mask_below: a SAME page's fill word may be any 64 bits."""
+    return vec.mask_equal(fill, s.start, s.stop, INCOMPRESSIBLE)
 
 
 def _scan_subset(scan: Scan, idx: list[int]) -> Scan:

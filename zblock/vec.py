@@ -14,6 +14,7 @@ Conventions: a set of pages is a list of ints, or a `range` for a run; a mask is
 
 from __future__ import annotations
 
+import mmap
 import sys
 from array import array
 from itertools import groupby
@@ -75,6 +76,28 @@ def mask_below(mv: memoryview, start: int, end: int, limit: int) -> bytes:
 
 
 _TOP_CLEAR = bytes(int(b < 0x80) for b in range(256))
+
+
+_EQUAL: dict[int, bytes] = {}          # byte value -> translate() table: 1 for it, 0 otherwise
+
+
+def mask_equal(mv: memoryview, start: int, end: int, value: int) -> bytes:
+    """0/1 per element of mv[start:end], any format: 1 where it equals `value`. Valid for any
+    element (mask_below is not, near the top of the range): each byte of the elements is
+    compared by translate() with that byte of `value`, and the answers are ANDed."""
+    size = mv.itemsize
+    n = end - start
+    if n <= 0:
+        return b""
+    raw = bytes(mv[start:end].cast("B"))
+    want = value.to_bytes(size, sys.byteorder, signed=mv.format.islower())
+    equal = -1
+    for k in range(size):
+        table = _EQUAL.get(want[k])
+        if table is None:
+            table = _EQUAL[want[k]] = _byte_table((want[k],))
+        equal &= _to_int(raw[k::size].translate(table))
+    return equal.to_bytes(n, "little")
 
 
 def positions(mask, offset: int = 0) -> list[int]:
@@ -141,6 +164,50 @@ def fill(mv: memoryview, start: int, end: int, value: int) -> None:
         mv[start:end] = bytes((value,)) * n if value else bytes(n)
     else:
         mv[start:end] = array(mv.format, (value,)) * n
+
+
+# translate() tables from a 0/1 mask to a byte mask: 0xFF where it is 1, or where it is 0
+_FF_WHERE_ONE = bytes([0, 0xFF] + [0] * 254)
+_FF_WHERE_ZERO = bytes([0xFF, 0] + [0] * 254)
+
+
+def _lanes(mask: bytes, size: int, table: bytes) -> int:
+    """Each byte of a 0/1 mask as an element of `size` bytes, all 0 or all 0xFF by `table`,
+    as one big int (to AND an array's bytes with)."""
+    out = bytearray(len(mask) * size)
+    lanes = bytes(mask).translate(table)
+    for k in range(size):
+        out[k::size] = lanes
+    return int.from_bytes(out, "little")
+
+
+def sum_where(mv: memoryview, start: int, end: int, mask: bytes) -> int:
+    """The sum of mv[start + i] where mask[i] is 1 (an unsigned format)."""
+    n = end - start
+    if n <= 0 or mask.find(1) < 0:
+        return 0
+    size = mv.itemsize
+    kept = int.from_bytes(mv[start:end].cast("B"), "little") & _lanes(mask, size, _FF_WHERE_ONE)
+    return sum(memoryview(kept.to_bytes(n * size, "little")).cast(mv.format))
+
+
+def zero_where(mv: memoryview, start: int, end: int, mask: bytes) -> None:
+    """mv[start + i] = 0 where mask[i] is 1, any format, as one big-int AND over their bytes.
+    Only the memory pages (counted from mv's first byte: a pagemem array starts on one) whose
+    bytes change are written: zeros are not written over zeros (see fill)."""
+    n = end - start
+    if n <= 0 or mask.find(1) < 0:
+        return
+    size = mv.itemsize
+    raw = mv[start:end].cast("B")
+    old = bytes(raw)
+    new = (int.from_bytes(old, "little") & _lanes(mask, size, _FF_WHERE_ZERO)).to_bytes(
+        n * size, "little")
+    # the page boundaries within raw, counted from mv's first byte
+    cuts = range(-(start * size) % mmap.PAGESIZE or mmap.PAGESIZE, len(old), mmap.PAGESIZE)
+    for a, b in zip([0, *cuts], [*cuts, len(old)]):
+        if new[a:b] != old[a:b]:
+            raw[a:b] = new[a:b]
 
 
 def add_to_run(mv: memoryview, start: int, end: int, delta: int) -> None:
