@@ -1001,3 +1001,47 @@ def test_table_scans_match_a_row_by_row_reading():
         pairs = [(table[2 * r], table[2 * r + 1]) for r in range(lo, hi)]
         assert used_rows(table, lo, hi) == bytes(d != 0 or l != 0 for d, l in pairs)
         assert split_rows(table, lo, hi) == bytes(d != l for d, l in pairs)
+
+
+def test_sync_collapses_only_pages_not_rewritten_during_its_fsync(img):
+    """Pages written while sync's data fsync runs (after its snapshot, before its collapse) keep
+    both values and stay unsynced; the others, in the same sidecar block and in others, in runs
+    and alone, collapse in the table and in the sidecar. Pages over more than one scan step."""
+    from zblock.sidecar import SCAN_ROWS
+    npages = SCAN_ROWS + 2048
+    during = {}
+
+    class Rewriting(FileDisk):
+        def fsync(self):
+            super().fsync()
+            for p, data in during.items():
+                b.write_pages([p], [data])
+
+    def factory(path, role):
+        return Rewriting(path, direct=True) if role == "data" else FileDisk(path, direct=False)
+
+    written = [0, 1, 2, 3, 40, 41, 700, 5000, 5001, SCAN_ROWS - 1, SCAN_ROWS, SCAN_ROWS + 3,
+               npages - 1]
+    rewritten = [2, 41, 5000, SCAN_ROWS, npages - 1]
+    with Backing.open(img, npages * PS, sparse=True, disk_factory=factory) as b:
+        b.write_pages(written, [page(f"a{p}") for p in written])
+        b.write_pages([9], [page("failed")])
+        b._failed[9] = 1                          # as after a failed write: keeps both values
+        during = {p: page(f"b{p}") for p in rewritten}
+        b.sync()
+        during = {}
+        crc = b._crc
+        split = [p for p in range(npages) if crc[2 * p] != crc[2 * p + 1]]
+        assert split == sorted(rewritten + [9])
+        assert b.unsynced_pages() == sorted(rewritten + [9])
+        with open(meta_path(img), "rb") as f:
+            f.seek(4096)
+            side = memoryview(f.read(8 * npages)).cast("I")
+        assert side.tolist() == crc[:2 * npages].tolist()
+        for p in rewritten:
+            assert b.read_pages(p, 1) == page(f"b{p}")
+        b.sync()
+        assert b.unsynced_pages() == [9]
+    with Backing.open(img, sparse=True) as b:
+        assert [b.read_pages(p, 1) for p in written] == \
+            [page(f"b{p}" if p in rewritten else f"a{p}") for p in written]
