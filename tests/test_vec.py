@@ -17,7 +17,7 @@ def test_masks_and_positions_match_numpy():
         a, b = n // 5, n - n // 7
         assert vec.nonzero(buf, a, b) == (np.flatnonzero(ref[a:b]) + a).tolist()
         want = np.flatnonzero(np.isin(ref[a:b], (2, 3))) + a
-        assert vec.where_in(buf, (2, 3), a, b) == want.tolist()
+        assert vec.positions(vec.mask_in(buf, (2, 3), a, b), a) == want.tolist()
         assert vec.count(buf, 5, a, b) == int(np.count_nonzero(ref[a:b] == 5))
         m1, m2 = vec.mask_in(buf, (1, 2)), vec.mask_nonzero(buf)
         in12 = np.isin(ref, (1, 2))

@@ -249,7 +249,7 @@ class Cache:
             if self.table.dedup:
                 self.table.dedup.prepare(scan)
             with self.tree_lock:
-                if expect_gen is not None and self.table.gn[first] != expect_gen:
+                if expect_gen is not None and self.table.gen[first] != expect_gen:
                     return False
                 self.c.reject_compress_poor += len(poor)
                 self.c.reject_compress_fail += scan.failed
@@ -338,10 +338,10 @@ class Cache:
             if gens_out is not None:
                 gens_out.append(table.gen[start:end].tolist())
             parts = table.objs_range(start, end)    # COMP/RAW objects; the rest set below
-            pid, fl, ref, at = table.pid, table.fl, table.ref, table.at
+            pid, fl, ref, at = table.pool_id, table.fill, table.referenced, table.atime
             now = table.clock.tick
             missed = 0
-            for p, s in zip(range(start, end), table.st[start:end].tolist()):
+            for p, s in zip(range(start, end), table.state[start:end].tolist()):
                 if s == COMP:
                     comp.append(p)
                     ref[p] = True
@@ -391,22 +391,22 @@ class Cache:
         table = self.table
         self.tree_lock.acquire()        # not `with`: about 1,000 instructions less a read
         try:
-            st = table.st[page]
+            st = table.state[page]
             if NONE < st < DISK:                # SAME, COMP, RAW: an access (idle tracking)
-                table.at[page] = table.clock.tick
+                table.atime[page] = table.clock.tick
             if st == COMP:
                 obj = table.obj(page)
-                table.ref[page] = True
+                table.referenced[page] = True
                 self.c.zswpin += 1
-                pool = self.registry.pools[table.pid[page]]
+                pool = self.registry.pools[table.pool_id[page]]
                 pool.holds.append(None)     # not closed while we decompress with it unlocked
             elif st == RAW:
-                table.ref[page] = True
+                table.referenced[page] = True
                 self.c.zswpin += 1
                 return table.obj(page)
             elif st == SAME:
                 self.c.zswpin += 1
-                return filled_page(table.fl[page])
+                return filled_page(table.fill[page])
             elif st == NONE:
                 return ZERO_PAGE
         finally:
@@ -444,7 +444,7 @@ class Cache:
     def page_gen(self, page: int) -> int:
         """The generation of a page's entry (changes whenever the entry does)."""
         with self.tree_lock:
-            return self.table.gn[page]
+            return self.table.gen[page]
 
     def gens_match(self, start: int, gens: list[int]) -> bool:
         """True if no entry of pages start .. start+len(gens) changed since `gens` was taken."""

@@ -94,10 +94,10 @@ class DiskReader:
         with cache.page_locks.hold_range(first, span):
             cache.tree_lock.acquire()   # not `with`, and no generator: a 4 KiB read's path
             try:
-                states = table.st[first:first + span].tolist()
+                states = table.state[first:first + span].tolist()
                 if states[:count].count(DISK) != count:
                     return None
-                gens = table.gn[first:first + span].tolist()
+                gens = table.gen[first:first + span].tolist()
             finally:
                 cache.tree_lock.release()
             data = self._take(first, gens[:count])

@@ -166,10 +166,6 @@ class EntryTable:
             self._mark_on_disk(on_disk)
         self.objs = ObjectSlots(npages)
         self.obj, self.objs_range = self.objs.get, self.objs.range    # the objects' readers
-        # short names for the per-page paths
-        self.st, self.ln, self.pid, self.fl = self.state, self.length, self.pool_id, self.fill
-        self.dt, self.ref, self.uwb = self.dirty, self.referenced, self.under_wb
-        self.stp, self.gn, self.at, self.lv = self.stamp, self.gen, self.atime, self.live
         self.clock = AccessClock()          # `clock.tick`: the access time to record now
         self.seq = 1                        # next LRU stamp
         self.lru_snapshot = None            # zblock.lru's view of the LRU's cold end
@@ -457,6 +453,11 @@ class EntryTable:
         for s in self.spans():
             found += vec.positions(pred(s), s.start)
         return found
+
+    def unchanged(self, pages: list[int], gens: list[int]) -> list[int]:
+        """The pages whose generation is still the one in `gens` (taken with them earlier)."""
+        gen = self.gen
+        return [p for p, g in zip(pages, gens) if gen[p] == g]
 
     def count(self, pred) -> int:
         """How many pages find(pred) would return, without listing them."""

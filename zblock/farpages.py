@@ -30,7 +30,7 @@ from .entries import FAR, FAR_HEADER, far_value_size
 from .errors import DataError, ZblockError
 from .far import HEADER, FarCorrupt, FarError, FarTier
 from .lru import coldest_where
-from .scan import COMP, RAW
+from .scan import COMP
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,10 @@ class FarPages:
         cache, table, far = self.cache, self.cache.table, self.far
         with cache.tree_lock:
             # the callers looked under an earlier hold of the lock: a page may have changed
-            here = [table.st[p] == FAR for p in pages]
-            versions = [table.fl[p] for p in pages]
-            gens = [table.gn[p] for p in pages]
-            pids = [table.pid[p] for p in pages]
+            here = [table.state[p] == FAR for p in pages]
+            versions = [table.fill[p] for p in pages]
+            gens = [table.gen[p] for p in pages]
+            pids = [table.pool_id[p] for p in pages]
             pools = cache.registry.hold({pid for pid, h in zip(pids, here) if h})
         try:
             asked = [i for i, h in enumerate(here) if h]
@@ -163,11 +163,12 @@ class FarPages:
         hot = []
         with cache.tree_lock:
             for i, p in enumerate(pages):
-                if not here[i] or out[i] is None or table.st[p] != FAR or table.gn[p] != gens[i]:
+                if not here[i] or out[i] is None or table.state[p] != FAR \
+                        or table.gen[p] != gens[i]:
                     continue
                 self.reads[p] = n = self.reads.get(p, 0) + 1
                 if n > cache.config.promote_after:
-                    hot.append((i, bool(table.dt[p])))
+                    hot.append((i, bool(table.dirty[p])))
             if not hot or not cache.promotion.allowed():
                 return
         cache.promotion.promote([(pages[i], out[i], gens[i], not dirty) for i, dirty in hot])
@@ -176,8 +177,8 @@ class FarPages:
         """A far copy that did not come back (`err`: None for a missing key, or the error)."""
         cache, table = self.cache, self.cache.table
         with cache.tree_lock:
-            changed = table.gn[page] != gen
-            on_file = not table.dt[page]
+            changed = table.gen[page] != gen
+            on_file = not table.dirty[page]
         if changed:                         # rewritten or demoted while we asked: read it anew
             return cache.load_page(page)
         if on_file:                         # clean: the file holds the same bytes

@@ -28,7 +28,7 @@ from .scan import COMP, RAW
 
 MAX_RECLAIM_RETRIES = 16        # failed shrink_memcg() calls before shrink_worker() gives up
 SNAPSHOT_PAGES = 1 << 16        # pages a snapshot takes at least: 1 MiB of arrays
-SAMPLE = 1024                   # cached pages whose stamps estimate where the cold end stops
+SAMPLE = 1024                   # pages whose stamps estimate where the cold end stops
 
 
 class LruSnapshot:

@@ -21,12 +21,13 @@ anything (zblock.store refuses a disk whose tables would not fit in memory).
 
 from __future__ import annotations
 
-import errno
 import ctypes
+import errno
 import mmap
 import os
 from itertools import compress
 
+from . import vec
 from .errors import BackingError
 
 
@@ -147,12 +148,5 @@ def fill_from_file(fd: int, table: memoryview, offset: int, where: str,
 def _used_runs(data: memoryview) -> list[tuple[int, int]]:
     """Runs (first, end) of the 4 KiB blocks of `data` that hold something."""
     zero = bytes(BLOCK)
-    used = compress(range(len(data) // BLOCK),
-                    (data[i:i + BLOCK] != zero for i in range(0, len(data), BLOCK)))
-    out: list[tuple[int, int]] = []
-    for b in used:
-        if out and out[-1][1] == b:
-            out[-1] = (out[-1][0], b + 1)
-        else:
-            out.append((b, b + 1))
-    return out
+    return vec.runs(list(compress(range(len(data) // BLOCK),
+                                  (data[i:i + BLOCK] != zero for i in range(0, len(data), BLOCK)))))

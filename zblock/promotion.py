@@ -43,10 +43,10 @@ class Promotion:
             hot = []
             for i, gen in enumerate(gens):
                 p = first + i
-                if table.st[p] != DISK or table.gn[p] != gen:
+                if table.state[p] != DISK or table.gen[p] != gen:
                     continue                # written or discarded since: its fill is not ours
-                table.fl[p] = min(table.fl[p] + 1, 1 << 16)
-                if table.fl[p] > after:
+                table.fill[p] = min(table.fill[p] + 1, 1 << 16)
+                if table.fill[p] > after:
                     hot.append(i)
             if not hot or not self.allowed():
                 return

@@ -119,11 +119,6 @@ def nonzero(buf, start: int = 0, end: int | None = None) -> list[int]:
     return positions(mask_nonzero(buf, start, end), start)
 
 
-def where_in(buf, values, start: int = 0, end: int | None = None) -> list[int]:
-    """The indices in start .. end of a byte array whose byte is one of `values`."""
-    return positions(mask_in(buf, values, start, end), start)
-
-
 def count(buf, value: int, start: int = 0, end: int | None = None) -> int:
     """How many bytes of buf[start:end] equal `value`."""
     return bytes(buf[start:end]).count(value)
@@ -244,8 +239,8 @@ def scatter(mv: memoryview, index, value: int) -> None:
 def put(mv: memoryview, index, values) -> None:
     """mv[i] = v for each pair of index and values (a range is one slice assignment)."""
     if type(index) is range and index.step == 1:
-        mv[index.start:index.stop] = values if isinstance(values, (bytes, bytearray, array)) \
-            else array(mv.format, values)
+        mv[index.start:index.stop] = values if isinstance(
+            values, (bytes, bytearray, array, memoryview)) else array(mv.format, values)
         return
     for i, v in zip(index, values):
         mv[i] = v

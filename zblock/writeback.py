@@ -199,7 +199,7 @@ class Writeback:
             return True, moved
         finally:
             with cache.tree_lock:
-                vec.scatter(cache.table.under_wb, _unchanged(cache.table, victims, gens), 0)
+                vec.scatter(cache.table.under_wb, cache.table.unchanged(victims, gens), 0)
                 cache.wb_cond.notify_all()
 
     def _write_back_batch(self, pages: list[int], pgens: list[int],
@@ -336,7 +336,7 @@ class Writeback:
         n = 0
         with cache.tree_lock:
             for pages, gens in synced:
-                same = _unchanged(table, pages, gens)
+                same = table.unchanged(pages, gens)
                 vec.scatter(table.dirty, same, 0)
                 n += len(same)
             cache.c.flushed_pages += n
@@ -443,8 +443,3 @@ class Writeback:
         if write_back:
             self.flush(keep_going=True)
 
-
-def _unchanged(table, pages: list[int], gens: list[int]) -> list[int]:
-    """The pages whose generation is still the one in `gens`."""
-    gen = table.gen
-    return [p for p, g in zip(pages, gens) if gen[p] == g]

@@ -128,6 +128,6 @@ class WriteThrough:
                 log.warning("write-through failed, the pages stay dirty for fsync: %s", e)
                 return
             with cache.tree_lock:
-                same = [p for p, g in zip(pages, gens) if gen[p] == g]
+                same = table.unchanged(pages, gens)
                 vec.scatter(dirty, same, 0)
                 cache.c.written_through_pages += len(same)

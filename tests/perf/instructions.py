@@ -68,7 +68,7 @@ def run(op: str) -> None:
         rng = random.Random(1)
         want = DISK if disk else RAW if op == "raw" else COMP
         pages = [q for q in (rng.randrange(4096) for _ in range(20000))
-                 if cache.table.st[q] == want][:N]
+                 if cache.table.state[q] == want][:N]
         if op == "cluster":                     # swap-in clusters: 8 pages from a multiple of 8
             pages = [q & ~7 for q in pages]
         if op == "batch":                       # 32 pages of the set to a random place
