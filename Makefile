@@ -8,8 +8,8 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 # fuse3 and libfuse2 side by side (never the `fuse` package: it conflicts with fuse3);
 # gcc and liblzo2-dev because python-lzo builds from source, gcc, liblz4-dev and libssl-dev for
-# zblock's own extensions (zblock/_lz4pages.c, zblock/_sealpages.c); redis-server and
-# redis-tools for the far tier's test clusters;
+# zblock's own extensions (zblock/_lz4pages.c, zblock/_sealpages.c, zblock/fuse/_devread.c);
+# redis-server and redis-tools for the far tier's test clusters;
 # the rest are the real clients tests drive.
 DEB_PKGS := fuse3 libfuse2 gcc liblzo2-dev liblz4-dev libssl-dev fio e2fsprogs util-linux redis-server redis-tools
 DEB_BENCH_PKGS := nbdkit libnbd-bin
@@ -25,7 +25,8 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py zblock/_lz4pages.c zblock/_sealpages.c zblock/_gil.h
+$(VENV)/.installed: pyproject.toml setup.py zblock/_lz4pages.c zblock/_sealpages.c zblock/_gil.h \
+		zblock/fuse/_devread.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
@@ -35,12 +36,12 @@ venv: sysdeps $(VENV)/.installed
 
 deps: venv
 
-# The second run: the engine, the model tests and one real mount without the optional C
-# extension (python-lz4 and zblock.scan serve lz4), as a machine without gcc or liblz4-dev runs
-# them.
+# The second run: the engine, the model tests, the native front end's protocol and one real mount
+# without the optional C extensions (python-lz4 and zblock.scan serve lz4; every FUSE worker
+# reads the device, none spins), as a machine without gcc or liblz4-dev runs them.
 NO_EXTENSION_TESTS := tests/test_store.py tests/test_acomp.py tests/test_accel.py \
 	tests/test_staging.py tests/test_compressors.py tests/test_encrypt.py \
-	tests/test_mount.py::test_dd_write_then_cmp
+	tests/test_fuse_native.py tests/test_handoff.py tests/test_mount.py::test_dd_write_then_cmp
 
 # The third run: the tests with real mounts once more on the mfusepy front end (libfuse 3); the
 # first run mounts with the native one (tests/test_mount.py and tests/test_fuse_uring.py name

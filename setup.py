@@ -1,7 +1,8 @@
 """The compiled parts, optional accelerators (see their sources for why): zblock._lz4pages
 (without gcc or liblz4-dev the build skips it and zblock runs on python-lz4) and
-zblock._sealpages (without libssl-dev, --encrypt runs on the cryptography package). Metadata is
-in pyproject.toml."""
+zblock._sealpages (without libssl-dev, --encrypt runs on the cryptography package) and
+zblock.fuse._devread (without it, the native front end's workers do not spin before they sleep).
+Metadata is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -10,4 +11,6 @@ setup(ext_modules=[
               depends=["zblock/_gil.h"], extra_compile_args=["-O2", "-Wall"], optional=True),
     Extension("zblock._sealpages", ["zblock/_sealpages.c"], libraries=["crypto"],
               depends=["zblock/_gil.h"], extra_compile_args=["-O2", "-Wall"], optional=True),
+    Extension("zblock.fuse._devread", ["zblock/fuse/_devread.c"],
+              extra_compile_args=["-O2", "-Wall"], optional=True),
 ])

@@ -110,6 +110,7 @@ def main(argv=None) -> int:
 
     for lo in range(0, npages, CHUNK):
         fill(pages, words, lo, min(npages, lo + CHUNK), 0, base, crcs)
+    t_written = time.monotonic()
     rng = np.random.default_rng(args.seed + 1)
     for p in range(1, args.passes + 1):
         for c in rng.permutation(len(gens)):
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
             nerr += bad
             fill(pages, words, lo, hi, p, base, crcs)
             gens[c] = p
+    t_passed = time.monotonic()
     verified = 0
     for c in range(len(gens)):
         lo, hi = c * CHUNK, min(npages, (c + 1) * CHUNK)
@@ -125,7 +127,10 @@ def main(argv=None) -> int:
         verified += good
         nerr += bad
     result = {"pages": npages, "verified": verified, "errors": nerr,
-              "seconds": round(time.monotonic() - t0, 2), "first_errors": errors[:10]}
+              "seconds": round(time.monotonic() - t0, 2), "first_errors": errors[:10],
+              # the first write, the verify+rewrite passes, the final verify
+              "phase_seconds": [round(t_written - t0, 2), round(t_passed - t_written, 2),
+                                round(time.monotonic() - t_passed, 2)]}
     print(json.dumps(result), flush=True)
     if args.hold:
         sys.stdin.readline()          # EOF (the test died) ends the wait too

@@ -11,13 +11,17 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 import pytest
 
 from zblock.config import Config
 from zblock.fuse import protocol as p
 from zblock.disk import _page_aligned
+from zblock.fuse import native
 from zblock.fuse.native import ARG, BUFFER_SIZE, LEND_MIN, MAX_WRITE, NativeError, NativeFuse
+from zblock.fuse import readers as readers_module
+from zblock.fuse.readers import Readers
 from zblock.fuse_ops import ZblockOps
 from zblock.store import Store
 
@@ -53,21 +57,35 @@ class Kernel:
         return err, body
 
 
+SPINS = native._devread is not None     # the compiled reader: one worker reads, spinning
+
+
+def serve(session: NativeFuse, fd: int, workers: int,
+          readers: Readers | None = None) -> list[threading.Thread]:
+    """`workers` worker loops on the socket `fd`, as NativeFuse.serve starts them on the device."""
+    readers = readers or Readers(workers, spins=SPINS)
+    threads = [threading.Thread(target=session._worker, args=(fd, readers, SPINS), daemon=True)
+               for _ in range(workers)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 @pytest.fixture
 def served(tmp_path):
     store = Store.open(str(tmp_path / "b.img"), SIZE, Config(pool_limit=8 << 20))
     session = NativeFuse(ZblockOps(store), str(tmp_path), fsname="test")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker = threading.Thread(target=session._worker, args=(ours.fileno(),), daemon=True)
-    worker.start()
+    workers = serve(session, ours.fileno(), 1)
     try:
         yield session, Kernel(theirs)
     finally:
         theirs.close()                  # end of file: the worker returns
-        worker.join(timeout=10)
+        for w in workers:
+            w.join(timeout=10)
         ours.close()
         store.close()
-    assert not worker.is_alive()
+    assert not any(w.is_alive() for w in workers)
 
 
 def lookup(k: Kernel, parent: int, name: str) -> tuple[int, tuple]:
@@ -188,6 +206,78 @@ def test_readdir_pages_through_offsets(served):
     assert k.call(p.READDIR, session.nodes.children[1][b"disk"], read_in(0, 0, 4096))[0] == errno.ENOTDIR
     err, body = k.call(p.READDIRPLUS, params, read_in(0, 0, 1 << 16))
     assert err == 0 and b"compressor" in body
+
+
+@pytest.mark.timeout(60)
+def test_a_request_that_waits_lets_another_worker_answer_meanwhile(tmp_path):
+    """An fsync stuck on the disk must not hold up reads: the parked workers go and read the
+    device once it is about to wait (zblock.fuse.readers), and they all end with the connection."""
+    store = Store.open(str(tmp_path / "b.img"), SIZE, Config(pool_limit=8 << 20))
+    ops = ZblockOps(store)
+    session = NativeFuse(ops, str(tmp_path), fsname="test")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    entered, release = threading.Event(), threading.Event()
+    fsync = store.fsync
+
+    def stuck_fsync():
+        entered.set()
+        assert release.wait(30)
+        fsync()
+
+    store.fsync = stuck_fsync
+    workers = serve(session, ours.fileno(), 3)
+    try:
+        k = Kernel(theirs)
+        theirs.settimeout(20)
+        disk, _ = lookup(k, 1, "disk")
+        fh, _ = open_file(k, disk)
+        assert k.call(p.WRITE, disk, write_in(fh, 0, b"z" * 4096))[0] == 0
+        stuck = k.send(p.FSYNC, disk, p.FSYNC_IN.pack(fh, 0, 0))
+        assert entered.wait(20)
+        err, body = k.call(p.READ, disk, read_in(fh, 0, 4096))      # answered by another worker
+        assert err == 0 and body == b"z" * 4096
+        release.set()
+        assert k.reply()[:2] == (stuck, 0)
+    finally:
+        release.set()
+        theirs.close()                  # end of file: the reading worker returns, the parked too
+        for w in workers:
+            w.join(timeout=10)
+        ours.close()
+        store.close()
+    assert not any(w.is_alive() for w in workers)
+
+
+@pytest.mark.skipif(not SPINS, reason="one reader only with the compiled zblock.fuse._devread")
+@pytest.mark.timeout(60)
+def test_after_an_fsync_the_workers_go_back_to_one_reader(tmp_path, monkeypatch):
+    """An fsync lets every worker read for a while; then all but one park again (else they
+    would all spin)."""
+    monkeypatch.setattr(readers_module, "SHARED_S", 0.05)
+    store = Store.open(str(tmp_path / "b.img"), SIZE, Config(pool_limit=8 << 20))
+    session = NativeFuse(ZblockOps(store), str(tmp_path), fsname="test")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    readers = Readers(3, spins=True)
+    workers = serve(session, ours.fileno(), 3, readers)
+    try:
+        k = Kernel(theirs)
+        theirs.settimeout(20)
+        disk, _ = lookup(k, 1, "disk")
+        fh, _ = open_file(k, disk)
+        assert k.call(p.FSYNC, disk, p.FSYNC_IN.pack(fh, 0, 0))[0] == 0
+        assert readers.limit == 3
+        time.sleep(0.1)
+        for _ in range(20):                     # each worker answers one at least, then parks
+            assert k.call(p.READ, disk, read_in(fh, 0, 4096))[0] == 0
+            time.sleep(0.01)
+        assert readers.limit == 1 and len(readers.holders) == 1
+    finally:
+        theirs.close()
+        for w in workers:
+            w.join(timeout=10)
+        ours.close()
+        store.close()
+    assert not any(w.is_alive() for w in workers)
 
 
 @pytest.mark.timeout(60)

@@ -50,7 +50,7 @@ import time
 from array import array
 from typing import Callable, Sequence
 
-from . import PAGE_SIZE, vec
+from . import PAGE_SIZE, handoff, vec
 from .compressors import CompressionError
 from .config import Config
 from .diskread import DiskReader
@@ -294,6 +294,7 @@ class Cache:
             if expect_gen is not None and gens[0] != expect_gen:
                 return False
             try:
+                handoff.blocking()
                 self.backing.write_pages(idxs, mv)     # one write where idxs are one run
                 failed = False
             except DiskError as e:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, handoff
 from .entries import DISK
 
 WINDOW = 64         # pages a widened read asks for (256 KiB)
@@ -105,6 +105,7 @@ class DiskReader:
                 ahead = count
                 while ahead < span and states[ahead] == DISK:
                     ahead += 1
+                handoff.blocking()
                 data = cache.backing.read_pages(first, count, ahead - count)
                 got = len(data) // PAGE_SIZE    # fewer than `ahead` if one ahead failed
                 if got > count:

@@ -1,5 +1,6 @@
-"""zblock's optional C accelerators (zblock/_lz4pages.c, zblock/_sealpages.c): each has a
-pure-Python fallback, and ZBLOCK_NO_EXTENSION=1 switches them all off (the tests run both ways)."""
+"""zblock's optional C accelerators (zblock/_lz4pages.c, zblock/_sealpages.c,
+zblock/fuse/_devread.c): each has a pure-Python fallback, and ZBLOCK_NO_EXTENSION=1 switches them
+all off (the tests run both ways)."""
 
 from __future__ import annotations
 

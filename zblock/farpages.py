@@ -25,7 +25,7 @@ import logging
 from bisect import bisect_left
 from itertools import accumulate
 
-from . import vec
+from . import handoff, vec
 from .entries import FAR, FAR_HEADER, far_value_size
 from .errors import DataError, ZblockError
 from .far import HEADER, FarCorrupt, FarError, FarTier
@@ -117,6 +117,8 @@ class FarPages:
             pools = cache.registry.hold({pid for pid, h in zip(pids, here) if h})
         try:
             asked = [i for i, h in enumerate(here) if h]
+            if asked:
+                handoff.blocking()              # a network round trip
             values: list = [None] * len(pages)
             for i, v in zip(asked, far.get([far.key(pages[i], versions[i]) for i in asked])):
                 values[i] = v

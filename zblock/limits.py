@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, handoff
 
 # A writer under the `evict` policy waits for the writeback worker once the pool is this far over
 # its limit (back-pressure), but never longer than SPACE_WAIT: a failing disk must not hang writes.
@@ -92,6 +92,7 @@ class Limits:
         if self.disk_failing() or self.budget_spent():
             return      # writeback is failing or has no budget: waiting would only slow writes
         deadline = time.monotonic() + SPACE_WAIT
+        handoff.blocking()                  # on writeback's disk writes
         while cache.table.pool_total_size >= limit and not cache.writeback.closing:
             # Ask only if no request is pending: wake() notifies every waiter on wb_cond, and
             # waiters that each asked again on every wake-up woke each other without end (four

@@ -14,6 +14,7 @@ Targets (one swap device active at a time, each set up fresh for every run and t
                        started for the run, `--far URL --far-limit SWAP_AREA`
   memfile-loop         the bare Python FUSE memory file (tests/perf/memfile.py, libfuse 3) behind
                        the same loop settings: the ceiling zblock is measured against
+  memfile-native-loop  the same file on zblock's own front end (`--libfuse native`): the new ceiling
 
 Measured: wall time of the hog process (start to exit) writing its working set, one verify +
 rewrite pass in random 1 MiB chunks, and a final verify of every page. Rounds rotate the order;
@@ -42,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -277,12 +279,12 @@ def swap_disk_loop(swap_size: int, zs: KernelZswap, with_zswap: bool):
 
 
 @contextlib.contextmanager
-def swap_memfile_loop(swap_size: int, zs: KernelZswap):
+def swap_memfile_loop(swap_size: int, zs: KernelZswap, libfuse: int | str = 3):
     zs.force_off()
-    with h.MemfileTarget(swap_size, 3) as m:
+    with h.MemfileTarget(swap_size, libfuse) as m:
         with loop_over(m.path) as loop:
             _mkswap_swapon(loop)
-            yield {"device": loop, "loop_dio": zswap_util.loop_dio(loop), "libfuse": 3,
+            yield {"device": loop, "loop_dio": zswap_util.loop_dio(loop), "libfuse": libfuse,
                    "server_pid": m.proc.pid}
 
 
@@ -370,6 +372,7 @@ SWAP_TARGETS = {
     "disk-loop": lambda size, zs: swap_disk_loop(size, zs, with_zswap=False),
     "zswap+disk-loop": lambda size, zs: swap_disk_loop(size, zs, with_zswap=True),
     MEMFILE_REF: lambda size, zs: swap_memfile_loop(size, zs),
+    "memfile-native-loop": lambda size, zs: swap_memfile_loop(size, zs, "native"),
 }
 
 
@@ -390,6 +393,7 @@ def run_hog(device: str, mib: int, limit: int, passes: int, seed: int) -> dict:
     from /proc/swaps, vmstat deltas. BenchBroken on any verify error or a non-zero exit."""
     with MemCgroup(limit) as cg:
         before = vmstat()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         hog = subprocess.Popen([h.PYTHON, str(HOG), "--mib", str(mib), "--passes", str(passes),
                                 "--seed", str(seed), "--cgroup-procs", str(cg.procs)],
@@ -414,6 +418,7 @@ def run_hog(device: str, mib: int, limit: int, passes: int, seed: int) -> dict:
                     raise BenchBroken(f"hog on {device} did not finish within {HOG_DEADLINE_S:.0f} s")
             wall = time.monotonic() - t0
             out, err = hog.communicate(timeout=30)
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         finally:
             if hog.poll() is None:
                 hog.kill()      # our own child, by pid
@@ -426,7 +431,10 @@ def run_hog(device: str, mib: int, limit: int, passes: int, seed: int) -> dict:
     if hog.returncode != 0 or res["errors"] or res["verified"] != res["pages"]:
         raise BenchBroken(f"hog on {device}: exit {hog.returncode}, verify failed: {res}")
     delta = {k: after[k] - before.get(k, 0) for k in after}
-    return {"wall_s": wall, "hog_s": res["seconds"], "peak_swap_kib": peak, "vmstat": delta,
+    return {"wall_s": wall, "hog_s": res["seconds"], "hog_phase_s": res["phase_seconds"],
+            "peak_swap_kib": peak, "vmstat": delta,
+            # the hog's CPU: user (its own work) and system (faults, reclaim, swap I/O submission)
+            "hog_user_s": cpu1.ru_utime - cpu0.ru_utime, "hog_sys_s": cpu1.ru_stime - cpu0.ru_stime,
             "other_swaps_seen": sorted(others)}
 
 

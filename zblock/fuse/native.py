@@ -4,7 +4,9 @@ Why: libfuse's high-level layer and a ctypes callback sit in front of every requ
 mfusepy path, and Debian's libfuse (3.14) cannot ask for FOPEN_PARALLEL_DIRECT_WRITES, so the
 kernel sends writes to one file one at a time. Here each worker thread reads requests into its
 own preallocated buffer on its own clone of the device fd and answers with one writev; `disk`
-is opened with direct I/O and parallel direct writes.
+is opened with direct I/O and parallel direct writes. With the compiled zblock.fuse._devread one
+worker at a time reads the device and spins for its next request before it sleeps, the others
+parked, until requests wait on I/O (zblock.fuse.readers, zblock.handoff).
 
 What it serves is zblock.fuse_ops.ZblockOps, the same object the mfusepy path serves: paths,
 errnos and block-device semantics live there, not here. This module only maps the protocol
@@ -34,20 +36,29 @@ import stat
 import struct
 import threading
 
-from .. import PAGE_SIZE, libc, pagemem
+from .. import PAGE_SIZE, handoff, libc, pagemem
+from ..extensions import optional
 from ..runtime import abort_fuse_connection, find_mount
 from . import protocol as p
 from . import uring
+from .readers import Readers
 
 log = logging.getLogger("zblock.fuse")
+_devread = optional("fuse._devread")
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE >> 12
-# Workers reading the device: each one more waits on the device and on the GIL, and costs CPU
-# per request (fio 2 jobs, 4 KiB: 2 workers 12.5 us a read, 4 workers 16-24 us; docs/performance.md).
+# With the compiled zblock.fuse._devread one worker at a time reads the device while no request
+# waits on I/O, and polls it for SPIN_NS after each answer before it sleeps in read(2): waking a
+# sleeping worker costs about 20 us here, and the swap hog's next swap-in comes 35-70 us after
+# the last one's answer. The others are parked, and all read once requests wait on the disk or
+# the network (zblock.fuse.readers).
+SPIN_NS = 100_000
+# Workers: when all read the device (without the compiled reader, or while requests wait on
+# I/O), each one more waits on the device and on the GIL, and costs CPU per request (fio 2 jobs,
+# 4 KiB: 2 workers 12.5 us a read, 4 workers 16-24 us), but swap's loop device keeps many
+# requests in flight: there four ran the hog 5-10% faster.
 DEFAULT_WORKERS = 2
-# Swap reaches the disk through a loop device with many requests in flight: there four workers
-# ran the swap hog 5-10% faster than two (768 MiB in 256 MiB, 3 interleaved pairs).
 SWAP_WORKERS = 4
 # Request buffer: the largest WRITE (header, fuse_write_in, max_write bytes), with room to spare.
 BUFFER_SIZE = MAX_WRITE + 4096
@@ -214,10 +225,13 @@ class NativeFuse:
             # with the rings, /dev/fuse carries only what comes before they are all registered,
             # FORGET and INTERRUPT: one worker
             workers = 1 if self.rings else self.workers
+            spin = _devread is not None and not self.rings
             self.info["workers"] = workers
+            self.info["spin_us"] = SPIN_NS // 1000 if spin else 0
+            readers = Readers(workers, spins=spin)
             fds += [self._clone() for _ in range(workers - 1)]
-            threads = [threading.Thread(target=self._worker, args=(fd,), name=f"fuse-{i}",
-                                        daemon=True) for i, fd in enumerate(fds)]
+            threads = [threading.Thread(target=self._worker, args=(fd, readers, spin),
+                                        name=f"fuse-{i}", daemon=True) for i, fd in enumerate(fds)]
             for t in threads:
                 t.start()
             if self.on_init is not None:
@@ -277,18 +291,37 @@ class NativeFuse:
                 return 0
             raise
 
-    def _worker(self, fd: int) -> None:
-        """Read, dispatch, reply until the connection ends. Written flat: at 4 KiB, this loop's
-        own Python is a good part of a request's cost."""
+    def _worker(self, fd: int, readers: Readers, spin: bool) -> None:
+        """Read, dispatch, reply until the connection ends, while holding a reader's place
+        (`readers`; with `spin`, polling the device for SPIN_NS before sleeping on it)."""
+        try:
+            self._serve_requests(fd, readers, SPIN_NS if spin else 0)
+        finally:
+            readers.close()                     # the connection has ended: wake the parked
+
+    def _serve_requests(self, fd: int, readers: Readers, spin_ns: int) -> None:
+        """_worker's loop. Written flat: at 4 KiB, its own Python is a good part of a request's
+        cost."""
         mv = _request_buffer()
         bufs = [mv]
         readv, writev = os.readv, os.writev
+        read_request = _devread.read_request if spin_ns else None
         header, out_header = p.IN_HEAD.unpack_from, p.OUT_HEADER.pack
         answer = self._answer
         fi = _FileInfo(lendable=True)
+        me, holders, take, hand_off = threading.get_ident(), readers.holders, readers.take, \
+            readers.hand_off
+        WRITE, FSYNC, disk = p.WRITE, p.FSYNC, self.nodes.children[ROOT_ID].get(b"disk")
+        spins = readers.spins
+        handoff.set_hook(hand_off)
         while True:
+            if me not in holders or (spins and (readers.limit != 1 or len(holders) != 1)):
+                take()                          # not the one reader going on: maybe park
             try:
-                n = readv(fd, bufs)
+                if spins and readers.limit == 1:
+                    n = read_request(fd, mv, spin_ns)
+                else:
+                    n = readv(fd, bufs)
             except OSError as e:
                 if e.errno == errno.ENODEV:
                     return                      # unmounted or aborted
@@ -298,6 +331,8 @@ class NativeFuse:
             if not n:
                 return                          # end of file: the device never, a test's socket
             _, opcode, unique, node = header(mv)
+            if opcode == FSYNC or (opcode == WRITE and node != disk):
+                hand_off()                      # an fsync or a param write may wait long
             reply = answer(opcode, node, mv, n, fi)
             if fi.lent:                         # the Store keeps the payload: a new buffer
                 fi.lent = False
