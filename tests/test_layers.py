@@ -22,7 +22,7 @@ UPPER = {"zblock.__main__", "zblock.cli", "zblock.bench", "zblock.demo", "zblock
          "zblock.hardening", "zblock.memory", "zblock.sdnotify", "zblock.runtime",
          "zblock.swapctl", "zblock.controls", "zblock.fuse_ops", "zblock.threadstate", "zblock.fuse",
          "zblock.fuse.native", "zblock.fuse.protocol", "zblock.fuse.libfuse", "zblock.fuse.uring",
-         "zblock.fuse.readers"}
+         "zblock.fuse.readers", "zblock.fuse._devread"}
 ENGINE = {"zblock.compressors", "zblock.acomp", "zblock.accel", "zblock.cache", "numpy"}
 
 

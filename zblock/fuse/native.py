@@ -137,6 +137,23 @@ class _Nodes:
             if stat.S_ISDIR(ops.getattr(self.path[child])["st_mode"]):
                 self._walk(ops, child)
 
+    def dir_entries(self, ops, node: int) -> list[tuple[bytes, int, int]]:
+        """(name, node id or 0, DT_*) of a directory, in the ops' readdir order."""
+        if node not in self.path:
+            raise OSError(errno.ENOENT, "no such node")
+        kids = self.children.get(node)
+        if kids is None:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        out = []
+        for name in ops.readdir(self.path[node], 0):
+            b = name.encode()
+            child = kids.get(b, 0)
+            if b in (b".", b".."):
+                out.append((b, 0, p.DT_DIR))
+            else:
+                out.append((b, child, p.DT_DIR if child in self.children else p.DT_REG))
+        return out
+
 
 class NativeFuse:
     """One FUSE connection served by `workers` threads. See the module docstring."""
@@ -513,27 +530,10 @@ class NativeFuse:
 
     # ---- directories ----------------------------------------------------------------------
 
-    def _dir_entries(self, node: int) -> list[tuple[bytes, int, int]]:
-        """(name, node id or 0, DT_*) of a directory, in ZblockOps.readdir's order."""
-        path = self._path(node)
-        kids = self.nodes.children.get(node)
-        if kids is None:
-            raise OSError(errno.ENOTDIR, "not a directory")
-        out = []
-        for name in self.ops.readdir(path, 0):
-            b = name.encode()
-            child = kids.get(b, 0)
-            if b in (b".", b".."):
-                out.append((b, 0, p.DT_DIR))
-            else:
-                kind = p.DT_DIR if child in self.nodes.children else p.DT_REG
-                out.append((b, child, kind))
-        return out
-
     def _readdir(self, node, mv, n, fi, plus: bool = False):
         _, offset, size, _ = p.READ_IN.unpack_from(mv, ARG)
         parts, used = [], 0
-        entries = self._dir_entries(node)
+        entries = self.nodes.dir_entries(self.ops, node)
         for i in range(offset, len(entries)):
             name, child, kind = entries[i]
             ent = p.DIRENT_HEAD.pack(child or ROOT_ID, i + 1, len(name), kind) + name
