@@ -49,15 +49,16 @@ _devread = optional("fuse._devread")
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE >> 12
 # With the compiled zblock.fuse._devread one worker at a time reads the device while no request
-# waits on I/O, and polls it for SPIN_NS after each answer before it sleeps in read(2): waking a
-# sleeping worker costs about 20 us here, and the swap hog's next swap-in comes 35-70 us after
-# the last one's answer. The others are parked, and all read once requests wait on the disk or
-# the network (zblock.fuse.readers).
+# waits on I/O, and polls it for SPIN_NS after answering a READ before it sleeps in read(2):
+# waking a sleeping worker costs about 20 us here, and the swap hog's next swap-in comes 35-70 us
+# after the last one's answer. Not after a WRITE: its pages are compressed on the other core
+# meanwhile (spinning there cost dd 7% of its write speed). The others are parked, and all read
+# once requests wait on the disk or the network (zblock.fuse.readers).
 SPIN_NS = 100_000
 # Workers: when all read the device (without the compiled reader, or while requests wait on
 # I/O), each one more waits on the device and on the GIL, and costs CPU per request (fio 2 jobs,
 # 4 KiB: 2 workers 12.5 us a read, 4 workers 16-24 us), but swap's loop device keeps many
-# requests in flight: there four ran the hog 5-10% faster.
+# requests in flight: there four ran the hog 5-10% faster than two (tenth session).
 DEFAULT_WORKERS = 2
 SWAP_WORKERS = 4
 # Request buffer: the largest WRITE (header, fuse_write_in, max_write bytes), with room to spare.
@@ -328,15 +329,17 @@ class NativeFuse:
         fi = _FileInfo(lendable=True)
         me, holders, take, hand_off = threading.get_ident(), readers.holders, readers.take, \
             readers.hand_off
-        WRITE, FSYNC, disk = p.WRITE, p.FSYNC, self.nodes.children[ROOT_ID].get(b"disk")
+        READ, WRITE, FSYNC = p.READ, p.WRITE, p.FSYNC
+        disk = self.nodes.children[ROOT_ID].get(b"disk")
         spins = readers.spins
+        spin_next = 0                           # after a READ only (see SPIN_NS)
         handoff.set_hook(hand_off)
         while True:
             if me not in holders or (spins and (readers.limit != 1 or len(holders) != 1)):
                 take()                          # not the one reader going on: maybe park
             try:
                 if spins and readers.limit == 1:
-                    n = read_request(fd, mv, spin_ns)
+                    n = read_request(fd, mv, spin_next)
                 else:
                     n = readv(fd, bufs)
             except OSError as e:
@@ -348,6 +351,7 @@ class NativeFuse:
             if not n:
                 return                          # end of file: the device never, a test's socket
             _, opcode, unique, node = header(mv)
+            spin_next = spin_ns if opcode == READ else 0
             if opcode == FSYNC or (opcode == WRITE and node != disk):
                 hand_off()                      # an fsync or a param write may wait long
             reply = answer(opcode, node, mv, n, fi)
