@@ -64,7 +64,7 @@ def serve(session: NativeFuse, fd: int, workers: int,
           readers: Readers | None = None) -> list[threading.Thread]:
     """`workers` worker loops on the socket `fd`, as NativeFuse.serve starts them on the device."""
     readers = readers or Readers(workers, spins=SPINS)
-    threads = [threading.Thread(target=session._worker, args=(fd, readers, SPINS), daemon=True)
+    threads = [threading.Thread(target=session._worker, args=(fd, readers), daemon=True)
                for _ in range(workers)]
     for t in threads:
         t.start()

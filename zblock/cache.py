@@ -293,8 +293,8 @@ class Cache:
                 gens = vec.gather(self.table.gen, idxs)
             if expect_gen is not None and gens[0] != expect_gen:
                 return False
+            handoff.blocking()
             try:
-                handoff.blocking()
                 self.backing.write_pages(idxs, mv)     # one write where idxs are one run
                 failed = False
             except DiskError as e:

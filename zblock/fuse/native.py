@@ -138,15 +138,20 @@ class _Nodes:
             if stat.S_ISDIR(ops.getattr(self.path[child])["st_mode"]):
                 self._walk(ops, child)
 
+    def path_of(self, node: int) -> str:
+        path = self.path.get(node)
+        if path is None:
+            raise OSError(errno.ENOENT, "no such node")
+        return path
+
     def dir_entries(self, ops, node: int) -> list[tuple[bytes, int, int]]:
         """(name, node id or 0, DT_*) of a directory, in the ops' readdir order."""
-        if node not in self.path:
-            raise OSError(errno.ENOENT, "no such node")
+        path = self.path_of(node)
         kids = self.children.get(node)
         if kids is None:
             raise OSError(errno.ENOTDIR, "not a directory")
         out = []
-        for name in ops.readdir(self.path[node], 0):
+        for name in ops.readdir(path, 0):
             b = name.encode()
             child = kids.get(b, 0)
             if b in (b".", b".."):
@@ -248,8 +253,8 @@ class NativeFuse:
             self.info["spin_us"] = SPIN_NS // 1000 if spin else 0
             readers = Readers(workers, spins=spin)
             fds += [self._clone() for _ in range(workers - 1)]
-            threads = [threading.Thread(target=self._worker, args=(fd, readers, spin),
-                                        name=f"fuse-{i}", daemon=True) for i, fd in enumerate(fds)]
+            threads = [threading.Thread(target=self._worker, args=(fd, readers), name=f"fuse-{i}",
+                                        daemon=True) for i, fd in enumerate(fds)]
             for t in threads:
                 t.start()
             if self.on_init is not None:
@@ -309,21 +314,23 @@ class NativeFuse:
                 return 0
             raise
 
-    def _worker(self, fd: int, readers: Readers, spin: bool) -> None:
+    def _worker(self, fd: int, readers: Readers) -> None:
         """Read, dispatch, reply until the connection ends, while holding a reader's place
-        (`readers`; with `spin`, polling the device for SPIN_NS before sleeping on it)."""
+        (`readers`; where it spins, polling the device for SPIN_NS before sleeping on it)."""
         try:
-            self._serve_requests(fd, readers, SPIN_NS if spin else 0)
+            self._serve_requests(fd, readers)
         finally:
             readers.close()                     # the connection has ended: wake the parked
 
-    def _serve_requests(self, fd: int, readers: Readers, spin_ns: int) -> None:
+    def _serve_requests(self, fd: int, readers: Readers) -> None:
         """_worker's loop. Written flat: at 4 KiB, its own Python is a good part of a request's
         cost."""
         mv = _request_buffer()
         bufs = [mv]
         readv, writev = os.readv, os.writev
-        read_request = _devread.read_request if spin_ns else None
+        spins = readers.spins
+        spin_ns = SPIN_NS if spins else 0
+        read_request = _devread.read_request if spins else None
         header, out_header = p.IN_HEAD.unpack_from, p.OUT_HEADER.pack
         answer = self._answer
         fi = _FileInfo(lendable=True)
@@ -331,7 +338,6 @@ class NativeFuse:
             readers.hand_off
         READ, WRITE, FSYNC = p.READ, p.WRITE, p.FSYNC
         disk = self.nodes.children[ROOT_ID].get(b"disk")
-        spins = readers.spins
         spin_next = 0                           # after a READ only (see SPIN_NS)
         handoff.set_hook(hand_off)
         while True:
@@ -432,10 +438,7 @@ class NativeFuse:
     # ---- metadata -------------------------------------------------------------------------
 
     def _path(self, node: int) -> str:
-        path = self.nodes.path.get(node)
-        if path is None:
-            raise OSError(errno.ENOENT, "no such node")
-        return path
+        return self.nodes.path_of(node)
 
     def _attr(self, node: int) -> bytes:
         """fuse_attr of a node from the ops' getattr (fusepy's st_* dict, times in ns)."""
